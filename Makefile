@@ -1,0 +1,38 @@
+# Two commands do the whole set-up: `make demo` and `make test`.
+# torch is pinned and installed first: on this project's machines
+# torch==2.13.0 is a local CPU build, while an unpinned torch pulls a
+# multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+
+.PHONY: demo test figures clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: | $(PY)
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	touch $@
+
+$(VENV)/.base: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e '.[sklearn,plot]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.base
+
+demo: $(VENV)/.base
+	$(VENV)/bin/l0sparse demo
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q
+
+figures: $(VENV)/.base
+	$(PY) docs/scripts/plot_hard_concrete.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,183 @@
+"""The Hard Concrete distribution (Louizos, Welling & Kingma, ICLR 2018).
+
+This file is the math and nothing else: every formula below is the one in
+DESIGN.md §1, with β the temperature, γ < 0 < 1 < ζ the stretch limits and
+log α the location. Large log α means the gate is more likely open.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Number
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.distributions import Distribution, constraints
+from torch.distributions.utils import broadcast_all
+
+__all__ = ["HardConcrete", "check_hyperparameters", "noise_dtype"]
+
+#: Noise is drawn from U(EPS, 1 - EPS) so that log u and log(1 - u) stay finite.
+EPS = 1e-6
+
+# Gauss-Legendre nodes on (0, 1) for E[z] = ∫_0^1 P(z > x) dx. The integrand is
+# analytic on [0, 1] because the CDF's singularities sit at γ < 0 and ζ > 1.
+_QUADRATURE_POINTS = 128
+_nodes, _weights = np.polynomial.legendre.leggauss(_QUADRATURE_POINTS)
+_QUAD_NODES = torch.from_numpy((_nodes + 1.0) / 2.0)
+_QUAD_WEIGHTS = torch.from_numpy(_weights / 2.0)
+
+
+def check_hyperparameters(beta: float, gamma: float, zeta: float) -> None:
+    """Raise ``ValueError`` naming the first of β, γ, ζ outside its range."""
+    for name, value in (("beta", beta), ("gamma", gamma), ("zeta", zeta)):
+        if isinstance(value, bool) or not isinstance(value, Number) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    if beta <= 0:
+        raise ValueError(f"beta (the temperature) must be > 0, got {beta!r}")
+    if gamma >= 0:
+        raise ValueError(f"gamma (the lower stretch limit) must be < 0, got {gamma!r}")
+    if zeta <= 1:
+        raise ValueError(f"zeta (the upper stretch limit) must be > 1, got {zeta!r}")
+
+
+def noise_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to draw uniform noise in: float32 or wider.
+
+    In float16/bfloat16, 1 - 1e-6 rounds to 1 and log(1 - u) becomes -inf.
+    """
+    return dtype if dtype == torch.float64 else torch.float32
+
+
+def _as_float(value, name: str) -> float:
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return float(value)
+    return value
+
+
+class HardConcrete(Distribution):
+    r"""Hard Concrete gate distribution on the closed unit interval.
+
+    Sampling (all with the paper's defaults β = 2/3, γ = -0.1, ζ = 1.1)::
+
+        u ~ U(ε, 1-ε)                                  (float32 or wider)
+        s = sigmoid((log u - log(1-u) + log_alpha) / beta)
+        z = clamp(s * (zeta - gamma) + gamma, 0, 1)
+
+    ``z`` is exactly 0 with probability :meth:`prob_zero` and exactly 1 with
+    probability :meth:`prob_one`; in between it has a density.
+
+    Args:
+        log_alpha: location, one value per gate (any shape: the batch shape).
+            Larger means more likely open.
+        beta: temperature, > 0. Divides inside the sampler, multiplies
+            inside the CDF.
+        gamma: lower stretch limit, < 0.
+        zeta: upper stretch limit, > 1.
+        validate_args: as in :class:`torch.distributions.Distribution`.
+            β, γ, ζ are always checked (they are scalars); the finiteness of
+            ``log_alpha`` only when validation is on, since it costs a sync.
+    """
+
+    arg_constraints = {"log_alpha": constraints.real}
+    support = constraints.unit_interval
+    has_rsample = True
+
+    def __init__(
+        self,
+        log_alpha: Tensor | float,
+        beta: float = 2.0 / 3.0,
+        gamma: float = -0.1,
+        zeta: float = 1.1,
+        validate_args: bool | None = None,
+    ) -> None:
+        beta, gamma, zeta = (_as_float(v, n) for v, n in ((beta, "beta"), (gamma, "gamma"), (zeta, "zeta")))
+        check_hyperparameters(beta, gamma, zeta)
+        (self.log_alpha,) = broadcast_all(log_alpha)
+        self.beta, self.gamma, self.zeta = beta, gamma, zeta
+        batch_shape = torch.Size() if isinstance(log_alpha, Number) else self.log_alpha.size()
+        super().__init__(batch_shape, validate_args=validate_args)
+        if self._validate_args and not bool(torch.isfinite(self.log_alpha).all()):
+            raise ValueError("log_alpha must be finite everywhere (no NaN or ±inf)")
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(HardConcrete, _instance)
+        batch_shape = torch.Size(batch_shape)
+        new.log_alpha = self.log_alpha.expand(batch_shape)
+        new.beta, new.gamma, new.zeta = self.beta, self.gamma, self.zeta
+        super(HardConcrete, new).__init__(batch_shape, validate_args=False)
+        new._validate_args = self._validate_args
+        return new
+
+    # -- the closed forms -------------------------------------------------
+    @property
+    def _log_ratio_zero(self) -> float:
+        """β · log(-γ/ζ): the logit threshold for P(z = 0)."""
+        return self.beta * math.log(-self.gamma / self.zeta)
+
+    def prob_zero(self) -> Tensor:
+        """P(z = 0) = sigmoid(β log(-γ/ζ) - log α)."""
+        return torch.sigmoid(self._log_ratio_zero - self.log_alpha)
+
+    def prob_nonzero(self) -> Tensor:
+        """P(z ≠ 0) = sigmoid(log α - β log(-γ/ζ)): the expected L0 of one gate."""
+        return torch.sigmoid(self.log_alpha - self._log_ratio_zero)
+
+    def prob_one(self) -> Tensor:
+        """P(z = 1) = sigmoid(log α - β log((1-γ)/(ζ-1)))."""
+        return torch.sigmoid(self.log_alpha - self.beta * math.log((1 - self.gamma) / (self.zeta - 1)))
+
+    def deterministic(self) -> Tensor:
+        """The paper's test-time gate (Eq. 13): clamp(sigmoid(log α)(ζ-γ)+γ, 0, 1).
+
+        No noise and no temperature.
+        """
+        return torch.clamp(torch.sigmoid(self.log_alpha) * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
+
+    def cdf(self, value: Tensor | float) -> Tensor:
+        """P(z ≤ value): sigmoid(β (log(x-γ) - log(ζ-x)) - log α) on [0, 1), 1 from 1 on, 0 below 0."""
+        if not isinstance(value, Tensor):
+            value = torch.as_tensor(value, dtype=self.log_alpha.dtype, device=self.log_alpha.device)
+        inside = value.clamp(0.0, 1.0)  # keeps the logs finite; the ends are fixed below
+        stretched_cdf = torch.sigmoid(
+            self.beta * (torch.log(inside - self.gamma) - torch.log(self.zeta - inside)) - self.log_alpha
+        )
+        return torch.where(value >= 1, torch.ones_like(stretched_cdf), torch.where(value < 0, torch.zeros_like(stretched_cdf), stretched_cdf))
+
+    def _quadrature(self, power: int) -> Tensor:
+        """E[z^power] = ∫_0^1 power · x^(power-1) · P(z > x) dx, in float64."""
+        log_alpha = self.log_alpha.to(torch.float64)
+        nodes = _QUAD_NODES.to(log_alpha.device)
+        weights = _QUAD_WEIGHTS.to(log_alpha.device)
+        log_ratio = torch.log(nodes - self.gamma) - torch.log(self.zeta - nodes)
+        survival = torch.sigmoid(log_alpha.unsqueeze(-1) - self.beta * log_ratio)
+        integrand = survival * (power * nodes ** (power - 1))
+        return (integrand * weights).sum(-1).to(self.log_alpha.dtype)
+
+    @property
+    def mean(self) -> Tensor:
+        """E[z], by 128-point Gauss-Legendre quadrature of P(z > x) over (0, 1)."""
+        return self._quadrature(1)
+
+    @property
+    def variance(self) -> Tensor:
+        return self._quadrature(2) - self.mean**2
+
+    # -- sampling ---------------------------------------------------------
+    def rsample(self, sample_shape: torch.Size | tuple = torch.Size()) -> Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        wide = noise_dtype(self.log_alpha.dtype)
+        u = torch.rand(shape, dtype=wide, device=self.log_alpha.device) * (1 - 2 * EPS) + EPS
+        logistic_noise = torch.log(u) - torch.log1p(-u)
+        concrete = torch.sigmoid((logistic_noise + self.log_alpha.to(wide)) / self.beta)
+        stretched = concrete * (self.zeta - self.gamma) + self.gamma
+        return stretched.clamp(0.0, 1.0).to(self.log_alpha.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"HardConcrete(log_alpha: {tuple(self.log_alpha.shape)}, beta={self.beta:g}, "
+            f"gamma={self.gamma:g}, zeta={self.zeta:g})"
+        )

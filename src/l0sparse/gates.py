@@ -1,0 +1,113 @@
+"""Gate: an ``nn.Module`` that owns the log α of a set of Hard Concrete gates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .distributions import HardConcrete, check_hyperparameters
+
+__all__ = ["Gate", "PAPER_LOG_ALPHA_RANGE"]
+
+#: The paper's code clamps log α to [log 1e-2, log 1e2] after every step.
+PAPER_LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
+
+_INIT_JITTER_STD = 0.01
+
+
+class Gate(nn.Module):
+    """A tensor of Hard Concrete gates with learnable log α.
+
+    In training mode ``gate()`` returns one sample per call (shared by the
+    whole batch) and ``gate(sample_shape)`` independent samples of shape
+    ``sample_shape + shape``; in eval mode both return the deterministic
+    test-time gate (Eq. 13), expanded to the requested shape.
+
+    Args:
+        shape: shape of ``log_alpha`` (one gate per entry).
+        beta, gamma, zeta: temperature and stretch limits (DESIGN.md §1).
+        droprate_init: initial drop rate p of the paper's code, in (0, 1):
+            log α₀ = log(1-p) - log p plus N(0, 0.01²) jitter. This does NOT
+            make P(z = 0) equal p (at p = 0.5 it is 0.168).
+        clamp_log_alpha: ``None`` (default: no clamp) or a ``(low, high)``
+            range that :meth:`clamp_` enforces; the paper's code used
+            :data:`PAPER_LOG_ALPHA_RANGE` after every optimizer step.
+    """
+
+    def __init__(
+        self,
+        shape: int | tuple[int, ...] | torch.Size,
+        beta: float = 2.0 / 3.0,
+        gamma: float = -0.1,
+        zeta: float = 1.1,
+        droprate_init: float = 0.5,
+        clamp_log_alpha: tuple[float, float] | None = None,
+    ) -> None:
+        super().__init__()
+        check_hyperparameters(beta, gamma, zeta)
+        if not (isinstance(droprate_init, (int, float)) and 0.0 < droprate_init < 1.0):
+            raise ValueError(f"droprate_init must be in the open interval (0, 1), got {droprate_init!r}")
+        if clamp_log_alpha is not None:
+            low, high = clamp_log_alpha
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise ValueError(f"clamp_log_alpha must be None or a finite (low, high) with low < high, got {clamp_log_alpha!r}")
+        shape = torch.Size((shape,) if isinstance(shape, int) else shape)
+        if any(size <= 0 for size in shape):
+            raise ValueError(f"shape must have positive sizes, got {tuple(shape)}")
+        self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
+        self.droprate_init = float(droprate_init)
+        self.clamp_log_alpha = None if clamp_log_alpha is None else (float(low), float(high))
+        self.log_alpha = nn.Parameter(torch.empty(shape))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        p = self.droprate_init
+        with torch.no_grad():
+            self.log_alpha.normal_(math.log(1 - p) - math.log(p), _INIT_JITTER_STD)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.log_alpha.shape
+
+    def distribution(self) -> HardConcrete:
+        # log α is a trained parameter; checking its finiteness would sync every step.
+        return HardConcrete(self.log_alpha, self.beta, self.gamma, self.zeta, validate_args=False)
+
+    def forward(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
+        distribution = self.distribution()
+        if self.training:
+            return distribution.rsample(sample_shape)
+        return distribution.deterministic().expand(torch.Size(sample_shape) + self.shape)
+
+    def prob_nonzero(self) -> Tensor:
+        """P(z ≠ 0) per gate, differentiable in log α."""
+        return self.distribution().prob_nonzero()
+
+    def expected_l0(self) -> Tensor:
+        """Σ P(z ≠ 0): the expected number of open gates."""
+        return self.prob_nonzero().sum()
+
+    @torch.no_grad()
+    def deterministic(self) -> Tensor:
+        """The test-time gate values (Eq. 13), without gradient."""
+        return self.distribution().deterministic()
+
+    @torch.no_grad()
+    def is_active(self) -> Tensor:
+        """Boolean mask: the deterministic gate is > 0 (the unit survives pruning)."""
+        return self.deterministic() > 0
+
+    @torch.no_grad()
+    def clamp_(self) -> "Gate":
+        """Clamp log α into ``clamp_log_alpha`` in place; a no-op when it is None."""
+        if self.clamp_log_alpha is not None:
+            self.log_alpha.clamp_(*self.clamp_log_alpha)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"shape={tuple(self.shape)}, beta={self.beta:g}, gamma={self.gamma:g}, zeta={self.zeta:g}, "
+            f"droprate_init={self.droprate_init:g}"
+        )

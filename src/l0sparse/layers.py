@@ -1,0 +1,231 @@
+"""The paper's layers: L0Linear (input-feature gates) and L0Conv2d (output-channel gates).
+
+Penalty convention (DESIGN.md §1, as in the paper's code): ``penalty(lam,
+weight_decay)`` returns Σ_g P(z_g ≠ 0) · Σ_{j∈g} (λ + ½·wd·θ_j²), an
+unnormalised sum with λ charged per weight. The per-example training
+objective is ``mean_loss + penalty / N`` with N the training-set size, so the
+paper's "λ = 0.1/N" is ``lam=0.1`` here, divided by N in the objective.
+
+FLOPs convention: multiply-accumulates (MACs) of the weight product for one
+example, bias additions and activations not counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from .gates import Gate
+
+__all__ = ["L0Linear", "L0Conv2d", "conv2d_output_size"]
+
+
+def _check_lam(lam: float, weight_decay: float) -> None:
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+
+
+def conv2d_output_size(
+    height_width: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+) -> tuple[int, int]:
+    """Spatial output size of a 2-D convolution, as ``torch.nn.Conv2d`` computes it."""
+    if padding == "same":
+        return tuple(height_width)
+    if padding == "valid":
+        padding = (0, 0)
+    return tuple(
+        (size + 2 * pad - dil * (k - 1) - 1) // s + 1
+        for size, k, s, pad, dil in zip(height_width, kernel_size, stride, padding, dilation)
+    )
+
+
+class L0Linear(nn.Module):
+    """Fully connected layer with one Hard Concrete gate per input feature (the paper's choice).
+
+    A closed input gate removes a whole column of the weight matrix, and with
+    it the previous layer's unit that feeds it.
+
+    Args:
+        in_features, out_features, bias: as in :class:`torch.nn.Linear`.
+        per_example_noise: in training, draw an independent gate sample for
+            every example (the default, as the paper's code does: lower
+            gradient variance; on the digits demo it reached 96.9% accuracy
+            at 23% of the FLOPs where one sample shared by the batch stalled
+            near 93%). ``False`` draws one sample per step and folds it into
+            the weight. Eval mode always uses the deterministic gate.
+        **gate_kwargs: ``beta``, ``gamma``, ``zeta``, ``droprate_init``,
+            ``clamp_log_alpha`` of :class:`l0sparse.Gate`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        per_example_noise: bool = True,
+        device=None,
+        dtype=None,
+        **gate_kwargs,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features, self.out_features = in_features, out_features
+        self.per_example_noise = per_example_noise
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self.gate = Gate(in_features, **gate_kwargs).to(**factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # the same initialisation as nn.Linear, so a swap changes only the gates
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.per_example_noise and self.training:
+            return F.linear(input * self.gate(input.shape[:-1]), self.weight, self.bias)
+        return F.linear(input, self.weight * self.gate(), self.bias)
+
+    def group_size(self) -> int:
+        """Weights controlled by one gate: a column of the weight matrix."""
+        return self.out_features
+
+    def penalty(self, lam: float, weight_decay: float = 0.0) -> Tensor:
+        """Σ_j P(z_j ≠ 0) · Σ_i (λ + ½·wd·W_ij²) + ½·wd·Σ b².
+
+        λ is per weight; divide the result by N, the training-set size, in
+        the per-example objective. The bias is not gated by input gates, so
+        it carries only the L2 term.
+        """
+        _check_lam(lam, weight_decay)
+        per_gate = lam * self.group_size() + 0.5 * weight_decay * self.weight.pow(2).sum(0)
+        total = (self.gate.prob_nonzero() * per_gate).sum()
+        if self.bias is not None and weight_decay:
+            total = total + 0.5 * weight_decay * self.bias.pow(2).sum()
+        return total
+
+    def expected_flops(self, input_shape: tuple[int, ...] | torch.Size) -> Tensor:
+        """Expected MACs for one example of shape ``(..., in_features)`` (no batch dimension)."""
+        input_shape = tuple(input_shape)
+        if not input_shape or input_shape[-1] != self.in_features:
+            raise ValueError(f"input_shape must end with in_features={self.in_features}, got {input_shape}")
+        positions = math.prod(input_shape[:-1])
+        return positions * self.out_features * self.gate.expected_l0()
+
+    def active_units(self) -> int:
+        """Input features whose deterministic gate is open."""
+        return int(self.gate.is_active().sum())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class L0Conv2d(nn.Module):
+    """2-D convolution with one Hard Concrete gate per output channel.
+
+    The bias is gated with its channel in training and in eval alike, so a
+    closed channel outputs exactly zero (the paper's code dropped the bias in
+    training but added it at evaluation).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation,
+        groups, bias: as in :class:`torch.nn.Conv2d` (zero padding only).
+        per_example_noise, **gate_kwargs: as in :class:`L0Linear`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        per_example_noise: bool = True,
+        device=None,
+        dtype=None,
+        **gate_kwargs,
+    ) -> None:
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        self.per_example_noise = per_example_noise
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.gate = Gate(out_channels, **gate_kwargs).to(**factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv2d's initialisation
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel()
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.per_example_noise and self.training:
+            z = self.gate(input.shape[:1])  # (batch, out_channels)
+            return self._conv(input, self.weight, self.bias) * z[:, :, None, None]
+        z = self.gate()
+        bias = None if self.bias is None else self.bias * z
+        return self._conv(input, self.weight * z[:, None, None, None], bias)
+
+    def group_size(self) -> int:
+        """Weights controlled by one gate: the channel's filter, plus its bias."""
+        return self.weight[0].numel() + (self.bias is not None)
+
+    def penalty(self, lam: float, weight_decay: float = 0.0) -> Tensor:
+        """Σ_c P(z_c ≠ 0) · Σ_{j ∈ channel c, bias included} (λ + ½·wd·θ_j²); divide by N in the objective."""
+        _check_lam(lam, weight_decay)
+        squares = self.weight.pow(2).flatten(1).sum(1)
+        if self.bias is not None:
+            squares = squares + self.bias.pow(2)
+        per_gate = lam * self.group_size() + 0.5 * weight_decay * squares
+        return (self.gate.prob_nonzero() * per_gate).sum()
+
+    def output_size(self, input_shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
+        """(H_out, W_out) for one example of shape ``(in_channels, H, W)``."""
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
+            raise ValueError(f"input_shape must be (in_channels={self.in_channels}, H, W) without the batch, got {input_shape}")
+        return conv2d_output_size(input_shape[1:], self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def expected_flops(self, input_shape: tuple[int, ...] | torch.Size) -> Tensor:
+        """Expected MACs for one example of shape ``(in_channels, H, W)``: Σ_c P(z_c≠0) · (C_in/groups)·k_h·k_w·H_out·W_out."""
+        height, width = self.output_size(input_shape)
+        per_channel = self.weight[0].numel() * height * width
+        return per_channel * self.gate.expected_l0()
+
+    def active_units(self) -> int:
+        """Output channels whose deterministic gate is open."""
+        return int(self.gate.is_active().sum())
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, bias={self.bias is not None}"
+        )

@@ -1,0 +1,86 @@
+"""The training loop behind the command, readable top to bottom."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .costs import expected_l0, gates, penalty
+
+__all__ = ["configure_torch", "fit", "accuracy"]
+
+
+def configure_torch(threads: int | None = None) -> None:
+    """Fix the thread count and flush denormals.
+
+    Closed gates give exact-zero gradients, and Adam's moments then decay
+    into denormal floats, which the CPU handles tens of times slower (the
+    paper's code went from 5 s to 23 s an epoch). Flushing them to zero
+    changes nothing measurable in training. A fixed thread count avoids
+    OpenMP spin-waits against other processes on a shared machine.
+    """
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
+    """Classification accuracy in eval mode (deterministic gates); restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    model.train(was_training)
+    return correct / len(y)
+
+
+def fit(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    lam: float = 0.0,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[dict[str, float]]:
+    """Train a classifier with Adam on ``mean cross-entropy + penalty / N``.
+
+    ``lam`` and ``weight_decay`` follow :func:`l0sparse.penalty` (λ per
+    weight, N = ``len(x)``); a model without gates gets plain weight decay
+    through the optimizer instead. Returns one record per epoch.
+    """
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(seed)  # the gate noise and the batch order both come from here
+    model_gates = gates(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0 if model_gates else weight_decay)
+    n_train = len(x)
+    history: list[dict[str, float]] = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for epoch in bar:
+        model.train()
+        total_loss = 0.0
+        for index in torch.randperm(n_train).split(batch_size):
+            loss = F.cross_entropy(model(x[index]), y[index])
+            if model_gates:
+                loss = loss + penalty(model, lam, weight_decay, N=n_train)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for gate in model_gates:
+                gate.clamp_()
+            total_loss += float(loss.detach()) * len(index)
+        record = {"epoch": epoch + 1, "loss": total_loss / n_train}
+        if model_gates:
+            record["expected_l0"] = float(expected_l0(model).detach())
+        history.append(record)
+        bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
+    return history
