@@ -138,7 +138,11 @@ class HardConcrete(Distribution):
         return torch.clamp(torch.sigmoid(self.log_alpha) * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
 
     def cdf(self, value: Tensor | float) -> Tensor:
-        """P(z ≤ value): sigmoid(β (log(x-γ) - log(ζ-x)) - log α) on [0, 1), 1 from 1 on, 0 below 0."""
+        """P(z ≤ value): sigmoid(β (log(x-γ) - log(ζ-x)) - log α) on [0, 1), 1 from 1 on, 0 below 0.
+
+        Defined on the whole real line (a CDF is), so values outside the
+        support are not rejected. ``cdf(0)`` is the point mass P(z = 0).
+        """
         if not isinstance(value, Tensor):
             value = torch.as_tensor(value, dtype=self.log_alpha.dtype, device=self.log_alpha.device)
         inside = value.clamp(0.0, 1.0)  # keeps the logs finite; the ends are fixed below
