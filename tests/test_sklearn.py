@@ -91,7 +91,7 @@ def test_mlp_selects_friedman_features():
 
 
 def test_feature_names_are_kept():
-    pd = pytest.importorskip("pandas", reason="feature_names_in_ needs a DataFrame")
+    import pandas as pd
     x, y, support, _ = sparse_linear_problem(p=12, seed=4)
     frame = pd.DataFrame(x, columns=[f"f{i}" for i in range(12)])
     model = L0Regressor(random_state=0).fit(frame, y)
