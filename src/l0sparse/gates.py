@@ -60,6 +60,9 @@ class Gate(nn.Module):
         self.droprate_init = float(droprate_init)
         self.clamp_log_alpha = None if clamp_log_alpha is None else (float(low), float(high))
         self.log_alpha = nn.Parameter(torch.empty(shape))
+        # set by l0sparse.sparsify: the module whose rule made this gate, and the granularity
+        self.owner: str | None = None
+        self.granularity: str | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

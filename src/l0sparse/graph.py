@@ -1,0 +1,336 @@
+"""Channel spaces of a traced model: which channels must be gated and removed together.
+
+A *space* is a set of channels (features of a Linear, channels of a conv)
+that flow through channel-wise operations (activations, BatchNorm, pooling,
+depthwise convs, residual additions, flatten) and are finally read by
+*consumers*: Linear layers and ungrouped convs, which mix channels. Channels
+joined by an addition land in one space. l0sparse gates a space on its
+consumers' inputs (their weight columns): when a gate is closed no consumer
+reads the channel, so every producer row, BatchNorm entry and consumer column
+of that channel can be removed exactly, whatever the channel-wise operations
+in between did to its values.
+
+A space is *locked* (its channels cannot be removed) when something reads it
+that cannot be gated or sliced: the model's output, a LayerNorm over the
+channels, a reshape other than flatten, a concatenation, a grouped conv, an
+attention module, or an operation this module does not know.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .gates import Gate
+from .layers import L0Conv2d, L0Linear
+
+__all__ = ["Space", "Consumer", "ChannelGraph", "trace_channels"]
+
+# Channel-wise modules and functions: channel c of the output depends on channel c of the input only.
+_CHANNELWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.BatchNorm1d, nn.BatchNorm2d,
+)
+_CHANNELWISE_FUNCTIONS = {
+    torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, torch.tanh, torch.sigmoid, F.hardtanh,
+    F.hardswish, F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.sigmoid, F.softplus,
+}
+_CHANNELWISE_METHODS = {"relu", "relu_", "tanh", "sigmoid", "contiguous", "clone", "detach"}
+_BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, operator.iadd, operator.imul}
+_BINARY_METHODS = {"add", "sub", "mul", "add_", "mul_"}
+
+
+@dataclass
+class Consumer:
+    """A module that reads a space's channels through its weight columns."""
+
+    name: str
+    block: int = 1  # features per channel (after a flatten of a C×H×W map, block = H·W)
+    dim: int = 1  # the weight dimension that holds the input channels
+
+
+@dataclass
+class Space:
+    """Channels removed together."""
+
+    size: int
+    producers: list[str] = field(default_factory=list)  # Linear/conv whose output rows are these channels
+    followers: list[str] = field(default_factory=list)  # BatchNorm, depthwise conv: one entry per channel
+    consumers: list[Consumer] = field(default_factory=list)
+    locked: list[str] = field(default_factory=list)  # why channels cannot be removed
+    is_input: bool = False  # the channels of a model input
+
+    @property
+    def removable(self) -> bool:
+        return not self.locked and not self.is_input and bool(self.consumers)
+
+
+class ChannelGraph:
+    """Result of :func:`trace_channels`: spaces, and for each module the spaces it touches."""
+
+    def __init__(self, graph_module: fx.GraphModule, spaces: list[Space], module_output: dict[str, int],
+                 module_input: dict[str, int], shapes: dict[str, tuple[torch.Size, torch.Size]]):
+        self.graph_module = graph_module
+        self.spaces = spaces
+        self.module_output = module_output  # module name -> space of its output channels
+        self.module_input = module_input  # module name -> space of its input channels
+        self.shapes = shapes  # module name -> (input shape, output shape) on the example inputs
+
+    def space_of_output(self, name: str) -> Space | None:
+        index = self.module_output.get(name)
+        return None if index is None else self.spaces[index]
+
+    def space_of_input(self, name: str) -> Space | None:
+        index = self.module_input.get(name)
+        return None if index is None else self.spaces[index]
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.spaces: list[Space] = []
+
+    def new(self, size: int, **kwargs) -> int:
+        self.parent.append(len(self.parent))
+        self.spaces.append(Space(size, **kwargs))
+        return len(self.parent) - 1
+
+    def find(self, index: int) -> int:
+        while self.parent[index] != index:
+            self.parent[index] = self.parent[self.parent[index]]
+            index = self.parent[index]
+        return index
+
+    def union(self, a: int, b: int, why: str) -> int:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return a
+        first, second = self.spaces[a], self.spaces[b]
+        if first.size != second.size:
+            self.spaces[a].locked.append(f"{why} joins {first.size} and {second.size} channels")
+        first.producers += second.producers
+        first.followers += second.followers
+        first.consumers += second.consumers
+        first.locked += second.locked
+        first.is_input = first.is_input or second.is_input
+        self.parent[b] = a
+        return a
+
+
+@dataclass
+class _Channels:
+    space: int
+    dim: int  # channel dimension of this tensor (non-negative)
+    block: int = 1  # >1 after flatten: features per channel
+
+
+def _is_depthwise(conv: nn.Module) -> bool:
+    return isinstance(conv, nn.modules.conv._ConvNd) and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
+    """Trace ``model`` with torch.fx and group its channels into spaces (see the module docstring)."""
+    try:
+        graph_module = fx.GraphModule(model, _Tracer().trace(model))
+    except Exception as error:  # torch.fx raises many kinds; say what to do
+        raise ValueError(
+            f"l0sparse could not trace {type(model).__name__} with torch.fx ({type(error).__name__}: {error}); "
+            "models with data-dependent control flow need their traceable parts gated separately"
+        ) from error
+    try:
+        ShapeProp(graph_module).propagate(*example_inputs)
+    except Exception as error:
+        raise ValueError(f"example_inputs do not fit the model: {type(error).__name__}: {error}") from error
+    modules = dict(graph_module.named_modules())
+    uf = _UnionFind()
+    channels: dict[fx.Node, _Channels] = {}
+    module_output: dict[str, int] = {}
+    module_input: dict[str, int] = {}
+    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+
+    def shape(node) -> torch.Size | None:
+        meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+        return getattr(meta, "shape", None)
+
+    def lock(node, why: str) -> None:
+        info = channels.get(node) if isinstance(node, fx.Node) else None
+        if info is not None:
+            uf.spaces[uf.find(info.space)].locked.append(why)
+
+    def lock_all(args, why: str) -> None:
+        for arg in _flatten_args(args):
+            lock(arg, why)
+
+    def fresh(node, dim: int, why_locked: str | None = None, **kwargs) -> None:
+        out_shape = shape(node)
+        if out_shape is None or len(out_shape) == 0:
+            return
+        dim = dim % len(out_shape)
+        index = uf.new(out_shape[dim], **kwargs)
+        if why_locked:
+            uf.spaces[index].locked.append(why_locked)
+        channels[node] = _Channels(index, dim)
+
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            node_shape = shape(node)
+            if node_shape is not None and len(node_shape) >= 2:
+                # an image-like input has its channels at dim 1, a feature vector at the last dim
+                fresh(node, 1 if len(node_shape) >= 3 else -1, is_input=True)
+            continue
+        if node.op == "output":
+            lock_all(node.args, "the model output reads it")
+            continue
+        if node.op == "get_attr":
+            continue
+        tensor_args = [a for a in _flatten_args((node.args, node.kwargs)) if a in channels]
+        if node.op == "call_module":
+            module = modules[node.target]
+            name = node.target
+            source = channels.get(node.args[0]) if node.args else None
+            in_shape, out_shape = shape(node.args[0]) if node.args else None, shape(node)
+            if in_shape is not None and out_shape is not None:
+                shapes[name] = (in_shape, out_shape)
+            if isinstance(module, (nn.Linear, L0Linear)):
+                if source is not None and source.dim == len(in_shape) - 1:
+                    uf.spaces[uf.find(source.space)].consumers.append(Consumer(name, source.block, dim=1))
+                    module_input[name] = source.space
+                else:
+                    lock_all(node.args, f"{name} reads it along a non-channel dimension")
+                fresh(node, -1, producers=[name])
+                module_output[name] = channels[node].space
+                continue
+            if (isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)) or isinstance(module, L0Conv2d):
+                if _is_depthwise(module) and source is not None and source.dim == 1 and source.block == 1:
+                    uf.spaces[uf.find(source.space)].followers.append(name)
+                    channels[node] = source
+                    module_input[name] = module_output[name] = source.space
+                    continue
+                if module.groups == 1 and source is not None and source.dim == 1 and source.block == 1:
+                    uf.spaces[uf.find(source.space)].consumers.append(Consumer(name, 1, dim=1))
+                    module_input[name] = source.space
+                else:
+                    lock_all(node.args, f"{name} (groups={module.groups}) cannot drop single input channels")
+                    if source is not None:
+                        module_input[name] = source.space
+                fresh(node, 1, producers=[name])
+                module_output[name] = channels[node].space
+                continue
+            if isinstance(module, _CHANNELWISE_MODULES) and source is not None:
+                if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    uf.spaces[uf.find(source.space)].followers.append(name)
+                    module_input[name] = module_output[name] = source.space
+                channels[node] = source
+                continue
+            if isinstance(module, nn.Flatten) and source is not None:
+                _flatten(node, source, module.start_dim, module.end_dim, shape, channels, lock)
+                continue
+            lock_all(node.args, f"{type(module).__name__} {name!r} reads it and cannot be sliced")
+            fresh(node, -1, why_locked=f"made by {type(module).__name__} {name!r}")
+            continue
+        # call_function / call_method
+        target = node.target
+        source = channels.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        method = target if node.op == "call_method" else None
+        if (node.op == "call_function" and target in _CHANNELWISE_FUNCTIONS) or method in _CHANNELWISE_METHODS:
+            if source is not None:
+                channels[node] = source
+            continue
+        if (node.op == "call_function" and target in _BINARY) or method in _BINARY_METHODS:
+            _binary(node, tensor_args, channels, uf, shape, lock)
+            continue
+        if (node.op == "call_function" and target is torch.flatten) or method == "flatten":
+            if source is not None:
+                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+                end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+                _flatten(node, source, start, end, shape, channels, lock)
+            continue
+        if (node.op == "call_function" and target in (torch.mean, torch.sum, torch.amax)) or method in ("mean", "sum", "amax"):
+            if source is not None and _reduces_other_dims(node, source, shape):
+                channels[node] = _Channels(source.space, source.dim, 1)
+                continue
+        if method in ("size", "dim") or (node.op == "call_function" and target in (getattr, operator.getitem) and source is None):
+            continue
+        lock_all((node.args, node.kwargs), f"{getattr(target, '__name__', target)} reads it")
+        fresh(node, -1, why_locked=f"made by {getattr(target, '__name__', target)}")
+
+    roots = sorted({uf.find(i) for i in range(len(uf.parent))})
+    renumber = {root: position for position, root in enumerate(roots)}
+    spaces = [uf.spaces[root] for root in roots]
+    return ChannelGraph(
+        graph_module,
+        spaces,
+        {name: renumber[uf.find(i)] for name, i in module_output.items()},
+        {name: renumber[uf.find(i)] for name, i in module_input.items()},
+        shapes,
+    )
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with the paper's layers and gates kept as leaves."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, (L0Linear, L0Conv2d, Gate)) or super().is_leaf_module(module, qualified_name)
+
+
+def _flatten_args(args) -> list:
+    found: list = []
+    fx.node.map_aggregate(args, lambda a: found.append(a) if isinstance(a, fx.Node) else None)
+    return found
+
+
+def _flatten(node, source: _Channels, start: int, end: int, shape, channels, lock) -> None:
+    in_shape = shape(node.args[0])
+    ndim = len(in_shape)
+    start, end = start % ndim, end % ndim
+    if source.block == 1 and start == source.dim and end == ndim - 1:
+        channels[node] = _Channels(source.space, start, math.prod(in_shape[start + 1:]))
+    elif source.dim < start or (source.dim > end):
+        channels[node] = _Channels(source.space, source.dim - (end - start if source.dim > end else 0), source.block)
+    else:
+        lock(node.args[0], "a flatten that splits its channels")
+
+
+def _binary(node, tensor_args, channels, uf, shape, lock) -> None:
+    out_shape = shape(node)
+    if out_shape is None:
+        return
+    infos = [(a, channels[a]) for a in tensor_args]
+    # operands whose channel dimension lines up with the result's join the same space
+    joined = None
+    for arg, info in infos:
+        arg_shape = shape(arg)
+        offset = len(out_shape) - len(arg_shape)
+        if info.block != 1 or arg_shape[info.dim] != out_shape[info.dim + offset]:
+            if arg_shape[info.dim] != 1:
+                lock(arg, f"{node.target} broadcasts it")
+            continue
+        if joined is None:
+            joined = _Channels(info.space, info.dim + offset)
+        elif joined.dim == info.dim + offset:
+            joined = _Channels(uf.union(joined.space, info.space, f"{node.target}"), joined.dim)
+        else:
+            lock(arg, f"{node.target} joins it along another dimension")
+    if joined is not None:
+        channels[node] = joined
+
+
+def _reduces_other_dims(node, source: _Channels, shape) -> bool:
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None or source.block != 1:
+        return False
+    ndim = len(shape(node.args[0]))
+    dims = [d % ndim for d in ((dims,) if isinstance(dims, int) else dims)]
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    if source.dim in dims:
+        return False
+    return keepdim or all(d > source.dim for d in dims)

@@ -1,0 +1,239 @@
+"""Fold the deterministic gates into the weights and remove every closed unit, channel and input.
+
+``prune(model, example_inputs)`` returns a ``torch.fx.GraphModule`` made only
+of PyTorch modules and functions (nothing from l0sparse): the same
+computation as the gated model in eval mode, with smaller layers. Where a
+layer reads only some features of a tensor that others read in full (the
+paper's input gates, for instance), a ``torch.index_select`` picks them.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import Tensor, fx, nn
+from torch.nn.utils import parametrize
+
+from .gates import Gate
+from .graph import ChannelGraph, trace_channels
+from .layers import L0Conv2d, L0Linear
+
+__all__ = ["prune", "rebuild", "plain_copy"]
+
+
+def _has_gates(model: nn.Module) -> bool:
+    return any(isinstance(module, Gate) for module in model.modules())
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+@torch.no_grad()
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with every gate folded into its weights and the paper's layers made plain."""
+    work = copy.deepcopy(model).eval()
+    for module in work.modules():
+        if parametrize.is_parametrized(module):
+            # not parametrize.remove_parametrizations: a deep copy shares the parametrized class with the
+            # original, and removing the property from that class would break the original model
+            folded = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+            del module._modules["parametrizations"]
+            module.__class__ = module.__class__.__bases__[0]
+            for name, value in folded.items():
+                module.register_parameter(name, nn.Parameter(value))
+    for name, module in list(work.named_modules()):
+        if isinstance(module, L0Linear):
+            plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            plain.weight.copy_(module.weight * module.gate.deterministic())
+            if module.bias is not None:
+                plain.bias.copy_(module.bias)
+            _set_submodule(work, name, plain.to(module.weight))
+        elif isinstance(module, L0Conv2d):
+            plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                              module.dilation, module.groups, bias=module.bias is not None)
+            z_hat = module.gate.deterministic()
+            plain.weight.copy_(module.weight * z_hat[:, None, None, None])
+            if module.bias is not None:
+                plain.bias.copy_(module.bias * z_hat)
+            _set_submodule(work, name, plain.to(module.weight))
+    return work
+
+
+def _column_alive(weight: Tensor) -> Tensor:
+    """Per input column (dim 1): does any weight in it differ from zero?"""
+    return weight.ne(0).movedim(1, 0).reshape(weight.shape[1], -1).any(1)
+
+
+def _make_plan(graph: ChannelGraph) -> dict:
+    """Which rows, follower entries and columns each module keeps, and which inputs get an index_select."""
+    modules = dict(graph.graph_module.named_modules())
+    rows: dict[str, list[int]] = {}
+    followers: dict[str, list[int]] = {}
+    remaining: dict[str, Tensor] = {}  # consumer -> original column indices still fed to it
+    for space in graph.spaces:
+        if not space.consumers:
+            continue
+        columns_alive = {c.name: _column_alive(modules[c.name].weight) for c in space.consumers}
+        if space.removable:
+            alive = torch.zeros(space.size, dtype=torch.bool)
+            for consumer in space.consumers:
+                alive |= columns_alive[consumer.name].view(space.size, consumer.block).any(1)
+            keep = torch.nonzero(alive).flatten()
+            if keep.numel() == 0:
+                keep = torch.zeros(1, dtype=torch.long)  # keep one (zero) channel rather than an empty tensor
+        else:
+            keep = torch.arange(space.size)
+        if keep.numel() < space.size:
+            for producer in space.producers:
+                rows[producer] = keep.tolist()
+            for follower in space.followers:
+                followers[follower] = keep.tolist()
+        for consumer in space.consumers:
+            blocks = (keep[:, None] * consumer.block + torch.arange(consumer.block)).flatten()
+            remaining[consumer.name] = blocks
+    for name, module in modules.items():
+        if isinstance(module, nn.TransformerEncoderLayer):  # a traced leaf: its feed-forward units are sliced inside it
+            alive = _column_alive(module.linear2.weight)
+            keep = torch.nonzero(alive).flatten() if alive.any() else torch.zeros(1, dtype=torch.long)
+            if keep.numel() < alive.numel():
+                rows[f"{name}.linear1"] = keep.tolist()
+                remaining[f"{name}.linear2"] = keep
+    columns: dict[str, list[int]] = {}
+    selections: list[dict] = []
+    for name, fed in remaining.items():
+        alive = _column_alive(modules[name].weight)[fed]
+        kept = fed[alive] if alive.any() else fed[:1]
+        columns[name] = kept.tolist()
+        if kept.numel() < fed.numel() and name in graph.module_input:
+            positions = torch.nonzero(alive).flatten() if alive.any() else torch.zeros(1, dtype=torch.long)
+            dim = -1 if isinstance(modules[name], nn.Linear) else 1
+            selections.append({"module": name, "dim": dim, "index": positions.tolist()})
+    return {"rows": rows, "followers": followers, "columns": columns, "selections": selections}
+
+
+@torch.no_grad()
+def _slice(module: nn.Module, name: str, rows=None, columns=None, follower=None) -> None:
+    if follower is not None:
+        index = torch.as_tensor(follower, dtype=torch.long)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            for attribute in ("weight", "bias", "running_mean", "running_var"):
+                tensor = getattr(module, attribute)
+                if tensor is not None:
+                    tensor.data = tensor.data[index].clone()
+            module.num_features = len(index)
+        else:  # depthwise conv
+            module.weight.data = module.weight.data[index].clone()
+            if module.bias is not None:
+                module.bias.data = module.bias.data[index].clone()
+            module.in_channels = module.out_channels = module.groups = len(index)
+        return
+    if rows is not None:
+        index = torch.as_tensor(rows, dtype=torch.long)
+        module.weight.data = module.weight.data[index].clone()
+        if module.bias is not None:
+            module.bias.data = module.bias.data[index].clone()
+        if isinstance(module, nn.Linear):
+            module.out_features = len(index)
+        else:
+            module.out_channels = len(index)
+    if columns is not None:
+        index = torch.as_tensor(columns, dtype=torch.long)
+        module.weight.data = module.weight.data[:, index].clone()
+        if isinstance(module, nn.Linear):
+            module.in_features = len(index)
+        else:
+            module.in_channels = len(index)
+
+
+def _apply_plan(graph: ChannelGraph, plan: dict) -> fx.GraphModule:
+    graph_module = graph.graph_module
+    modules = dict(graph_module.named_modules())
+    for name, rows in plan["rows"].items():
+        _slice(modules[name], name, rows=rows)
+    for name, entries in plan["followers"].items():
+        _slice(modules[name], name, follower=entries)
+    for name, columns in plan["columns"].items():
+        if len(columns) != modules[name].weight.shape[1]:
+            _slice(modules[name], name, columns=columns)
+    for number, selection in enumerate(plan["selections"]):
+        buffer = f"kept_inputs_{number}"
+        graph_module.register_buffer(buffer, torch.as_tensor(selection["index"], dtype=torch.long))
+        for node in list(graph_module.graph.nodes):
+            if node.op == "call_module" and node.target == selection["module"]:
+                with graph_module.graph.inserting_before(node):
+                    index = graph_module.graph.get_attr(buffer)
+                    picked = graph_module.graph.call_function(torch.index_select, (node.args[0], selection["dim"], index))
+                node.args = (picked, *node.args[1:])
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+
+
+def prune(model: nn.Module, example_inputs, return_plan: bool = False):
+    """A physically smaller plain PyTorch model with the gated model's eval outputs.
+
+    Args:
+        model: a model with gates (from :func:`l0sparse.sparsify` or the paper's layers).
+        example_inputs: a batch (tensor or tuple of forward arguments) to trace with.
+        return_plan: also return the plan (JSON-serialisable: kept indices per
+            module) that :func:`rebuild` needs to make an empty module of the
+            pruned shapes, e.g. to load a saved ``state_dict``.
+
+    Returns:
+        A ``torch.fx.GraphModule`` (or ``(module, plan)``). A model without
+        gates gives an unchanged copy, with a warning.
+    """
+    example_inputs = _as_tuple(example_inputs)
+    if not _has_gates(model):
+        warnings.warn("prune: the model has no l0sparse gates; returning an unchanged copy", stacklevel=2)
+        copied = copy.deepcopy(model)
+        return (copied, {"rows": {}, "followers": {}, "columns": {}, "selections": []}) if return_plan else copied
+    work = plain_copy(model)
+    graph = trace_channels(work, example_inputs)
+    plan = _make_plan(graph)
+    pruned = _apply_plan(graph, plan)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(*example_inputs), pruned(*example_inputs)
+    model.train(was_training)
+    _check_same(expected, got)
+    return (pruned, plan) if return_plan else pruned
+
+
+def _check_same(expected, got) -> None:
+    expected_leaves, got_leaves = [], []
+    fx.node.map_aggregate(expected, lambda t: expected_leaves.append(t) if isinstance(t, Tensor) else None)
+    fx.node.map_aggregate(got, lambda t: got_leaves.append(t) if isinstance(t, Tensor) else None)
+    for a, b in zip(expected_leaves, got_leaves):
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        error = float((a - b).abs().max()) if a.numel() else 0.0
+        if a.shape != b.shape or error > 1e-4 * max(scale, 1e-12) + 1e-6:
+            raise RuntimeError(
+                f"prune: the pruned model's output differs from the gated model's by {error:.3g} (output scale {scale:.3g}); "
+                "an operation in the model is not handled exactly; please report it"
+            )
+
+
+def rebuild(model: nn.Module, plan: dict, example_inputs) -> fx.GraphModule:
+    """An untrained module of the pruned shapes, from a fresh model of the original architecture and a plan.
+
+    ``model`` is built the way the original was (gated or not); its weights
+    are thrown away, so load the pruned ``state_dict`` into the result::
+
+        pruned, plan = l0sparse.prune(gated, x, return_plan=True)
+        torch.save(pruned.state_dict(), "pruned.pt"); json.dump(plan, open("plan.json", "w"))
+        ...
+        empty = l0sparse.rebuild(MyNet(), json.load(open("plan.json")), x)
+        empty.load_state_dict(torch.load("pruned.pt", weights_only=True))
+    """
+    graph = trace_channels(plain_copy(model), _as_tuple(example_inputs))
+    return _apply_plan(graph, plan)

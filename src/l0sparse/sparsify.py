@@ -1,0 +1,247 @@
+"""Gate an unmodified model in place through ``torch.nn.utils.parametrize``.
+
+``sparsify(model, rules, example_inputs)`` registers a :class:`GateMask`
+parametrization on the weights it gates; the user's classes are untouched.
+After it, ``module.weight`` is the gated weight, the raw weight lives at
+``module.parametrizations.weight.original`` and each gate's log α at
+``module.parametrizations.weight.<i>.gate.log_alpha`` (state_dict keys
+``<module>.parametrizations.weight.original`` and
+``<module>.parametrizations.weight.<i>.gate.log_alpha``). A gate shared by
+several weights appears under each of them; it is one parameter.
+
+Granularities (``rules`` values):
+
+- ``"in"``: one gate per input feature / channel of a Linear or ungrouped
+  conv, on its weight columns (the paper's choice for Linear layers).
+- ``"out"``: one gate per output unit / channel, placed on the weight columns
+  of every layer that reads those channels (see :mod:`l0sparse.graph`), so a
+  closed channel is removed exactly whatever BatchNorm, activations or
+  residual additions lie in between; channels joined by an addition share
+  one gate (the paper's choice for convs).
+- ``"weight"``: one gate per weight.
+- ``"heads"``: one gate per attention head of ``nn.MultiheadAttention`` (on
+  the output projection's columns of that head); for
+  ``nn.TransformerEncoderLayer`` the heads and the feed-forward hidden units.
+- ``"skip"``: leave the module alone.
+
+In training, every weight that a shared gate multiplies draws its own sample
+(like independent dropout masks over shared probabilities); in eval mode all
+of them see the same deterministic gate (Eq. 13).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .gates import Gate
+from .graph import trace_channels
+from .layers import L0Conv2d, L0Linear
+
+__all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks"]
+
+GRANULARITIES = ("in", "out", "weight", "heads", "skip")
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+class GateMask(nn.Module):
+    """Parametrization ``weight -> weight * z``, with z broadcast along ``dim`` (each gate covering ``block`` entries)."""
+
+    def __init__(self, gate: Gate, dim: int | None, block: int = 1) -> None:
+        super().__init__()
+        self.gate = gate
+        self.dim = dim  # None: one gate per weight
+        self.block = block
+
+    def mask(self, like: Tensor) -> Tensor:
+        z = self.gate().to(like.dtype)
+        if self.dim is None:
+            return z
+        if self.block > 1:
+            z = z.repeat_interleave(self.block)
+        shape = [1] * like.dim()
+        shape[self.dim] = -1
+        return z.view(shape)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight * self.mask(weight)
+
+    def per_gate(self, values: Tensor) -> Tensor:
+        """Sum ``values`` (shaped like the weight) over the entries each gate covers."""
+        if self.dim is None:
+            return values
+        moved = values.movedim(self.dim, 0).reshape(values.shape[self.dim], -1).sum(1)
+        return moved.view(-1, self.block).sum(1) if self.block > 1 else moved
+
+
+def gate_masks(model: nn.Module):
+    """Yield ``(module_name, module, tensor_name, GateMask)`` for every gate parametrization in ``model``."""
+    for name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for tensor_name, parametrizations in module.parametrizations.items():
+            for parametrization in parametrizations:
+                if isinstance(parametrization, GateMask):
+                    yield name, module, tensor_name, parametrization
+
+
+def _rule_for(name: str, module: nn.Module, rules: Mapping) -> str | None:
+    if name in rules:
+        return rules[name]
+    for key, value in rules.items():
+        if isinstance(key, str) and any(ch in key for ch in "*?[") and fnmatch.fnmatchcase(name, key):
+            return value
+    for key, value in rules.items():
+        if isinstance(key, type) and isinstance(module, key):
+            return value
+    return None
+
+
+def _default_rule(module: nn.Module) -> str | None:
+    if isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):
+        return "heads"
+    if isinstance(module, nn.Linear):
+        return "in"
+    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return "out"
+    return None
+
+
+def _check_rules(rules) -> dict:
+    if rules is None:
+        return {}
+    if not isinstance(rules, Mapping):
+        raise ValueError(f"rules must be a mapping of module names, glob patterns or types to one of {GRANULARITIES}, got {type(rules).__name__}")
+    for key, value in rules.items():
+        if not isinstance(key, (str, type)):
+            raise ValueError(f"rules keys must be module names, glob patterns or module types, got {key!r}")
+        if value not in GRANULARITIES:
+            raise ValueError(f"rules[{key!r}] = {value!r}: the granularity must be one of {GRANULARITIES}")
+    return dict(rules)
+
+
+def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tuple | Tensor | None = None, **gate_kwargs) -> nn.Module:
+    """Attach Hard Concrete gates to ``model`` in place and return it.
+
+    Args:
+        model: any ``nn.Module``; its classes are not changed.
+        rules: maps module names (``"features.3"``), glob patterns
+            (``"encoder.*.linear1"``) or module types (``nn.Conv2d``) to a
+            granularity in ``("in", "out", "weight", "heads", "skip")``. Exact
+            names win over patterns, patterns over types, types over the
+            defaults: Linear ``"in"``, ConvNd ``"out"``, attention ``"heads"``.
+        example_inputs: a batch (a tensor or a tuple of the forward's
+            arguments). Needed for ``"out"`` gates, which must find every
+            layer that reads a channel by tracing the model with torch.fx.
+        **gate_kwargs: ``beta``, ``gamma``, ``zeta``, ``droprate_init``,
+            ``clamp_log_alpha`` of :class:`l0sparse.Gate`.
+
+    Raises:
+        ValueError: a rule names a module it cannot gate, a granularity is
+            unknown, or ``"out"`` gates are asked for without example inputs.
+    """
+    rules = _check_rules(rules)
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    plan: list[tuple[str, nn.Module, str, bool]] = []  # (name, module, granularity, explicit)
+    handled: set[str] = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in handled):
+            continue  # inside an attention module that its own rule handles
+        explicit = _rule_for(name, module, rules)
+        granularity = explicit or _default_rule(module)
+        if isinstance(module, (L0Linear, L0Conv2d)) or isinstance(module, Gate):
+            handled.add(name)
+            continue  # already gated by the paper's layers
+        if granularity is None:
+            if explicit is None and list(module.parameters(recurse=False)) and not isinstance(module, _NORMS):
+                warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) has weights but no gate: no rule supports it", stacklevel=2)
+            continue
+        if granularity == "skip":
+            if isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):
+                handled.add(name)
+            if explicit is not None:
+                warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) skipped by rule", stacklevel=2)
+            continue
+        _check_supported(name, module, granularity)
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):
+            handled.add(name)
+        plan.append((name, module, granularity, explicit is not None))
+
+    graph = None
+    if any(granularity == "out" for _, _, granularity, _ in plan):
+        if example_inputs is None:
+            needs = [name for name, _, g, _ in plan if g == "out"]
+            raise ValueError(
+                f"example_inputs is required: 'out' gates on {needs[:3]} must trace the model to find the layers that "
+                "read each channel; pass a batch, e.g. sparsify(model, example_inputs=(torch.randn(1, 3, 32, 32),))"
+            )
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            graph = trace_channels(model, tuple(example_inputs))
+        model.train(was_training)
+
+    space_gates: dict[int, Gate] = {}
+    for name, module, granularity, explicit in plan:
+        if granularity == "in":
+            gate = _new_gate(module.weight.shape[1], name, "in", module, gate_kwargs)
+            parametrize.register_parametrization(module, "weight", GateMask(gate, dim=1))
+        elif granularity == "weight":
+            gate = _new_gate(module.weight.shape, name, "weight", module, gate_kwargs)
+            parametrize.register_parametrization(module, "weight", GateMask(gate, dim=None))
+        elif granularity == "heads":
+            _gate_attention(name, module, gate_kwargs)
+        else:  # "out": the gate sits on every consumer of the module's output channels
+            index = graph.module_output.get(name)
+            space = None if index is None else graph.spaces[index]
+            if space is None or space.locked or not space.consumers:
+                why = "no layer reads them" if space is not None and not space.consumers else "; ".join((space.locked if space else ["it is not traced"])[:2])
+                message = f"sparsify: cannot gate the output channels of {name!r}: {why}"
+                if explicit:
+                    raise ValueError(message)
+                warnings.warn(message + " (left ungated)", stacklevel=2)
+                continue
+            if index in space_gates:
+                continue  # coupled with a module gated already: one gate for the shared channels
+            gate = _new_gate(space.size, name, "out", module, gate_kwargs)
+            space_gates[index] = gate
+            modules = dict(model.named_modules())
+            for consumer in space.consumers:
+                parametrize.register_parametrization(modules[consumer.name], "weight", GateMask(gate, dim=consumer.dim, block=consumer.block))
+    return model
+
+
+def _new_gate(shape, owner: str, granularity: str, module: nn.Module, gate_kwargs: dict) -> Gate:
+    reference = next(module.parameters())
+    gate = Gate(shape, **gate_kwargs).to(device=reference.device)
+    gate.owner, gate.granularity = owner, granularity
+    return gate
+
+
+def _check_supported(name: str, module: nn.Module, granularity: str) -> None:
+    is_linear = isinstance(module, nn.Linear)
+    is_conv = isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+    is_attention = isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention))
+    allowed = {"in": is_linear or (is_conv and module.groups == 1), "out": is_linear or is_conv,
+               "weight": is_linear or is_conv, "heads": is_attention}[granularity]
+    if not allowed:
+        hint = " (a grouped conv has no per-input-channel columns; use 'out')" if is_conv and granularity == "in" else ""
+        raise ValueError(f"sparsify: rule {granularity!r} does not apply to {name!r} ({type(module).__name__}){hint}")
+
+
+def _gate_attention(name: str, module: nn.Module, gate_kwargs: dict) -> None:
+    attention = module.self_attn if isinstance(module, nn.TransformerEncoderLayer) else module
+    if not attention._qkv_same_embed_dim:
+        raise ValueError(f"sparsify: {name!r}: 'heads' needs query, key and value of the same size")
+    head_dim = attention.embed_dim // attention.num_heads
+    gate = _new_gate(attention.num_heads, name, "heads", attention, gate_kwargs)
+    parametrize.register_parametrization(attention.out_proj, "weight", GateMask(gate, dim=1, block=head_dim))
+    if isinstance(module, nn.TransformerEncoderLayer):  # and the feed-forward hidden units
+        hidden = _new_gate(module.linear1.out_features, name, "out", module.linear1, gate_kwargs)
+        parametrize.register_parametrization(module.linear2, "weight", GateMask(hidden, dim=1))
