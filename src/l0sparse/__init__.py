@@ -1,10 +1,13 @@
 """l0sparse: learn sparse networks with L0 regularization (Louizos, Welling & Kingma, 2018)."""
 
-from .costs import expected_l0, penalty
+from .costs import count_flops, count_params, expected_flops, expected_l0, penalty
 from .distributions import HardConcrete
 from .gates import PAPER_LOG_ALPHA_RANGE, Gate
 from .layers import L0Conv2d, L0Linear
 from .models import L0LeNet5, L0MLP
+from .prune import prune, rebuild
+from .report import architecture, summary
+from .sparsify import sparsify
 
 __all__ = [
     "HardConcrete",
@@ -14,7 +17,15 @@ __all__ = [
     "L0Conv2d",
     "L0MLP",
     "L0LeNet5",
+    "sparsify",
     "expected_l0",
+    "expected_flops",
     "penalty",
+    "count_flops",
+    "count_params",
+    "prune",
+    "rebuild",
+    "architecture",
+    "summary",
 ]
 __version__ = "0.1.0"

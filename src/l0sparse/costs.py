@@ -1,17 +1,28 @@
-"""Costs over every gate of a model: expected L0 and the L0 (+ L2) penalty."""
+"""Costs over every gate of a model: expected L0, the L0 (+ L2) penalty, expected FLOPs.
+
+FLOPs are multiply-accumulates (MACs) of Linear and conv weights for one
+example; bias additions, normalisation and activations are not counted.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .gates import Gate
+from .graph import trace_channels
+from .layers import L0Conv2d, L0Linear, _check_lam
+from .sparsify import GateMask, gate_masks
 
-__all__ = ["expected_l0", "penalty", "gates"]
+__all__ = ["expected_l0", "penalty", "gates", "expected_flops", "count_flops", "count_params"]
 
 
 def gates(model: nn.Module) -> list[Gate]:
-    """Every :class:`Gate` in ``model``, in module order."""
+    """Every :class:`Gate` in ``model``, each once, in module order."""
     return [module for module in model.modules() if isinstance(module, Gate)]
 
 
@@ -24,15 +35,145 @@ def expected_l0(model: nn.Module) -> Tensor:
 
 
 def penalty(model: nn.Module, lam: float, weight_decay: float = 0.0, N: int = 1) -> Tensor:
-    """The L0 (+ L2) penalty of every gated layer of ``model``, divided by ``N``.
+    """Σ_g P(z_g ≠ 0) · Σ_{j∈g} (λ + ½·wd·θ_j²) over every gate of ``model``, divided by ``N``.
 
-    ``lam`` is charged per weight in each gated group (the paper's λ before
-    division by the training-set size); pass ``N`` = training-set size to get
-    the term that goes beside a mean loss.
+    ``lam`` is charged per weight that a gate multiplies (the paper's λ before
+    the division by the training-set size); pass ``N`` = training-set size to
+    get the term that goes beside a mean loss. A gate that ``sparsify`` shares
+    between several layers is charged for the weights of all of them. Biases
+    that no gate multiplies carry no term here (use the optimizer's weight
+    decay for them).
     """
+    _check_lam(lam, weight_decay)
     if not (isinstance(N, int) and N >= 1):
         raise ValueError(f"N (the training-set size) must be a positive int, got {N!r}")
-    layers = [module for module in model.modules() if hasattr(module, "penalty") and isinstance(getattr(module, "gate", None), Gate)]
-    if not layers:
-        raise ValueError("model has no gated layers with a penalty: build it from L0 layers or call l0sparse.sparsify first")
-    return torch.stack([layer.penalty(lam, weight_decay) for layer in layers]).sum() / N
+    terms = [module.penalty(lam, weight_decay) for module in model.modules() if isinstance(module, (L0Linear, L0Conv2d))]
+    per_gate: dict[int, list] = {}
+    for _, module, tensor_name, mask in gate_masks(model):
+        original = module.parametrizations[tensor_name].original
+        entry = per_gate.setdefault(id(mask.gate), [mask.gate, 0.0, 0.0])
+        entry[1] = entry[1] + original.numel() // mask.gate.log_alpha.numel()  # weights per gate
+        if weight_decay:
+            entry[2] = entry[2] + mask.per_gate(original.pow(2))
+    for gate, weights_per_gate, squares in per_gate.values():
+        terms.append((gate.prob_nonzero() * (lam * weights_per_gate + 0.5 * weight_decay * squares)).sum())
+    if not terms:
+        raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
+    return torch.stack(terms).sum() / N
+
+
+def _column_probabilities(module: nn.Module, deterministic: bool) -> Tensor | None:
+    """P(input column j is read) from the gates on the module's weight columns; None if ungated."""
+    result = None
+    masks: Iterable = []
+    if isinstance(module, L0Linear):
+        result = _prob(module.gate, deterministic)
+    if parametrize.is_parametrized(module, "weight"):
+        masks = [m for m in module.parametrizations.weight if isinstance(m, GateMask) and m.dim == 1]
+    for mask in masks:
+        probability = _prob(mask.gate, deterministic)
+        if mask.block > 1:
+            probability = probability.repeat_interleave(mask.block)
+        result = probability if result is None else result * probability
+    return result
+
+
+def _prob(gate: Gate, deterministic: bool) -> Tensor:
+    return gate.is_active().to(gate.log_alpha.dtype) if deterministic else gate.prob_nonzero()
+
+
+def expected_flops(model: nn.Module, example_inputs, deterministic: bool = False) -> Tensor:
+    """Expected MACs per example of every Linear and conv in ``model``, as a differentiable function of P(z ≠ 0).
+
+    Gates on both sides of a layer count: an output unit that no later layer
+    reads (its column gates closed everywhere) costs nothing, and neither does
+    an input column whose gate is closed; open probabilities of different
+    gates are treated as independent. ``deterministic=True`` uses the
+    test-time gates (Eq. 13) instead: then the count is what
+    :func:`l0sparse.prune` leaves. Per-weight gates do not lower FLOPs (a
+    dense kernel computes zeros too).
+    """
+    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        graph = trace_channels(model, example_inputs)
+    model.train(was_training)
+    modules = dict(model.named_modules())
+    column_cache: dict[str, Tensor | None] = {}
+
+    def columns(name: str) -> Tensor | None:
+        if name not in column_cache:
+            column_cache[name] = _column_probabilities(modules[name], deterministic)
+        return column_cache[name]
+
+    total = torch.zeros(())
+    for name, (in_shape, out_shape) in graph.shapes.items():
+        module = modules[name]
+        if isinstance(module, (nn.Linear, L0Linear)):
+            positions, per_pair = math.prod(out_shape[1:-1]), 1
+            n_out, n_in = module.out_features, module.in_features
+        elif isinstance(module, (nn.modules.conv._ConvNd, L0Conv2d)):
+            weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
+            positions, per_pair = math.prod(out_shape[2:]), math.prod(weight.shape[2:])
+            n_out, n_in = weight.shape[0], weight.shape[1]
+        else:
+            continue
+        p_in = columns(name)
+        p_in = torch.ones(n_in) if p_in is None else p_in
+        p_out = torch.ones(n_out)
+        if isinstance(module, L0Conv2d):
+            p_out = p_out * _prob(module.gate, deterministic)
+        space = graph.space_of_output(name)
+        if space is not None and space.removable:
+            unread = torch.ones(space.size)
+            for consumer in space.consumers:
+                p_column = columns(consumer.name)
+                if p_column is None:
+                    unread = torch.zeros(space.size)
+                    break
+                p_channel = 1 - (1 - p_column.view(space.size, consumer.block)).prod(1)
+                unread = unread * (1 - p_channel)
+            p_out = p_out * (1 - unread)
+        source = graph.space_of_input(name)
+        if source is not None and source.zero_preserving and not source.followers:
+            for producer in source.producers:
+                if isinstance(modules[producer], L0Conv2d) and len(source.producers) == 1:
+                    p_in = p_in * _prob(modules[producer].gate, deterministic).repeat_interleave(n_in // source.size)
+        total = total + positions * per_pair * p_out.sum() * p_in.sum()
+    return total
+
+
+def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> int | dict[str, int]:
+    """MACs per example of every plain Linear and conv, counted by running ``model`` once with hooks.
+
+    For a gated model this is the dense count; use :func:`expected_flops`
+    with ``deterministic=True`` for what pruning leaves. ``per_module=True``
+    returns ``{module name: MACs}``.
+    """
+    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    batch = example_inputs[0].shape[0]
+    counted: dict[str, int] = {}
+    names = {module: name for name, module in model.named_modules()}
+
+    def hook(module, inputs, output):
+        per_output = module.in_features if isinstance(module, nn.Linear) else module.weight[0].numel()
+        counted[names[module]] = counted.get(names[module], 0) + output.numel() // batch * per_output
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd))]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return counted if per_module else sum(counted.values())
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model`` (each shared tensor once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -45,6 +45,9 @@ _CHANNELWISE_FUNCTIONS = {
     F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.sigmoid, F.softplus,
 }
 _CHANNELWISE_METHODS = {"relu", "relu_", "tanh", "sigmoid", "contiguous", "clone", "detach"}
+# f(0) != 0: a channel that is exactly zero before them is not zero after
+_NOT_ZERO_PRESERVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.BatchNorm1d, nn.BatchNorm2d)
+_NOT_ZERO_PRESERVING_FUNCTIONS = {torch.sigmoid, F.softplus}
 _BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, operator.iadd, operator.imul}
 _BINARY_METHODS = {"add", "sub", "mul", "add_", "mul_"}
 
@@ -68,6 +71,7 @@ class Space:
     consumers: list[Consumer] = field(default_factory=list)
     locked: list[str] = field(default_factory=list)  # why channels cannot be removed
     is_input: bool = False  # the channels of a model input
+    zero_preserving: bool = True  # a channel that a producer outputs as exactly 0 reaches every consumer as 0
 
     @property
     def removable(self) -> bool:
@@ -122,6 +126,7 @@ class _UnionFind:
         first.consumers += second.consumers
         first.locked += second.locked
         first.is_input = first.is_input or second.is_input
+        first.zero_preserving = first.zero_preserving and second.zero_preserving
         self.parent[b] = a
         return a
 
@@ -212,6 +217,7 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
             if (isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)) or isinstance(module, L0Conv2d):
                 if _is_depthwise(module) and source is not None and source.dim == 1 and source.block == 1:
                     uf.spaces[uf.find(source.space)].followers.append(name)
+                    uf.spaces[uf.find(source.space)].zero_preserving &= module.bias is None
                     channels[node] = source
                     module_input[name] = module_output[name] = source.space
                     continue
@@ -226,6 +232,8 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
                 module_output[name] = channels[node].space
                 continue
             if isinstance(module, _CHANNELWISE_MODULES) and source is not None:
+                if isinstance(module, _NOT_ZERO_PRESERVING):
+                    uf.spaces[uf.find(source.space)].zero_preserving = False
                 if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
                     uf.spaces[uf.find(source.space)].followers.append(name)
                     module_input[name] = module_output[name] = source.space
@@ -244,6 +252,8 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
         if (node.op == "call_function" and target in _CHANNELWISE_FUNCTIONS) or method in _CHANNELWISE_METHODS:
             if source is not None:
                 channels[node] = source
+                if target in _NOT_ZERO_PRESERVING_FUNCTIONS or method == "sigmoid":
+                    uf.spaces[uf.find(source.space)].zero_preserving = False
             continue
         if (node.op == "call_function" and target in _BINARY) or method in _BINARY_METHODS:
             _binary(node, tensor_args, channels, uf, shape, lock)
@@ -305,6 +315,10 @@ def _binary(node, tensor_args, channels, uf, shape, lock) -> None:
     if out_shape is None:
         return
     infos = [(a, channels[a]) for a in tensor_args]
+    additive = node.target in (operator.add, operator.sub, torch.add, torch.sub, operator.iadd, "add", "sub", "add_")
+    if additive and len(infos) < len([a for a in node.args if a is not None]):
+        for _, info in infos:  # x + constant: a zero channel becomes the constant
+            uf.spaces[uf.find(info.space)].zero_preserving = False
     # operands whose channel dimension lines up with the result's join the same space
     joined = None
     for arg, info in infos:

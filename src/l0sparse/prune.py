@@ -82,6 +82,15 @@ def _make_plan(graph: ChannelGraph) -> dict:
             alive = torch.zeros(space.size, dtype=torch.bool)
             for consumer in space.consumers:
                 alive |= columns_alive[consumer.name].view(space.size, consumer.block).any(1)
+            if space.zero_preserving and not space.followers and space.producers:
+                # channels that every producer outputs as exactly 0 (closed L0Conv2d channels) reach no one
+                produced = torch.zeros(space.size, dtype=torch.bool)
+                for producer in space.producers:
+                    module = modules[producer]
+                    produced |= module.weight.ne(0).flatten(1).any(1)
+                    if module.bias is not None:
+                        produced |= module.bias.ne(0)
+                alive &= produced
             keep = torch.nonzero(alive).flatten()
             if keep.numel() == 0:
                 keep = torch.zeros(1, dtype=torch.long)  # keep one (zero) channel rather than an empty tensor

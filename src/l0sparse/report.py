@@ -1,0 +1,113 @@
+"""Summaries of a gated model: the paper's architecture string and a per-layer table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .costs import count_flops, gates
+from .gates import Gate
+from .layers import L0Conv2d, L0Linear
+from .prune import plain_copy, prune
+
+__all__ = ["architecture", "summary", "Summary"]
+
+
+def _gate_units(model: nn.Module) -> list[tuple[str, str, Gate]]:
+    """(owner, what its gates count, gate) in module order: the units of the paper's architecture string."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, L0Linear):
+            found.append((name, "inputs", module.gate))
+        elif isinstance(module, L0Conv2d):
+            found.append((name, "output channels", module.gate))
+    paper_gates = {id(g) for _, _, g in found}
+    for gate in gates(model):
+        if id(gate) not in paper_gates:
+            what = {"in": "inputs", "out": "outputs", "weight": "weights", "heads": "heads"}.get(gate.granularity, "gates")
+            found.append((gate.owner or "?", what, gate))
+    return found
+
+
+def architecture(model: nn.Module) -> str:
+    """Gated units per layer before and after, in the paper's notation, e.g. ``784-300-100 -> 219-214-100``.
+
+    Each number counts what one layer's gates control (inputs of a Linear,
+    output channels of a conv, heads, or weights for per-weight gates); the
+    after-count is the number of deterministic gates (Eq. 13) that are open.
+    """
+    units = _gate_units(model)
+    if not units:
+        raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
+    before = "-".join(str(gate.log_alpha.numel()) for _, _, gate in units)
+    after = "-".join(str(int(gate.is_active().sum())) for _, _, gate in units)
+    return f"{before} -> {after}"
+
+
+@dataclass
+class Summary:
+    """Per-layer rows; ``str(summary)`` is a fixed-width table, ``to_markdown()`` a Markdown one."""
+
+    rows: list[dict]
+
+    _COLUMNS = ("layer", "gates kept/total", "expected L0", "params", "params kept", "MACs", "MACs kept")
+
+    def _cells(self) -> list[list[str]]:
+        cells = []
+        for row in self.rows:
+            gates_text = f"{row['gates_kept']}/{row['gates_total']}" if row["gates_total"] else "-"
+            expected = f"{row['expected_l0']:.1f}" if row["gates_total"] else "-"
+            cells.append([row["layer"], gates_text, expected, f"{row['params']:,}", f"{row['params_kept']:,}",
+                          f"{row['flops']:,}", f"{row['flops_kept']:,}"])
+        total = {k: sum(r[k] for r in self.rows) for k in ("params", "params_kept", "flops", "flops_kept")}
+        cells.append(["total", "", "", f"{total['params']:,}", f"{total['params_kept']:,} ({_percent(total['params_kept'], total['params'])})",
+                      f"{total['flops']:,}", f"{total['flops_kept']:,} ({_percent(total['flops_kept'], total['flops'])})"])
+        return cells
+
+    def __str__(self) -> str:
+        cells = [list(self._COLUMNS)] + self._cells()
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self._COLUMNS))]
+        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in cells]
+        lines.insert(1, "-" * len(lines[0]))
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        lines = ["| " + " | ".join(self._COLUMNS) + " |", "|" + "---|" * len(self._COLUMNS)]
+        lines += ["| " + " | ".join(row) + " |" for row in self._cells()]
+        return "\n".join(lines)
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def summary(model: nn.Module, example_inputs) -> Summary:
+    """Per Linear/conv layer: gates kept/total, expected L0, parameters and MACs per example before and after pruning."""
+    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    dense = plain_copy(model)
+    pruned = prune(model, example_inputs)
+    flops_before = count_flops(dense, example_inputs, per_module=True)
+    flops_after = count_flops(pruned, example_inputs, per_module=True)
+    pruned_modules = dict(pruned.named_modules())
+    gates_by_owner: dict[str, list[Gate]] = {}
+    for owner, _, gate in _gate_units(model):
+        gates_by_owner.setdefault(owner, []).append(gate)
+    rows = []
+    for name, module in dense.named_modules():
+        if name not in flops_before:
+            continue
+        owned = gates_by_owner.get(name, [])
+        kept_module = pruned_modules.get(name)
+        rows.append({
+            "layer": name,
+            "gates_total": sum(g.log_alpha.numel() for g in owned),
+            "gates_kept": sum(int(g.is_active().sum()) for g in owned),
+            "expected_l0": float(sum(float(g.expected_l0().detach()) for g in owned)),
+            "params": sum(p.numel() for p in module.parameters(recurse=False)),
+            "params_kept": 0 if kept_module is None else sum(p.numel() for p in kept_module.parameters(recurse=False)),
+            "flops": flops_before[name],
+            "flops_kept": flops_after.get(name, 0),
+        })
+    return Summary(rows)
