@@ -69,13 +69,30 @@ def _column_probabilities(module: nn.Module, deterministic: bool) -> Tensor | No
     if isinstance(module, L0Linear):
         result = _prob(module.gate, deterministic)
     if parametrize.is_parametrized(module, "weight"):
-        masks = [m for m in module.parametrizations.weight if isinstance(m, GateMask) and m.dim == 1]
+        masks = [m for m in module.parametrizations.weight if isinstance(m, GateMask) and m.dim in (1, None)]
     for mask in masks:
         probability = _prob(mask.gate, deterministic)
-        if mask.block > 1:
+        if mask.dim is None:  # per-weight gates: a column is read while any of its weights is open
+            closed = (1 - probability).movedim(1, 0).reshape(probability.shape[1], -1).prod(1)
+            probability = 1 - closed
+        elif mask.block > 1:
             probability = probability.repeat_interleave(mask.block)
         result = probability if result is None else result * probability
     return result
+
+
+def _attention_flops(attention: nn.MultiheadAttention, query_length: int, key_length: int) -> int:
+    """MACs per example of multi-head attention: Q/K/V and output projections, scores and weighted values.
+
+    Heads are counted in full: l0sparse gates heads but does not remove them physically yet.
+    """
+    embed = attention.embed_dim
+    projections = (query_length + 2 * key_length) * embed * embed + query_length * embed * embed
+    return projections + 2 * query_length * key_length * embed
+
+
+def _tokens(attention: nn.MultiheadAttention, tensor: Tensor) -> int:
+    return tensor.shape[1] if (attention.batch_first or tensor.dim() == 2) and tensor.dim() == 3 else tensor.shape[0]
 
 
 def _prob(gate: Gate, deterministic: bool) -> Tensor:
@@ -90,8 +107,8 @@ def expected_flops(model: nn.Module, example_inputs, deterministic: bool = False
     an input column whose gate is closed; open probabilities of different
     gates are treated as independent. ``deterministic=True`` uses the
     test-time gates (Eq. 13) instead: then the count is what
-    :func:`l0sparse.prune` leaves. Per-weight gates do not lower FLOPs (a
-    dense kernel computes zeros too).
+    :func:`l0sparse.prune` leaves. Per-weight gates lower FLOPs only where a
+    whole column closes (a dense kernel computes zeros too).
     """
     example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     was_training = model.training
@@ -100,6 +117,10 @@ def expected_flops(model: nn.Module, example_inputs, deterministic: bool = False
         graph = trace_channels(model, example_inputs)
     model.train(was_training)
     modules = dict(model.named_modules())
+    attention_total = 0  # attention called as a leaf: its input shapes come from the trace
+    for name, (query, key) in graph.attention_shapes.items():
+        attention = modules[name]
+        attention_total += _attention_flops(attention, _tokens(attention, torch.empty(query)), _tokens(attention, torch.empty(key)))
     column_cache: dict[str, Tensor | None] = {}
 
     def columns(name: str) -> Tensor | None:
@@ -117,6 +138,12 @@ def expected_flops(model: nn.Module, example_inputs, deterministic: bool = False
             weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
             positions, per_pair = math.prod(out_shape[2:]), math.prod(weight.shape[2:])
             n_out, n_in = weight.shape[0], weight.shape[1]
+        elif isinstance(module, nn.TransformerEncoderLayer):
+            tokens = _tokens(module.self_attn, torch.empty(in_shape))
+            hidden = _column_probabilities(module.linear2, deterministic)
+            units = torch.tensor(float(module.linear1.out_features)) if hidden is None else hidden.sum()
+            total = total + _attention_flops(module.self_attn, tokens, tokens) + 2 * tokens * module.linear1.in_features * units
+            continue
         else:
             continue
         p_in = columns(name)
@@ -140,8 +167,11 @@ def expected_flops(model: nn.Module, example_inputs, deterministic: bool = False
             for producer in source.producers:
                 if isinstance(modules[producer], L0Conv2d) and len(source.producers) == 1:
                     p_in = p_in * _prob(modules[producer].gate, deterministic).repeat_interleave(n_in // source.size)
-        total = total + positions * per_pair * p_out.sum() * p_in.sum()
-    return total
+        kept_out, kept_in = p_out.sum(), p_in.sum()
+        if deterministic:  # prune keeps one (zero) unit where all are closed, rather than an empty tensor
+            kept_out, kept_in = kept_out.clamp(min=1), kept_in.clamp(min=1)
+        total = total + positions * per_pair * kept_out * kept_in
+    return total + attention_total
 
 
 def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> int | dict[str, int]:
@@ -157,11 +187,21 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     names = {module: name for name, module in model.named_modules()}
 
     def hook(module, inputs, output):
-        per_output = module.in_features if isinstance(module, nn.Linear) else module.weight[0].numel()
-        counted[names[module]] = counted.get(names[module], 0) + output.numel() // batch * per_output
+        if isinstance(module, nn.TransformerEncoderLayer):
+            tokens = _tokens(module.self_attn, inputs[0])
+            flops = _attention_flops(module.self_attn, tokens, tokens) + 2 * tokens * module.linear1.in_features * module.linear1.out_features
+        elif isinstance(module, nn.MultiheadAttention):
+            flops = _attention_flops(module, _tokens(module, inputs[0]), _tokens(module, inputs[1]))
+        else:
+            per_output = module.in_features if isinstance(module, nn.Linear) else module.weight[0].numel()
+            flops = output.numel() // batch * per_output
+        counted[names[module]] = counted.get(names[module], 0) + flops
 
+    inside_attention = {id(sub) for m in model.modules() if isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention))
+                        for sub in m.modules() if sub is not m}
+    counted_types = (nn.Linear, nn.modules.conv._ConvNd, nn.TransformerEncoderLayer, nn.MultiheadAttention)
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.Linear) or (isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd))]
+               if isinstance(m, counted_types) and not isinstance(m, nn.modules.conv._ConvTransposeNd) and id(m) not in inside_attention]
     was_training = model.training
     model.eval()
     try:

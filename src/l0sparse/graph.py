@@ -88,6 +88,7 @@ class ChannelGraph:
         self.module_output = module_output  # module name -> space of its output channels
         self.module_input = module_input  # module name -> space of its input channels
         self.shapes = shapes  # module name -> (input shape, output shape) on the example inputs
+        self.attention_shapes: dict[str, tuple[torch.Size, torch.Size]] = {}  # attention module -> (query, key) shapes
 
     def space_of_output(self, name: str) -> Space | None:
         index = self.module_output.get(name)
@@ -154,13 +155,14 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     try:
         ShapeProp(graph_module).propagate(*example_inputs)
     except Exception as error:
-        raise ValueError(f"example_inputs do not fit the model: {type(error).__name__}: {error}") from error
+        raise ValueError(f"example_inputs do not fit the model{_expected_input(model, example_inputs)}: {type(error).__name__}: {error}") from error
     modules = dict(graph_module.named_modules())
     uf = _UnionFind()
     channels: dict[fx.Node, _Channels] = {}
     module_output: dict[str, int] = {}
     module_input: dict[str, int] = {}
     shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+    attention_shapes: dict[str, tuple] = {}
 
     def shape(node) -> torch.Size | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
@@ -228,7 +230,8 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
                     lock_all(node.args, f"{name} (groups={module.groups}) cannot drop single input channels")
                     if source is not None:
                         module_input[name] = source.space
-                fresh(node, 1, producers=[name])
+                grouped = f"{name} is a grouped conv (groups={module.groups}): its channels go in groups" if module.groups > 1 else None
+                fresh(node, 1, why_locked=grouped, producers=[name])
                 module_output[name] = channels[node].space
                 continue
             if isinstance(module, _CHANNELWISE_MODULES) and source is not None:
@@ -242,6 +245,8 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
             if isinstance(module, nn.Flatten) and source is not None:
                 _flatten(node, source, module.start_dim, module.end_dim, shape, channels, lock)
                 continue
+            if isinstance(module, nn.MultiheadAttention) and len(node.args) >= 2:
+                attention_shapes[name] = (shape(node.args[0]), shape(node.args[1]))
             lock_all(node.args, f"{type(module).__name__} {name!r} reads it and cannot be sliced")
             fresh(node, -1, why_locked=f"made by {type(module).__name__} {name!r}")
             continue
@@ -276,13 +281,26 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     roots = sorted({uf.find(i) for i in range(len(uf.parent))})
     renumber = {root: position for position, root in enumerate(roots)}
     spaces = [uf.spaces[root] for root in roots]
-    return ChannelGraph(
+    result = ChannelGraph(
         graph_module,
         spaces,
         {name: renumber[uf.find(i)] for name, i in module_output.items()},
         {name: renumber[uf.find(i)] for name, i in module_input.items()},
         shapes,
     )
+    result.attention_shapes = attention_shapes
+    return result
+
+
+def _expected_input(model: nn.Module, example_inputs: tuple) -> str:
+    """What the first layer expects, for the error message."""
+    got = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, L0Linear)):
+            return f" (got shape {got}; the first layer {name!r} expects {module.in_features} features in the last dimension)"
+        if isinstance(module, (nn.modules.conv._ConvNd, L0Conv2d)):
+            return f" (got shape {got}; the first layer {name!r} expects {module.in_channels} channels in dimension 1)"
+    return f" (got shape {got})"
 
 
 class _Tracer(fx.Tracer):
@@ -315,6 +333,11 @@ def _binary(node, tensor_args, channels, uf, shape, lock) -> None:
     if out_shape is None:
         return
     infos = [(a, channels[a]) for a in tensor_args]
+    untracked = [a for a in _flatten_args(node.args) if a not in channels and shape(a) is not None and math.prod(shape(a)) > 1]
+    if untracked:  # mixed with a tensor whose channels are unknown: slicing ours would break the shapes
+        for arg, _ in infos:
+            lock(arg, f"{node.target} combines it with an untracked tensor")
+        return
     additive = node.target in (operator.add, operator.sub, torch.add, torch.sub, operator.iadd, "add", "sub", "add_")
     if additive and len(infos) < len([a for a in node.args if a is not None]):
         for _, info in infos:  # x + constant: a zero channel becomes the constant

@@ -201,7 +201,10 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             index = graph.module_output.get(name)
             space = None if index is None else graph.spaces[index]
             if space is None or space.locked or not space.consumers:
-                why = "no layer reads them" if space is not None and not space.consumers else "; ".join((space.locked if space else ["it is not traced"])[:2])
+                if space is None:
+                    why = "they are not traced"
+                else:
+                    why = "; ".join(space.locked[:2]) if space.locked else "no layer reads them"
                 message = f"sparsify: cannot gate the output channels of {name!r}: {why}"
                 if explicit:
                     raise ValueError(message)

@@ -1,0 +1,101 @@
+"""Small models with the patterns sparsify and prune must handle."""
+
+import torch
+from torch import nn
+
+from l0sparse import Gate
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class TinyResNet(nn.Module):
+    """Stem conv + BN, a residual block, a depthwise conv, flatten into a Linear."""
+
+    def __init__(self, channels: int = 8, classes: int = 5, side: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.block = BasicBlock(channels)
+        self.depthwise = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.fc = nn.Linear(channels * (side // 2) ** 2, classes)
+
+    def forward(self, x):
+        x = self.block(torch.relu(self.bn(self.stem(x))))
+        x = nn.functional.max_pool2d(self.depthwise(x), 2)
+        return self.fc(torch.flatten(x, 1))
+
+
+class GlobalPoolNet(nn.Module):
+    """Grouped conv, a Conv1d branch-free path, mean over space, then Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv2 = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.grouped(x))
+        x = torch.relu(self.conv2(x)).mean((2, 3))
+        return self.head(x)
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(2, 6, 3)
+        self.bn = nn.BatchNorm1d(6)
+        self.conv2 = nn.Conv1d(6, 5, 3)
+        self.fc = nn.Linear(5 * 6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+        return self.fc(x.flatten(1))
+
+
+class AttentionNet(nn.Module):
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(dim, heads, 32, dropout=0.0, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = x + self.attention(x, x, x, need_weights=False)[0]
+        return self.head(self.norm(self.encoder(x)).mean(1))
+
+
+def mlp(sizes=(20, 16, 12, 4)) -> nn.Sequential:
+    layers = []
+    for index, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if index < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, scale: float = 3.0, generator: torch.Generator | None = None) -> nn.Module:
+    """Random log α (about half the gates closed) and non-trivial BatchNorm statistics."""
+    for module in model.modules():
+        if isinstance(module, Gate):
+            module.log_alpha.copy_(torch.randn(module.log_alpha.shape, generator=generator) * scale)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=generator) * 2 - 1)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+            module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
+    return model

@@ -1,0 +1,270 @@
+import io
+import json
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.utils import parametrize
+
+import l0sparse
+from l0sparse import Gate
+from l0sparse.sparsify import GateMask, gate_masks
+
+from models import AttentionNet, Conv1dNet, GlobalPoolNet, TinyResNet, mlp, randomise
+
+FLOAT32_TOLERANCE = 1e-5  # max |pruned - gated| relative to the output scale (issue requirement)
+
+
+def assert_same_outputs(gated, pruned, x):
+    gated.eval()
+    with torch.no_grad():
+        expected, got = gated(x), pruned(x)
+    assert expected.shape == got.shape
+    scale = float(expected.abs().max())
+    assert float((expected - got).abs().max()) <= FLOAT32_TOLERANCE * max(scale, 1.0)
+
+
+def assert_plain(module: nn.Module):
+    for sub in module.modules():
+        assert not type(sub).__module__.startswith("l0sparse"), type(sub)
+        assert not parametrize.is_parametrized(sub)
+        assert not sub._forward_hooks and not sub._forward_pre_hooks
+
+
+CASES = {
+    "mlp": (lambda: mlp(), lambda: torch.randn(6, 20), None),
+    "resnet": (TinyResNet, lambda: torch.randn(4, 3, 8, 8), None),
+    "grouped": (GlobalPoolNet, lambda: torch.randn(4, 3, 6, 6), None),
+    "conv1d": (Conv1dNet, lambda: torch.randn(4, 2, 10), None),
+    "attention": (AttentionNet, lambda: torch.randn(3, 5, 16), None),
+    "mlp-out": (lambda: mlp(), lambda: torch.randn(6, 20), {nn.Linear: "out", "4": "in"}),
+    "resnet-weight": (TinyResNet, lambda: torch.randn(4, 3, 8, 8), {"block.conv1": "weight", "fc": "weight"}),
+}
+
+
+def build(case, seed=0):
+    factory, inputs, rules = CASES[case]
+    torch.manual_seed(seed)
+    model, x = factory(), inputs()
+    l0sparse.sparsify(model, rules=rules, example_inputs=x)
+    return randomise(model), x
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prune_matches_gated_eval_outputs_and_is_plain(case):
+    model, x = build(case)
+    pruned = l0sparse.prune(model, x)
+    assert_same_outputs(model, pruned, x)
+    assert_plain(pruned)
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters() if p.dim() > 0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_deterministic_flops_equal_the_pruned_models_count(case):
+    model, x = build(case)
+    pruned = l0sparse.prune(model, x)
+    assert float(l0sparse.expected_flops(model, x, deterministic=True)) == l0sparse.count_flops(pruned, x)
+
+
+def test_sparsify_keeps_the_users_class_and_documents_state_dict_keys():
+    model = TinyResNet()
+    l0sparse.sparsify(model, example_inputs=torch.randn(2, 3, 8, 8))
+    assert type(model) is TinyResNet
+    keys = model.state_dict().keys()
+    assert "block.conv1.parametrizations.weight.original" in keys
+    assert "block.conv1.parametrizations.weight.0.gate.log_alpha" in keys
+    assert isinstance(model.block.conv1, nn.Conv2d)
+
+
+def test_residual_channels_share_one_gate():
+    model = TinyResNet()
+    l0sparse.sparsify(model, example_inputs=torch.randn(2, 3, 8, 8))
+    # the stem and the block's second conv write the same residual channels; their readers share a gate
+    residual_gate = model.block.conv1.parametrizations.weight[0].gate
+    fc_gates = [m.gate for m in model.fc.parametrizations.weight if isinstance(m, GateMask)]
+    assert any(g is residual_gate for g in fc_gates)
+    assert residual_gate.owner == "stem" and residual_gate.granularity == "out"
+    # one sample per use in training, one value everywhere in eval
+    model.eval()
+    assert torch.equal(model.block.conv1.parametrizations.weight[0].mask(model.block.conv1.weight).flatten(),
+                       residual_gate().flatten())
+
+
+def test_pruned_residual_model_is_smaller_everywhere():
+    model, x = build("resnet")
+    pruned = l0sparse.prune(model, x)
+    closed = int((~model.block.conv1.parametrizations.weight[0].gate.is_active()).sum())
+    assert closed > 0
+    width = 8 - closed
+    assert pruned.stem.out_channels == pruned.block.conv2.out_channels == pruned.bn.num_features == width
+    assert pruned.block.conv1.in_channels == pruned.depthwise.groups == width
+
+
+def test_transformer_feed_forward_is_sliced_and_heads_are_folded():
+    model, x = build("attention")
+    pruned = l0sparse.prune(model, x)
+    ffn_gate = model.encoder.linear2.parametrizations.weight[0].gate
+    assert pruned.encoder.linear1.out_features == int(ffn_gate.is_active().sum()) < 32
+    head_gate = model.attention.out_proj.parametrizations.weight[0].gate
+    closed_heads = torch.nonzero(~head_gate.is_active()).flatten()
+    assert len(closed_heads) > 0
+    head_dim = 16 // 4
+    for head in closed_heads.tolist():
+        assert torch.all(pruned.attention.out_proj.weight[:, head * head_dim:(head + 1) * head_dim] == 0)
+
+
+def test_input_gates_select_inputs():
+    model, x = build("mlp")
+    pruned = l0sparse.prune(model, x)
+    kept = int(model[0].parametrizations.weight[0].gate.is_active().sum())
+    assert pruned.get_submodule("0").in_features == kept < 20
+    assert "index_select" in pruned.code
+
+
+def test_pruned_model_scripts_exports_and_round_trips(tmp_path):
+    model, x = build("resnet")
+    pruned, plan = l0sparse.prune(model, x, return_plan=True)
+    with torch.no_grad():
+        reference = pruned(x)
+        assert torch.allclose(torch.jit.script(pruned)(x), reference, atol=1e-6)
+        exported = torch.export.export(pruned, (x,))
+        assert torch.allclose(exported.module()(x), reference, atol=1e-6)
+    torch.save(pruned.state_dict(), tmp_path / "pruned.pt")
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    fresh = l0sparse.rebuild(TinyResNet(), json.loads((tmp_path / "plan.json").read_text()), x)
+    fresh.load_state_dict(torch.load(tmp_path / "pruned.pt", weights_only=True))
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), reference)
+
+
+def test_onnx_export(tmp_path):
+    onnx = pytest.importorskip("onnx", reason="ONNX export is checked only where the onnx package is installed")
+    model, x = build("resnet")
+    pruned = l0sparse.prune(model, x)
+    torch.onnx.export(pruned, (x,), str(tmp_path / "pruned.onnx"))
+    exported = onnx.load(str(tmp_path / "pruned.onnx"))
+    onnx.checker.check_model(exported)
+    fc_weights = [t for t in exported.graph.initializer if tuple(t.dims) == tuple(pruned.fc.weight.shape)]
+    assert fc_weights, "the pruned fc weight is in the ONNX graph with its pruned shape"
+
+
+def test_penalty_charges_every_weight_a_shared_gate_multiplies():
+    model = TinyResNet()
+    x = torch.randn(2, 3, 8, 8)
+    l0sparse.sparsify(model, rules={nn.Linear: "skip"}, example_inputs=x)
+    gate = model.block.conv1.parametrizations.weight[0].gate
+    q = gate.prob_nonzero().detach()
+    # the residual gate multiplies conv1's input columns (8 outputs × 3×3 weights each) and fc's
+    # (5 outputs × 16 flattened features per channel)
+    weights_per_gate = 8 * 9 + 5 * 16
+    other = [m for _, _, _, m in gate_masks(model) if m.gate is not gate]
+    other_total = sum(float(m.gate.prob_nonzero().detach().sum()) * (8 * 9) for m in other)
+    expected = float(q.sum()) * weights_per_gate + other_total
+    assert float(l0sparse.penalty(model, lam=1.0).detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_prune_without_gates_warns_and_copies():
+    model = mlp()
+    with pytest.warns(UserWarning, match="no l0sparse gates"):
+        copied = l0sparse.prune(model, torch.randn(2, 20))
+    assert copied is not model and torch.equal(copied[0].weight, model[0].weight)
+
+
+def test_bad_rules_and_inputs_are_named():
+    with pytest.raises(ValueError, match="'heads' does not apply to '0'"):
+        l0sparse.sparsify(mlp(), rules={"0": "heads"})
+    with pytest.raises(ValueError, match="grouped"):
+        l0sparse.sparsify(GlobalPoolNet(), rules={"grouped": "in"}, example_inputs=torch.randn(1, 3, 6, 6))
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        l0sparse.sparsify(mlp(), rules={"0": "rows"})
+    with pytest.raises(ValueError, match="example_inputs is required"):
+        l0sparse.sparsify(TinyResNet())
+    with pytest.raises(ValueError, match="cannot gate the output channels of '4'"):
+        l0sparse.sparsify(mlp(), rules={"4": "out"}, example_inputs=torch.randn(2, 20))
+    with pytest.warns(UserWarning, match="skipped by rule"):
+        l0sparse.sparsify(mlp(), rules={"2": "skip"})
+    model, _ = build("mlp")
+    with pytest.raises(ValueError, match="expects 20 features"):
+        l0sparse.prune(model, torch.randn(2, 21))
+
+
+def test_default_rules_warn_on_a_locked_conv():
+    class ConvNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.norm = nn.GroupNorm(2, 4)
+
+        def forward(self, x):
+            return self.norm(self.conv(x))
+
+    with pytest.warns(UserWarning, match="cannot gate the output channels of 'conv'"):
+        l0sparse.sparsify(ConvNorm(), example_inputs=torch.randn(1, 3, 6, 6))
+
+
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(1, 12), min_size=2, max_size=5), granularity=st.sampled_from(["in", "out", "weight"]),
+       seed=st.integers(0, 2**16))
+def test_random_mlps_prune_exactly(sizes, granularity, seed):
+    torch.manual_seed(seed)
+    model = mlp(sizes)
+    x = torch.randn(5, sizes[0])
+    last = str(2 * (len(sizes) - 2))
+    rules = {nn.Linear: granularity, last: "in"}  # the output layer's own outputs cannot be removed
+    l0sparse.sparsify(model, rules=rules, example_inputs=x)
+    randomise(model, generator=torch.Generator().manual_seed(seed))
+    pruned = l0sparse.prune(model, x)
+    assert_same_outputs(model, pruned, x)
+    assert float(l0sparse.expected_flops(model, x, deterministic=True)) == l0sparse.count_flops(pruned, x)
+
+
+class RandomCNN(nn.Module):
+    def __init__(self, widths, kernel, residual, batch_norm):
+        super().__init__()
+        self.stem = nn.Conv2d(2, widths[0], kernel, padding=kernel // 2)
+        self.convs = nn.ModuleList(nn.Conv2d(w, w2, kernel, padding=kernel // 2) for w, w2 in zip(widths[:-1], widths[1:]))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(w) if batch_norm else nn.Identity() for w in widths[1:])
+        self.residual = residual
+        self.head = nn.Linear(widths[-1] * 9, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for conv, norm in zip(self.convs, self.norms):
+            y = torch.relu(norm(conv(x)))
+            x = x + y if self.residual else y  # residual models have equal widths
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 3), 1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(widths=st.lists(st.integers(1, 6), min_size=1, max_size=4), kernel=st.sampled_from([1, 3]), residual=st.booleans(),
+       batch_norm=st.booleans(), seed=st.integers(0, 2**16))
+def test_random_cnns_prune_exactly(widths, kernel, residual, batch_norm, seed):
+    torch.manual_seed(seed)
+    if residual:
+        widths = [widths[0]] * len(widths)
+    model = RandomCNN(widths, kernel, residual, batch_norm)
+    x = torch.randn(3, 2, 7, 7)
+    l0sparse.sparsify(model, example_inputs=x)
+    randomise(model, generator=torch.Generator().manual_seed(seed))
+    pruned = l0sparse.prune(model, x)
+    assert_same_outputs(model, pruned, x)
+    assert float(l0sparse.expected_flops(model, x, deterministic=True)) == l0sparse.count_flops(pruned, x)
+
+
+def test_summary_and_architecture():
+    model, x = build("resnet")
+    table = l0sparse.summary(model, x)
+    text = str(table)
+    assert "block.conv1" in text and "total" in text
+    pruned = l0sparse.prune(model, x)
+    totals = {k: sum(r[k] for r in table.rows) for k in ("flops_kept", "params_kept")}
+    assert totals["flops_kept"] == l0sparse.count_flops(pruned, x)
+    arch = l0sparse.architecture(model)
+    before, after = arch.split(" -> ")
+    assert len(before.split("-")) == len(after.split("-"))
+    assert all(int(a) <= int(b) for a, b in zip(after.split("-"), before.split("-")))
+    assert table.to_markdown().startswith("| layer |")
