@@ -1,0 +1,141 @@
+"""Inference latency of pruned vs dense models (issue: gate any model and shrink it).
+
+LeNet-5-Caffe (20-50-800-500, via sparsify on a plain nn.Module) and a small
+ResNet (CIFAR-style, 3 stages of 2 basic blocks, widths 16-32-64, 32×32
+inputs). Gates are set, not trained: every gate's log α is drawn so that
+channels and units close at random until about 30% of the FLOPs remain
+(the benchmark is about what a given sparsity buys at inference, not about
+which channels training closes). Then dense and pruned models are timed side
+by side in one process, alternating, one thread; medians over repeats.
+
+Run:  .venv/bin/python benchmarks/prune_latency.py [--repeats 30] [--threads 1]
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import l0sparse
+from l0sparse import Gate
+
+
+class LeNet5(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(800, 500)
+        self.fc2 = nn.Linear(500, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+class Block(nn.Module):
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, widths=(16, 32, 64), blocks=2, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        layers, channels = [], widths[0]
+        for stage, width in enumerate(widths):
+            for index in range(blocks):
+                layers.append(Block(channels, width, 2 if stage > 0 and index == 0 else 1))
+                channels = width
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
+
+
+@torch.no_grad()
+def close_until(model, example, target_fraction, generator):
+    """Raise a common threshold on random scores until the deterministic FLOPs fall to the target."""
+    gates = [g for g in model.modules() if isinstance(g, Gate)]
+    scores = [torch.rand(g.log_alpha.shape, generator=generator) for g in gates]
+    dense = float(l0sparse.expected_flops(model, example, deterministic=True))
+    low, high = 0.0, 1.0
+    for _ in range(30):
+        middle = (low + high) / 2
+        for gate, score in zip(gates, scores):
+            gate.log_alpha.copy_(torch.where(score < middle, -10.0, 10.0))
+        kept = float(l0sparse.expected_flops(model, example, deterministic=True)) / dense
+        low, high = (middle, high) if kept > target_fraction else (low, middle)
+    return kept
+
+
+def median_latency(models, x, repeats):
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():
+            for _ in range(3):
+                model(x)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--target", type=float, default=0.30)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "prune_latency.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for name, factory, shape in (("LeNet-5-Caffe", LeNet5, (1, 28, 28)), ("ResNet (16-32-64, 2 blocks)", SmallResNet, (3, 32, 32))):
+        torch.manual_seed(0)
+        model = factory().eval()
+        example = torch.randn(2, *shape)
+        dense = factory().eval()
+        dense.load_state_dict(model.state_dict())
+        l0sparse.sparsify(model, example_inputs=example)
+        kept = close_until(model, example, args.target, generator)
+        model.eval()
+        pruned = l0sparse.prune(model, example)
+        for batch in (1, 256):
+            x = torch.randn(batch, *shape)
+            latency = median_latency({"dense": dense, "pruned": pruned}, x, args.repeats)
+            flops_dense, flops_pruned = l0sparse.count_flops(dense, x), l0sparse.count_flops(pruned, x)
+            row = {"model": name, "batch": batch, "threads": args.threads, "flops_kept": flops_pruned / flops_dense,
+                   "dense_ms": 1000 * latency["dense"], "pruned_ms": 1000 * latency["pruned"],
+                   "speedup": latency["dense"] / latency["pruned"], "flops_ratio": flops_dense / flops_pruned}
+            row["speedup_over_flops_ratio"] = row["speedup"] / row["flops_ratio"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = args.out.with_suffix(".tmp")
+    temporary.write_text(json.dumps(rows, indent=1))
+    temporary.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
