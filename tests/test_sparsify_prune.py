@@ -63,10 +63,12 @@ def test_prune_matches_gated_eval_outputs_and_is_plain(case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_deterministic_flops_equal_the_pruned_models_count(case):
+def test_deterministic_costs_equal_the_pruned_models_counts(case):
     model, x = build(case)
     pruned = l0sparse.prune(model, x)
-    assert float(l0sparse.expected_flops(model, x, deterministic=True)) == l0sparse.count_flops(pruned, x)
+    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
+    assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
+    assert float(costs["params"]) == l0sparse.count_params(pruned)
 
 
 def test_sparsify_keeps_the_users_class_and_documents_state_dict_keys():
@@ -219,7 +221,9 @@ def test_random_mlps_prune_exactly(sizes, granularity, seed):
     randomise(model, generator=torch.Generator().manual_seed(seed))
     pruned = l0sparse.prune(model, x)
     assert_same_outputs(model, pruned, x)
-    assert float(l0sparse.expected_flops(model, x, deterministic=True)) == l0sparse.count_flops(pruned, x)
+    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
+    assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
+    assert float(costs["params"]) == l0sparse.count_params(pruned)
 
 
 class RandomCNN(nn.Module):
@@ -252,7 +256,9 @@ def test_random_cnns_prune_exactly(widths, kernel, residual, batch_norm, seed):
     randomise(model, generator=torch.Generator().manual_seed(seed))
     pruned = l0sparse.prune(model, x)
     assert_same_outputs(model, pruned, x)
-    assert float(l0sparse.expected_flops(model, x, deterministic=True)) == l0sparse.count_flops(pruned, x)
+    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
+    assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
+    assert float(costs["params"]) == l0sparse.count_params(pruned)
 
 
 def test_summary_and_architecture():

@@ -1,6 +1,6 @@
 """l0sparse: learn sparse networks with L0 regularization (Louizos, Welling & Kingma, 2018)."""
 
-from .costs import count_flops, count_params, expected_flops, expected_l0, penalty
+from .costs import CostModel, count_flops, count_params, expected_flops, expected_l0, expected_params, penalty
 from .distributions import HardConcrete
 from .gates import PAPER_LOG_ALPHA_RANGE, Gate
 from .layers import L0Conv2d, L0Linear
@@ -20,6 +20,8 @@ __all__ = [
     "sparsify",
     "expected_l0",
     "expected_flops",
+    "expected_params",
+    "CostModel",
     "penalty",
     "count_flops",
     "count_params",

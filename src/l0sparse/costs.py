@@ -18,7 +18,7 @@ from .graph import trace_channels
 from .layers import L0Conv2d, L0Linear, _check_lam
 from .sparsify import GateMask, gate_masks
 
-__all__ = ["expected_l0", "penalty", "gates", "expected_flops", "count_flops", "count_params"]
+__all__ = ["expected_l0", "penalty", "gates", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
 
 
 def gates(model: nn.Module) -> list[Gate]:
@@ -99,79 +99,142 @@ def _prob(gate: Gate, deterministic: bool) -> Tensor:
     return gate.is_active().to(gate.log_alpha.dtype) if deterministic else gate.prob_nonzero()
 
 
-def expected_flops(model: nn.Module, example_inputs, deterministic: bool = False) -> Tensor:
-    """Expected MACs per example of every Linear and conv in ``model``, as a differentiable function of P(z ≠ 0).
+class CostModel:
+    """Expected parameters and MACs of a gated model as differentiable functions of its gates' P(z ≠ 0).
 
-    Gates on both sides of a layer count: an output unit that no later layer
-    reads (its column gates closed everywhere) costs nothing, and neither does
-    an input column whose gate is closed; open probabilities of different
-    gates are treated as independent. ``deterministic=True`` uses the
-    test-time gates (Eq. 13) instead: then the count is what
-    :func:`l0sparse.prune` leaves. Per-weight gates lower FLOPs only where a
-    whole column closes (a dense kernel computes zeros too).
+    The model is traced once (torch.fx, on ``example_inputs``); each call then
+    only reads the gates, so a training loop can call it every step. Gates on
+    both sides of a layer count: an output unit that no later layer reads
+    (its column gates closed everywhere) costs nothing, and neither does an
+    input column whose gate is closed; open probabilities of different gates
+    are treated as independent. With ``deterministic=True`` the test-time
+    gates (Eq. 13) replace the probabilities and the counts are exactly what
+    :func:`l0sparse.prune` leaves. Per-weight gates lower costs only where a
+    whole column closes (a dense kernel computes zeros too). Attention heads
+    are counted in full (they are gated but not removed).
     """
-    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        graph = trace_channels(model, example_inputs)
-    model.train(was_training)
-    modules = dict(model.named_modules())
-    attention_total = 0  # attention called as a leaf: its input shapes come from the trace
-    for name, (query, key) in graph.attention_shapes.items():
-        attention = modules[name]
-        attention_total += _attention_flops(attention, _tokens(attention, torch.empty(query)), _tokens(attention, torch.empty(key)))
-    column_cache: dict[str, Tensor | None] = {}
 
-    def columns(name: str) -> Tensor | None:
-        if name not in column_cache:
-            column_cache[name] = _column_probabilities(modules[name], deterministic)
-        return column_cache[name]
+    def __init__(self, model: nn.Module, example_inputs) -> None:
+        example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.graph = trace_channels(model, example_inputs)
+        model.train(was_training)
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self._attention_flops = 0
+        for name, (query, key) in self.graph.attention_shapes.items():
+            attention = self.modules[name]
+            self._attention_flops += _attention_flops(attention, _tokens(attention, torch.empty(query)), _tokens(attention, torch.empty(key)))
+        handled = set()
+        for name in self.graph.shapes:
+            module = self.modules[name]
+            if isinstance(module, nn.TransformerEncoderLayer):
+                handled |= {id(p) for p in module.parameters()}
+            elif isinstance(module, (nn.Linear, L0Linear, nn.modules.conv._ConvNd, L0Conv2d)):
+                handled |= {id(p) for p in module.parameters()}
+        self._followers = {follower for space in self.graph.spaces for follower in space.followers}
+        for follower in self._followers:
+            handled |= {id(p) for p in self.modules[follower].parameters(recurse=False)}
+        gate_parameters = {id(g.log_alpha) for g in gates(model)}
+        self._fixed_params = sum(p.numel() for p in _unique_parameters(model) if id(p) not in handled and id(p) not in gate_parameters)
 
-    total = torch.zeros(())
-    for name, (in_shape, out_shape) in graph.shapes.items():
-        module = modules[name]
-        if isinstance(module, (nn.Linear, L0Linear)):
-            positions, per_pair = math.prod(out_shape[1:-1]), 1
-            n_out, n_in = module.out_features, module.in_features
-        elif isinstance(module, (nn.modules.conv._ConvNd, L0Conv2d)):
-            weight = module.parametrizations.weight.original if hasattr(module, "parametrizations") else module.weight
-            positions, per_pair = math.prod(out_shape[2:]), math.prod(weight.shape[2:])
-            n_out, n_in = weight.shape[0], weight.shape[1]
-        elif isinstance(module, nn.TransformerEncoderLayer):
-            tokens = _tokens(module.self_attn, torch.empty(in_shape))
-            hidden = _column_probabilities(module.linear2, deterministic)
-            units = torch.tensor(float(module.linear1.out_features)) if hidden is None else hidden.sum()
-            total = total + _attention_flops(module.self_attn, tokens, tokens) + 2 * tokens * module.linear1.in_features * units
-            continue
-        else:
-            continue
-        p_in = columns(name)
-        p_in = torch.ones(n_in) if p_in is None else p_in
-        p_out = torch.ones(n_out)
-        if isinstance(module, L0Conv2d):
-            p_out = p_out * _prob(module.gate, deterministic)
-        space = graph.space_of_output(name)
-        if space is not None and space.removable:
-            unread = torch.ones(space.size)
-            for consumer in space.consumers:
-                p_column = columns(consumer.name)
-                if p_column is None:
-                    unread = torch.zeros(space.size)
-                    break
-                p_channel = 1 - (1 - p_column.view(space.size, consumer.block)).prod(1)
-                unread = unread * (1 - p_channel)
-            p_out = p_out * (1 - unread)
-        source = graph.space_of_input(name)
-        if source is not None and source.zero_preserving and not source.followers:
-            for producer in source.producers:
-                if isinstance(modules[producer], L0Conv2d) and len(source.producers) == 1:
-                    p_in = p_in * _prob(modules[producer].gate, deterministic).repeat_interleave(n_in // source.size)
-        kept_out, kept_in = p_out.sum(), p_in.sum()
-        if deterministic:  # prune keeps one (zero) unit where all are closed, rather than an empty tensor
-            kept_out, kept_in = kept_out.clamp(min=1), kept_in.clamp(min=1)
-        total = total + positions * per_pair * kept_out * kept_in
-    return total + attention_total
+    def _columns(self, name: str, deterministic: bool, cache: dict) -> Tensor | None:
+        if name not in cache:
+            cache[name] = _column_probabilities(self.modules[name], deterministic)
+        return cache[name]
+
+    def _space_alive(self, space, deterministic: bool, cache: dict) -> Tensor:
+        """P(channel is read by some consumer), per channel of a removable space."""
+        unread = torch.ones(space.size)
+        for consumer in space.consumers:
+            p_column = self._columns(consumer.name, deterministic, cache)
+            if p_column is None:
+                return torch.ones(space.size)
+            unread = unread * (1 - p_column.view(space.size, consumer.block)).prod(1)
+        return 1 - unread
+
+    def costs(self, deterministic: bool = False) -> dict[str, Tensor]:
+        """``{"flops": MACs per example, "params": parameters}`` (scalars, differentiable unless deterministic)."""
+        cache: dict[str, Tensor | None] = {}
+        flops, params = torch.zeros(()), torch.zeros(()) + self._fixed_params
+        for name, (in_shape, out_shape) in self.graph.shapes.items():
+            module = self.modules[name]
+            if isinstance(module, nn.TransformerEncoderLayer):
+                tokens = _tokens(module.self_attn, torch.empty(in_shape))
+                hidden = _column_probabilities(module.linear2, deterministic)
+                units = torch.tensor(float(module.linear1.out_features)) if hidden is None else hidden.sum()
+                if deterministic:
+                    units = units.clamp(min=1)
+                embed, full_units = module.linear1.in_features, module.linear1.out_features
+                flops = flops + _attention_flops(module.self_attn, tokens, tokens) + 2 * tokens * embed * units
+                feed_forward = 2 * embed * full_units + full_units
+                everything = sum(p.numel() for p in _unique_parameters(module) if id(p) not in {id(g.log_alpha) for g in gates(module)})
+                params = params + everything - feed_forward + units * (2 * embed + 1)
+                continue
+            if isinstance(module, (nn.Linear, L0Linear)):
+                positions, per_pair = math.prod(out_shape[1:-1]), 1
+                n_out, n_in = module.out_features, module.in_features
+            elif isinstance(module, (nn.modules.conv._ConvNd, L0Conv2d)):
+                weight = module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
+                positions, per_pair = math.prod(out_shape[2:]), math.prod(weight.shape[2:])
+                n_out, n_in = weight.shape[0], weight.shape[1]
+            else:
+                continue
+            p_in = self._columns(name, deterministic, cache)
+            p_in = torch.ones(n_in) if p_in is None else p_in
+            p_out = torch.ones(n_out)
+            if isinstance(module, L0Conv2d):
+                p_out = p_out * _prob(module.gate, deterministic)
+            space = self.graph.space_of_output(name)
+            if space is not None and space.removable:
+                p_out = p_out * self._space_alive(space, deterministic, cache)
+            source = self.graph.space_of_input(name)
+            if source is not None and source.zero_preserving and not source.followers and len(source.producers) == 1:
+                producer = self.modules[source.producers[0]]
+                if isinstance(producer, L0Conv2d):
+                    p_in = p_in * _prob(producer.gate, deterministic).repeat_interleave(n_in // source.size)
+            kept_out, kept_in = p_out.sum(), p_in.sum()
+            if deterministic:  # prune keeps one (zero) unit where all are closed, rather than an empty tensor
+                kept_out, kept_in = kept_out.clamp(min=1), kept_in.clamp(min=1)
+            flops = flops + positions * per_pair * kept_out * kept_in
+            if name not in self._followers:  # a depthwise conv's parameters are counted per channel below
+                params = params + per_pair * kept_out * kept_in + (kept_out if module.bias is not None else 0)
+        for space in self.graph.spaces:
+            if not space.followers:
+                continue
+            kept = self._space_alive(space, deterministic, cache).sum() if space.removable else torch.tensor(float(space.size))
+            if deterministic:
+                kept = kept.clamp(min=1)
+            for follower in space.followers:
+                per_channel = sum(p.numel() for p in self.modules[follower].parameters(recurse=False)) / space.size
+                params = params + per_channel * kept
+        return {"flops": flops + self._attention_flops, "params": params}
+
+    def flops(self, deterministic: bool = False) -> Tensor:
+        return self.costs(deterministic)["flops"]
+
+    def params(self, deterministic: bool = False) -> Tensor:
+        return self.costs(deterministic)["params"]
+
+
+def _unique_parameters(module: nn.Module):
+    seen = set()
+    for parameter in module.parameters():
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            yield parameter
+
+
+def expected_flops(model: nn.Module, example_inputs, deterministic: bool = False) -> Tensor:
+    """Expected MACs per example of ``model`` (see :class:`CostModel`); traces the model on every call."""
+    return CostModel(model, example_inputs).flops(deterministic)
+
+
+def expected_params(model: nn.Module, example_inputs, deterministic: bool = False) -> Tensor:
+    """Expected parameters of the pruned model (gates excluded; see :class:`CostModel`)."""
+    return CostModel(model, example_inputs).params(deterministic)
 
 
 def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> int | dict[str, int]:
@@ -215,5 +278,5 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters of ``model`` (each shared tensor once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of ``model`` (each shared tensor once, gates' log α included if any)."""
+    return sum(p.numel() for p in _unique_parameters(model))
