@@ -1,5 +1,6 @@
 """l0sparse: learn sparse networks with L0 regularization (Louizos, Welling & Kingma, 2018)."""
 
+from .control import TargetController
 from .costs import CostModel, count_flops, count_params, expected_flops, expected_l0, expected_params, penalty
 from .distributions import HardConcrete
 from .gates import PAPER_LOG_ALPHA_RANGE, Gate
@@ -29,5 +30,6 @@ __all__ = [
     "rebuild",
     "architecture",
     "summary",
+    "TargetController",
 ]
 __version__ = "0.1.0"
