@@ -194,3 +194,15 @@ def test_mlp_architecture_and_counts():
     assert counts["params"] == 6 * 5 + 5 * 4 + 4 * 2 + (5 + 4 + 2)
     assert counts["kept_flops"] == 4 * 4 + 4 * 4 + 4 * 2
     assert counts["kept_params"] == counts["kept_flops"] + 4 + 4 + 2
+
+
+def test_penalty_with_a_lambda_per_layer():
+    model = L0MLP((10, 8, 3))
+    first, second = model.l0_layers()
+    separate = penalty(model, {"layers.0": 2.0, "layers.*": 0.5})
+    expected = first.penalty(2.0) + second.penalty(0.5)
+    assert float(separate) == pytest.approx(float(expected), rel=1e-6)
+    with pytest.raises(ValueError, match="no entry for the gates of 'layers.2'"):
+        penalty(model, {"layers.0": 1.0})
+    with pytest.raises(ValueError, match="lam"):
+        penalty(model, {"*": -1.0})

@@ -6,8 +6,9 @@ example; bias additions, normalisation and activations are not counted.
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -34,20 +35,36 @@ def expected_l0(model: nn.Module) -> Tensor:
     return torch.stack([gate.expected_l0() for gate in found]).sum()
 
 
-def penalty(model: nn.Module, lam: float, weight_decay: float = 0.0, N: int = 1) -> Tensor:
-    """Σ_g P(z_g ≠ 0) · Σ_{j∈g} (λ + ½·wd·θ_j²) over every gate of ``model``, divided by ``N``.
+def _lam_for(name: str, lam) -> float:
+    """λ for one layer: ``lam`` itself, or its entry in a mapping of names / glob patterns (the paper's "λ sep.")."""
+    if not isinstance(lam, Mapping):
+        return lam
+    if name in lam:
+        return lam[name]
+    for pattern, value in lam.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return value
+    raise ValueError(f"lam has no entry for the gates of {name!r}: give it by name or by a glob pattern such as '*'")
+
+
+def penalty(model: nn.Module, lam: float | Mapping[str, float], weight_decay: float = 0.0, N: int = 1) -> Tensor:
+    """Σ_g P(z_g ≠ 0) · Σ_{j∈g} (λ_g + ½·wd·θ_j²) over every gate of ``model``, divided by ``N``.
 
     ``lam`` is charged per weight that a gate multiplies (the paper's λ before
     the division by the training-set size); pass ``N`` = training-set size to
-    get the term that goes beside a mean loss. A gate that ``sparsify`` shares
-    between several layers is charged for the weights of all of them. Biases
-    that no gate multiplies carry no term here (use the optimizer's weight
-    decay for them).
+    get the term that goes beside a mean loss. ``lam`` may also map layer
+    names or glob patterns to their own λ (the paper's "λ sep."): the name is
+    the L0 layer's, or for ``sparsify`` gates the module whose rule made the
+    gate (``gate.owner``). A gate that ``sparsify`` shares between several
+    layers is charged for the weights of all of them. Biases that no gate
+    multiplies carry no term here (use the optimizer's weight decay).
     """
-    _check_lam(lam, weight_decay)
+    for value in (lam.values() if isinstance(lam, Mapping) else [lam]):
+        _check_lam(value, weight_decay)
     if not (isinstance(N, int) and N >= 1):
         raise ValueError(f"N (the training-set size) must be a positive int, got {N!r}")
-    terms = [module.penalty(lam, weight_decay) for module in model.modules() if isinstance(module, (L0Linear, L0Conv2d))]
+    terms = [module.penalty(_lam_for(name, lam), weight_decay) for name, module in model.named_modules()
+             if isinstance(module, (L0Linear, L0Conv2d))]
     per_gate: dict[int, list] = {}
     for _, module, tensor_name, mask in gate_masks(model):
         original = module.parametrizations[tensor_name].original
@@ -56,7 +73,8 @@ def penalty(model: nn.Module, lam: float, weight_decay: float = 0.0, N: int = 1)
         if weight_decay:
             entry[2] = entry[2] + mask.per_gate(original.pow(2))
     for gate, weights_per_gate, squares in per_gate.values():
-        terms.append((gate.prob_nonzero() * (lam * weights_per_gate + 0.5 * weight_decay * squares)).sum())
+        gate_lam = _lam_for(gate.owner or "", lam)
+        terms.append((gate.prob_nonzero() * (gate_lam * weights_per_gate + 0.5 * weight_decay * squares)).sum())
     if not terms:
         raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
     return torch.stack(terms).sum() / N

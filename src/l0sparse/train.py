@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .costs import expected_l0, gates, penalty
 
-__all__ = ["configure_torch", "fit", "accuracy", "recalibrate_batchnorm"]
+__all__ = ["configure_torch", "fit", "accuracy", "recalibrate_batchnorm", "ema"]
 
 
 def configure_torch(threads: int | None = None) -> None:
@@ -25,6 +25,21 @@ def configure_torch(threads: int | None = None) -> None:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
+
+
+def ema(model: nn.Module, decay: float = 0.999) -> torch.optim.swa_utils.AveragedModel:
+    """Temporal averaging of every parameter, log α included (the paper's EMA of the parameters).
+
+    A thin wrapper over PyTorch's own ``AveragedModel`` with
+    ``get_ema_multi_avg_fn``: call ``averaged.update_parameters(model)``
+    after each optimizer step and evaluate (or prune) ``averaged.module``.
+    Buffers (BatchNorm statistics) are averaged too.
+    """
+    if not (isinstance(decay, float) and 0.0 < decay < 1.0):
+        raise ValueError(f"decay must be a float in (0, 1), got {decay!r}")
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 @torch.no_grad()
