@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "load_digits_split"]
+__all__ = ["Split", "load_digits_split", "load_fashion_mnist", "FASHION_MNIST_DIR"]
+
+#: Where Debian's package dataset-fashion-mnist puts the files.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @dataclass
@@ -44,3 +49,29 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> Split:
     return Split(
         torch.from_numpy(x_train), torch.from_numpy(y_train).long(), torch.from_numpy(x_test), torch.from_numpy(y_test).long()
     )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format): big-endian dimensions after a 4-byte magic number."""
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> Split:
+    """Fashion-MNIST (60,000 / 10,000 images of 1×28×28, pixels in [0, 1]) from Debian's dataset-fashion-mnist."""
+    root = Path(root)
+    names = {"x_train": "train-images-idx3-ubyte.gz", "y_train": "train-labels-idx1-ubyte.gz",
+             "x_test": "t10k-images-idx3-ubyte.gz", "y_test": "t10k-labels-idx1-ubyte.gz"}
+    missing = [name for name in names.values() if not (root / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}): "
+            "install Debian's package with `apt-get install dataset-fashion-mnist`, or pass root= a folder with those files"
+        )
+    arrays = {key: _read_idx(root / name) for key, name in names.items()}
+    images = {key: torch.from_numpy(arrays[key].astype(np.float32) / 255.0).unsqueeze(1) for key in ("x_train", "x_test")}
+    labels = {key: torch.from_numpy(arrays[key].astype(np.int64)) for key in ("y_train", "y_test")}
+    return Split(images["x_train"], labels["y_train"], images["x_test"], labels["y_test"])
