@@ -206,3 +206,23 @@ def test_penalty_with_a_lambda_per_layer():
         penalty(model, {"layers.0": 1.0})
     with pytest.raises(ValueError, match="lam"):
         penalty(model, {"*": -1.0})
+
+
+def test_cost_weighted_penalty_is_lambda_times_the_linearised_cost():
+    from l0sparse import CostModel
+
+    torch.manual_seed(0)
+    model = L0MLP((6, 5, 3))
+    x = torch.randn(2, 6)
+    cost_model = CostModel(model, x)
+    weights = cost_model.gate_costs("flops")
+    first, second = model.l0_layers()
+    # closing one input of the first layer saves its 5 MACs; one input of the second saves its 3 MACs
+    # plus the first layer's row that fed it (6 MACs)
+    assert torch.equal(weights[id(first.gate)], torch.full((6,), 5.0))
+    assert torch.equal(weights[id(second.gate)], torch.full((5,), 3.0 + 6.0))
+    value = penalty(model, 0.1, cost_weights=weights)
+    by_hand = 0.1 * (5 * first.gate.prob_nonzero().sum() + 9 * second.gate.prob_nonzero().sum())
+    assert float(value) == pytest.approx(float(by_hand), rel=1e-6)
+    with pytest.raises(ValueError, match="cost_weights has no entry"):
+        penalty(L0MLP((6, 5, 3)), 0.1, cost_weights=weights)

@@ -47,7 +47,18 @@ def _lam_for(name: str, lam) -> float:
     raise ValueError(f"lam has no entry for the gates of {name!r}: give it by name or by a glob pattern such as '*'")
 
 
-def penalty(model: nn.Module, lam: float | Mapping[str, float], weight_decay: float = 0.0, N: int = 1) -> Tensor:
+def _gate_name(model: nn.Module, gate: Gate) -> str:
+    """The name ``lam`` mappings use for a gate: its L0 layer's, or the module whose sparsify rule made it."""
+    if gate.owner is not None:
+        return gate.owner
+    for name, module in model.named_modules():
+        if getattr(module, "gate", None) is gate:
+            return name
+    return ""
+
+
+def penalty(model: nn.Module, lam: float | Mapping[str, float], weight_decay: float = 0.0, N: int = 1,
+            cost_weights: Mapping[int, Tensor] | None = None) -> Tensor:
     """Σ_g P(z_g ≠ 0) · Σ_{j∈g} (λ_g + ½·wd·θ_j²) over every gate of ``model``, divided by ``N``.
 
     ``lam`` is charged per weight that a gate multiplies (the paper's λ before
@@ -58,11 +69,25 @@ def penalty(model: nn.Module, lam: float | Mapping[str, float], weight_decay: fl
     gate (``gate.owner``). A gate that ``sparsify`` shares between several
     layers is charged for the weights of all of them. Biases that no gate
     multiplies carry no term here (use the optimizer's weight decay).
+
+    ``cost_weights`` (from :meth:`CostModel.gate_costs`) charges λ per unit
+    of cost instead of per weight: each gate's λ·|g| becomes λ·c_g, with c_g
+    the MACs (or parameters) that closing the unit saves, so λ·Σ c_g·P(z_g ≠ 0)
+    is a linear estimate of the expected cost. Compute them once, before
+    training: ``weights = CostModel(model, x).gate_costs("flops")``.
     """
     for value in (lam.values() if isinstance(lam, Mapping) else [lam]):
         _check_lam(value, weight_decay)
     if not (isinstance(N, int) and N >= 1):
         raise ValueError(f"N (the training-set size) must be a positive int, got {N!r}")
+    if cost_weights is not None:
+        missing = [g for g in gates(model) if id(g) not in cost_weights]
+        if missing:
+            raise ValueError(f"cost_weights has no entry for {len(missing)} gate(s): compute it with CostModel(model, x).gate_costs() on this model")
+        terms = [(_lam_for(_gate_name(model, g), lam) * cost_weights[id(g)] * g.prob_nonzero()).sum() for g in gates(model)]
+        if weight_decay:
+            terms.append(penalty(model, 0.0, weight_decay))  # the L2 part is per weight as usual
+        return torch.stack(terms).sum() / N
     terms = [module.penalty(_lam_for(name, lam), weight_decay) for name, module in model.named_modules()
              if isinstance(module, (L0Linear, L0Conv2d))]
     per_gate: dict[int, list] = {}
@@ -80,16 +105,16 @@ def penalty(model: nn.Module, lam: float | Mapping[str, float], weight_decay: fl
     return torch.stack(terms).sum() / N
 
 
-def _column_probabilities(module: nn.Module, deterministic: bool) -> Tensor | None:
+def _column_probabilities(module: nn.Module, prob) -> Tensor | None:
     """P(input column j is read) from the gates on the module's weight columns; None if ungated."""
     result = None
     masks: Iterable = []
     if isinstance(module, L0Linear):
-        result = _prob(module.gate, deterministic)
+        result = prob(module.gate)
     if parametrize.is_parametrized(module, "weight"):
         masks = [m for m in module.parametrizations.weight if isinstance(m, GateMask) and m.dim in (1, None)]
     for mask in masks:
-        probability = _prob(mask.gate, deterministic)
+        probability = prob(mask.gate)
         if mask.dim is None:  # per-weight gates: a column is read while any of its weights is open
             closed = (1 - probability).movedim(1, 0).reshape(probability.shape[1], -1).prod(1)
             probability = 1 - closed
@@ -113,8 +138,12 @@ def _tokens(attention: nn.MultiheadAttention, tensor: Tensor) -> int:
     return tensor.shape[1] if (attention.batch_first or tensor.dim() == 2) and tensor.dim() == 3 else tensor.shape[0]
 
 
-def _prob(gate: Gate, deterministic: bool) -> Tensor:
-    return gate.is_active().to(gate.log_alpha.dtype) if deterministic else gate.prob_nonzero()
+def _open_indicator(gate: Gate) -> Tensor:
+    return gate.is_active().to(gate.log_alpha.dtype)
+
+
+def _open_probability(gate: Gate) -> Tensor:
+    return gate.prob_nonzero()
 
 
 class CostModel:
@@ -158,30 +187,37 @@ class CostModel:
         gate_parameters = {id(g.log_alpha) for g in gates(model)}
         self._fixed_params = sum(p.numel() for p in _unique_parameters(model) if id(p) not in handled and id(p) not in gate_parameters)
 
-    def _columns(self, name: str, deterministic: bool, cache: dict) -> Tensor | None:
+    def _columns(self, name: str, prob, cache: dict) -> Tensor | None:
         if name not in cache:
-            cache[name] = _column_probabilities(self.modules[name], deterministic)
+            cache[name] = _column_probabilities(self.modules[name], prob)
         return cache[name]
 
-    def _space_alive(self, space, deterministic: bool, cache: dict) -> Tensor:
+    def _space_alive(self, space, prob, cache: dict) -> Tensor:
         """P(channel is read by some consumer), per channel of a removable space."""
         unread = torch.ones(space.size)
         for consumer in space.consumers:
-            p_column = self._columns(consumer.name, deterministic, cache)
+            p_column = self._columns(consumer.name, prob, cache)
             if p_column is None:
                 return torch.ones(space.size)
             unread = unread * (1 - p_column.view(space.size, consumer.block)).prod(1)
         return 1 - unread
 
-    def costs(self, deterministic: bool = False) -> dict[str, Tensor]:
-        """``{"flops": MACs per example, "params": parameters}`` (scalars, differentiable unless deterministic)."""
+    def costs(self, deterministic: bool = False, probabilities: dict | None = None) -> dict[str, Tensor]:
+        """``{"flops": MACs per example, "params": parameters}`` (scalars, differentiable unless deterministic).
+
+        ``probabilities`` maps ``id(gate)`` to open probabilities to use instead of the gates' own.
+        """
+        if probabilities is not None:
+            prob = lambda gate: probabilities[id(gate)]  # noqa: E731
+        else:
+            prob = _open_indicator if deterministic else _open_probability
         cache: dict[str, Tensor | None] = {}
         flops, params = torch.zeros(()), torch.zeros(()) + self._fixed_params
         for name, (in_shape, out_shape) in self.graph.shapes.items():
             module = self.modules[name]
             if isinstance(module, nn.TransformerEncoderLayer):
                 tokens = _tokens(module.self_attn, torch.empty(in_shape))
-                hidden = _column_probabilities(module.linear2, deterministic)
+                hidden = _column_probabilities(module.linear2, prob)
                 units = torch.tensor(float(module.linear1.out_features)) if hidden is None else hidden.sum()
                 if deterministic:
                     units = units.clamp(min=1)
@@ -200,19 +236,19 @@ class CostModel:
                 n_out, n_in = weight.shape[0], weight.shape[1]
             else:
                 continue
-            p_in = self._columns(name, deterministic, cache)
+            p_in = self._columns(name, prob, cache)
             p_in = torch.ones(n_in) if p_in is None else p_in
             p_out = torch.ones(n_out)
             if isinstance(module, L0Conv2d):
-                p_out = p_out * _prob(module.gate, deterministic)
+                p_out = p_out * prob(module.gate)
             space = self.graph.space_of_output(name)
             if space is not None and space.removable:
-                p_out = p_out * self._space_alive(space, deterministic, cache)
+                p_out = p_out * self._space_alive(space, prob, cache)
             source = self.graph.space_of_input(name)
             if source is not None and source.zero_preserving and not source.followers and len(source.producers) == 1:
                 producer = self.modules[source.producers[0]]
                 if isinstance(producer, L0Conv2d):
-                    p_in = p_in * _prob(producer.gate, deterministic).repeat_interleave(n_in // source.size)
+                    p_in = p_in * prob(producer.gate).repeat_interleave(n_in // source.size)
             kept_out, kept_in = p_out.sum(), p_in.sum()
             if deterministic:  # prune keeps one (zero) unit where all are closed, rather than an empty tensor
                 kept_out, kept_in = kept_out.clamp(min=1), kept_in.clamp(min=1)
@@ -222,13 +258,21 @@ class CostModel:
         for space in self.graph.spaces:
             if not space.followers:
                 continue
-            kept = self._space_alive(space, deterministic, cache).sum() if space.removable else torch.tensor(float(space.size))
+            kept = self._space_alive(space, prob, cache).sum() if space.removable else torch.tensor(float(space.size))
             if deterministic:
                 kept = kept.clamp(min=1)
             for follower in space.followers:
                 per_channel = sum(p.numel() for p in self.modules[follower].parameters(recurse=False)) / space.size
                 params = params + per_channel * kept
         return {"flops": flops + self._attention_flops, "params": params}
+
+    def gate_costs(self, metric: str = "flops") -> dict[int, Tensor]:
+        """Per gate, what closing each of its units alone saves with every other gate open (``id(gate)`` → tensor)."""
+        all_gates = gates(self.model)
+        ones = {id(g): torch.ones(g.log_alpha.shape, requires_grad=True) for g in all_gates}
+        total = self.costs(probabilities=ones)[metric]
+        grads = torch.autograd.grad(total, list(ones.values()), allow_unused=True)
+        return {key: (torch.zeros_like(ones[key]) if grad is None else grad.detach()) for key, grad in zip(ones, grads)}
 
     def flops(self, deterministic: bool = False) -> Tensor:
         return self.costs(deterministic)["flops"]
