@@ -3,7 +3,8 @@
 MLP 784-300-100 and LeNet-5-Caffe (the paper's layers) and a small ResNet
 (16-32-64, 2 blocks a stage, gated with sparsify). For each: train with Adam
 (lr 1e-3 for weights, 1e-2 for log α) and the controller (lr 0.01, warm-up
-over the first half of the steps), recalibrate BatchNorm, prune, and count the pruned model's FLOPs
+over the first half of the steps), snap the gates to the target (TargetController.snap_to_target; --no-snap
+to skip), recalibrate BatchNorm, prune, and count the pruned model's FLOPs
 (real, not expected) against the dense model's. Budgets are epochs given on
 the command line (the defaults are small; say which you ran).
 
@@ -29,6 +30,7 @@ from l0sparse.prune import plain_copy  # noqa: E402
 from l0sparse.train import accuracy, configure_torch, recalibrate_batchnorm  # noqa: E402
 
 
+SNAP = True
 GATE_LR = 1e-2
 CONTROLLER_LR = 0.01
 
@@ -67,11 +69,15 @@ def run(name, target, epochs, data, batch_size=100):
             optimizer.step()
             controller.step()
     seconds = time.perf_counter() - start
+    trained_fraction = controller.deterministic_fraction()
+    if SNAP:
+        controller.snap_to_target()
     recalibrate_batchnorm(model, data.x_train[:5000].split(500))
     pruned = l0sparse.prune(model, example)
     dense_flops = l0sparse.count_flops(plain_copy(model), example)
     reached = l0sparse.count_flops(pruned, example) / dense_flops
-    return {"model": name, "target": target, "epochs": epochs, "reached_flops": reached,
+    return {"model": name, "target": target, "epochs": epochs, "fraction_after_training": trained_fraction, "snapped": SNAP,
+            "reached_flops": reached,
             "within_2_points": abs(reached - target) <= 0.02, "test_accuracy": accuracy(model, data.x_test, data.y_test),
             "architecture": l0sparse.architecture(model) if name != "ResNet 16-32-64" else None, "train_seconds": seconds}
 
@@ -82,9 +88,12 @@ def main():
     parser.add_argument("--epochs-lenet", type=int, default=3)
     parser.add_argument("--epochs-resnet", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-snap", action="store_true", help="report the size training reached, without snap_to_target")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "target_controller.json")
     args = parser.parse_args()
     configure_torch(args.threads)
+    global SNAP
+    SNAP = not args.no_snap
     data = load_fashion_mnist()
     rows = []
     for name, epochs in (("MLP 784-300-100", args.epochs_mlp), ("LeNet-5-Caffe", args.epochs_lenet), ("ResNet 16-32-64", args.epochs_resnet)):

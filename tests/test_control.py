@@ -121,3 +121,18 @@ def test_target_moves_linearly_over_the_warmup():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TargetController(l0sparse.L0MLP((4, 3, 2)), **kwargs)
+
+
+def test_snap_to_target_lands_on_the_pruned_size(digits):
+    torch.manual_seed(0)
+    model = l0sparse.L0MLP((64, 100, 50, 10))
+    example = digits.x_train[:2]
+    controller = TargetController(model, 0.3, "flops", example_inputs=example)
+    dense = l0sparse.count_flops(plain_copy(model), example)
+    # one gate moves the size by at most its unit's cost (with every other gate open): the error bound
+    largest_step = max(float(c.max()) for c in l0sparse.CostModel(model, example).gate_costs("flops").values()) / dense
+    reached = controller.snap_to_target(tolerance=0.0)
+    pruned = l0sparse.prune(model.eval(), example)
+    real = l0sparse.count_flops(pruned, example) / dense
+    assert real == pytest.approx(reached, abs=1e-12)
+    assert abs(real - 0.3) <= largest_step

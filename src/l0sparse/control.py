@@ -122,6 +122,42 @@ class TargetController(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
 
+    @torch.no_grad()
+    def snap_to_target(self, tolerance: float = 0.005) -> float:
+        """Open or close the gates nearest the threshold so that the pruned size is as close to ``target`` as it gets.
+
+        Training ends with the pruned size a little off the target (closed
+        gates rarely reopen, so a fast controller overshoots). This moves one
+        global threshold τ over log α: every gate with log α ≥ τ is made open
+        at test time (log α raised to just above Eq. 13's threshold, or left
+        as it was) and every other gate closed; τ is found by bisection.
+        Returns the pruned fraction reached. Fine-tune afterwards if the
+        change was large.
+        """
+        all_gates = gates(self._model[0])
+        originals = [g.log_alpha.detach().clone() for g in all_gates]
+        # Eq. 13 opens a gate when sigmoid(log α)(ζ − γ) + γ > 0
+        thresholds = [math.log(-g.gamma / g.zeta) for g in all_gates]
+
+        def apply(tau: float) -> float:
+            for gate, original, threshold in zip(all_gates, originals, thresholds):
+                opened = original >= tau
+                gate.log_alpha.copy_(torch.where(opened, original.clamp(min=threshold + 1e-3), original.clamp(max=threshold - 1e-3)))
+            return self.deterministic_fraction()
+
+        low = min(float(o.min()) for o in originals) - 1.0
+        high = max(float(o.max()) for o in originals) + 1.0
+        best_tau, best_error = None, math.inf
+        for _ in range(40):
+            tau = (low + high) / 2
+            fraction = apply(tau)
+            if abs(fraction - self.target) < best_error:
+                best_tau, best_error = tau, abs(fraction - self.target)
+            if abs(fraction - self.target) <= tolerance:
+                break
+            low, high = (tau, high) if fraction > self.target else (low, tau)
+        return apply(best_tau)
+
     def state_dict(self, *args, **kwargs):
         state = super().state_dict(*args, **kwargs)
         state["optimizer"] = self.optimizer.state_dict()
