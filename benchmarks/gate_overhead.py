@@ -1,0 +1,91 @@
+"""Training-step time of gated models over the same dense model (issue: speed and scale).
+
+MLP 784-300-100 and LeNet-5-Caffe at batch 100, one thread, Adam; the dense
+model and each gated variant are stepped alternately in one process and the
+median over --steps steps (after --warmup) is reported, with the ratio to the
+dense median. Variants: the paper's layers (L0MLP / L0LeNet5, per-example
+noise as in the paper, and one shared sample), sparsify with unit gates
+(default rules), and sparsify with per-weight gates.
+
+Run:  .venv/bin/python benchmarks/gate_overhead.py [--steps 60 --warmup 10]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prune_latency import LeNet5  # noqa: E402
+
+import l0sparse  # noqa: E402
+
+
+def dense_mlp():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+
+
+def variants(name):
+    x = torch.randn(100, 1, 28, 28)
+    if name == "MLP 784-300-100":
+        paper = lambda per_example: l0sparse.L0MLP((784, 300, 100, 10), per_example_noise=per_example)  # noqa: E731
+        dense = dense_mlp
+    else:
+        paper = lambda per_example: l0sparse.L0LeNet5(per_example_noise=per_example)  # noqa: E731
+        dense = LeNet5
+    return x, {
+        "dense": dense(),
+        "paper layers, per-example noise": paper(True),
+        "paper layers, shared sample": paper(False),
+        "sparsify, unit gates": l0sparse.sparsify(dense(), example_inputs=x[:2]),
+        "sparsify, per-weight gates": l0sparse.sparsify(dense(), rules={nn.Linear: "weight", nn.Conv2d: "weight"}),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gate_overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # closed gates leave Adam's moments decaying into denormals
+    rows = []
+    for name in ("MLP 784-300-100", "LeNet-5-Caffe"):
+        torch.manual_seed(0)
+        x, models = variants(name)
+        y = torch.randint(0, 10, (100,))
+        optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
+        times = {k: [] for k in models}
+        for step in range(args.warmup + args.steps):
+            for key, model in models.items():
+                start = time.perf_counter()
+                loss = F.cross_entropy(model(x), y)
+                if key != "dense":
+                    loss = loss + l0sparse.penalty(model, 0.1, N=60000)
+                optimizers[key].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[key].step()
+                if step >= args.warmup:
+                    times[key].append(time.perf_counter() - start)
+        dense_median = statistics.median(times["dense"])
+        for key, values in times.items():
+            row = {"model": name, "variant": key, "threads": args.threads, "batch": 100, "median_ms": 1000 * statistics.median(values),
+                   "ratio_to_dense": statistics.median(values) / dense_median}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = args.out.with_suffix(".tmp")
+    temporary.write_text(json.dumps(rows, indent=1))
+    temporary.replace(args.out)
+
+
+if __name__ == "__main__":
+    main()
