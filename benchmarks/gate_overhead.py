@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prune_latency import LeNet5  # noqa: E402
-
 import l0sparse  # noqa: E402
+from l0sparse.models import LeNet5, mlp  # noqa: E402
 
 
 def dense_mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    return mlp((784, 300, 100, 10))
 
 
 def variants(name):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -15,20 +16,11 @@ __all__ = ["main", "run_demo"]
 DEMO_SIZES = (64, 100, 50, 10)
 
 
-def _dense_mlp(sizes: Sequence[int]) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Flatten()]
-    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(fan_in, fan_out))
-        if index < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
 def run_demo(epochs: int = 100, lam: float = 0.2, lr: float = 1e-2, seed: int = 0, threads: int = 1, progress: bool = True, out=None) -> dict:
     """Train an L0 MLP and a dense MLP on scikit-learn's digits and print what L0 kept."""
     from .costs import expected_l0
     from .data import load_digits_split
-    from .models import L0MLP
+    from .models import L0MLP, mlp
     from .train import accuracy, configure_torch, fit
 
     out = out or sys.stdout
@@ -43,7 +35,7 @@ def run_demo(epochs: int = 100, lam: float = 0.2, lr: float = 1e-2, seed: int = 
     gated = L0MLP(DEMO_SIZES)
     fit(gated, data.x_train, data.y_train, epochs=epochs, lr=lr, lam=lam, seed=seed, progress=progress, desc="L0 MLP")
     torch.manual_seed(seed)
-    dense = _dense_mlp(DEMO_SIZES)
+    dense = mlp(DEMO_SIZES)
     fit(dense, data.x_train, data.y_train, epochs=epochs, lr=lr, seed=seed, progress=progress, desc="dense MLP")
     elapsed = time.perf_counter() - start
 
@@ -101,13 +93,77 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    train = commands.add_parser("train", help="train a model from a TOML config (see recipes/)")
+    train.add_argument("config", nargs="?", help="the TOML config (not needed with --resume)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set epochs=5 (repeatable)")
+    train.add_argument("--out", help="run directory (default: runs/<config name>)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    train.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+    prune = commands.add_parser("prune", help="write the physically pruned model of a run and print its summary")
+    prune.add_argument("run_dir")
+    prune.add_argument("--force", action="store_true", help="overwrite an existing pruned.pt")
+
+    report = commands.add_parser("report", help="plots and a Markdown table over one or more runs")
+    report.add_argument("run_dirs", nargs="+")
+    report.add_argument("--out", help="folder for the report (default: <first run>/report)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        run_demo(epochs=args.epochs, lam=args.lam, lr=args.lr, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            run_demo(epochs=args.epochs, lam=args.lam, lr=args.lr, seed=args.seed, threads=args.threads, progress=not args.no_progress)
+        elif args.command == "train":
+            return _train(parser, args)
+        elif args.command == "prune":
+            from .train import prune_run
+
+            pruned, table = prune_run(args.run_dir, force=args.force)
+            print(table)
+            print(f"wrote {args.run_dir}/pruned.pt and pruned.json (load with l0sparse.train.load_pruned)")
+        elif args.command == "report":
+            from pathlib import Path
+
+            from .report import report_runs
+
+            written = report_runs(args.run_dirs, args.out or Path(args.run_dirs[0]) / "report")
+            for path in written.values():
+                print(f"wrote {path}")
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
+        print(f"l0sparse {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _train(parser, args) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+    from .train import CONFIG_FILE, run_training
+
+    if args.resume:
+        if not args.out:
+            parser.error("--resume needs --out, the run directory to continue")
+        saved = Path(args.out) / CONFIG_FILE
+        if not saved.exists():
+            raise FileNotFoundError(f"--resume: {args.out} has no {CONFIG_FILE}; is it a run directory?")
+        config = load_config(None, args.overrides, base=json.loads(saved.read_text()))
+    else:
+        if not args.config:
+            parser.error("the config file is required (or --resume with --out)")
+        config = load_config(args.config, args.overrides)
+    out = args.out or str(Path("runs") / Path(args.config).stem)
+    run_training(config, out, resume=args.resume, force=args.force, threads=args.threads, progress=not args.no_progress)
+    print(f"run written to {out}")
     return 0
 
 

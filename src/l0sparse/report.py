@@ -111,3 +111,108 @@ def summary(model: nn.Module, example_inputs) -> Summary:
             "flops_kept": flops_after.get(name, 0),
         })
     return Summary(rows)
+
+
+# ---------------------------------------------------------------------------
+# `l0sparse report`: plots and a table over run directories
+# ---------------------------------------------------------------------------
+
+
+def _read_run(run_dir) -> dict:
+    import json
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not metrics:
+        raise ValueError(f"{run_dir} has no completed epoch in metrics.jsonl")
+    config = json.loads((run_dir / "config.json").read_text())
+    return {"dir": run_dir, "name": run_dir.name, "metrics": metrics, "config": config}
+
+
+def report_runs(run_dirs, out_dir) -> dict:
+    """Write PNG plots and ``report.md`` for one or more run directories into ``out_dir``; return the paths."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .train import load_run
+
+    runs = [_read_run(d) for d in run_dirs]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = plt.cm.tab10.colors
+    written = {}
+
+    # 1. expected L0 and % FLOPs kept over training
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    for color, run in zip(colors, runs):
+        epochs = [m["epoch"] for m in run["metrics"]]
+        if "expected_l0" in run["metrics"][0]:
+            left.plot(epochs, [m["expected_l0"] for m in run["metrics"]], color=color, lw=2, label=run["name"])
+            right.plot(epochs, [100 * m["flops_kept"] for m in run["metrics"]], color=color, lw=2, label=f"{run['name']} (pruned)")
+            right.plot(epochs, [100 * m["expected_flops_kept"] for m in run["metrics"]], color=color, lw=1.2, ls="--",
+                       label=f"{run['name']} (expected)")
+    left.set(xlabel="epoch", ylabel="expected L0 (open gates)", title="Expected number of open gates")
+    right.set(xlabel="epoch", ylabel="% of dense FLOPs", title="FLOPs kept", ylim=(0, 105))
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8, frameon=False)
+    written["training"] = out_dir / "training.png"
+    fig.savefig(written["training"], dpi=120)
+    plt.close(fig)
+
+    # 2. kept units per layer and 3. the histogram of P(z != 0), from each run's final checkpoint
+    gated_runs = [run for run in runs if run["config"].get("regularizer", "l0") == "l0"]
+    if gated_runs:
+        fig, axes = plt.subplots(2, len(gated_runs), figsize=(5.5 * len(gated_runs), 7.5), squeeze=False, constrained_layout=True)
+        for column, run in enumerate(gated_runs):
+            _, model, _ = load_run(run["dir"])
+            units = _gate_units(model)
+            names = [f"{owner}\n({what})" for owner, what, _ in units]
+            totals = [g.log_alpha.numel() for _, _, g in units]
+            kept = [int(g.is_active().sum()) for _, _, g in units]
+            axis = axes[0][column]
+            axis.bar(names, totals, color="#d0d0d0", label="total")
+            axis.bar(names, kept, color=colors[column % 10], label="kept")
+            for position, (k, t) in enumerate(zip(kept, totals)):
+                axis.text(position, t, f"{k}/{t}", ha="center", va="bottom", fontsize=8)
+            axis.set(title=f"{run['name']}: units kept per layer", ylabel="units")
+            axis.legend(fontsize=8, frameon=False)
+            probabilities = torch.cat([g.prob_nonzero().detach().flatten() for _, _, g in units]).numpy()
+            axis = axes[1][column]
+            axis.hist(probabilities, bins=40, range=(0, 1), color=colors[column % 10])
+            axis.set(title=f"{run['name']}: P(z ≠ 0) at the end", xlabel="P(z ≠ 0)", ylabel="gates")
+            axis.set_yscale("log")
+        written["gates"] = out_dir / "gates.png"
+        fig.savefig(written["gates"], dpi=120)
+        plt.close(fig)
+
+    # 4. accuracy against % FLOPs kept across runs
+    fig, axis = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+    for color, run in zip(colors, runs):
+        last = run["metrics"][-1]
+        flops = 100 * last.get("flops_kept", 1.0)
+        axis.scatter(flops, 100 * last["test_accuracy"], s=60, color=color, zorder=3)
+        axis.annotate(run["name"], (flops, 100 * last["test_accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    axis.set(xlabel="% of dense FLOPs kept", ylabel="test accuracy (%)", title="Accuracy against FLOPs kept", xlim=(0, 105))
+    axis.grid(alpha=0.3)
+    written["pareto"] = out_dir / "pareto.png"
+    fig.savefig(written["pareto"], dpi=120)
+    plt.close(fig)
+
+    lines = ["| run | data | model | regularizer | λ / target | epochs | test accuracy | % params kept | % FLOPs kept |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        config, last = run["config"], run["metrics"][-1]
+        strength = "-" if config.get("regularizer") == "none" else (
+            f"target {config['target']:g} {config['metric']}" if config.get("target") is not None else f"λ = {config['lam']:g}/N")
+        lines.append(f"| {run['name']} | {config['data']} | {config['model']} | {config['regularizer']} | {strength} | {last['epoch']} | "
+                     f"{100 * last['test_accuracy']:.2f}% | {100 * last.get('params_kept', 1.0):.1f}% | {100 * last.get('flops_kept', 1.0):.1f}% |")
+    lines += ["", *[f"![{key}]({path.name})" for key, path in written.items()]]
+    written["markdown"] = out_dir / "report.md"
+    written["markdown"].write_text("\n".join(lines) + "\n")
+    return written

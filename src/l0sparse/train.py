@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .costs import expected_l0, gates, penalty
 
-__all__ = ["configure_torch", "fit", "accuracy", "recalibrate_batchnorm", "ema"]
+__all__ = ["configure_torch", "fit", "accuracy", "recalibrate_batchnorm", "ema", "run_training", "load_run"]
 
 
 def configure_torch(threads: int | None = None) -> None:
@@ -124,3 +133,240 @@ def fit(
         history.append(record)
         bar.set_postfix({k: round(v, 4) for k, v in record.items() if k != "epoch"})
     return history
+
+
+# ---------------------------------------------------------------------------
+# The configured run behind `l0sparse train`: read top to bottom.
+# ---------------------------------------------------------------------------
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+def _atomic_save(payload, path: Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: a reader sees the old file or the new one."""
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(payload, temporary)
+    os.replace(temporary, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def model_for(config, data) -> nn.Module:
+    from .models import build_model
+
+    return build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=config.regularizer == "l0",
+                       droprate_init=config.droprate_init, per_example_noise=config.per_example_noise)
+
+
+def _optimizer_for(model: nn.Module, config) -> torch.optim.Optimizer:
+    # log α gets its own learning rate: with the weights' 1e-3 a controller's multipliers outrun the gates
+    gate_parameters = [g.log_alpha for g in gates(model)]
+    gate_ids = {id(p) for p in gate_parameters}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": config.lr}]
+    if gate_parameters:
+        groups.append({"params": gate_parameters, "lr": config.gate_lr})
+    return torch.optim.Adam(groups, weight_decay=0.0 if gate_parameters else config.weight_decay)
+
+
+class _SigtermToInterrupt:
+    """Turn SIGTERM into KeyboardInterrupt while training, so both end at a clean checkpoint boundary."""
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
+
+
+def run_training(config, out_dir, resume: bool = False, force: bool = False, threads: int | None = 1,
+                 progress: bool = True, on_epoch_end=None) -> list[dict]:
+    """Train as ``config`` says, writing ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` to ``out_dir``.
+
+    The checkpoint is written atomically after every epoch with the model,
+    the optimizer, the controller, the epoch and the RNG state, so that
+    ``resume=True`` continues the exact run: the same trajectory as an
+    uninterrupted run with the same seed. An existing run directory is
+    never overwritten without ``force``. SIGINT and SIGTERM stop the run
+    with its last complete checkpoint in place.
+    """
+    from .config import TrainConfig
+    from .control import TargetController
+    from .costs import CostModel, count_flops, count_params
+    from .data import load_dataset
+    from .prune import plain_copy
+
+    out_dir = Path(out_dir)
+    checkpoint_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS_FILE
+    if resume:
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir}")
+        saved = json.loads((out_dir / CONFIG_FILE).read_text())
+        config = TrainConfig(**{**saved, "epochs": config.epochs if config is not None else saved["epochs"]}).validate()
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise FileExistsError(f"run directory {out_dir} exists and is not empty: pass --force to overwrite it or --resume to continue it")
+        for name in (CHECKPOINT, METRICS_FILE, CONFIG_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    configure_torch(threads)
+
+    # data, model, optimizer, and the size controller if a target is set
+    data = load_dataset(config.data)
+    torch.manual_seed(config.seed)
+    model = model_for(config, data)
+    example = data.x_train[:2]
+    gated = config.regularizer == "l0"
+    optimizer = _optimizer_for(model, config)
+    steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
+    controller = None
+    if gated and config.target is not None:
+        controller = TargetController(model, config.target, config.metric, example_inputs=example,
+                                      warmup_steps=int(config.warmup * config.epochs * steps_per_epoch), lr=config.controller_lr)
+    cost_model = CostModel(model, example) if gated else None
+    dense_flops = count_flops(plain_copy(model), example)
+    dense_params = count_params(plain_copy(model))
+    n_train = len(data.x_train)
+
+    start_epoch, history = 0, []
+    if resume:
+        state = torch.load(checkpoint_path, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if controller is not None:
+            controller.load_state_dict(state["controller"])
+        torch.set_rng_state(state["rng"])
+        start_epoch = state["epoch"]
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:start_epoch]
+        _atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)  # drop lines past the checkpoint
+    else:
+        _atomic_write_text(json.dumps(config.to_dict(), indent=1), out_dir / CONFIG_FILE)
+
+    from tqdm.auto import tqdm
+
+    with _SigtermToInterrupt():
+        try:
+            for epoch in range(start_epoch, config.epochs):
+                started = time.perf_counter()
+                model.train()
+                total_loss, correct = 0.0, 0
+                bar = tqdm(torch.randperm(n_train).split(config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+                           disable=not progress, leave=False)
+                for index in bar:
+                    x, y = data.x_train[index], data.y_train[index]
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                    if controller is not None:
+                        loss = loss + controller.penalty()
+                    elif gated:
+                        loss = loss + penalty(model, config.lam, config.weight_decay, N=n_train)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if controller is not None:
+                        controller.step()
+                    total_loss += float(loss.detach()) * len(index)
+                    correct += int((logits.argmax(-1) == y).sum())
+                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                record = {"epoch": epoch + 1, "train_loss": total_loss / n_train, "train_accuracy": correct / n_train,
+                          "test_accuracy": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - started}
+                if gated:
+                    with torch.no_grad():
+                        expected = cost_model.costs()
+                        kept = cost_model.costs(deterministic=True)
+                    record.update({"expected_l0": float(expected_l0(model).detach()),
+                                   "expected_flops_kept": float(expected["flops"]) / dense_flops,
+                                   "flops_kept": float(kept["flops"]) / dense_flops, "params_kept": float(kept["params"]) / dense_params})
+                    if controller is not None:
+                        record.update({"lambda_1": float(controller.lambda_1), "lambda_2": float(controller.lambda_2),
+                                       "target_now": controller.current_target()})
+                # checkpoint first, then the metrics line: a resumed run trims lines past the checkpoint
+                _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "controller": None if controller is None else controller.state_dict(),
+                              "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": config.to_dict()}, checkpoint_path)
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                history.append(record)
+                if progress:
+                    shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "test_accuracy", "expected_l0", "flops_kept")}
+                    tqdm.write(f"epoch {epoch + 1}/{config.epochs} " + " ".join(f"{k}={v}" for k, v in shown.items()))
+                if on_epoch_end is not None:
+                    on_epoch_end(record)
+        except KeyboardInterrupt:
+            done = history[-1]["epoch"] if history else 0
+            print(f"interrupted: {checkpoint_path} holds epoch {done}; continue with --resume", file=sys.stderr)
+            raise
+    return history
+
+
+def load_run(run_dir) -> tuple:
+    """(config, model with the checkpoint's weights in eval mode, dataset) of a run directory."""
+    from .config import TrainConfig
+    from .data import load_dataset
+
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: it has no {CHECKPOINT}")
+    config = TrainConfig(**json.loads((run_dir / CONFIG_FILE).read_text())).validate()
+    data = load_dataset(config.data)
+    model = model_for(config, data)
+    model.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=False)["model"])
+    return config, model.eval(), data
+
+
+PRUNED_WEIGHTS = "pruned.pt"
+PRUNED_SPEC = "pruned.json"
+
+
+def prune_run(run_dir, force: bool = False) -> tuple[nn.Module, str]:
+    """Prune a run's checkpoint; write ``pruned.pt`` (state_dict) and ``pruned.json`` (plan and architecture).
+
+    Returns the pruned module and its summary table. Load it back with
+    :func:`load_pruned`, which uses ``torch.load(..., weights_only=True)``.
+    """
+    from .prune import prune
+    from .report import architecture, summary
+
+    run_dir = Path(run_dir)
+    if (run_dir / PRUNED_WEIGHTS).exists() and not force:
+        raise FileExistsError(f"{run_dir / PRUNED_WEIGHTS} exists: pass --force to overwrite it")
+    config, model, data = load_run(run_dir)
+    example = data.x_train[:2]
+    pruned, plan = prune(model, example, return_plan=True)
+    table = summary(model, example)
+    spec = {"config": config.to_dict(), "plan": plan, "example_shape": list(example.shape[1:]), "num_classes": data.num_classes,
+            "architecture": architecture(model), "summary": table.to_markdown()}
+    _atomic_save(pruned.state_dict(), run_dir / PRUNED_WEIGHTS)
+    _atomic_write_text(json.dumps(spec, indent=1), run_dir / PRUNED_SPEC)
+    return pruned, str(table)
+
+
+def load_pruned(run_dir) -> nn.Module:
+    """The pruned model of a run, rebuilt from ``pruned.json`` and loaded with ``weights_only=True``."""
+    from .config import TrainConfig
+    from .models import build_model
+    from .prune import rebuild
+
+    run_dir = Path(run_dir)
+    spec = json.loads((run_dir / PRUNED_SPEC).read_text())
+    config = TrainConfig(**spec["config"]).validate()
+    example = torch.zeros(2, *spec["example_shape"])
+    fresh = build_model(config.model, int(math.prod(spec["example_shape"])), spec["num_classes"], hidden=config.hidden,
+                        gated=config.regularizer == "l0")
+    module = rebuild(fresh, spec["plan"], example)
+    module.load_state_dict(torch.load(run_dir / PRUNED_WEIGHTS, weights_only=True))
+    return module.eval()

@@ -1,0 +1,117 @@
+"""The training configuration: a TOML file, checked in full before anything runs."""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .control import METRICS
+from .data import DATASETS
+
+__all__ = ["TrainConfig", "load_config", "MODELS"]
+
+MODELS = ("mlp", "lenet5")
+
+
+@dataclass
+class TrainConfig:
+    """Every key a training config may set, with its default.
+
+    ``lam`` is the paper's λ per weight; the objective divides it by N, the
+    training-set size ("λ = 0.1/N" is ``lam = 0.1``). Give ``target`` (a
+    fraction in (0, 1] of ``metric``) instead to let a TargetController
+    choose λ. ``regularizer = "none"`` trains the same architecture dense.
+    """
+
+    model: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [300, 100])
+    data: str = "fashion-mnist"
+    regularizer: str = "l0"
+    epochs: int = 200
+    batch_size: int = 100
+    lr: float = 1e-3
+    gate_lr: float = 1e-2
+    lam: float = 0.1
+    target: float | None = None
+    metric: str = "flops"
+    warmup: float = 0.5
+    controller_lr: float = 0.01
+    weight_decay: float = 0.0
+    droprate_init: float = 0.5
+    per_example_noise: bool = True
+    seed: int = 0
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            ("model", self.model in MODELS, f"one of {MODELS}"),
+            ("hidden", isinstance(self.hidden, list) and all(isinstance(h, int) and h > 0 for h in self.hidden), "a list of positive ints"),
+            ("data", self.data in DATASETS, f"one of {tuple(DATASETS)}"),
+            ("regularizer", self.regularizer in ("l0", "none"), "'l0' or 'none'"),
+            ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
+            ("batch_size", _int(self.batch_size) and self.batch_size >= 1, "an int >= 1"),
+            ("lr", _number(self.lr) and self.lr > 0, "a number > 0"),
+            ("gate_lr", _number(self.gate_lr) and self.gate_lr > 0, "a number > 0"),
+            ("lam", _number(self.lam) and self.lam >= 0, "a number >= 0"),
+            ("target", self.target is None or (_number(self.target) and 0 < self.target <= 1), "a fraction in (0, 1]"),
+            ("metric", self.metric in METRICS, f"one of {METRICS}"),
+            ("warmup", _number(self.warmup) and 0 <= self.warmup <= 1, "a fraction of the training steps in [0, 1]"),
+            ("controller_lr", _number(self.controller_lr) and self.controller_lr > 0, "a number > 0"),
+            ("weight_decay", _number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
+            ("droprate_init", _number(self.droprate_init) and 0 < self.droprate_init < 1, "a number in (0, 1)"),
+            ("per_example_noise", isinstance(self.per_example_noise, bool), "true or false"),
+            ("seed", _int(self.seed), "an int"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: must be {allowed}")
+        if self.model == "lenet5" and self.data not in ("fashion-mnist", "mnist-5k"):
+            raise ValueError(f"config key 'data' = {self.data!r}: model 'lenet5' needs 28×28 images (fashion-mnist or mnist-5k)")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: write key=value, e.g. --set epochs=5")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word: a string
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
+    """Read a TOML file (or start from ``base``), apply ``key=value`` overrides, and validate every key."""
+    values: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path, "rb") as handle:
+            values.update(tomllib.load(handle))
+    for text in overrides:
+        key, value = _parse_override(text)
+        values[key] = value
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+    if isinstance(values.get("target"), str) and values["target"].lower() == "none":
+        values["target"] = None
+    for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init"):
+        if _int(values.get(key)):
+            values[key] = float(values[key])  # TOML writes 1 for 1.0
+    return TrainConfig(**values).validate()
