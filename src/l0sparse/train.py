@@ -294,12 +294,12 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                     if controller is not None:
                         record.update({"lambda_1": float(controller.lambda_1), "lambda_2": float(controller.lambda_2),
                                        "target_now": controller.current_target()})
-                # checkpoint first, then the metrics line: a resumed run trims lines past the checkpoint
+                # the metrics line first, then the checkpoint: a resumed run trims lines past its checkpoint
+                with open(metrics_path, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
                 _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "controller": None if controller is None else controller.state_dict(),
                               "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": config.to_dict()}, checkpoint_path)
-                with open(metrics_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
                 history.append(record)
                 if progress:
                     shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "test_accuracy", "expected_l0", "flops_kept")}

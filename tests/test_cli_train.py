@@ -1,0 +1,105 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from l0sparse.cli import main
+from l0sparse.config import load_config
+from l0sparse.train import CHECKPOINT, load_pruned, load_run, prune_run, run_training
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def quick_config(**overrides):
+    texts = [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    return load_config(RECIPES / "mlp-digits.toml", ["epochs=4", "hidden=[16]"] + texts)
+
+
+def test_every_recipe_is_a_valid_config():
+    recipes = sorted(RECIPES.glob("*.toml"))
+    assert len(recipes) >= 5
+    for recipe in recipes:
+        load_config(recipe)
+
+
+@pytest.mark.parametrize("override, key", [("epochs=0", "epochs"), ("lam=-1", "lam"), ("target=1.5", "target"),
+                                           ("data='cifar'", "data"), ("model='vgg'", "model"), ("hidden=[0]", "hidden"),
+                                           ("colour='red'", "colour")])
+def test_bad_config_fails_before_training_naming_the_key(override, key, tmp_path):
+    with pytest.raises(ValueError, match=key):
+        load_config(RECIPES / "mlp-digits.toml", [override])
+    assert main(["train", str(RECIPES / "mlp-digits.toml"), "--set", override, "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_continues_the_exact_run(tmp_path):
+    config = quick_config()
+    straight = run_training(config, tmp_path / "straight", progress=False)
+
+    def stop_after_two(record):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, tmp_path / "split", progress=False, on_epoch_end=stop_after_two)
+    assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
+    resumed = run_training(config, tmp_path / "split", resume=True, progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=False)["model"]
+    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_directory_is_not_overwritten_without_force(tmp_path):
+    config = quick_config(epochs=1)
+    run_training(config, tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="--force"):
+        run_training(config, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == before
+    run_training(config, tmp_path / "run", force=True, progress=False)
+
+
+def test_target_run_prune_and_report(tmp_path, capsys):
+    config = quick_config(target=0.5, epochs=6, warmup=0.5)
+    history = run_training(config, tmp_path / "run", progress=False)
+    assert {"flops_kept", "expected_l0", "lambda_1", "test_accuracy"} <= set(history[-1])
+    pruned, table = prune_run(tmp_path / "run")
+    assert "total" in table
+    _, model, data = load_run(tmp_path / "run")
+    loaded = load_pruned(tmp_path / "run")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data.x_test), model(data.x_test))
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report")]) == 0
+    for name in ("training.png", "gates.png", "pareto.png", "report.md"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    assert "| run |" in (tmp_path / "report" / "report.md").read_text()
+    with pytest.raises(FileExistsError):
+        prune_run(tmp_path / "run")
+
+
+def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "l0sparse", "train", str(RECIPES / "mlp-digits.toml"), "--set", "epochs=500",
+               "--out", str(out), "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.time() + 120
+    while not (out / CHECKPOINT).exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    state = torch.load(out / CHECKPOINT, weights_only=False)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    # the metrics line of an epoch is written just before its checkpoint: at most one line ahead
+    assert 1 <= state["epoch"] <= len(lines) <= state["epoch"] + 1 < 500
+    assert not list(out.glob("*.tmp"))
