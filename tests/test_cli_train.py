@@ -103,3 +103,30 @@ def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):
     # the metrics line of an epoch is written just before its checkpoint: at most one line ahead
     assert 1 <= state["epoch"] <= len(lines) <= state["epoch"] + 1 < 500
     assert not list(out.glob("*.tmp"))
+
+
+def test_magnitude_baseline_prunes_to_the_budget_and_fine_tunes(tmp_path):
+    config = quick_config(regularizer="magnitude", target=0.3, epochs=2)
+    history = run_training(config, tmp_path / "run", progress=False)
+    assert len(history) == 4  # 2 dense epochs, then 2 of fine-tuning
+    assert history[1]["flops_kept"] == 1.0 and history[2]["flops_kept"] <= 0.3
+    _, model, _ = load_run(tmp_path / "run")
+    from l0sparse.baselines import hidden_layers
+
+    masked = hidden_layers(model)[0]
+    rows_alive = masked.weight.flatten(1).ne(0).any(1)
+    assert 0 < int(rows_alive.sum()) < masked.weight.shape[0]
+
+
+def test_magnitude_resume_across_the_pruning_step(tmp_path):
+    config = quick_config(regularizer="magnitude", target=0.3, epochs=2)
+    straight = run_training(config, tmp_path / "straight", progress=False)
+
+    def stop(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(config, tmp_path / "split", progress=False, on_epoch_end=stop)
+    resumed = run_training(config, tmp_path / "split", resume=True, progress=False)
+    assert [r["test_accuracy"] for r in resumed] == [r["test_accuracy"] for r in straight]

@@ -22,7 +22,10 @@ class TrainConfig:
     ``lam`` is the paper's λ per weight; the objective divides it by N, the
     training-set size ("λ = 0.1/N" is ``lam = 0.1``). Give ``target`` (a
     fraction in (0, 1] of ``metric``) instead to let a TargetController
-    choose λ. ``regularizer = "none"`` trains the same architecture dense.
+    choose λ. ``regularizer = "none"`` trains the same architecture dense;
+    ``"magnitude"`` trains it dense for ``epochs``, removes the units and
+    channels of smallest L1 norm down to ``target`` of the FLOPs, and
+    fine-tunes for ``epochs`` more (the baseline).
     """
 
     model: str = "mlp"
@@ -48,7 +51,7 @@ class TrainConfig:
             ("model", self.model in MODELS, f"one of {MODELS}"),
             ("hidden", isinstance(self.hidden, list) and all(isinstance(h, int) and h > 0 for h in self.hidden), "a list of positive ints"),
             ("data", self.data in DATASETS, f"one of {tuple(DATASETS)}"),
-            ("regularizer", self.regularizer in ("l0", "none"), "'l0' or 'none'"),
+            ("regularizer", self.regularizer in ("l0", "none", "magnitude"), "'l0', 'none' or 'magnitude'"),
             ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
             ("batch_size", _int(self.batch_size) and self.batch_size >= 1, "an int >= 1"),
             ("lr", _number(self.lr) and self.lr > 0, "a number > 0"),
@@ -66,6 +69,8 @@ class TrainConfig:
         for key, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: must be {allowed}")
+        if self.regularizer == "magnitude" and (self.target is None or self.metric != "flops"):
+            raise ValueError("config key 'target': regularizer 'magnitude' needs a FLOPs target (target = 0.1, metric = 'flops')")
         if self.model == "lenet5" and self.data not in ("fashion-mnist", "mnist-5k"):
             raise ValueError(f"config key 'data' = {self.data!r}: model 'lenet5' needs 28×28 images (fashion-mnist or mnist-5k)")
         return self

@@ -204,6 +204,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     never overwritten without ``force``. SIGINT and SIGTERM stop the run
     with its last complete checkpoint in place.
     """
+    from .baselines import magnitude_prune
     from .config import TrainConfig
     from .control import TargetController
     from .costs import CostModel, count_flops, count_params
@@ -242,9 +243,14 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     dense_params = count_params(plain_copy(model))
     n_train = len(data.x_train)
 
+    magnitude = config.regularizer == "magnitude"
+    total_epochs = 2 * config.epochs if magnitude else config.epochs  # the baseline fine-tunes as long as it trained
+    flops_kept = 1.0
     start_epoch, history = 0, []
     if resume:
         state = torch.load(checkpoint_path, weights_only=False)
+        if magnitude and state["epoch"] >= config.epochs:
+            flops_kept = magnitude_prune(model, config.target, example)  # the masks' structure; their values load below
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if controller is not None:
@@ -260,11 +266,13 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
 
     with _SigtermToInterrupt():
         try:
-            for epoch in range(start_epoch, config.epochs):
+            for epoch in range(start_epoch, total_epochs):
+                if magnitude and epoch == config.epochs:
+                    flops_kept = magnitude_prune(model, config.target, example)
                 started = time.perf_counter()
                 model.train()
                 total_loss, correct = 0.0, 0
-                bar = tqdm(torch.randperm(n_train).split(config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+                bar = tqdm(torch.randperm(n_train).split(config.batch_size), desc=f"epoch {epoch + 1}/{total_epochs}",
                            disable=not progress, leave=False)
                 for index in bar:
                     x, y = data.x_train[index], data.y_train[index]
@@ -294,6 +302,8 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                     if controller is not None:
                         record.update({"lambda_1": float(controller.lambda_1), "lambda_2": float(controller.lambda_2),
                                        "target_now": controller.current_target()})
+                elif magnitude:
+                    record["flops_kept"] = flops_kept
                 # the metrics line first, then the checkpoint: a resumed run trims lines past its checkpoint
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
@@ -303,7 +313,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                 history.append(record)
                 if progress:
                     shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "test_accuracy", "expected_l0", "flops_kept")}
-                    tqdm.write(f"epoch {epoch + 1}/{config.epochs} " + " ".join(f"{k}={v}" for k, v in shown.items()))
+                    tqdm.write(f"epoch {epoch + 1}/{total_epochs} " + " ".join(f"{k}={v}" for k, v in shown.items()))
                 if on_epoch_end is not None:
                     on_epoch_end(record)
         except KeyboardInterrupt:
@@ -324,7 +334,12 @@ def load_run(run_dir) -> tuple:
     config = TrainConfig(**json.loads((run_dir / CONFIG_FILE).read_text())).validate()
     data = load_dataset(config.data)
     model = model_for(config, data)
-    model.load_state_dict(torch.load(run_dir / CHECKPOINT, weights_only=False)["model"])
+    state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    if config.regularizer == "magnitude" and state["epoch"] >= config.epochs:
+        from .baselines import magnitude_prune
+
+        magnitude_prune(model, config.target, data.x_train[:2])  # the masks' structure; their values load below
+    model.load_state_dict(state["model"])
     return config, model.eval(), data
 
 
