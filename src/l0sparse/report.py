@@ -135,6 +135,7 @@ def report_runs(run_dirs, out_dir) -> dict:
     from pathlib import Path
 
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -161,6 +162,7 @@ def report_runs(run_dirs, out_dir) -> dict:
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8, frameon=False)
+        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     written["training"] = out_dir / "training.png"
     fig.savefig(written["training"], dpi=120)
     plt.close(fig)
@@ -186,7 +188,6 @@ def report_runs(run_dirs, out_dir) -> dict:
             axis = axes[1][column]
             axis.hist(probabilities, bins=40, range=(0, 1), color=colors[column % 10])
             axis.set(title=f"{run['name']}: P(z ≠ 0) at the end", xlabel="P(z ≠ 0)", ylabel="gates")
-            axis.set_yscale("log")
         written["gates"] = out_dir / "gates.png"
         fig.savefig(written["gates"], dpi=120)
         plt.close(fig)
