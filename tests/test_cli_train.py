@@ -130,3 +130,22 @@ def test_magnitude_resume_across_the_pruning_step(tmp_path):
         run_training(config, tmp_path / "split", progress=False, on_epoch_end=stop)
     resumed = run_training(config, tmp_path / "split", resume=True, progress=False)
     assert [r["test_accuracy"] for r in resumed] == [r["test_accuracy"] for r in straight]
+
+
+@pytest.mark.parametrize("regularizer", ["l1", "group_l1", "l2"])
+def test_lk_regularizers_train_and_report_sparsity(regularizer, tmp_path):
+    config = quick_config(regularizer=regularizer, lam=5.0, epochs=3, threshold=1e-2)
+    history = run_training(config, tmp_path / "run", progress=False)
+    assert 0 < history[-1]["weights_kept"] <= 1 and 0 < history[-1]["units_kept"] <= 1
+    _, model, _ = load_run(tmp_path / "run")
+    from l0sparse.norms import sparsity, threshold_
+
+    before = [p.clone() for p in model.parameters()]
+    threshold_(model, regularizer, 1e-2)  # already thresholded when loaded: nothing changes
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert sparsity(model)["weights_kept"] == pytest.approx(history[-1]["weights_kept"])
+
+
+def test_lk_regularizer_with_a_negative_strength_is_named():
+    with pytest.raises(ValueError, match="lam"):
+        quick_config(regularizer="l1", lam=-1.0)

@@ -13,6 +13,7 @@ from .data import DATASETS
 __all__ = ["TrainConfig", "load_config", "MODELS"]
 
 MODELS = ("mlp", "lenet5")
+REGULARIZER_CHOICES = ("l0", "none", "magnitude", "l1", "group_l1", "l2")
 
 
 @dataclass
@@ -25,7 +26,10 @@ class TrainConfig:
     choose λ. ``regularizer = "none"`` trains the same architecture dense;
     ``"magnitude"`` trains it dense for ``epochs``, removes the units and
     channels of smallest L1 norm down to ``target`` of the FLOPs, and
-    fine-tunes for ``epochs`` more (the baseline).
+    fine-tunes for ``epochs`` more (the baseline). ``"l1"``, ``"group_l1"``
+    and ``"l2"`` train it dense with that penalty of strength ``lam`` (per
+    weight, divided by N, as for L0); weights (or groups) below
+    ``threshold`` count as zero when sparsity is measured.
     """
 
     model: str = "mlp"
@@ -44,6 +48,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     droprate_init: float = 0.5
     per_example_noise: bool = True
+    threshold: float = 1e-3
     seed: int = 0
 
     def validate(self) -> "TrainConfig":
@@ -51,7 +56,8 @@ class TrainConfig:
             ("model", self.model in MODELS, f"one of {MODELS}"),
             ("hidden", isinstance(self.hidden, list) and all(isinstance(h, int) and h > 0 for h in self.hidden), "a list of positive ints"),
             ("data", self.data in DATASETS, f"one of {tuple(DATASETS)}"),
-            ("regularizer", self.regularizer in ("l0", "none", "magnitude"), "'l0', 'none' or 'magnitude'"),
+            ("regularizer", self.regularizer in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
+            ("threshold", _number(self.threshold) and self.threshold >= 0, "a number >= 0"),
             ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
             ("batch_size", _int(self.batch_size) and self.batch_size >= 1, "an int >= 1"),
             ("lr", _number(self.lr) and self.lr > 0, "a number > 0"),
@@ -116,7 +122,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
     if isinstance(values.get("target"), str) and values["target"].lower() == "none":
         values["target"] = None
-    for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init"):
+    for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init", "threshold"):
         if _int(values.get(key)):
             values[key] = float(values[key])  # TOML writes 1 for 1.0
     return TrainConfig(**values).validate()

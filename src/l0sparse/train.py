@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -207,6 +208,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     from .baselines import magnitude_prune
     from .config import TrainConfig
     from .control import TargetController
+    from .norms import lk_penalty, sparsity, threshold_
     from .costs import CostModel, count_flops, count_params
     from .data import load_dataset
     from .prune import plain_copy
@@ -244,6 +246,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     n_train = len(data.x_train)
 
     magnitude = config.regularizer == "magnitude"
+    lk_regularized = config.regularizer in ("l1", "group_l1", "l2")
     total_epochs = 2 * config.epochs if magnitude else config.epochs  # the baseline fine-tunes as long as it trained
     flops_kept = 1.0
     start_epoch, history = 0, []
@@ -282,6 +285,8 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                         loss = loss + controller.penalty()
                     elif gated:
                         loss = loss + penalty(model, config.lam, config.weight_decay, N=n_train)
+                    elif lk_regularized:
+                        loss = loss + lk_penalty(model, config.regularizer, config.lam, N=n_train)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -304,6 +309,8 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                                        "target_now": controller.current_target()})
                 elif magnitude:
                     record["flops_kept"] = flops_kept
+                elif lk_regularized:  # measured on a thresholded copy: the checkpoint keeps the exact weights
+                    record.update(sparsity(threshold_(copy.deepcopy(model), config.regularizer, config.threshold)))
                 # the metrics line first, then the checkpoint: a resumed run trims lines past its checkpoint
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
@@ -340,6 +347,10 @@ def load_run(run_dir) -> tuple:
 
         magnitude_prune(model, config.target, data.x_train[:2])  # the masks' structure; their values load below
     model.load_state_dict(state["model"])
+    if config.regularizer in ("l1", "group_l1", "l2"):
+        from .norms import threshold_
+
+        threshold_(model, config.regularizer, config.threshold)  # the usual last step of an L1 run
     return config, model.eval(), data
 
 
