@@ -28,8 +28,11 @@ class TrainConfig:
     channels of smallest L1 norm down to ``target`` of the FLOPs, and
     fine-tunes for ``epochs`` more (the baseline). ``"l1"``, ``"group_l1"``
     and ``"l2"`` train it dense with that penalty of strength ``lam`` (per
-    weight, divided by N, as for L0); weights (or groups) below
-    ``threshold`` count as zero when sparsity is measured.
+    weight, divided by N, as for L0). An L1 or group-L1 run ends with the
+    usual thresholding: weights (group RMS) below ``threshold`` are set to
+    zero; by default the threshold is ``lr``, because Adam keeps a weight
+    that L1 pins at zero oscillating within about one step size of it. L2
+    is not thresholded: it shrinks without zeroing.
     """
 
     model: str = "mlp"
@@ -48,7 +51,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     droprate_init: float = 0.5
     per_example_noise: bool = True
-    threshold: float = 1e-3
+    gates: str = "units"
+    threshold: float | None = None
     seed: int = 0
 
     def validate(self) -> "TrainConfig":
@@ -57,7 +61,7 @@ class TrainConfig:
             ("hidden", isinstance(self.hidden, list) and all(isinstance(h, int) and h > 0 for h in self.hidden), "a list of positive ints"),
             ("data", self.data in DATASETS, f"one of {tuple(DATASETS)}"),
             ("regularizer", self.regularizer in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
-            ("threshold", _number(self.threshold) and self.threshold >= 0, "a number >= 0"),
+            ("threshold", self.threshold is None or (_number(self.threshold) and self.threshold >= 0), "a number >= 0"),
             ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
             ("batch_size", _int(self.batch_size) and self.batch_size >= 1, "an int >= 1"),
             ("lr", _number(self.lr) and self.lr > 0, "a number > 0"),
@@ -70,6 +74,7 @@ class TrainConfig:
             ("weight_decay", _number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
             ("droprate_init", _number(self.droprate_init) and 0 < self.droprate_init < 1, "a number in (0, 1)"),
             ("per_example_noise", isinstance(self.per_example_noise, bool), "true or false"),
+            ("gates", self.gates in ("units", "weights"), "'units' (the paper's layers) or 'weights' (one gate per weight)"),
             ("seed", _int(self.seed), "an int"),
         ]
         for key, ok, allowed in checks:
@@ -80,6 +85,11 @@ class TrainConfig:
         if self.model == "lenet5" and self.data not in ("fashion-mnist", "mnist-5k"):
             raise ValueError(f"config key 'data' = {self.data!r}: model 'lenet5' needs 28×28 images (fashion-mnist or mnist-5k)")
         return self
+
+    @property
+    def threshold_value(self) -> float:
+        """The thresholding tolerance of an L1 / group-L1 run (``threshold``, or ``lr`` by default)."""
+        return self.lr if self.threshold is None else self.threshold
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,8 +130,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-    if isinstance(values.get("target"), str) and values["target"].lower() == "none":
-        values["target"] = None
+    for key in ("target", "threshold"):
+        if isinstance(values.get(key), str) and values[key].lower() == "none":
+            values[key] = None
     for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init", "threshold"):
         if _int(values.get(key)):
             values[key] = float(values[key])  # TOML writes 1 for 1.0

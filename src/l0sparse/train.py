@@ -160,8 +160,13 @@ def _atomic_write_text(text: str, path: Path) -> None:
 
 def model_for(config, data) -> nn.Module:
     from .models import build_model
+    from .sparsify import sparsify
 
-    return build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=config.regularizer == "l0",
+    gated = config.regularizer == "l0"
+    if gated and config.gates == "weights":  # the plain model with one gate per weight, through sparsify
+        model = build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=False)
+        return sparsify(model, rules={nn.Linear: "weight", nn.Conv2d: "weight"}, droprate_init=config.droprate_init)
+    return build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=gated,
                        droprate_init=config.droprate_init, per_example_noise=config.per_example_noise)
 
 
@@ -247,6 +252,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
 
     magnitude = config.regularizer == "magnitude"
     lk_regularized = config.regularizer in ("l1", "group_l1", "l2")
+    thresholded = config.regularizer in ("l1", "group_l1")
     total_epochs = 2 * config.epochs if magnitude else config.epochs  # the baseline fine-tunes as long as it trained
     flops_kept = 1.0
     start_epoch, history = 0, []
@@ -309,8 +315,10 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                                        "target_now": controller.current_target()})
                 elif magnitude:
                     record["flops_kept"] = flops_kept
-                elif lk_regularized:  # measured on a thresholded copy: the checkpoint keeps the exact weights
-                    record.update(sparsity(threshold_(copy.deepcopy(model), config.regularizer, config.threshold)))
+                elif thresholded:  # measured on a thresholded copy: the checkpoint keeps the exact weights
+                    record.update(sparsity(threshold_(copy.deepcopy(model), config.regularizer, config.threshold_value)))
+                elif lk_regularized:
+                    record.update(sparsity(model))
                 # the metrics line first, then the checkpoint: a resumed run trims lines past its checkpoint
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
@@ -347,10 +355,10 @@ def load_run(run_dir) -> tuple:
 
         magnitude_prune(model, config.target, data.x_train[:2])  # the masks' structure; their values load below
     model.load_state_dict(state["model"])
-    if config.regularizer in ("l1", "group_l1", "l2"):
+    if config.regularizer in ("l1", "group_l1"):
         from .norms import threshold_
 
-        threshold_(model, config.regularizer, config.threshold)  # the usual last step of an L1 run
+        threshold_(model, config.regularizer, config.threshold_value)  # the usual last step of an L1 run
     return config, model.eval(), data
 
 
