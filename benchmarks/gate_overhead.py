@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_json  # noqa: E402
 import l0sparse  # noqa: E402
 from l0sparse.models import LeNet5, mlp  # noqa: E402
 
@@ -80,10 +81,7 @@ def main():
                    "ratio_to_dense": statistics.median(values) / dense_median}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(rows, indent=1))
-    temporary.replace(args.out)
+    save_json(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,14 @@ Run:  .venv/bin/python benchmarks/prune_latency.py [--repeats 30] [--threads 1]
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_json  # noqa: E402
 from torch import nn
 
 import l0sparse
@@ -118,10 +122,7 @@ def main():
             row["speedup_over_flops_ratio"] = row["speedup"] / row["flops_ratio"]
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(rows, indent=1))
-    temporary.replace(args.out)
+    save_json(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from sklearn.datasets import make_friedman1
 from sklearn.linear_model import LassoCV
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_json  # noqa: E402
 from sparse_regression_data import make_toeplitz_regression  # noqa: E402
 
 from l0sparse.sklearn import L0Regressor  # noqa: E402
@@ -121,10 +122,7 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
     result = {"threads": 1, "linear": summarise(linear_rows, ("p", "snr", "method")),
               "nonlinear": summarise(nonlinear_rows, ("p", "method")), "linear_runs": linear_rows, "nonlinear_runs": nonlinear_rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = args.out.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=1))
-    temporary.replace(args.out)  # never leave a half-written result file
+    save_json(result, args.out)
     for section in ("linear", "nonlinear"):
         for line in result[section]:
             print(section, json.dumps(line))
