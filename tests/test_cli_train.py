@@ -21,6 +21,16 @@ def quick_config(**overrides):
     return load_config(RECIPES / "mlp-digits.toml", ["epochs=4", "hidden=[16]"] + texts)
 
 
+def interrupt_after(epoch):
+    """An on_epoch_end callback that stops the run like Ctrl-C after ``epoch``."""
+
+    def callback(record):
+        if record["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    return callback
+
+
 def test_every_recipe_is_a_valid_config():
     recipes = sorted(RECIPES.glob("*.toml"))
     assert len(recipes) >= 5
@@ -42,12 +52,8 @@ def test_resume_continues_the_exact_run(tmp_path):
     config = quick_config()
     straight = run_training(config, tmp_path / "straight", progress=False)
 
-    def stop_after_two(record):
-        if record["epoch"] == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        run_training(config, tmp_path / "split", progress=False, on_epoch_end=stop_after_two)
+        run_training(config, tmp_path / "split", progress=False, on_epoch_end=interrupt_after(2))
     assert len((tmp_path / "split" / "metrics.jsonl").read_text().splitlines()) == 2
     resumed = run_training(config, tmp_path / "split", resume=True, progress=False)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
@@ -122,12 +128,8 @@ def test_magnitude_resume_across_the_pruning_step(tmp_path):
     config = quick_config(regularizer="magnitude", target=0.3, epochs=2)
     straight = run_training(config, tmp_path / "straight", progress=False)
 
-    def stop(record):
-        if record["epoch"] == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        run_training(config, tmp_path / "split", progress=False, on_epoch_end=stop)
+        run_training(config, tmp_path / "split", progress=False, on_epoch_end=interrupt_after(3))
     resumed = run_training(config, tmp_path / "split", resume=True, progress=False)
     assert [r["test_accuracy"] for r in resumed] == [r["test_accuracy"] for r in straight]
 

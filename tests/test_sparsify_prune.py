@@ -27,6 +27,15 @@ def assert_same_outputs(gated, pruned, x):
     assert float((expected - got).abs().max()) <= FLOAT32_TOLERANCE * max(scale, 1.0)
 
 
+def assert_prunes_exactly(model, x):
+    """Pruned outputs equal the gated eval outputs, and the cost model counts what pruning leaves."""
+    pruned = l0sparse.prune(model, x)
+    assert_same_outputs(model, pruned, x)
+    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
+    assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
+    assert float(costs["params"]) == l0sparse.count_params(pruned)
+
+
 def assert_plain(module: nn.Module):
     for sub in module.modules():
         assert not type(sub).__module__.startswith("l0sparse"), type(sub)
@@ -219,11 +228,7 @@ def test_random_mlps_prune_exactly(sizes, granularity, seed):
     rules = {nn.Linear: granularity, last: "in"}  # the output layer's own outputs cannot be removed
     l0sparse.sparsify(model, rules=rules, example_inputs=x)
     randomise(model, generator=torch.Generator().manual_seed(seed))
-    pruned = l0sparse.prune(model, x)
-    assert_same_outputs(model, pruned, x)
-    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
-    assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
-    assert float(costs["params"]) == l0sparse.count_params(pruned)
+    assert_prunes_exactly(model, x)
 
 
 class RandomCNN(nn.Module):
@@ -254,11 +259,7 @@ def test_random_cnns_prune_exactly(widths, kernel, residual, batch_norm, seed):
     x = torch.randn(3, 2, 7, 7)
     l0sparse.sparsify(model, example_inputs=x)
     randomise(model, generator=torch.Generator().manual_seed(seed))
-    pruned = l0sparse.prune(model, x)
-    assert_same_outputs(model, pruned, x)
-    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
-    assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
-    assert float(costs["params"]) == l0sparse.count_params(pruned)
+    assert_prunes_exactly(model, x)
 
 
 def test_summary_and_architecture():
