@@ -90,7 +90,7 @@ def main():
     axis.axhline(100 * dense["test_error"], color="black", ls="--", lw=1, label="dense")
     ceiling = 100 * dense["test_error"] + 25
     axis.set(xscale="log", xlabel="% of weights non-zero (log scale)", ylabel="test error (%)", ylim=(0, ceiling),
-             title=f"MLP on {args.data}: error against weights kept (runs above {ceiling:.0f}% error off the chart)")
+             title=f"MLP on {args.data}: error against weights kept\n(runs above {ceiling:.0f}% error are off the chart)")
     axis.grid(alpha=0.3, which="both")
     axis.legend(frameon=False)
     fig.savefig(args.out / "error_vs_kept.png", dpi=130)
