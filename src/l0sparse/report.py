@@ -22,7 +22,7 @@ def _gate_units(model: nn.Module) -> list[tuple[str, str, Gate]]:
         if isinstance(module, L0Linear):
             found.append((name, "inputs", module.gate))
         elif isinstance(module, L0Conv2d):
-            found.append((name, "output channels", module.gate))
+            found.append((name, "channels", module.gate))
     paper_gates = {id(g) for _, _, g in found}
     for gate in gates(model):
         if id(gate) not in paper_gates:
@@ -145,12 +145,14 @@ def report_runs(run_dirs, out_dir) -> dict:
     runs = [_read_run(d) for d in run_dirs]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    colors = plt.cm.tab10.colors
+    palette = plt.cm.tab10.colors
+    color_of = {run["name"]: palette[index % len(palette)] for index, run in enumerate(runs)}  # one colour per run, every plot
     written = {}
 
     # 1. expected L0 and % FLOPs kept over training
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    for color, run in zip(colors, runs):
+    for run in runs:
+        color = color_of[run["name"]]
         epochs = [m["epoch"] for m in run["metrics"]]
         if "expected_l0" in run["metrics"][0]:
             left.plot(epochs, [m["expected_l0"] for m in run["metrics"]], color=color, lw=2, label=run["name"])
@@ -179,14 +181,15 @@ def report_runs(run_dirs, out_dir) -> dict:
             kept = [int(g.is_active().sum()) for _, _, g in units]
             axis = axes[0][column]
             axis.bar(names, totals, color="#d0d0d0", label="total")
-            axis.bar(names, kept, color=colors[column % 10], label="kept")
+            axis.bar(names, kept, color=color_of[run["name"]], label="kept")
             for position, (k, t) in enumerate(zip(kept, totals)):
                 axis.text(position, t, f"{k}/{t}", ha="center", va="bottom", fontsize=8)
             axis.set(title=f"{run['name']}: units kept per layer", ylabel="units")
+            axis.tick_params(axis="x", labelsize=8)
             axis.legend(fontsize=8, frameon=False)
             probabilities = torch.cat([g.prob_nonzero().detach().flatten() for _, _, g in units]).numpy()
             axis = axes[1][column]
-            axis.hist(probabilities, bins=40, range=(0, 1), color=colors[column % 10])
+            axis.hist(probabilities, bins=40, range=(0, 1), color=color_of[run["name"]])
             axis.set(title=f"{run['name']}: P(z ≠ 0) at the end", xlabel="P(z ≠ 0)", ylabel="gates")
         written["gates"] = out_dir / "gates.png"
         fig.savefig(written["gates"], dpi=120)
@@ -194,7 +197,8 @@ def report_runs(run_dirs, out_dir) -> dict:
 
     # 4. accuracy against % FLOPs kept across runs
     fig, axis = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
-    for color, run in zip(colors, runs):
+    for run in runs:
+        color = color_of[run["name"]]
         last = run["metrics"][-1]
         flops = 100 * last.get("flops_kept", 1.0)
         axis.scatter(flops, 100 * last["test_accuracy"], s=60, color=color, zorder=3)
