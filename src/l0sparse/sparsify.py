@@ -188,6 +188,7 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
         model.train(was_training)
 
     space_gates: dict[int, Gate] = {}
+    modules = dict(model.named_modules())
     for name, module, granularity, explicit in plan:
         if granularity == "in":
             gate = _new_gate(module.weight.shape[1], name, "in", module, gate_kwargs)
@@ -214,7 +215,6 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
                 continue  # coupled with a module gated already: one gate for the shared channels
             gate = _new_gate(space.size, name, "out", module, gate_kwargs)
             space_gates[index] = gate
-            modules = dict(model.named_modules())
             for consumer in space.consumers:
                 parametrize.register_parametrization(modules[consumer.name], "weight", GateMask(gate, dim=consumer.dim, block=consumer.block))
     return model
