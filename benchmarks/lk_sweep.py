@@ -23,6 +23,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+import sys  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_json  # noqa: E402
+
 from l0sparse.config import load_config  # noqa: E402
 from l0sparse.norms import sparsity  # noqa: E402
 from l0sparse.prune import plain_copy  # noqa: E402
@@ -129,6 +134,8 @@ def main():
         else:
             lines.append(f"| {regularizer} | {100 * best['weights_kept']:.2f}% | {100 * best['test_error']:.2f}% |")
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    # the numbers behind the table (weights of the first layer left out), to redraw or compare without retraining
+    save_json([{k: v for k, v in r.items() if k != "first_layer"} for r in [dense, *rows]], args.out / "runs.json")
     print("\n".join(lines))
 
 
