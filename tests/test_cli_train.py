@@ -58,8 +58,8 @@ def test_resume_continues_the_exact_run(tmp_path):
     resumed = run_training(config, tmp_path / "split", resume=True, progress=False)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(resumed) == strip(straight)
-    a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=False)["model"]
-    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=False)["model"]
+    a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -104,7 +104,7 @@ def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    state = torch.load(out / CHECKPOINT, weights_only=False)
+    state = torch.load(out / CHECKPOINT, weights_only=True)
     lines = (out / "metrics.jsonl").read_text().splitlines()
     # the metrics line of an epoch is written just before its checkpoint: at most one line ahead
     assert 1 <= state["epoch"] <= len(lines) <= state["epoch"] + 1 < 500

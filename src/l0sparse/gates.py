@@ -74,9 +74,11 @@ class Gate(nn.Module):
     def shape(self) -> torch.Size:
         return self.log_alpha.shape
 
-    def distribution(self) -> HardConcrete:
+    def distribution(self, index: Tensor | None = None) -> HardConcrete:
+        """The gates' HardConcrete; ``index`` selects a subset of them (along the first dimension)."""
+        log_alpha = self.log_alpha if index is None else self.log_alpha[index]
         # log α is a trained parameter; checking its finiteness would sync every step.
-        return HardConcrete(self.log_alpha, self.beta, self.gamma, self.zeta, validate_args=False)
+        return HardConcrete(log_alpha, self.beta, self.gamma, self.zeta, validate_args=False)
 
     def forward(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
         distribution = self.distribution()

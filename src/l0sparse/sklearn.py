@@ -57,7 +57,6 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from .distributions import HardConcrete
 from .gates import Gate
 
 __all__ = ["L0Regressor", "L0Classifier"]
@@ -100,9 +99,7 @@ class _GatedNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         """``columns``: indices of the features present in ``x`` (the others are treated as closed)."""
-        gate = self.gate
-        log_alpha = gate.log_alpha if columns is None else gate.log_alpha[columns]
-        distribution = HardConcrete(log_alpha, gate.beta, gate.gamma, gate.zeta, validate_args=False)
+        distribution = self.gate.distribution(columns)
         first = self.body[0]
         weight = first.weight if columns is None else first.weight[:, columns]
         if not self.training:

@@ -257,7 +257,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     flops_kept = 1.0
     start_epoch, history = 0, []
     if resume:
-        state = torch.load(checkpoint_path, weights_only=False)
+        state = torch.load(checkpoint_path, weights_only=True)
         if magnitude and state["epoch"] >= config.epochs:
             flops_kept = magnitude_prune(model, config.target, example)  # the masks' structure; their values load below
         model.load_state_dict(state["model"])
@@ -349,7 +349,7 @@ def load_run(run_dir) -> tuple:
     config = TrainConfig(**json.loads((run_dir / CONFIG_FILE).read_text())).validate()
     data = load_dataset(config.data)
     model = model_for(config, data)
-    state = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    state = torch.load(run_dir / CHECKPOINT, weights_only=True)
     if config.regularizer == "magnitude" and state["epoch"] >= config.epochs:
         from .baselines import magnitude_prune
 
