@@ -3,11 +3,11 @@
 import json
 from pathlib import Path
 
+from l0sparse.files import atomic_write_text
+
 
 def save_json(payload, path: Path) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees half a result file."""
+    """Write a result file atomically (a reader never sees half of one), creating its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(payload, indent=1))
-    temporary.replace(path)
+    atomic_write_text(json.dumps(payload, indent=1), path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .costs import expected_l0, gates, penalty
+from .files import atomic_save, atomic_write_text
 
 __all__ = ["configure_torch", "fit", "accuracy", "recalibrate_batchnorm", "ema", "run_training", "load_run"]
 
@@ -145,19 +145,6 @@ METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
 
 
-def _atomic_save(payload, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a reader sees the old file or the new one."""
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(payload, temporary)
-    os.replace(temporary, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def model_for(config, data) -> nn.Module:
     from .models import build_model
     from .sparsify import sparsify
@@ -267,9 +254,9 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
         torch.set_rng_state(state["rng"])
         start_epoch = state["epoch"]
         history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:start_epoch]
-        _atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)  # drop lines past the checkpoint
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)  # drop lines past the checkpoint
     else:
-        _atomic_write_text(json.dumps(config.to_dict(), indent=1), out_dir / CONFIG_FILE)
+        atomic_write_text(json.dumps(config.to_dict(), indent=1), out_dir / CONFIG_FILE)
 
     from tqdm.auto import tqdm
 
@@ -311,7 +298,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                                    "expected_flops_kept": float(expected["flops"]) / dense_flops,
                                    "flops_kept": float(kept["flops"]) / dense_flops, "params_kept": float(kept["params"]) / dense_params})
                     if controller is not None:
-                        record.update({"lambda_1": float(controller.lambda_1), "lambda_2": float(controller.lambda_2),
+                        record.update({"lambda_1": float(controller.lambda_1.detach()), "lambda_2": float(controller.lambda_2.detach()),
                                        "target_now": controller.current_target()})
                 elif magnitude:
                     record["flops_kept"] = flops_kept
@@ -322,7 +309,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                 # the metrics line first, then the checkpoint: a resumed run trims lines past its checkpoint
                 with open(metrics_path, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
-                _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "controller": None if controller is None else controller.state_dict(),
                               "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": config.to_dict()}, checkpoint_path)
                 history.append(record)
@@ -384,8 +371,8 @@ def prune_run(run_dir, force: bool = False) -> tuple[nn.Module, str]:
     table = summary(model, example)
     spec = {"config": config.to_dict(), "plan": plan, "example_shape": list(example.shape[1:]), "num_classes": data.num_classes,
             "architecture": architecture(model), "summary": table.to_markdown()}
-    _atomic_save(pruned.state_dict(), run_dir / PRUNED_WEIGHTS)
-    _atomic_write_text(json.dumps(spec, indent=1), run_dir / PRUNED_SPEC)
+    atomic_save(pruned.state_dict(), run_dir / PRUNED_WEIGHTS)
+    atomic_write_text(json.dumps(spec, indent=1), run_dir / PRUNED_SPEC)
     return pruned, str(table)
 
 
