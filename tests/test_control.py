@@ -69,6 +69,8 @@ def test_cnn_reaches_a_params_target_and_batchnorm_recalibration_restores_accura
     dense_params = l0sparse.count_params(plain_copy(model))
     controller = TargetController(model, 0.5, "params", example_inputs=x_train[:2], warmup_steps=500, lr=0.05)
     train_to_target(model, x_train, digits.y_train, controller, epochs=40)
+    # the controller alone lands within a few points, not always within 2 (docs/control.md): snap, as documented
+    controller.snap_to_target()
     recalibrate_batchnorm(model, x_train.split(256))
     pruned = l0sparse.prune(model, x_train[:2])
     reached = l0sparse.count_params(pruned) / dense_params

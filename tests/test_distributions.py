@@ -201,3 +201,36 @@ def test_rsample_gradient_flows_to_log_alpha():
     assert torch.isfinite(param.grad).all() and param.grad.sum() > 0
     # the clamp makes the gradient exactly zero where the sample is exactly 0 or 1
     assert (param.grad == 0).any()
+
+
+def _reference_sample(log_alpha, logistic_noise, beta, gamma, zeta):
+    """The sampler written as plain autograd ops, as DESIGN.md §1 states it."""
+    return torch.clamp(torch.sigmoid((logistic_noise + log_alpha) / beta) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("beta", BETAS, ids=lambda b: f"beta={b:.3g}")
+def test_fused_sampler_matches_plain_autograd(beta):
+    """Values and log α gradients of the fused sampler equal the plain-op formula on the same noise,
+    including the broadcast over a sample dimension and the zero gradient where the clamp holds."""
+    from l0sparse.distributions import _StretchedClampedSigmoid
+
+    torch.manual_seed(0)
+    log_alpha = torch.linspace(-4, 4, 33, dtype=torch.float64, requires_grad=True)
+    noise = torch.logit(torch.rand(64, 33, dtype=torch.float64), eps=1e-6)
+    weights = torch.randn(64, 33, dtype=torch.float64)  # an arbitrary downstream loss
+    fused = _StretchedClampedSigmoid.apply(log_alpha, noise, beta, -0.1, 1.1)
+    (fused_grad,) = torch.autograd.grad((fused * weights).sum(), log_alpha)
+    reference = _reference_sample(log_alpha, noise, beta, -0.1, 1.1)
+    (reference_grad,) = torch.autograd.grad((reference * weights).sum(), log_alpha)
+    assert ((fused == 0) | (fused == 1)).any() and ((fused > 0) & (fused < 1)).any()  # both regimes exercised
+    eps = torch.finfo(torch.float64).eps
+    torch.testing.assert_close(fused, reference, rtol=0, atol=16 * eps)
+    # each gradient is a sum of 64 products that agree to a few ulps
+    torch.testing.assert_close(fused_grad, reference_grad, rtol=64 * eps, atol=64 * eps * 64)
+    assert torch.autograd.gradcheck(lambda a: _StretchedClampedSigmoid.apply(a, noise[:4], beta, -0.1, 1.1), (log_alpha,))
+
+
+def test_fused_sampler_gradient_in_half_precision_has_the_parameter_dtype():
+    param = torch.zeros(8, dtype=torch.bfloat16, requires_grad=True)
+    HardConcrete(param).rsample((5,)).float().sum().backward()
+    assert param.grad.dtype == torch.bfloat16 and param.grad.shape == param.shape

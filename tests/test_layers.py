@@ -183,6 +183,26 @@ def test_model_level_penalty_and_expected_l0():
         expected_l0(torch.nn.Linear(2, 2))
 
 
+def test_prepared_penalty_follows_the_parameters_and_mixed_temperatures():
+    """A Penalty built once equals the per-layer sum after the weights and log α have moved,
+    also when the layers' gates have different β (they are summed in separate groups)."""
+    from l0sparse import Penalty
+
+    torch.manual_seed(0)
+    model = L0MLP((10, 8, 3))
+    first, second = model.l0_layers()
+    second.gate.beta = 0.3
+    prepared = Penalty(model, 0.5, 0.1, N=7)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model(torch.randn(5, 10)).square().sum() + prepared()).backward()
+        optimizer.step()
+    expected = (first.penalty(0.5, 0.1) + second.penalty(0.5, 0.1)) / 7
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(prepared(), expected, rtol=16 * eps, atol=0)
+
+
 def test_mlp_architecture_and_counts():
     model = L0MLP((6, 5, 4, 2))
     a, b, c = model.l0_layers()

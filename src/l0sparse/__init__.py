@@ -1,7 +1,7 @@
 """l0sparse: learn sparse networks with L0 regularization (Louizos, Welling & Kingma, 2018)."""
 
 from .control import TargetController
-from .costs import CostModel, count_flops, count_params, expected_flops, expected_l0, expected_params, penalty
+from .costs import CostModel, Penalty, count_flops, count_params, expected_flops, expected_l0, expected_params, penalty
 from .distributions import HardConcrete
 from .gates import PAPER_LOG_ALPHA_RANGE, Gate
 from .layers import L0Conv2d, L0Linear
@@ -24,6 +24,7 @@ __all__ = [
     "expected_params",
     "CostModel",
     "penalty",
+    "Penalty",
     "count_flops",
     "count_params",
     "prune",

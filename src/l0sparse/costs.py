@@ -14,12 +14,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .distributions import prob_nonzero
 from .gates import Gate
 from .graph import trace_channels
 from .layers import L0Conv2d, L0Linear, _check_lam
 from .sparsify import GateMask, gate_masks
 
-__all__ = ["expected_l0", "penalty", "gates", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
+__all__ = ["expected_l0", "penalty", "Penalty", "gates", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
 
 
 def gates(model: nn.Module) -> list[Gate]:
@@ -75,34 +76,74 @@ def penalty(model: nn.Module, lam: float | Mapping[str, float], weight_decay: fl
     the MACs (or parameters) that closing the unit saves, so λ·Σ c_g·P(z_g ≠ 0)
     is a linear estimate of the expected cost. Compute them once, before
     training: ``weights = CostModel(model, x).gate_costs("flops")``.
+
+    In a training loop build a :class:`Penalty` once and call it each step:
+    this function walks the model on every call.
     """
-    for value in (lam.values() if isinstance(lam, Mapping) else [lam]):
-        _check_lam(value, weight_decay)
-    if not (isinstance(N, int) and N >= 1):
-        raise ValueError(f"N (the training-set size) must be a positive int, got {N!r}")
-    if cost_weights is not None:
-        missing = [g for g in gates(model) if id(g) not in cost_weights]
-        if missing:
-            raise ValueError(f"cost_weights has no entry for {len(missing)} gate(s): compute it with CostModel(model, x).gate_costs() on this model")
-        terms = [(_lam_for(_gate_name(model, g), lam) * cost_weights[id(g)] * g.prob_nonzero()).sum() for g in gates(model)]
-        if weight_decay:
-            terms.append(penalty(model, 0.0, weight_decay))  # the L2 part is per weight as usual
-        return torch.stack(terms).sum() / N
-    terms = [module.penalty(_lam_for(name, lam), weight_decay) for name, module in model.named_modules()
-             if isinstance(module, (L0Linear, L0Conv2d))]
-    per_gate: dict[int, list] = {}
-    for _, module, tensor_name, mask in gate_masks(model):
-        original = module.parametrizations[tensor_name].original
-        entry = per_gate.setdefault(id(mask.gate), [mask.gate, 0.0, 0.0])
-        entry[1] = entry[1] + original.numel() // mask.gate.log_alpha.numel()  # weights per gate
-        if weight_decay:
-            entry[2] = entry[2] + mask.per_gate(original.pow(2))
-    for gate, weights_per_gate, squares in per_gate.values():
-        gate_lam = _lam_for(gate.owner or "", lam)
-        terms.append((gate.prob_nonzero() * (gate_lam * weights_per_gate + 0.5 * weight_decay * squares)).sum())
-    if not terms:
-        raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
-    return torch.stack(terms).sum() / N
+    return Penalty(model, lam, weight_decay, N, cost_weights)()
+
+
+class Penalty:
+    """:func:`penalty` prepared once: each call is one ``cat``, one sigmoid and one dot product over all gates.
+
+    The λ charge of every gate (per weight, per name, or per unit of cost) is fixed when it is built;
+    the ½·wd·θ² part, which depends on the weights, is computed per call. Rebuild it after changing
+    the model's gates (``sparsify`` again, a new layer).
+    """
+
+    def __init__(self, model: nn.Module, lam: float | Mapping[str, float], weight_decay: float = 0.0, N: int = 1,
+                 cost_weights: Mapping[int, Tensor] | None = None) -> None:
+        for value in (lam.values() if isinstance(lam, Mapping) else [lam]):
+            _check_lam(value, weight_decay)
+        if not (isinstance(N, int) and N >= 1):
+            raise ValueError(f"N (the training-set size) must be a positive int, got {N!r}")
+        self.model, self.weight_decay, self.N = model, weight_decay, N
+        charges: dict[int, list] = {}  # id(gate) -> [gate, λ·(weights or cost) per gate]
+        if cost_weights is not None:
+            missing = [g for g in gates(model) if id(g) not in cost_weights]
+            if missing:
+                raise ValueError(f"cost_weights has no entry for {len(missing)} gate(s): compute it with CostModel(model, x).gate_costs() on this model")
+            for gate in gates(model):
+                charges[id(gate)] = [gate, _lam_for(_gate_name(model, gate), lam) * cost_weights[id(gate)].detach()]
+        else:
+            for name, module in model.named_modules():
+                if isinstance(module, (L0Linear, L0Conv2d)):
+                    charges[id(module.gate)] = [module.gate, _lam_for(name, lam) * module.group_size()]
+            for _, module, tensor_name, mask in gate_masks(model):
+                entry = charges.setdefault(id(mask.gate), [mask.gate, 0.0])
+                weights_per_gate = module.parametrizations[tensor_name].original.numel() // mask.gate.log_alpha.numel()
+                entry[1] = entry[1] + _lam_for(mask.gate.owner or "", lam) * weights_per_gate
+        if not charges:
+            raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
+        # gates with equal (β, γ, ζ) share one sigmoid: usually a single group for the whole model
+        self._groups: dict[tuple, tuple[list[Gate], Tensor]] = {}
+        for gate, charge in charges.values():
+            key = (gate.beta, gate.gamma, gate.zeta)
+            members, parts = self._groups.setdefault(key, ([], []))
+            members.append(gate)
+            parts.append(torch.as_tensor(charge, dtype=gate.log_alpha.dtype).expand(gate.shape).reshape(-1))
+        self._groups = {key: (members, torch.cat(parts)) for key, (members, parts) in self._groups.items()}
+
+    def __call__(self) -> Tensor:
+        total = None
+        for (beta, gamma, zeta), (members, charge) in self._groups.items():
+            log_alpha = torch.cat([gate.log_alpha.reshape(-1) for gate in members])
+            # .to is a no-op unless the model moved device or dtype after this was built
+            term = torch.dot(prob_nonzero(log_alpha, beta, gamma, zeta), charge.to(log_alpha.device, log_alpha.dtype))
+            total = term if total is None else total + term
+        if self.weight_decay:
+            total = total + self._weight_decay_term()
+        return total / self.N
+
+    def _weight_decay_term(self) -> Tensor:
+        """Σ_g P(z_g ≠ 0) · ½·wd·Σ_{j∈g} θ_j²: changes with the weights, so computed on every call."""
+        terms = [module.penalty(0.0, self.weight_decay) for module in self.model.modules() if isinstance(module, (L0Linear, L0Conv2d))]
+        squares: dict[int, list] = {}
+        for _, module, tensor_name, mask in gate_masks(self.model):
+            entry = squares.setdefault(id(mask.gate), [mask.gate, 0.0])
+            entry[1] = entry[1] + mask.per_gate(module.parametrizations[tensor_name].original.pow(2))
+        terms += [(gate.prob_nonzero() * 0.5 * self.weight_decay * total).sum() for gate, total in squares.values()]
+        return torch.stack(terms).sum()
 
 
 def _column_probabilities(module: nn.Module, prob) -> Tensor | None:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .distributions import HardConcrete, check_hyperparameters
+from .distributions import HardConcrete, check_hyperparameters, deterministic_gates, prob_nonzero, sample_gates
 
 __all__ = ["Gate", "PAPER_LOG_ALPHA_RANGE"]
 
@@ -81,14 +81,14 @@ class Gate(nn.Module):
         return HardConcrete(log_alpha, self.beta, self.gamma, self.zeta, validate_args=False)
 
     def forward(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> Tensor:
-        distribution = self.distribution()
+        # the distribution's functions called directly: building a HardConcrete each step costs more than the math
         if self.training:
-            return distribution.rsample(sample_shape)
-        return distribution.deterministic().expand(torch.Size(sample_shape) + self.shape)
+            return sample_gates(self.log_alpha, sample_shape, self.beta, self.gamma, self.zeta)
+        return deterministic_gates(self.log_alpha, self.gamma, self.zeta).expand(torch.Size(sample_shape) + self.shape)
 
     def prob_nonzero(self) -> Tensor:
         """P(z ≠ 0) per gate, differentiable in log α."""
-        return self.distribution().prob_nonzero()
+        return prob_nonzero(self.log_alpha, self.beta, self.gamma, self.zeta)
 
     def expected_l0(self) -> Tensor:
         """Σ P(z ≠ 0): the expected number of open gates."""
@@ -97,7 +97,7 @@ class Gate(nn.Module):
     @torch.no_grad()
     def deterministic(self) -> Tensor:
         """The test-time gate values (Eq. 13), without gradient."""
-        return self.distribution().deterministic()
+        return deterministic_gates(self.log_alpha, self.gamma, self.zeta)
 
     @torch.no_grad()
     def is_active(self) -> Tensor:

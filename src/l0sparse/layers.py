@@ -110,7 +110,9 @@ class L0Linear(nn.Module):
         it carries only the L2 term.
         """
         _check_lam(lam, weight_decay)
-        per_gate = lam * self.group_size() + 0.5 * weight_decay * self.weight.pow(2).sum(0)
+        per_gate = lam * self.group_size()
+        if weight_decay:  # skip a pass over the weights (forward and backward) when there is no L2 term
+            per_gate = per_gate + 0.5 * weight_decay * self.weight.pow(2).sum(0)
         total = (self.gate.prob_nonzero() * per_gate).sum()
         if self.bias is not None and weight_decay:
             total = total + 0.5 * weight_decay * self.bias.pow(2).sum()
@@ -201,10 +203,12 @@ class L0Conv2d(nn.Module):
     def penalty(self, lam: float, weight_decay: float = 0.0) -> Tensor:
         """Σ_c P(z_c ≠ 0) · Σ_{j ∈ channel c, bias included} (λ + ½·wd·θ_j²); divide by N in the objective."""
         _check_lam(lam, weight_decay)
-        squares = self.weight.pow(2).flatten(1).sum(1)
-        if self.bias is not None:
-            squares = squares + self.bias.pow(2)
-        per_gate = lam * self.group_size() + 0.5 * weight_decay * squares
+        per_gate = lam * self.group_size()
+        if weight_decay:
+            squares = self.weight.pow(2).flatten(1).sum(1)
+            if self.bias is not None:
+                squares = squares + self.bias.pow(2)
+            per_gate = per_gate + 0.5 * weight_decay * squares
         return (self.gate.prob_nonzero() * per_gate).sum()
 
     def output_size(self, input_shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:

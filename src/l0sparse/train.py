@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .costs import expected_l0, gates, penalty
+from .costs import Penalty, expected_l0, gates
 from .files import atomic_save, atomic_write_text
 
 __all__ = ["configure_torch", "fit", "accuracy", "recalibrate_batchnorm", "ema", "run_training", "load_run"]
@@ -113,6 +113,7 @@ def fit(
     model_gates = gates(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=0.0 if model_gates else weight_decay)
     n_train = len(x)
+    l0_penalty = Penalty(model, lam, weight_decay, N=n_train) if model_gates else None
     history: list[dict[str, float]] = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for epoch in bar:
@@ -120,8 +121,8 @@ def fit(
         total_loss = 0.0
         for index in torch.randperm(n_train).split(batch_size):
             loss = F.cross_entropy(model(x[index]), y[index])
-            if model_gates:
-                loss = loss + penalty(model, lam, weight_decay, N=n_train)
+            if l0_penalty is not None:
+                loss = loss + l0_penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -260,6 +261,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
 
     from tqdm.auto import tqdm
 
+    l0_penalty = Penalty(model, config.lam, config.weight_decay, N=n_train) if gated and controller is None else None
     with _SigtermToInterrupt():
         try:
             for epoch in range(start_epoch, total_epochs):
@@ -277,7 +279,7 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                     if controller is not None:
                         loss = loss + controller.penalty()
                     elif gated:
-                        loss = loss + penalty(model, config.lam, config.weight_decay, N=n_train)
+                        loss = loss + l0_penalty()
                     elif lk_regularized:
                         loss = loss + lk_penalty(model, config.regularizer, config.lam, N=n_train)
                     optimizer.zero_grad(set_to_none=True)
