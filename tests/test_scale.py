@@ -1,15 +1,20 @@
 """torch.compile and DistributedDataParallel with gated models."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+import torch.nn.functional as F
 
 import l0sparse
 from models import TinyResNet
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def test_gate_path_compiles_without_graph_breaks():
@@ -60,3 +65,72 @@ def test_ddp_keeps_gates_identical_across_ranks(tmp_path):
     torch.manual_seed(0)
     initial = l0sparse.L0MLP((12, 8, 3)).l0_layers()[0].gate.log_alpha.tolist()
     assert ranks[0]["log_alpha"][0] != initial  # training moved them
+
+
+def test_l0sparse_train_runs_under_torchrun(tmp_path):
+    """`l0sparse train` launched by torchrun on 2 CPU processes: each rank takes half of every epoch,
+    the gates stay identical on both ranks, rank 0 writes a run that loads and resumes (docs/scale.md)."""
+    from l0sparse.data import load_digits_split
+    from l0sparse.train import load_run
+
+    out = tmp_path / "run"
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "l0sparse", "train",
+              str(RECIPES / "mlp-digits.toml"), "--out", str(out), "--no-progress"]
+    completed = subprocess.run(launch + ["--set", "epochs=2"], capture_output=True, text=True, timeout=300, env=environment)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    n_train = len(load_digits_split().y_train)
+    batch_size = json.loads((out / "config.json").read_text())["batch_size"]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert record["world_size"] == 2 and record["gates_identical_on_ranks"] is True
+        assert record["examples"] == 2 * (n_train // 2)  # both halves, the odd example left out
+        assert record["steps"] == math.ceil((n_train // 2) / batch_size)  # each rank steps through its half
+    _, model, data = load_run(out)
+    assert l0sparse.train.accuracy(model, data.x_test, data.y_test) > 0.5  # learned something in 2 epochs
+    resumed = subprocess.run(launch[:-3] + ["--out", str(out), "--resume", "--set", "epochs=3", "--no-progress"],
+                             capture_output=True, text=True, timeout=300, env=environment)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert not list(out.glob("*.tmp"))
+
+
+def _close_most_gates(model, generator):
+    """Half the gates firmly closed (log α = -12: P(z ≠ 0) ≈ 1e-4), the rest spread over [-3, 3]."""
+    with torch.no_grad():
+        for gate in l0sparse.costs.gates(model):
+            values = torch.empty(gate.shape, dtype=gate.log_alpha.dtype).uniform_(-3, 3, generator=generator)
+            closed = torch.rand(gate.shape, generator=generator) < 0.5
+            gate.log_alpha.copy_(torch.where(closed, torch.full_like(values, -12.0), values))
+
+
+@pytest.mark.parametrize("per_example_noise", [True, False], ids=["per-example", "shared"])
+@pytest.mark.parametrize("name", ["mlp", "lenet5"])
+def test_conditional_computation_is_exact(name, per_example_noise):
+    """The conditional forward equals the plain one, outputs and every gradient, in training and eval,
+    with the same seed: it draws the same gates and skips only exact zeros."""
+    torch.manual_seed(0)
+    build = {"mlp": lambda **kw: l0sparse.L0MLP((784, 60, 30, 10), **kw), "lenet5": lambda **kw: l0sparse.L0LeNet5(**kw)}[name]
+    plain = build(per_example_noise=per_example_noise).double()
+    _close_most_gates(plain, torch.Generator().manual_seed(1))
+    conditional = build(per_example_noise=per_example_noise, conditional=True).double()
+    conditional.load_state_dict(plain.state_dict())
+    x, y = torch.randn(32, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (32,))
+    for mode in ("train", "eval"):
+        results = []
+        for model in (plain, conditional):
+            model.train(mode == "train")
+            model.zero_grad()
+            torch.manual_seed(2)
+            out = model(x)
+            F.cross_entropy(out, y).backward()
+            results.append((out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (out_plain, grads_plain), (out_conditional, grads_conditional) = results
+        # float64 sums of up to 800 terms in another order: 800 ulps of the largest magnitude
+        eps = torch.finfo(torch.float64).eps
+        torch.testing.assert_close(out_conditional, out_plain, rtol=0, atol=800 * eps * float(out_plain.abs().max()))
+        for key, grad in grads_plain.items():
+            torch.testing.assert_close(grads_conditional[key], grad, rtol=0, atol=800 * eps * max(1.0, float(grad.abs().max())))
+    # the conditional path really skipped units: some gates were closed for the whole batch
+    assert any(float((g.deterministic() == 0).float().mean()) > 0.3 for g in l0sparse.costs.gates(plain))

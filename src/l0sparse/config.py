@@ -32,7 +32,8 @@ class TrainConfig:
     usual thresholding: weights (group RMS) below ``threshold`` are set to
     zero; by default the threshold is ``lr``, because Adam keeps a weight
     that L1 pins at zero oscillating within about one step size of it. L2
-    is not thresholded: it shrinks without zeroing.
+    is not thresholded: it shrinks without zeroing. ``conditional = true``
+    computes only the open units (the paper's layers; see ``L0MLP``).
     """
 
     model: str = "mlp"
@@ -51,6 +52,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     droprate_init: float = 0.5
     per_example_noise: bool = True
+    conditional: bool = False
     gates: str = "units"
     threshold: float | None = None
     seed: int = 0
@@ -74,6 +76,7 @@ class TrainConfig:
             ("weight_decay", _number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
             ("droprate_init", _number(self.droprate_init) and 0 < self.droprate_init < 1, "a number in (0, 1)"),
             ("per_example_noise", isinstance(self.per_example_noise, bool), "true or false"),
+            ("conditional", isinstance(self.conditional, bool), "true or false"),
             ("gates", self.gates in ("units", "weights"), "'units' (the paper's layers) or 'weights' (one gate per weight)"),
             ("seed", _int(self.seed), "an int"),
         ]
@@ -82,6 +85,8 @@ class TrainConfig:
                 raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: must be {allowed}")
         if self.regularizer == "magnitude" and (self.target is None or self.metric != "flops"):
             raise ValueError("config key 'target': regularizer 'magnitude' needs a FLOPs target (target = 0.1, metric = 'flops')")
+        if self.conditional and (self.regularizer != "l0" or self.gates != "units"):
+            raise ValueError("config key 'conditional' = true: needs regularizer = 'l0' with gates = 'units' (the paper's layers)")
         if self.model == "lenet5" and self.data not in ("fashion-mnist", "mnist-5k"):
             raise ValueError(f"config key 'data' = {self.data!r}: model 'lenet5' needs 28×28 images (fashion-mnist or mnist-5k)")
         return self

@@ -93,10 +93,20 @@ class L0Linear(nn.Module):
             bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
+    def gate_values(self, batch_shape: torch.Size | tuple[int, ...]) -> Tensor:
+        """The gates this forward multiplies by: ``batch_shape + (in_features,)`` per-example samples in
+        training with ``per_example_noise``, else one ``(in_features,)`` vector (a sample, or Eq. 13 in eval)."""
+        return self.gate(batch_shape) if self.per_example_noise and self.training else self.gate()
+
     def forward(self, input: Tensor) -> Tensor:
-        if self.per_example_noise and self.training:
-            return F.linear(input * self.gate(input.shape[:-1]), self.weight, self.bias)
-        return F.linear(input, self.weight * self.gate(), self.bias)
+        return self.gated_linear(input, self.gate_values(input.shape[:-1]), self.weight, self.bias)
+
+    @staticmethod
+    def gated_linear(input: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``F.linear`` with input gates ``z``: per-example gates scale the input, a shared vector the weight."""
+        if z.dim() > 1:
+            return F.linear(input * z, weight, bias)
+        return F.linear(input, weight * z, bias)
 
     def group_size(self) -> int:
         """Weights controlled by one gate: a column of the weight matrix."""
@@ -188,13 +198,19 @@ class L0Conv2d(nn.Module):
     def _conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def gate_values(self, batch_size: int) -> Tensor:
+        """``(batch_size, out_channels)`` per-example samples in training with ``per_example_noise``,
+        else one ``(out_channels,)`` vector (a sample, or Eq. 13 in eval)."""
+        return self.gate((batch_size,)) if self.per_example_noise and self.training else self.gate()
+
     def forward(self, input: Tensor) -> Tensor:
-        if self.per_example_noise and self.training:
-            z = self.gate(input.shape[:1])  # (batch, out_channels)
-            return self._conv(input, self.weight, self.bias) * z[:, :, None, None]
-        z = self.gate()
-        bias = None if self.bias is None else self.bias * z
-        return self._conv(input, self.weight * z[:, None, None, None], bias)
+        return self.gated_conv(input, self.gate_values(input.shape[0]), self.weight, self.bias)
+
+    def gated_conv(self, input: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """This layer's convolution with output-channel gates ``z`` on ``weight`` (all or some of its channels)."""
+        if z.dim() > 1:
+            return self._conv(input, weight, bias) * z[:, :, None, None]
+        return self._conv(input, weight * z[:, None, None, None], None if bias is None else bias * z)
 
     def group_size(self) -> int:
         """Weights controlled by one gate: the channel's filter, plus its bias."""

@@ -5,11 +5,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import L0Conv2d, L0Linear
 
 __all__ = ["L0MLP", "L0LeNet5", "LeNet5", "mlp", "mlp_counts", "build_model"]
+
+
+def _open_index(z: Tensor) -> Tensor:
+    """Indices of the units whose gate is non-zero (for any example, when ``z`` has a batch dimension)."""
+    is_open = z != 0
+    if z.dim() > 1:
+        is_open = is_open.flatten(0, -2).any(0)
+    return is_open.nonzero().squeeze(1)
+
+
+def _select(tensor: Tensor | None, dim: int, index: Tensor | None) -> Tensor | None:
+    """``tensor.index_select(dim, index)``; ``None`` passes through (no bias, or keep everything)."""
+    return tensor if tensor is None or index is None else tensor.index_select(dim, index)
 
 
 def mlp_counts(layer_inputs: Sequence[int], out_features: int) -> tuple[int, int]:
@@ -28,10 +42,24 @@ class L0MLP(nn.Module):
 
     Each layer gates its inputs, so the paper's architecture string lists the
     kept inputs of each layer.
+
+    Args:
+        sizes: input width, hidden widths, output width.
+        conditional: compute only the units whose gate is non-zero (in training,
+            for at least one example of the batch; in eval, the test-time gates).
+            Every gate is drawn first, then each layer multiplies only the rows
+            and columns that its own gates and the next layer's gates leave open.
+            Exact (closed units contribute 0 and get 0 gradient either way), with
+            the plain forward's random stream. It saves time once most units are
+            closed, most with one shared sample per step
+            (``per_example_noise=False``): a per-example sample keeps a unit if
+            any example of the batch opens it. See docs/scale.md.
+        **gate_kwargs: passed to every :class:`L0Linear`.
     """
 
-    def __init__(self, sizes: Sequence[int] = (784, 300, 100, 10), **gate_kwargs) -> None:
+    def __init__(self, sizes: Sequence[int] = (784, 300, 100, 10), conditional: bool = False, **gate_kwargs) -> None:
         super().__init__()
+        self.conditional = conditional
         if len(sizes) < 2 or any(int(s) <= 0 for s in sizes):
             raise ValueError(f"sizes must list at least two positive widths, got {tuple(sizes)}")
         self.sizes = tuple(int(s) for s in sizes)
@@ -43,7 +71,22 @@ class L0MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.conditional:
+            return self._conditional_forward(input.flatten(1))
         return self.layers(input.flatten(1))
+
+    def _conditional_forward(self, hidden: Tensor) -> Tensor:
+        layers = self.l0_layers()
+        gate_values = [layer.gate_values(hidden.shape[:1]) for layer in layers]  # in layer order, as the plain forward
+        open_inputs = [_open_index(z) for z in gate_values] + [None]  # the last layer keeps all its outputs
+        hidden = hidden.index_select(1, open_inputs[0])
+        for index, (layer, z) in enumerate(zip(layers, gate_values)):
+            columns, rows = open_inputs[index], open_inputs[index + 1]
+            weight = _select(layer.weight.index_select(1, columns), 0, rows)
+            hidden = layer.gated_linear(hidden, z.index_select(-1, columns), weight, _select(layer.bias, 0, rows))
+            if rows is not None:
+                hidden = torch.relu(hidden)
+        return hidden
 
     def l0_layers(self) -> list[L0Linear]:
         return [layer for layer in self.layers if isinstance(layer, L0Linear)]
@@ -64,10 +107,20 @@ class L0MLP(nn.Module):
 
 
 class L0LeNet5(nn.Module):
-    """LeNet-5-Caffe (20-50-800-500) with the paper's gates: conv output channels, FC inputs."""
+    """LeNet-5-Caffe (20-50-800-500) with the paper's gates: conv output channels, FC inputs.
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, **gate_kwargs) -> None:
+    Args:
+        in_channels, num_classes, image_size: of the input images and the labels.
+        conditional: as in :class:`L0MLP`: convolve only the open channels of
+            conv1 and conv2 (conv2 reading only conv1's open ones) and multiply
+            only fc1's open input features and fc2's open inputs.
+        **gate_kwargs: passed to every L0 layer.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, conditional: bool = False,
+                 **gate_kwargs) -> None:
         super().__init__()
+        self.conditional = conditional
         self.conv1 = L0Conv2d(in_channels, 20, 5, **gate_kwargs)
         self.conv2 = L0Conv2d(20, 50, 5, **gate_kwargs)
         side = ((image_size - 4) // 2 - 4) // 2
@@ -76,10 +129,34 @@ class L0LeNet5(nn.Module):
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.conditional:
+            return self._conditional_forward(input)
         hidden = self.pool(torch.relu(self.conv1(input)))
         hidden = self.pool(torch.relu(self.conv2(hidden)))
         hidden = torch.relu(self.fc1(hidden.flatten(1)))
         return self.fc2(hidden)
+
+    def _conditional_forward(self, input: Tensor) -> Tensor:
+        batch = input.shape[0]
+        z_conv1, z_conv2 = self.conv1.gate_values(batch), self.conv2.gate_values(batch)
+        z_fc1, z_fc2 = self.fc1.gate_values((batch,)), self.fc2.gate_values((batch,))
+        channels1, channels2 = _open_index(z_conv1), _open_index(z_conv2)
+        weight = self.conv1.weight.index_select(0, channels1)
+        hidden = self.conv1.gated_conv(input, z_conv1.index_select(-1, channels1), weight, _select(self.conv1.bias, 0, channels1))
+        hidden = self.pool(torch.relu(hidden))
+        weight = self.conv2.weight.index_select(0, channels2).index_select(1, channels1)
+        hidden = self.conv2.gated_conv(hidden, z_conv2.index_select(-1, channels2), weight, _select(self.conv2.bias, 0, channels2))
+        hidden = self.pool(torch.relu(hidden)).flatten(1)
+        # fc1's input features of the open conv2 channels, in flatten order; then those fc1's gates leave open
+        per_channel = self.fc1.in_features // self.conv2.out_channels
+        features = (channels2[:, None] * per_channel + torch.arange(per_channel, device=input.device)).flatten()
+        kept = _open_index(z_fc1.index_select(-1, features))
+        columns, rows = features.index_select(0, kept), _open_index(z_fc2)
+        weight = self.fc1.weight.index_select(1, columns).index_select(0, rows)
+        hidden = self.fc1.gated_linear(hidden.index_select(1, kept), z_fc1.index_select(-1, columns), weight,
+                                       _select(self.fc1.bias, 0, rows))
+        hidden = torch.relu(hidden)
+        return self.fc2.gated_linear(hidden, z_fc2.index_select(-1, rows), self.fc2.weight.index_select(1, rows), self.fc2.bias)
 
     def architecture(self) -> str:
         """The paper's notation, e.g. ``20-50-800-500 -> 20-25-45-462``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -155,7 +156,8 @@ def model_for(config, data) -> nn.Module:
         model = build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=False)
         return sparsify(model, rules={nn.Linear: "weight", nn.Conv2d: "weight"}, droprate_init=config.droprate_init)
     return build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=gated,
-                       droprate_init=config.droprate_init, per_example_noise=config.per_example_noise)
+                       droprate_init=config.droprate_init, per_example_noise=config.per_example_noise,
+                       conditional=config.conditional)
 
 
 def _optimizer_for(model: nn.Module, config) -> torch.optim.Optimizer:
@@ -187,6 +189,68 @@ class _SigtermToInterrupt:
         return False
 
 
+class _Distributed:
+    """The process group ``torchrun`` asks for (gloo), or a single process: rank 0 of 1.
+
+    Entered once per run: it initialises the group from torchrun's environment
+    (RANK, WORLD_SIZE, MASTER_ADDR, ...) unless the caller already did, and
+    tears down only what it started.
+    """
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self._started = 0, False
+
+    def __enter__(self) -> "_Distributed":
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+                self._started = True
+            self.rank = dist.get_rank()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._started:
+            import torch.distributed as dist
+
+            if exc[0] is None:
+                dist.barrier()  # every rank done before gloo tears down
+            dist.destroy_process_group()
+        return False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64, so counts stay exact)."""
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+
 def run_training(config, out_dir, resume: bool = False, force: bool = False, threads: int | None = 1,
                  progress: bool = True, on_epoch_end=None) -> list[dict]:
     """Train as ``config`` says, writing ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` to ``out_dir``.
@@ -197,7 +261,18 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     uninterrupted run with the same seed. An existing run directory is
     never overwritten without ``force``. SIGINT and SIGTERM stop the run
     with its last complete checkpoint in place.
+
+    Launched by ``torchrun`` (WORLD_SIZE > 1) it trains with
+    DistributedDataParallel over gloo: each rank takes a disjoint share of
+    every epoch in batches of ``batch_size`` (so a step sees world_size ×
+    batch_size examples), draws its gate noise from ``seed + rank``, and
+    rank 0 alone writes the run directory (docs/scale.md).
     """
+    with _Distributed() as group:
+        return _run_training(config, out_dir, resume, force, threads, progress, on_epoch_end, group)
+
+
+def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_end, group: _Distributed) -> list[dict]:
     from .baselines import magnitude_prune
     from .config import TrainConfig
     from .control import TargetController
@@ -213,12 +288,16 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
             raise FileNotFoundError(f"--resume: no checkpoint in {out_dir}")
         saved = json.loads((out_dir / CONFIG_FILE).read_text())
         config = TrainConfig(**{**saved, "epochs": config.epochs if config is not None else saved["epochs"]}).validate()
-    elif out_dir.exists() and any(out_dir.iterdir()):
-        if not force:
-            raise FileExistsError(f"run directory {out_dir} exists and is not empty: pass --force to overwrite it or --resume to continue it")
-        for name in (CHECKPOINT, METRICS_FILE, CONFIG_FILE):
-            (out_dir / name).unlink(missing_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    elif out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise FileExistsError(f"run directory {out_dir} exists and is not empty: pass --force to overwrite it or --resume to continue it")
+    if config.regularizer == "magnitude" and group.world_size > 1:
+        raise ValueError("config key 'regularizer' = 'magnitude': the baseline does not run distributed (it restructures the model mid-run)")
+    group.barrier()  # every rank has checked the directory before rank 0 changes it
+    if group.is_main:
+        if not resume:
+            for name in (CHECKPOINT, METRICS_FILE, CONFIG_FILE):
+                (out_dir / name).unlink(missing_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
     configure_torch(threads)
 
     # data, model, optimizer, and the size controller if a target is set
@@ -228,7 +307,15 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     example = data.x_train[:2]
     gated = config.regularizer == "l0"
     optimizer = _optimizer_for(model, config)
-    steps_per_epoch = math.ceil(len(data.x_train) / config.batch_size)
+    n_train = len(data.x_train)
+    # under DDP each rank takes an equal, disjoint share of the epoch: the remainder of n / world_size is left out
+    per_rank = n_train // group.world_size
+    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    forward = model
+    if group.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model)  # broadcasts rank 0's weights; averages gradients each step
     controller = None
     if gated and config.target is not None:
         controller = TargetController(model, config.target, config.metric, example_inputs=example,
@@ -236,7 +323,6 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     cost_model = CostModel(model, example) if gated else None
     dense_flops = count_flops(plain_copy(model), example)
     dense_params = count_params(plain_copy(model))
-    n_train = len(data.x_train)
 
     magnitude = config.regularizer == "magnitude"
     lk_regularized = config.regularizer in ("l1", "group_l1", "l2")
@@ -252,12 +338,20 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
         optimizer.load_state_dict(state["optimizer"])
         if controller is not None:
             controller.load_state_dict(state["controller"])
-        torch.set_rng_state(state["rng"])
+        rng_per_rank = state.get("rng_per_rank", [state["rng"]])
+        if len(rng_per_rank) != group.world_size:
+            raise ValueError(f"--resume: the checkpoint was written by {len(rng_per_rank)} process(es); resume it with as many, not {group.world_size}")
+        torch.set_rng_state(rng_per_rank[group.rank])
         start_epoch = state["epoch"]
         history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:start_epoch]
-        atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)  # drop lines past the checkpoint
+        group.barrier()  # every rank has read the metrics before rank 0 trims them
+        if group.is_main:
+            atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)  # drop lines past the checkpoint
     else:
-        atomic_write_text(json.dumps(config.to_dict(), indent=1), out_dir / CONFIG_FILE)
+        if group.is_main:
+            atomic_write_text(json.dumps(config.to_dict(), indent=1), out_dir / CONFIG_FILE)
+        if group.world_size > 1:
+            torch.manual_seed(config.seed + group.rank)  # the same initial model everywhere, then each rank its own noise
 
     from tqdm.auto import tqdm
 
@@ -270,11 +364,16 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                 started = time.perf_counter()
                 model.train()
                 total_loss, correct = 0.0, 0
-                bar = tqdm(torch.randperm(n_train).split(config.batch_size), desc=f"epoch {epoch + 1}/{total_epochs}",
-                           disable=not progress, leave=False)
+                if group.world_size == 1:
+                    order = torch.randperm(n_train)
+                else:  # one permutation on every rank (its own generator), each rank its slice of it
+                    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+                    order = order[group.rank:per_rank * group.world_size:group.world_size]
+                bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch + 1}/{total_epochs}",
+                           disable=not (progress and group.is_main), leave=False)
                 for index in bar:
                     x, y = data.x_train[index], data.y_train[index]
-                    logits = model(x)
+                    logits = forward(x)
                     loss = F.cross_entropy(logits, y)
                     if controller is not None:
                         loss = loss + controller.penalty()
@@ -290,8 +389,13 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                     total_loss += float(loss.detach()) * len(index)
                     correct += int((logits.argmax(-1) == y).sum())
                     bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-                record = {"epoch": epoch + 1, "train_loss": total_loss / n_train, "train_accuracy": correct / n_train,
+                total_loss, correct, seen = group.sum([total_loss, correct, len(order)])
+                record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
                           "test_accuracy": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - started}
+                if group.world_size > 1:
+                    log_alphas = [g.log_alpha.detach().flatten().tolist() for g in gates(model)]
+                    record.update({"world_size": group.world_size, "steps": len(bar), "examples": int(seen),
+                                   "gates_identical_on_ranks": all(other == log_alphas for other in group.gather(log_alphas))})
                 if gated:
                     with torch.no_grad():
                         expected = cost_model.costs()
@@ -308,14 +412,17 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                     record.update(sparsity(threshold_(copy.deepcopy(model), config.regularizer, config.threshold_value)))
                 elif lk_regularized:
                     record.update(sparsity(model))
+                rng_per_rank = group.gather(torch.get_rng_state())
                 # the metrics line first, then the checkpoint: a resumed run trims lines past its checkpoint
-                with open(metrics_path, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "controller": None if controller is None else controller.state_dict(),
-                              "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": config.to_dict()}, checkpoint_path)
+                if group.is_main:
+                    with open(metrics_path, "a") as handle:
+                        handle.write(json.dumps(record) + "\n")
+                    atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "controller": None if controller is None else controller.state_dict(),
+                                 "epoch": epoch + 1, "rng": rng_per_rank[0], "config": config.to_dict(),
+                                 **({"rng_per_rank": rng_per_rank} if group.world_size > 1 else {})}, checkpoint_path)
                 history.append(record)
-                if progress:
+                if progress and group.is_main:
                     shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "test_accuracy", "expected_l0", "flops_kept")}
                     tqdm.write(f"epoch {epoch + 1}/{total_epochs} " + " ".join(f"{k}={v}" for k, v in shown.items()))
                 if on_epoch_end is not None:

@@ -1,0 +1,99 @@
+"""Conditional computation along a training run: step time of L0MLP with and without it, beside dense.
+
+MLP 784-300-100 on Fashion-MNIST (λ = 0.1/N per weight, gates at lr 1e-2:
+about 25% of the FLOPs are left after ~10 epochs), batch 100, Adam, one
+thread. Five models train side by side in one process, stepping in turn on
+the same batches: the dense MLP, and L0MLP with per-example noise and with
+one shared sample per step, each plain and with ``conditional=True``. A
+plain model and its conditional twin keep their own RNG state, so they draw
+the same gates and follow the same trajectory up to float reordering. Per
+epoch: the median step time of each, the FLOPs the test-time gates keep,
+and the test accuracy. Writes benchmarks/results/conditional.json.
+
+Run:  .venv/bin/python benchmarks/conditional.py [--epochs 20 --data fashion-mnist]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_json  # noqa: E402
+
+import l0sparse  # noqa: E402
+from l0sparse.data import load_dataset  # noqa: E402
+from l0sparse.models import mlp  # noqa: E402
+from l0sparse.train import accuracy, configure_torch  # noqa: E402
+
+VARIANTS = {  # name: (per_example_noise, conditional)
+    "per-example noise": (True, False),
+    "per-example noise, conditional": (True, True),
+    "shared sample": (False, False),
+    "shared sample, conditional": (False, True),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default="fashion-mnist")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lam", type=float, default=0.1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "conditional.json")
+    args = parser.parse_args()
+    configure_torch(args.threads)
+    data = load_dataset(args.data)
+    sizes = (data.num_features, 300, 100, data.num_classes)
+    n_train = len(data.x_train)
+
+    torch.manual_seed(0)
+    models = {"dense": mlp(sizes)}
+    for name, (per_example, conditional) in VARIANTS.items():
+        torch.manual_seed(0)  # the same initial weights and gates for every gated variant
+        models[name] = l0sparse.L0MLP(sizes, per_example_noise=per_example, conditional=conditional)
+    optimizers, penalties = {}, {}
+    for name, model in models.items():
+        gate_ids = {id(g.log_alpha) for g in l0sparse.costs.gates(model)}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3}]
+        if gate_ids:
+            groups.append({"params": [g.log_alpha for g in l0sparse.costs.gates(model)], "lr": 1e-2})
+            penalties[name] = l0sparse.Penalty(model, args.lam, N=n_train)
+        optimizers[name] = torch.optim.Adam(groups)
+    rng_states = {name: torch.get_rng_state() for name in models}  # twins draw the same gates
+    dense_flops = l0sparse.count_flops(models["dense"], data.x_test[:2])
+    batches = torch.Generator().manual_seed(1)
+    rows = []
+    for epoch in range(1, args.epochs + 1):
+        times = {name: [] for name in models}
+        for index in torch.randperm(n_train, generator=batches).split(100):
+            x, y = data.x_train[index], data.y_train[index]
+            for name, model in models.items():
+                torch.set_rng_state(rng_states[name])
+                start = time.perf_counter()
+                loss = F.cross_entropy(model(x), y)
+                if name in penalties:
+                    loss = loss + penalties[name]()
+                optimizers[name].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[name].step()
+                times[name].append(time.perf_counter() - start)
+                rng_states[name] = torch.get_rng_state()
+        dense_step = statistics.median(times["dense"])
+        for name, model in models.items():
+            row = {"epoch": epoch, "variant": name, "median_step_ms": 1000 * statistics.median(times[name]),
+                   "ratio_to_dense": statistics.median(times[name]) / dense_step,
+                   "test_accuracy": accuracy(model, data.x_test, data.y_test)}
+            if name in penalties:
+                row["flops_kept"] = model.counts()["kept_flops"] / dense_flops
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        save_json({"threads": args.threads, "data": args.data, "lam": args.lam, "rows": rows}, args.out)
+
+
+if __name__ == "__main__":
+    main()
