@@ -78,6 +78,27 @@ class AttentionNet(nn.Module):
         return self.head(self.norm(self.encoder(x)).mean(1))
 
 
+class PreNormAttentionNet(nn.Module):
+    """Attention called with its weights left unread, a pre-norm GELU encoder layer, and a masked call
+    that prune must leave whole; batch first or (length, batch, features)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, length: int = 5, batch_first: bool = True) -> None:
+        super().__init__()
+        self.register_buffer("causal", torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1))
+        self.attention = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoderLayer(dim, heads, 24, dropout=0.0, activation="gelu", norm_first=True,
+                                                  batch_first=batch_first)
+        self.masked = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.head = nn.Linear(dim, 3)
+        self.sequence_dim = 1 if batch_first else 0
+
+    def forward(self, x):
+        x = x + self.attention(x, x, x)[0]
+        x = self.encoder(x)
+        x = x + self.masked(x, x, x, attn_mask=self.causal, need_weights=False)[0]
+        return self.head(x.mean(self.sequence_dim))
+
+
 def mlp(sizes=(20, 16, 12, 4)) -> nn.Sequential:
     layers = []
     for index, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):

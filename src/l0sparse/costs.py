@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -165,14 +166,23 @@ def _column_probabilities(module: nn.Module, prob) -> Tensor | None:
     return result
 
 
-def _attention_flops(attention: nn.MultiheadAttention, query_length: int, key_length: int) -> int:
-    """MACs per example of multi-head attention: Q/K/V and output projections, scores and weighted values.
+def _attention_cost(attention: nn.MultiheadAttention, query_length: int, key_length: int, heads=None) -> tuple:
+    """(MACs per example, parameters) of multi-head attention with ``heads`` of its heads (all by default).
 
-    Heads are counted in full: l0sparse gates heads but does not remove them physically yet.
+    MACs: Q/K/V and output projections, scores and weighted values. ``heads`` may be a tensor (an
+    expected count); both costs are linear in it, plus the output bias and any bias_k/bias_v.
     """
     embed = attention.embed_dim
-    projections = (query_length + 2 * key_length) * embed * embed + query_length * embed * embed
-    return projections + 2 * query_length * key_length * embed
+    inner = (attention.num_heads if heads is None else heads) * (embed // attention.num_heads)
+    flops = (query_length + 2 * key_length) * embed * inner + query_length * inner * embed + 2 * query_length * key_length * inner
+    in_bias = 3 if attention.in_proj_bias is not None else 0
+    fixed = sum(t.numel() for t in (attention.out_proj.bias, attention.bias_k, attention.bias_v) if t is not None)
+    return flops, inner * (3 * embed + in_bias + embed) + fixed
+
+
+def _attention_flops(attention: nn.MultiheadAttention, query_length: int, key_length: int) -> int:
+    """MACs per example of multi-head attention with all its heads."""
+    return _attention_cost(attention, query_length, key_length)[0]
 
 
 def _tokens(attention: nn.MultiheadAttention, tensor: Tensor) -> int:
@@ -198,8 +208,9 @@ class CostModel:
     are treated as independent. With ``deterministic=True`` the test-time
     gates (Eq. 13) replace the probabilities and the counts are exactly what
     :func:`l0sparse.prune` leaves. Per-weight gates lower costs only where a
-    whole column closes (a dense kernel computes zeros too). Attention heads
-    are counted in full (they are gated but not removed).
+    whole column closes (a dense kernel computes zeros too). Attention counts
+    its kept heads where :func:`l0sparse.prune` removes closed ones (calls
+    without masks that read only the output), all heads elsewhere.
     """
 
     def __init__(self, model: nn.Module, example_inputs) -> None:
@@ -211,11 +222,9 @@ class CostModel:
         model.train(was_training)
         self.model = model
         self.modules = dict(model.named_modules())
-        self._attention_flops = 0
-        for name, (query, key) in self.graph.attention_shapes.items():
-            attention = self.modules[name]
-            self._attention_flops += _attention_flops(attention, _tokens(attention, torch.empty(query)), _tokens(attention, torch.empty(key)))
-        handled = set()
+        self._attention_lengths = {name: (_tokens(self.modules[name], torch.empty(query)), _tokens(self.modules[name], torch.empty(key)))
+                                   for name, (query, key) in self.graph.attention_shapes.items()}
+        handled = {id(p) for name in self._attention_lengths for p in self.modules[name].parameters()}
         for name in self.graph.shapes:
             module = self.modules[name]
             if isinstance(module, nn.TransformerEncoderLayer):
@@ -227,6 +236,18 @@ class CostModel:
             handled |= {id(p) for p in self.modules[follower].parameters(recurse=False)}
         gate_parameters = {id(g.log_alpha) for g in gates(model)}
         self._fixed_params = sum(p.numel() for p in _unique_parameters(model) if id(p) not in handled and id(p) not in gate_parameters)
+
+    def _attention(self, name: str, query_length: int, key_length: int, prob, deterministic: bool) -> tuple:
+        """(MACs, parameters) of the attention module ``name``: its kept heads where prune removes closed ones."""
+        attention = self.modules[name]
+        heads = None
+        if name in self.graph.removable_heads:
+            columns = _column_probabilities(attention.out_proj, prob)  # a head's gate covers its block of columns
+            if columns is not None:
+                heads = columns.sum() / (attention.embed_dim // attention.num_heads)
+                if deterministic:
+                    heads = heads.clamp(min=1)
+        return _attention_cost(attention, query_length, key_length, heads)
 
     def _columns(self, name: str, prob, cache: dict) -> Tensor | None:
         if name not in cache:
@@ -254,6 +275,9 @@ class CostModel:
             prob = _open_indicator if deterministic else _open_probability
         cache: dict[str, Tensor | None] = {}
         flops, params = torch.zeros(()), torch.zeros(()) + self._fixed_params
+        for name, (query_length, key_length) in self._attention_lengths.items():  # attention modules called on their own
+            attention_flops, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
+            flops, params = flops + attention_flops, params + attention_params
         for name, (in_shape, out_shape) in self.graph.shapes.items():
             module = self.modules[name]
             if isinstance(module, nn.TransformerEncoderLayer):
@@ -263,11 +287,14 @@ class CostModel:
                 if deterministic:
                     units = units.clamp(min=1)
                 embed, full_units = module.linear1.in_features, module.linear1.out_features
-                flops = flops + _attention_flops(module.self_attn, tokens, tokens) + 2 * tokens * embed * units
+                attention_flops, attention_params = self._attention(f"{name}.self_attn", tokens, tokens, prob, deterministic)
+                flops = flops + attention_flops + 2 * tokens * embed * units
                 feed_forward = 2 * embed * full_units + full_units
                 everything = sum(p.numel() for p in _unique_parameters(module) if id(p) not in {id(g.log_alpha) for g in gates(module)})
-                params = params + everything - feed_forward + units * (2 * embed + 1)
+                full_attention = _attention_cost(module.self_attn, tokens, tokens)[1]
+                params = params + everything - feed_forward - full_attention + attention_params + units * (2 * embed + 1)
                 continue
+
             if isinstance(module, (nn.Linear, L0Linear)):
                 positions, per_pair = math.prod(out_shape[1:-1]), 1
                 n_out, n_in = module.out_features, module.in_features
@@ -305,7 +332,7 @@ class CostModel:
             for follower in space.followers:
                 per_channel = sum(p.numel() for p in self.modules[follower].parameters(recurse=False)) / space.size
                 params = params + per_channel * kept
-        return {"flops": flops + self._attention_flops, "params": params}
+        return {"flops": flops, "params": params}
 
     def gate_costs(self, metric: str = "flops") -> dict[int, Tensor]:
         """Per gate, what closing each of its units alone saves with every other gate open (``id(gate)`` → tensor)."""
@@ -340,12 +367,29 @@ def expected_params(model: nn.Module, example_inputs, deterministic: bool = Fals
     return CostModel(model, example_inputs).params(deterministic)
 
 
+class _CountAttention(torch.overrides.TorchFunctionMode):
+    """Counts MACs of ``F.scaled_dot_product_attention`` calls made outside attention modules (a pruned model's)."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch, self.macs, self.inside_modules = batch, 0, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention and not self.inside_modules:
+            query, key = args[0], args[1]
+            # scores and weighted values: 2 · heads · L_q · L_k · head_dim per example
+            self.macs += 2 * query.shape[:-1].numel() * key.shape[-2] * query.shape[-1] // self.batch
+        return func(*args, **(kwargs or {}))
+
+
 def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> int | dict[str, int]:
-    """MACs per example of every plain Linear and conv, counted by running ``model`` once with hooks.
+    """MACs per example of every plain Linear, conv and attention, counted by running ``model`` once with hooks.
 
     For a gated model this is the dense count; use :func:`expected_flops`
     with ``deterministic=True`` for what pruning leaves. ``per_module=True``
-    returns ``{module name: MACs}``.
+    returns ``{module name: MACs}``; calls of ``scaled_dot_product_attention``
+    outside attention modules (a pruned model's attention) are counted under
+    ``"scaled_dot_product_attention"``.
     """
     example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     batch = example_inputs[0].shape[0]
@@ -368,15 +412,22 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     counted_types = (nn.Linear, nn.modules.conv._ConvNd, nn.TransformerEncoderLayer, nn.MultiheadAttention)
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, counted_types) and not isinstance(m, nn.modules.conv._ConvTransposeNd) and id(m) not in inside_attention]
+    counter = _CountAttention(batch)
+    for module in model.modules():  # their own scaled_dot_product_attention calls are in their hook's count
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):
+            handles.append(module.register_forward_pre_hook(lambda *_: setattr(counter, "inside_modules", counter.inside_modules + 1)))
+            handles.append(module.register_forward_hook(lambda *_: setattr(counter, "inside_modules", counter.inside_modules - 1)))
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model(*example_inputs)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    if counter.macs:
+        counted["scaled_dot_product_attention"] = counter.macs
     return counted if per_module else sum(counted.values())
 
 

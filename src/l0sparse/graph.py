@@ -89,6 +89,9 @@ class ChannelGraph:
         self.module_input = module_input  # module name -> space of its input channels
         self.shapes = shapes  # module name -> (input shape, output shape) on the example inputs
         self.attention_shapes: dict[str, tuple[torch.Size, torch.Size]] = {}  # attention module -> (query, key) shapes
+        # attention modules whose calls prune can rewrite without closed heads, and encoder layers it inlines for that
+        self.removable_heads: set[str] = set()
+        self.inlined_encoders: set[str] = set()
 
     def space_of_output(self, name: str) -> Space | None:
         index = self.module_output.get(name)
@@ -163,6 +166,8 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     module_input: dict[str, int] = {}
     shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
     attention_shapes: dict[str, tuple] = {}
+    removable_heads: set[str] = set()
+    inlined_encoders: set[str] = set()
 
     def shape(node) -> torch.Size | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
@@ -247,6 +252,11 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
                 continue
             if isinstance(module, nn.MultiheadAttention) and len(node.args) >= 2:
                 attention_shapes[name] = (shape(node.args[0]), shape(node.args[1]))
+                if _plain_attention_call(node, module, shape):
+                    removable_heads.add(name)
+            if isinstance(module, nn.TransformerEncoderLayer) and _plain_encoder_call(node, module, shape):
+                removable_heads.add(f"{name}.self_attn")
+                inlined_encoders.add(name)
             lock_all(node.args, f"{type(module).__name__} {name!r} reads it and cannot be sliced")
             fresh(node, -1, why_locked=f"made by {type(module).__name__} {name!r}")
             continue
@@ -289,7 +299,29 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
         shapes,
     )
     result.attention_shapes = attention_shapes
+    result.removable_heads, result.inlined_encoders = removable_heads, inlined_encoders
     return result
+
+
+def _attention_module_is_plain(module: nn.MultiheadAttention) -> bool:
+    """Projections + scaled dot-product attention, nothing else: what prune can rebuild with fewer heads."""
+    return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
+
+
+def _plain_attention_call(node: fx.Node, module: nn.MultiheadAttention, shape) -> bool:
+    """``attention(q, k, v)`` on batched inputs, no masks, and only its output (not the weights) read."""
+    masks = [node.kwargs.get(key) for key in ("key_padding_mask", "attn_mask")]
+    only_output_read = all(user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0 for user in node.users)
+    return (_attention_module_is_plain(module) and len(node.args) == 3 and all(m is None for m in masks)
+            and not node.kwargs.get("is_causal", False) and only_output_read and all(
+                shape(a) is not None and len(shape(a)) == 3 for a in node.args))
+
+
+def _plain_encoder_call(node: fx.Node, module: nn.TransformerEncoderLayer, shape) -> bool:
+    """``layer(src)`` on a batched input without masks, around an attention prune can rebuild."""
+    no_masks = len(node.args) == 1 and all(node.kwargs.get(k) is None for k in ("src_mask", "src_key_padding_mask"))
+    return (no_masks and not node.kwargs.get("is_causal", False) and _attention_module_is_plain(module.self_attn)
+            and shape(node.args[0]) is not None and len(shape(node.args[0])) == 3)
 
 
 def _expected_input(model: nn.Module, example_inputs: tuple) -> str:

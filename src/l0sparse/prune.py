@@ -10,9 +10,11 @@ paper's input gates, for instance), a ``torch.index_select`` picks them.
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
@@ -121,7 +123,99 @@ def _make_plan(graph: ChannelGraph) -> dict:
             positions = torch.nonzero(alive).flatten() if alive.any() else torch.zeros(1, dtype=torch.long)
             dim = -1 if isinstance(modules[name], nn.Linear) else 1
             selections.append({"module": name, "dim": dim, "index": positions.tolist()})
-    return {"rows": rows, "followers": followers, "columns": columns, "selections": selections}
+    heads: dict[str, list[int]] = {}
+    for name in sorted(graph.removable_heads):
+        attention = modules[name]
+        head_dim = attention.embed_dim // attention.num_heads
+        alive = attention.out_proj.weight.ne(0).any(0).view(attention.num_heads, head_dim).any(1)
+        if not alive.all():  # a closed head's out_proj columns are zero after folding
+            heads[name] = torch.nonzero(alive).flatten().tolist() or [0]  # keep one (zero) head rather than none
+    inline = sorted(e for e in graph.inlined_encoders if f"{e}.self_attn" in heads)
+    return {"rows": rows, "followers": followers, "columns": columns, "selections": selections, "heads": heads, "inline": inline}
+
+
+def _inline_encoder(graph_module: fx.GraphModule, name: str) -> None:
+    """Replace calls of the TransformerEncoderLayer ``name`` by its eval-mode computation, one node per step.
+
+    Its attention then becomes a call of its own, which :func:`_remove_heads` can rewrite; the layer
+    itself is replaced by an ``nn.ModuleDict`` of the submodules the nodes call (dropout is the identity in eval).
+    """
+    layer = graph_module.get_submodule(name)
+    graph = graph_module.graph
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == name]:
+        with graph.inserting_before(node):
+            def call(submodule: str, *args, **kwargs):
+                return graph.call_module(f"{name}.{submodule}", args, kwargs)
+
+            def attention(x):
+                return graph.call_function(operator.getitem, (call("self_attn", x, x, x, need_weights=False), 0))
+
+            def feed_forward(x):
+                hidden = call("linear1", x)
+                hidden = call("activation", hidden) if isinstance(layer.activation, nn.Module) else graph.call_function(layer.activation, (hidden,))
+                return call("linear2", hidden)
+
+            source = node.args[0]
+            if layer.norm_first:
+                x = graph.call_function(operator.add, (source, attention(call("norm1", source))))
+                x = graph.call_function(operator.add, (x, feed_forward(call("norm2", x))))
+            else:
+                x = call("norm1", graph.call_function(operator.add, (source, attention(source))))
+                x = call("norm2", graph.call_function(operator.add, (x, feed_forward(x))))
+        node.replace_all_uses_with(x)
+        graph.erase_node(node)
+    parts = {part: getattr(layer, part) for part in ("self_attn", "linear1", "linear2", "norm1", "norm2")}
+    if isinstance(layer.activation, nn.Module):
+        parts["activation"] = layer.activation
+    _set_submodule(graph_module, name, nn.ModuleDict(parts))
+
+
+@torch.no_grad()
+def _remove_heads(graph_module: fx.GraphModule, name: str, kept: list[int]) -> None:
+    """Rebuild the calls of the MultiheadAttention ``name`` with only the ``kept`` heads.
+
+    nn.MultiheadAttention cannot hold fewer heads than its width allows, so it becomes an
+    ``nn.ModuleDict`` of four Linear layers (q/k/v projections to the kept heads' rows, the output
+    projection from their columns) and the calls become ``F.scaled_dot_product_attention`` on them.
+    """
+    attention = graph_module.get_submodule(name)
+    embed, head_dim = attention.embed_dim, attention.embed_dim // attention.num_heads
+    rows = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
+    parts = {}
+    for position, part in enumerate(("q_proj", "k_proj", "v_proj")):
+        weight = attention.in_proj_weight[position * embed:(position + 1) * embed]
+        bias = None if attention.in_proj_bias is None else attention.in_proj_bias[position * embed:(position + 1) * embed]
+        linear = nn.Linear(embed, len(rows), bias=bias is not None).to(weight)
+        linear.weight.copy_(weight[rows])
+        if bias is not None:
+            linear.bias.copy_(bias[rows])
+        parts[part] = linear
+    out_proj = attention.out_proj
+    parts["out_proj"] = nn.Linear(len(rows), embed, bias=out_proj.bias is not None).to(out_proj.weight)
+    parts["out_proj"].weight.copy_(out_proj.weight[:, rows])
+    if out_proj.bias is not None:
+        parts["out_proj"].bias.copy_(out_proj.bias)
+    _set_submodule(graph_module, name, nn.ModuleDict(parts))
+    graph = graph_module.graph
+    for node in [n for n in graph.nodes if n.op == "call_module" and n.target == name]:
+        with graph.inserting_before(node):
+            def split_heads(x, part: str):
+                projected = graph.call_module(f"{name}.{part}", (x,))
+                if not attention.batch_first:  # (length, batch, ·) -> (batch, length, ·)
+                    projected = graph.call_method("transpose", (projected, 0, 1))
+                return graph.call_method("transpose", (graph.call_method("unflatten", (projected, -1, (len(kept), head_dim))), 1, 2))
+
+            query, key, value = node.args[:3]
+            heads = graph.call_function(F.scaled_dot_product_attention,
+                                        (split_heads(query, "q_proj"), split_heads(key, "k_proj"), split_heads(value, "v_proj")))
+            merged = graph.call_method("flatten", (graph.call_method("transpose", (heads, 1, 2)), -2))
+            if not attention.batch_first:
+                merged = graph.call_method("transpose", (merged, 0, 1))
+            output = graph.call_module(f"{name}.out_proj", (merged,))
+        for user in list(node.users):  # getitem(·, 0): the trace checked that nothing reads the weights
+            user.replace_all_uses_with(output)
+            graph.erase_node(user)
+        graph.erase_node(node)
 
 
 @torch.no_grad()
@@ -168,6 +262,10 @@ def _apply_plan(graph: ChannelGraph, plan: dict) -> fx.GraphModule:
     for name, columns in plan["columns"].items():
         if len(columns) != modules[name].weight.shape[1]:
             _slice(modules[name], name, columns=columns)
+    for name in plan.get("inline", []):
+        _inline_encoder(graph_module, name)
+    for name, kept in plan.get("heads", {}).items():
+        _remove_heads(graph_module, name, kept)
     for number, selection in enumerate(plan["selections"]):
         buffer = f"kept_inputs_{number}"
         graph_module.register_buffer(buffer, torch.as_tensor(selection["index"], dtype=torch.long))
@@ -204,7 +302,7 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False):
     if not _has_gates(model):
         warnings.warn("prune: the model has no l0sparse gates; returning an unchanged copy", stacklevel=2)
         copied = copy.deepcopy(model)
-        return (copied, {"rows": {}, "followers": {}, "columns": {}, "selections": []}) if return_plan else copied
+        return (copied, {"rows": {}, "followers": {}, "columns": {}, "selections": [], "heads": {}, "inline": []}) if return_plan else copied
     work = plain_copy(model)
     graph = trace_channels(work, example_inputs)
     plan = _make_plan(graph)
