@@ -7,6 +7,8 @@ channels and units close at random until about 30% of the FLOPs remain
 (the benchmark is about what a given sparsity buys at inference, not about
 which channels training closes). Then dense and pruned models are timed side
 by side in one process, alternating, one thread; medians over repeats.
+Each pair is timed in the default (contiguous, NCHW) layout and in
+channels_last, both models in the same layout.
 
 Run:  .venv/bin/python benchmarks/prune_latency.py [--repeats 30] [--threads 1]
 """
@@ -112,16 +114,20 @@ def main():
         kept = close_until(model, example, args.target, generator)
         model.eval()
         pruned = l0sparse.prune(model, example)
-        for batch in (1, 256):
-            x = torch.randn(batch, *shape)
-            latency = median_latency({"dense": dense, "pruned": pruned}, x, args.repeats)
-            flops_dense, flops_pruned = l0sparse.count_flops(dense, x), l0sparse.count_flops(pruned, x)
-            row = {"model": name, "batch": batch, "threads": args.threads, "flops_kept": flops_pruned / flops_dense,
-                   "dense_ms": 1000 * latency["dense"], "pruned_ms": 1000 * latency["pruned"],
-                   "speedup": latency["dense"] / latency["pruned"], "flops_ratio": flops_dense / flops_pruned}
-            row["speedup_over_flops_ratio"] = row["speedup"] / row["flops_ratio"]
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            # the same layout for both models; channels_last is the one oneDNN convolutions run fastest in
+            dense, pruned = dense.to(memory_format=memory_format), pruned.to(memory_format=memory_format)
+            for batch in (1, 256):
+                x = torch.randn(batch, *shape).contiguous(memory_format=memory_format)
+                latency = median_latency({"dense": dense, "pruned": pruned}, x, args.repeats)
+                flops_dense, flops_pruned = l0sparse.count_flops(dense, x), l0sparse.count_flops(pruned, x)
+                row = {"model": name, "memory_format": str(memory_format).removeprefix("torch."), "batch": batch,
+                       "threads": args.threads, "flops_kept": flops_pruned / flops_dense,
+                       "dense_ms": 1000 * latency["dense"], "pruned_ms": 1000 * latency["pruned"],
+                       "speedup": latency["dense"] / latency["pruned"], "flops_ratio": flops_dense / flops_pruned}
+                row["speedup_over_flops_ratio"] = row["speedup"] / row["flops_ratio"]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     save_json(rows, args.out)
 
 
