@@ -77,7 +77,9 @@ def test_l0sparse_train_runs_under_torchrun(tmp_path):
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "l0sparse", "train",
               str(RECIPES / "mlp-digits.toml"), "--out", str(out), "--no-progress"]
-    completed = subprocess.run(launch + ["--set", "epochs=2"], capture_output=True, text=True, timeout=300, env=environment)
+    # with a target, so that the controller's multipliers are compared across ranks too
+    completed = subprocess.run(launch + ["--set", "epochs=2", "--set", "target=0.5"], capture_output=True, text=True, timeout=300,
+                               env=environment)
     assert completed.returncode == 0, completed.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     n_train = len(load_digits_split().y_train)
@@ -85,6 +87,7 @@ def test_l0sparse_train_runs_under_torchrun(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2]
     for record in records:
         assert record["world_size"] == 2 and record["gates_identical_on_ranks"] is True
+        assert record["multipliers_identical_on_ranks"] is True and record["lambda_1"] != 0  # the controller moved
         assert record["examples"] == 2 * (n_train // 2)  # both halves, the odd example left out
         assert record["steps"] == math.ceil((n_train // 2) / batch_size)  # each rank steps through its half
     _, model, data = load_run(out)

@@ -392,10 +392,14 @@ def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_en
                 total_loss, correct, seen = group.sum([total_loss, correct, len(order)])
                 record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
                           "test_accuracy": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - started}
-                if group.world_size > 1:
-                    log_alphas = [g.log_alpha.detach().flatten().tolist() for g in gates(model)]
+                if group.world_size > 1:  # the ranks compare their gates and multipliers, which DDP should keep equal
+                    state = ([g.log_alpha.detach().flatten().tolist() for g in gates(model)],
+                             None if controller is None else [float(controller.lambda_1.detach()), float(controller.lambda_2.detach())])
+                    everyone = group.gather(state)
                     record.update({"world_size": group.world_size, "steps": len(bar), "examples": int(seen),
-                                   "gates_identical_on_ranks": all(other == log_alphas for other in group.gather(log_alphas))})
+                                   "gates_identical_on_ranks": all(other[0] == state[0] for other in everyone)})
+                    if controller is not None:
+                        record["multipliers_identical_on_ranks"] = all(other[1] == state[1] for other in everyone)
                 if gated:
                     with torch.no_grad():
                         expected = cost_model.costs()
