@@ -7,13 +7,16 @@ channels and units close at random until about 30% of the FLOPs remain
 (the benchmark is about what a given sparsity buys at inference, not about
 which channels training closes). Then dense and pruned models are timed side
 by side in one process, alternating, one thread; medians over repeats.
-Each pair is timed in the default (contiguous, NCHW) layout and in
-channels_last, both models in the same layout.
+Each pair is timed in four configurations, both models alike: the default
+(contiguous, NCHW) layout or channels_last, each with the model as it is or
+with every BatchNorm folded into the conv before it
+(``torch.fx.experimental.optimization.fuse``, the usual inference step).
 
 Run:  .venv/bin/python benchmarks/prune_latency.py [--repeats 30] [--threads 1]
 """
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -25,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
 from torch import nn
+from torch.fx.experimental.optimization import fuse
 
 import l0sparse
 from l0sparse import Gate
@@ -114,14 +118,19 @@ def main():
         kept = close_until(model, example, args.target, generator)
         model.eval()
         pruned = l0sparse.prune(model, example)
-        for memory_format in (torch.contiguous_format, torch.channels_last):
-            # the same layout for both models; channels_last is the one oneDNN convolutions run fastest in
-            dense, pruned = dense.to(memory_format=memory_format), pruned.to(memory_format=memory_format)
+        configurations = [(layout, folded) for folded in (False, True) for layout in (torch.contiguous_format, torch.channels_last)]
+        for memory_format, fold_batchnorm in configurations:
+            # the same layout and the same BatchNorm folding for both models
+            pair = {"dense": dense, "pruned": pruned}
+            if fold_batchnorm:
+                pair = {key: fuse(copy.deepcopy(module)) for key, module in pair.items()}
+            pair = {key: module.to(memory_format=memory_format) for key, module in pair.items()}
             for batch in (1, 256):
                 x = torch.randn(batch, *shape).contiguous(memory_format=memory_format)
-                latency = median_latency({"dense": dense, "pruned": pruned}, x, args.repeats)
+                latency = median_latency(pair, x, args.repeats)
                 flops_dense, flops_pruned = l0sparse.count_flops(dense, x), l0sparse.count_flops(pruned, x)
-                row = {"model": name, "memory_format": str(memory_format).removeprefix("torch."), "batch": batch,
+                row = {"model": name, "memory_format": str(memory_format).removeprefix("torch."), "batchnorm_folded": fold_batchnorm,
+                       "batch": batch,
                        "threads": args.threads, "flops_kept": flops_pruned / flops_dense,
                        "dense_ms": 1000 * latency["dense"], "pruned_ms": 1000 * latency["pruned"],
                        "speedup": latency["dense"] / latency["pruned"], "flops_ratio": flops_dense / flops_pruned}

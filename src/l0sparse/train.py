@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import signal
 import sys
 import threading
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .costs import Penalty, expected_l0, gates
+from .distributed import ProcessGroup
 from .files import atomic_save, atomic_write_text
 
 __all__ = ["configure_torch", "fit", "accuracy", "recalibrate_batchnorm", "ema", "run_training", "load_run"]
@@ -189,68 +189,6 @@ class _SigtermToInterrupt:
         return False
 
 
-class _Distributed:
-    """The process group ``torchrun`` asks for (gloo), or a single process: rank 0 of 1.
-
-    Entered once per run: it initialises the group from torchrun's environment
-    (RANK, WORLD_SIZE, MASTER_ADDR, ...) unless the caller already did, and
-    tears down only what it started.
-    """
-
-    def __init__(self) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank, self._started = 0, False
-
-    def __enter__(self) -> "_Distributed":
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            if not dist.is_initialized():
-                dist.init_process_group("gloo")
-                self._started = True
-            self.rank = dist.get_rank()
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self._started:
-            import torch.distributed as dist
-
-            if exc[0] is None:
-                dist.barrier()  # every rank done before gloo tears down
-            dist.destroy_process_group()
-        return False
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
-    def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over ranks (float64, so counts stay exact)."""
-        if self.world_size == 1:
-            return values
-        import torch.distributed as dist
-
-        tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor)
-        return tensor.tolist()
-
-    def gather(self, value) -> list:
-        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
-        if self.world_size == 1:
-            return [value]
-        import torch.distributed as dist
-
-        values = [None] * self.world_size
-        dist.all_gather_object(values, value)
-        return values
-
-
 def run_training(config, out_dir, resume: bool = False, force: bool = False, threads: int | None = 1,
                  progress: bool = True, on_epoch_end=None) -> list[dict]:
     """Train as ``config`` says, writing ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` to ``out_dir``.
@@ -268,11 +206,11 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     batch_size examples), draws its gate noise from ``seed + rank``, and
     rank 0 alone writes the run directory (docs/scale.md).
     """
-    with _Distributed() as group:
+    with ProcessGroup() as group:
         return _run_training(config, out_dir, resume, force, threads, progress, on_epoch_end, group)
 
 
-def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_end, group: _Distributed) -> list[dict]:
+def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_end, group: ProcessGroup) -> list[dict]:
     from .baselines import magnitude_prune
     from .config import TrainConfig
     from .control import TargetController
