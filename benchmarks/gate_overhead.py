@@ -7,7 +7,7 @@ dense median. Variants: the paper's layers (L0MLP / L0LeNet5, per-example
 noise as in the paper, and one shared sample), sparsify with unit gates
 (default rules), and sparsify with per-weight gates.
 
-Run:  .venv/bin/python benchmarks/gate_overhead.py [--steps 60 --warmup 10]
+Run:  .venv/bin/python benchmarks/gate_overhead.py [--steps 100 --warmup 20] [--fused-adam --out ...]
 """
 
 import argparse
@@ -53,6 +53,7 @@ def main():
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True) for every model")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gate_overhead.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,7 +63,7 @@ def main():
         torch.manual_seed(0)
         x, models = variants(name)
         y = torch.randint(0, 10, (100,))
-        optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-3) for k, m in models.items()}
+        optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-3, fused=args.fused_adam or None) for k, m in models.items()}
         # built once, as the training harness does: each call is a few kernels over all gates
         penalties = {k: l0sparse.Penalty(m, 0.1, N=60000) for k, m in models.items() if k != "dense"}
         times = {k: [] for k in models}
@@ -79,7 +80,8 @@ def main():
                     times[key].append(time.perf_counter() - start)
         dense_median = statistics.median(times["dense"])
         for key, values in times.items():
-            row = {"model": name, "variant": key, "threads": args.threads, "batch": 100, "median_ms": 1000 * statistics.median(values),
+            row = {"model": name, "variant": key, "threads": args.threads, "batch": 100, "fused_adam": args.fused_adam,
+                   "median_ms": 1000 * statistics.median(values),
                    "ratio_to_dense": statistics.median(values) / dense_median}
             rows.append(row)
             print(json.dumps(row), flush=True)
