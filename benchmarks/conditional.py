@@ -104,7 +104,7 @@ def main():
                    "ratio_to_dense": statistics.median(times[name]) / dense_step,
                    "test_accuracy": accuracy(model, data.x_test, data.y_test)}
             if name in penalties:
-                row["flops_kept"] = model.counts()["kept_flops"] / dense_flops
+                row["flops_kept"] = float(l0sparse.CostModel(model, data.x_test[:2]).flops(deterministic=True)) / dense_flops
             rows.append(row)
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         save_json({"threads": args.threads, "data": args.data, "lam": args.lam, "fused_adam": args.fused_adam, "rows": rows}, args.out)
@@ -126,7 +126,8 @@ def fixed_sparsity(sizes, fused_adam: bool, steps: int = 60, warmup: int = 20) -
                 for layer in models["conditional"].l0_layers():
                     is_open = torch.randperm(layer.in_features) < max(1, round(open_fraction * layer.in_features))
                     layer.gate.log_alpha.copy_(torch.where(is_open, 6.0, -12.0))
-            kept = models["conditional"].counts()
+            kept = float(l0sparse.CostModel(models["conditional"], x[:2]).flops(deterministic=True))
+            dense_flops = l0sparse.count_flops(models["dense"], x[:2])
             optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-3, fused=fused_adam or None) for k, m in models.items()}
             penalty = l0sparse.Penalty(models["conditional"], 0.1, N=60000)
             times = {k: [] for k in models}
@@ -140,7 +141,7 @@ def fixed_sparsity(sizes, fused_adam: bool, steps: int = 60, warmup: int = 20) -
                     if step >= warmup:
                         times[name].append(time.perf_counter() - start)
             ratio = statistics.median(times["conditional"]) / statistics.median(times["dense"])
-            row = {"batch": batch, "inputs_open": open_fraction, "flops_kept": kept["kept_flops"] / kept["flops"],
+            row = {"batch": batch, "inputs_open": open_fraction, "flops_kept": kept / dense_flops,
                    "dense_step_ms": 1000 * statistics.median(times["dense"]), "ratio_to_dense": ratio}
             rows.append(row)
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)

@@ -25,3 +25,12 @@ def test_ema_averages_log_alpha_like_the_formula():
 def test_ema_rejects_bad_decay():
     with pytest.raises(ValueError, match="decay"):
         ema(l0sparse.L0MLP((4, 3, 2)), decay=1.0)
+
+
+def test_magnitude_baseline_counts_flops_as_a_physically_smaller_network():
+    """The baseline's FLOPs for given widths equal count_flops of a plain network built with those widths."""
+    from l0sparse.baselines import _flops_for_widths, _layer_macs
+    from l0sparse.models import mlp
+
+    dense, x = mlp((20, 16, 12, 4)), torch.randn(2, 20)
+    assert _flops_for_widths(_layer_macs(dense, x), [16, 12], [10, 5]) == l0sparse.count_flops(mlp((20, 10, 5, 4)), x)

@@ -18,9 +18,10 @@ DEMO_SIZES = (64, 100, 50, 10)
 
 def run_demo(epochs: int = 100, lam: float = 0.2, lr: float = 1e-2, seed: int = 0, threads: int = 1, progress: bool = True, out=None) -> dict:
     """Train an L0 MLP and a dense MLP on scikit-learn's digits and print what L0 kept."""
-    from .costs import expected_l0
+    from .costs import CostModel, count_flops, count_params, expected_l0
     from .data import load_digits_split
     from .models import L0MLP, mlp
+    from .prune import plain_copy
     from .train import accuracy, configure_torch, fit
 
     out = out or sys.stdout
@@ -39,7 +40,11 @@ def run_demo(epochs: int = 100, lam: float = 0.2, lr: float = 1e-2, seed: int = 
     fit(dense, data.x_train, data.y_train, epochs=epochs, lr=lr, seed=seed, progress=progress, desc="dense MLP")
     elapsed = time.perf_counter() - start
 
-    counts = gated.counts()
+    example = data.x_train[:2]
+    kept = CostModel(gated, example).costs(deterministic=True)  # what prune leaves, counted without pruning
+    plain = plain_copy(gated)
+    counts = {"params": count_params(plain), "kept_params": int(kept["params"]),
+              "flops": count_flops(plain, example), "kept_flops": int(kept["flops"])}
     result = {
         "architecture": gated.architecture(),
         "accuracy_l0": accuracy(gated, data.x_test, data.y_test),

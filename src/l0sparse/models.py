@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .layers import L0Conv2d, L0Linear
 
-__all__ = ["L0MLP", "L0LeNet5", "LeNet5", "mlp", "mlp_counts", "build_model"]
+__all__ = ["L0MLP", "L0LeNet5", "LeNet5", "mlp", "build_model"]
 
 
 def _open_index(z: Tensor) -> Tensor:
@@ -24,17 +24,6 @@ def _open_index(z: Tensor) -> Tensor:
 def _select(tensor: Tensor | None, dim: int, index: Tensor | None) -> Tensor | None:
     """``tensor.index_select(dim, index)``; ``None`` passes through (no bias, or keep everything)."""
     return tensor if tensor is None or index is None else tensor.index_select(dim, index)
-
-
-def mlp_counts(layer_inputs: Sequence[int], out_features: int) -> tuple[int, int]:
-    """(parameters, MACs per example) of a plain MLP whose layers take ``layer_inputs`` inputs.
-
-    Layer l maps ``layer_inputs[l]`` to ``layer_inputs[l+1]`` (the last to
-    ``out_features``), with a bias on every output.
-    """
-    widths = list(layer_inputs) + [out_features]
-    macs = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-    return macs + sum(widths[1:]), macs
 
 
 class L0MLP(nn.Module):
@@ -98,12 +87,6 @@ class L0MLP(nn.Module):
         """The paper's notation, e.g. ``784-300-100 -> 219-214-100``."""
         before = "-".join(str(s) for s in self.sizes[:-1])
         return f"{before} -> {'-'.join(str(k) for k in self.kept_inputs())}"
-
-    def counts(self) -> dict[str, int]:
-        """Parameters and MACs of the dense network and of the pruned one (deterministic gates)."""
-        dense_params, dense_macs = mlp_counts(self.sizes[:-1], self.sizes[-1])
-        kept_params, kept_macs = mlp_counts(self.kept_inputs(), self.sizes[-1])
-        return {"params": dense_params, "kept_params": kept_params, "flops": dense_macs, "kept_flops": kept_macs}
 
 
 class L0LeNet5(nn.Module):
