@@ -73,16 +73,23 @@ def test_prune_matches_gated_eval_outputs_and_is_plain(case):
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters() if p.dim() > 0)
 
 
-# FLOPs are per entry of the first input dimension (the batch, batch first): for (length, batch, features)
-# inputs count_flops divides by the length, so the seq-first case is checked for parameters only.
 @pytest.mark.parametrize("case", list(CASES))
 def test_deterministic_costs_equal_the_pruned_models_counts(case):
     model, x = build(case)
     pruned = l0sparse.prune(model, x)
     costs = l0sparse.CostModel(model, x).costs(deterministic=True)
-    if case != "attention-seq-first":
-        assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
+    # exact integers, except where sequence-first attention divides by the length (a float32 ratio)
+    assert float(costs["flops"]) == pytest.approx(l0sparse.count_flops(pruned, x), rel=4 * torch.finfo(torch.float32).eps)
     assert float(costs["params"]) == l0sparse.count_params(pruned)
+
+
+def test_sequence_first_attention_is_counted_per_entry_of_the_first_dimension():
+    """(length, batch, features) inputs: every count is per position, so the two layouts differ by batch / length."""
+    torch.manual_seed(0)
+    first, seq_first = PreNormAttentionNet().eval(), PreNormAttentionNet(batch_first=False).eval()
+    seq_first.load_state_dict(first.state_dict())
+    x = torch.randn(3, 5, 16)
+    assert l0sparse.count_flops(seq_first, x.transpose(0, 1)) == pytest.approx(l0sparse.count_flops(first, x) * 3 / 5, rel=1e-12)
 
 
 def test_sparsify_keeps_the_users_class_and_documents_state_dict_keys():

@@ -189,6 +189,23 @@ def _tokens(attention: nn.MultiheadAttention, tensor: Tensor) -> int:
     return tensor.shape[1] if (attention.batch_first or tensor.dim() == 2) and tensor.dim() == 3 else tensor.shape[0]
 
 
+def _sequences(attention: nn.MultiheadAttention, shape) -> int:
+    """How many sequences an attention input of ``shape`` holds (1 for an unbatched (length, features) input)."""
+    if len(shape) != 3:
+        return 1
+    return shape[0] if attention.batch_first else shape[1]
+
+
+def _per_example(total: float, batch: int):
+    """MACs of a whole forward over the model input's first dimension, an int when it divides evenly.
+
+    Every count here is per entry of the first input dimension: per example when the batch comes
+    first, per position for (length, batch, features) inputs of sequence-first models.
+    """
+    value = total / batch
+    return int(value) if float(value).is_integer() else value
+
+
 def _open_indicator(gate: Gate) -> Tensor:
     return gate.is_active().to(gate.log_alpha.dtype)
 
@@ -221,6 +238,7 @@ class CostModel:
             self.graph = trace_channels(model, example_inputs)
         model.train(was_training)
         self.model = model
+        self._batch = example_inputs[0].shape[0]  # counts are per entry of the first input dimension, as count_flops's
         self.modules = dict(model.named_modules())
         self._attention_lengths = {name: (_tokens(self.modules[name], torch.empty(query)), _tokens(self.modules[name], torch.empty(key)))
                                    for name, (query, key) in self.graph.attention_shapes.items()}
@@ -277,18 +295,20 @@ class CostModel:
         flops, params = torch.zeros(()), torch.zeros(()) + self._fixed_params
         for name, (query_length, key_length) in self._attention_lengths.items():  # attention modules called on their own
             attention_flops, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
-            flops, params = flops + attention_flops, params + attention_params
+            scale = _sequences(self.modules[name], self.graph.attention_shapes[name][0]) / self._batch
+            flops, params = flops + scale * attention_flops, params + attention_params
         for name, (in_shape, out_shape) in self.graph.shapes.items():
             module = self.modules[name]
             if isinstance(module, nn.TransformerEncoderLayer):
                 tokens = _tokens(module.self_attn, torch.empty(in_shape))
+                scale = _sequences(module.self_attn, in_shape) / self._batch
                 hidden = _column_probabilities(module.linear2, prob)
                 units = torch.tensor(float(module.linear1.out_features)) if hidden is None else hidden.sum()
                 if deterministic:
                     units = units.clamp(min=1)
                 embed, full_units = module.linear1.in_features, module.linear1.out_features
                 attention_flops, attention_params = self._attention(f"{name}.self_attn", tokens, tokens, prob, deterministic)
-                flops = flops + attention_flops + 2 * tokens * embed * units
+                flops = flops + scale * (attention_flops + 2 * tokens * embed * units)
                 feed_forward = 2 * embed * full_units + full_units
                 everything = sum(p.numel() for p in _unique_parameters(module) if id(p) not in {id(g.log_alpha) for g in gates(module)})
                 full_attention = _attention_cost(module.self_attn, tokens, tokens)[1]
@@ -296,11 +316,11 @@ class CostModel:
                 continue
 
             if isinstance(module, (nn.Linear, L0Linear)):
-                positions, per_pair = math.prod(out_shape[1:-1]), 1
+                positions, per_pair = math.prod(out_shape[:-1]) / self._batch, 1
                 n_out, n_in = module.out_features, module.in_features
             elif isinstance(module, (nn.modules.conv._ConvNd, L0Conv2d)):
                 weight = module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
-                positions, per_pair = math.prod(out_shape[2:]), math.prod(weight.shape[2:])
+                positions, per_pair = out_shape[0] * math.prod(out_shape[2:]) / self._batch, math.prod(weight.shape[2:])
                 n_out, n_in = weight.shape[0], weight.shape[1]
             else:
                 continue
@@ -378,12 +398,15 @@ class _CountAttention(torch.overrides.TorchFunctionMode):
         if func is F.scaled_dot_product_attention and not self.inside_modules:
             query, key = args[0], args[1]
             # scores and weighted values: 2 · heads · L_q · L_k · head_dim per example
-            self.macs += 2 * query.shape[:-1].numel() * key.shape[-2] * query.shape[-1] // self.batch
+            self.macs += _per_example(2 * query.shape[:-1].numel() * key.shape[-2] * query.shape[-1], self.batch)
         return func(*args, **(kwargs or {}))
 
 
 def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> int | dict[str, int]:
     """MACs per example of every plain Linear, conv and attention, counted by running ``model`` once with hooks.
+
+    "Per example" is per entry of the first input dimension: for (length, batch, features) inputs of
+    sequence-first attention that is per position, for attention and Linear layers alike.
 
     For a gated model this is the dense count; use :func:`expected_flops`
     with ``deterministic=True`` for what pruning leaves. ``per_module=True``
@@ -400,11 +423,13 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
         if isinstance(module, nn.TransformerEncoderLayer):
             tokens = _tokens(module.self_attn, inputs[0])
             flops = _attention_flops(module.self_attn, tokens, tokens) + 2 * tokens * module.linear1.in_features * module.linear1.out_features
+            flops = _per_example(flops * _sequences(module.self_attn, inputs[0].shape), batch)
         elif isinstance(module, nn.MultiheadAttention):
             flops = _attention_flops(module, _tokens(module, inputs[0]), _tokens(module, inputs[1]))
+            flops = _per_example(flops * _sequences(module, inputs[0].shape), batch)
         else:
             per_output = module.in_features if isinstance(module, nn.Linear) else module.weight[0].numel()
-            flops = output.numel() // batch * per_output
+            flops = _per_example(output.numel() * per_output, batch)
         counted[names[module]] = counted.get(names[module], 0) + flops
 
     inside_attention = {id(sub) for m in model.modules() if isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention))
