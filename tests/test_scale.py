@@ -56,10 +56,10 @@ def test_ddp_keeps_gates_identical_across_ranks(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker), str(tmp_path)],
         capture_output=True, text=True, timeout=300, env=environment,
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.returncode == 0, f"torchrun exited with {completed.returncode}: {completed.stderr[-3000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # DDP averages the gradients, so every rank applies the same update to log α ...
-    assert ranks[0]["log_alpha"] == ranks[1]["log_alpha"]
+    assert ranks[0]["log_alpha"] == ranks[1]["log_alpha"], f"ranks disagree: {ranks}\n{completed.stderr[-2000:]}"
     # ... while each rank draws its own gate noise (documented: like a larger batch with independent noise)
     assert ranks[0]["first_sample"] != ranks[1]["first_sample"]
     torch.manual_seed(0)
