@@ -1,5 +1,6 @@
 """Launched by tests/test_scale.py under torchrun: 2 CPU processes, gloo backend."""
 
+import gc
 import json
 import os
 import sys
@@ -34,6 +35,9 @@ def main(out_dir: str) -> None:
               "first_sample": first_sample}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
         json.dump(result, handle)
+    # release DDP's reducer (it holds gloo work objects) while the interpreter is alive, then tear down
+    del ddp, optimizer
+    gc.collect()
     dist.barrier()  # both ranks done before gloo tears down its threads
     dist.destroy_process_group()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -35,6 +36,9 @@ class ProcessGroup:
         if self._started:
             import torch.distributed as dist
 
+            # DDP's reducer sits in reference cycles and holds gloo work objects: free it while the
+            # interpreter is alive, or its destruction at exit can abort the process (SIGABRT)
+            gc.collect()
             if exc[0] is None:
                 dist.barrier()  # every rank done before gloo tears down
             dist.destroy_process_group()
