@@ -120,3 +120,28 @@ def randomise(model: nn.Module, scale: float = 3.0, generator: torch.Generator |
             module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
             module.bias.copy_(torch.randn(module.bias.shape, generator=generator))
     return model
+
+
+class OwnAttentionNet(nn.Module):
+    """Self-attention written by hand (one qkv Linear, scaled_dot_product_attention, an output projection)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.attn = HandWrittenAttention(dim, heads)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        return self.head((x + self.attn(x)).mean(1))
+
+
+class HandWrittenAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = [t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v)]
+        return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))

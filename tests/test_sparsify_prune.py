@@ -13,7 +13,7 @@ import l0sparse
 from l0sparse import Gate
 from l0sparse.sparsify import GateMask, gate_masks
 
-from models import AttentionNet, Conv1dNet, GlobalPoolNet, PreNormAttentionNet, TinyResNet, mlp, randomise
+from models import AttentionNet, Conv1dNet, GlobalPoolNet, OwnAttentionNet, PreNormAttentionNet, TinyResNet, mlp, randomise
 
 FLOAT32_TOLERANCE = 1e-5  # max |pruned - gated| relative to the output scale (issue requirement)
 
@@ -51,6 +51,7 @@ CASES = {
     "attention": (AttentionNet, lambda: torch.randn(3, 5, 16), None),
     "attention-prenorm": (PreNormAttentionNet, lambda: torch.randn(3, 5, 16), None),
     "attention-seq-first": (lambda: PreNormAttentionNet(batch_first=False), lambda: torch.randn(5, 3, 16), None),
+    "own-attention": (OwnAttentionNet, lambda: torch.randn(3, 5, 16), {"attn": ("heads", 4)}),
     "mlp-out": (lambda: mlp(), lambda: torch.randn(6, 20), {nn.Linear: "out", "4": "in"}),
     "resnet-weight": (TinyResNet, lambda: torch.randn(4, 3, 8, 8), {"block.conv1": "weight", "fc": "weight"}),
 }
@@ -153,6 +154,24 @@ def test_masked_attention_keeps_its_heads_and_the_rest_loses_theirs(case):
     assert pruned.attention["q_proj"].out_features == _kept_heads(model.attention) * 4 < 16
     assert pruned.encoder["self_attn"]["q_proj"].out_features == _kept_heads(model.encoder.self_attn) * 4 < 16
     assert_same_outputs(model, pruned, x)
+
+
+def test_heads_of_a_hand_written_attention_module():
+    model, x = build("own-attention")
+    gates = [m.gate for m in model.attn.proj.parametrizations.weight]
+    assert len(gates) == 1 and gates[0].shape == (4,) and gates[0].granularity == "heads"
+    assert not parametrize.is_parametrized(model.attn.qkv)  # the rule's module gets no other gates
+    with torch.no_grad():
+        gates[0].log_alpha.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))  # heads 1 and 3 closed
+    kept = int(gates[0].is_active().sum())
+    assert kept == 2
+    pruned = l0sparse.prune(model, x)
+    assert_same_outputs(model, pruned, x)
+    assert pruned.attn.proj.in_features == kept * 4  # the closed heads' columns are gone
+    with pytest.raises(ValueError, match="inputs divisible by 3"):
+        l0sparse.sparsify(OwnAttentionNet(), rules={"attn": ("heads", 3)}, example_inputs=x)
+    with pytest.raises(ValueError, match="number_of_heads"):
+        l0sparse.sparsify(OwnAttentionNet(), rules={"attn": ("heads", 0)})
 
 
 def test_input_gates_select_inputs():

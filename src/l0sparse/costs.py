@@ -293,6 +293,8 @@ class CostModel:
             prob = _open_indicator if deterministic else _open_probability
         cache: dict[str, Tensor | None] = {}
         flops, params = torch.zeros(()), torch.zeros(()) + self._fixed_params
+        for query, key in self.graph.attention_calls:  # scaled_dot_product_attention written out: all its heads
+            flops = flops + _scaled_dot_product_macs(query, key) / self._batch
         for name, (query_length, key_length) in self._attention_lengths.items():  # attention modules called on their own
             attention_flops, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
             scale = _sequences(self.modules[name], self.graph.attention_shapes[name][0]) / self._batch
@@ -387,6 +389,11 @@ def expected_params(model: nn.Module, example_inputs, deterministic: bool = Fals
     return CostModel(model, example_inputs).params(deterministic)
 
 
+def _scaled_dot_product_macs(query_shape, key_shape) -> int:
+    """Scores and weighted values of scaled_dot_product_attention: 2 · (batch · heads · L_q) · L_k · head_dim."""
+    return 2 * math.prod(query_shape[:-1]) * key_shape[-2] * query_shape[-1]
+
+
 class _CountAttention(torch.overrides.TorchFunctionMode):
     """Counts MACs of ``F.scaled_dot_product_attention`` calls made outside attention modules (a pruned model's)."""
 
@@ -398,7 +405,7 @@ class _CountAttention(torch.overrides.TorchFunctionMode):
         if func is F.scaled_dot_product_attention and not self.inside_modules:
             query, key = args[0], args[1]
             # scores and weighted values: 2 · heads · L_q · L_k · head_dim per example
-            self.macs += _per_example(2 * query.shape[:-1].numel() * key.shape[-2] * query.shape[-1], self.batch)
+            self.macs += _per_example(_scaled_dot_product_macs(query.shape, key.shape), self.batch)
         return func(*args, **(kwargs or {}))
 
 

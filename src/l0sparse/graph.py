@@ -92,6 +92,8 @@ class ChannelGraph:
         # attention modules whose calls prune can rewrite without closed heads, and encoder layers it inlines for that
         self.removable_heads: set[str] = set()
         self.inlined_encoders: set[str] = set()
+        # (query shape, key shape) of each scaled_dot_product_attention call outside attention modules
+        self.attention_calls: list[tuple[torch.Size, torch.Size]] = []
 
     def space_of_output(self, name: str) -> Space | None:
         index = self.module_output.get(name)
@@ -168,6 +170,7 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     attention_shapes: dict[str, tuple] = {}
     removable_heads: set[str] = set()
     inlined_encoders: set[str] = set()
+    attention_calls: list[tuple] = []
 
     def shape(node) -> torch.Size | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
@@ -285,6 +288,8 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
                 continue
         if method in ("size", "dim") or (node.op == "call_function" and target in (getattr, operator.getitem) and source is None):
             continue
+        if node.op == "call_function" and target is F.scaled_dot_product_attention:
+            attention_calls.append((shape(node.args[0]), shape(node.args[1])))
         lock_all((node.args, node.kwargs), f"{getattr(target, '__name__', target)} reads it")
         fresh(node, -1, why_locked=f"made by {getattr(target, '__name__', target)}")
 
@@ -300,6 +305,7 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     )
     result.attention_shapes = attention_shapes
     result.removable_heads, result.inlined_encoders = removable_heads, inlined_encoders
+    result.attention_calls = attention_calls
     return result
 
 

@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from .gates import Gate
 from .graph import ChannelGraph, trace_channels
 from .layers import L0Conv2d, L0Linear
+from .sparsify import gate_masks
 
 __all__ = ["prune", "rebuild", "plain_copy"]
 
@@ -70,8 +71,13 @@ def _column_alive(weight: Tensor) -> Tensor:
     return weight.ne(0).movedim(1, 0).reshape(weight.shape[1], -1).any(1)
 
 
-def _make_plan(graph: ChannelGraph) -> dict:
-    """Which rows, follower entries and columns each module keeps, and which inputs get an index_select."""
+def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset()) -> dict:
+    """Which rows, follower entries and columns each module keeps, and which inputs get an index_select.
+
+    ``column_gated`` names the Linear layers with gates on their inputs: one that reads a tensor the
+    channel analysis does not follow (a head-gated output projection after a reshape) still drops its
+    closed columns, through an index_select on its last dimension, which a Linear always reads.
+    """
     modules = dict(graph.graph_module.named_modules())
     rows: dict[str, list[int]] = {}
     followers: dict[str, list[int]] = {}
@@ -123,6 +129,13 @@ def _make_plan(graph: ChannelGraph) -> dict:
             positions = torch.nonzero(alive).flatten() if alive.any() else torch.zeros(1, dtype=torch.long)
             dim = -1 if isinstance(modules[name], nn.Linear) else 1
             selections.append({"module": name, "dim": dim, "index": positions.tolist()})
+    called = {node.target for node in graph.graph_module.graph.nodes if node.op == "call_module"}
+    for name in sorted((column_gated & called) - remaining.keys()):  # not the insides of attention modules
+        alive = _column_alive(modules[name].weight)
+        if isinstance(modules[name], nn.Linear) and not alive.all():
+            kept = torch.nonzero(alive).flatten().tolist() or [0]
+            columns[name] = kept
+            selections.append({"module": name, "dim": -1, "index": kept})
     heads: dict[str, list[int]] = {}
     for name in sorted(graph.removable_heads):
         attention = modules[name]
@@ -303,9 +316,12 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False):
         warnings.warn("prune: the model has no l0sparse gates; returning an unchanged copy", stacklevel=2)
         copied = copy.deepcopy(model)
         return (copied, {"rows": {}, "followers": {}, "columns": {}, "selections": [], "heads": {}, "inline": []}) if return_plan else copied
+    # Linear layers whose input columns carry gates (paper layers, "in" and "heads" rules)
+    column_gated = {name for name, module, tensor_name, mask in gate_masks(model) if isinstance(module, nn.Linear) and mask.dim == 1}
+    column_gated |= {name for name, module in model.named_modules() if isinstance(module, L0Linear)}
     work = plain_copy(model)
     graph = trace_channels(work, example_inputs)
-    plan = _make_plan(graph)
+    plan = _make_plan(graph, column_gated)
     pruned = _apply_plan(graph, plan)
     was_training = model.training
     model.eval()

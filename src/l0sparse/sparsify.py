@@ -22,6 +22,11 @@ Granularities (``rules`` values):
 - ``"heads"``: one gate per attention head of ``nn.MultiheadAttention`` (on
   the output projection's columns of that head); for
   ``nn.TransformerEncoderLayer`` the heads and the feed-forward hidden units.
+  For an attention module of the user's own, give the head count:
+  ``("heads", 8)``. The gate goes on the module's output projection, taken
+  to be its last ``nn.Linear`` (in registration order): one gate for each
+  block of ``in_features / 8`` columns, whose closing removes that head's
+  contribution exactly. The module's other layers get no gates of their own.
 - ``"skip"``: leave the module alone.
 
 In training, every weight that a shared gate multiplies draws its own sample
@@ -120,9 +125,18 @@ def _check_rules(rules) -> dict:
     for key, value in rules.items():
         if not isinstance(key, (str, type)):
             raise ValueError(f"rules keys must be module names, glob patterns or module types, got {key!r}")
-        if value not in GRANULARITIES:
-            raise ValueError(f"rules[{key!r}] = {value!r}: the granularity must be one of {GRANULARITIES}")
+        if isinstance(value, tuple):
+            if not (len(value) == 2 and value[0] == "heads" and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
+                raise ValueError(f"rules[{key!r}] = {value!r}: a tuple rule is ('heads', number_of_heads) with a positive int")
+        elif value not in GRANULARITIES:
+            raise ValueError(f"rules[{key!r}] = {value!r}: the granularity must be one of {GRANULARITIES} or ('heads', number_of_heads)")
     return dict(rules)
+
+
+def _output_projection(module: nn.Module) -> nn.Linear | None:
+    """A user attention module's output projection: its last nn.Linear."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear) and m is not module]
+    return linears[-1] if linears else None
 
 
 def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tuple | Tensor | None = None, **gate_kwargs) -> nn.Module:
@@ -150,10 +164,14 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
         example_inputs = (example_inputs,)
     plan: list[tuple[str, nn.Module, str, bool]] = []  # (name, module, granularity, explicit)
     handled: set[str] = set()
+    head_counts: dict[str, int] = {}
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in handled):
             continue  # inside an attention module that its own rule handles
         explicit = _rule_for(name, module, rules)
+        if isinstance(explicit, tuple):  # ("heads", n): an attention module of the user's own
+            head_counts[name] = explicit[1]
+            explicit = "heads"
         granularity = explicit or _default_rule(module)
         if isinstance(module, (L0Linear, L0Conv2d)) or isinstance(module, Gate):
             handled.add(name)
@@ -168,8 +186,8 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             if explicit is not None:
                 warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) skipped by rule", stacklevel=2)
             continue
-        _check_supported(name, module, granularity)
-        if isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):
+        _check_supported(name, module, granularity, head_counts.get(name))
+        if granularity == "heads":
             handled.add(name)
         plan.append((name, module, granularity, explicit is not None))
 
@@ -197,7 +215,7 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             gate = _new_gate(module.weight.shape, name, "weight", module, gate_kwargs)
             parametrize.register_parametrization(module, "weight", GateMask(gate, dim=None))
         elif granularity == "heads":
-            _gate_attention(name, module, gate_kwargs)
+            _gate_attention(name, module, gate_kwargs, head_counts.get(name))
         else:  # "out": the gate sits on every consumer of the module's output channels
             index = graph.module_output.get(name)
             space = None if index is None else graph.spaces[index]
@@ -227,10 +245,17 @@ def _new_gate(shape, owner: str, granularity: str, module: nn.Module, gate_kwarg
     return gate
 
 
-def _check_supported(name: str, module: nn.Module, granularity: str) -> None:
+def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: int | None = None) -> None:
     is_linear = isinstance(module, nn.Linear)
     is_conv = isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
     is_attention = isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention))
+    if num_heads is not None and not is_attention:
+        projection = _output_projection(module)
+        if projection is None or projection.in_features % num_heads:
+            found = "it has no nn.Linear" if projection is None else f"its last Linear has {projection.in_features} inputs"
+            raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the output projection "
+                             f"must be its last nn.Linear with inputs divisible by {num_heads}; {found}")
+        return
     allowed = {"in": is_linear or (is_conv and module.groups == 1), "out": is_linear or is_conv,
                "weight": is_linear or is_conv, "heads": is_attention}[granularity]
     if not allowed:
@@ -238,8 +263,15 @@ def _check_supported(name: str, module: nn.Module, granularity: str) -> None:
         raise ValueError(f"sparsify: rule {granularity!r} does not apply to {name!r} ({type(module).__name__}){hint}")
 
 
-def _gate_attention(name: str, module: nn.Module, gate_kwargs: dict) -> None:
+def _gate_attention(name: str, module: nn.Module, gate_kwargs: dict, num_heads: int | None = None) -> None:
+    if not isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):  # the user's own attention
+        projection = _output_projection(module)
+        gate = _new_gate(num_heads, name, "heads", projection, gate_kwargs)
+        parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features // num_heads))
+        return
     attention = module.self_attn if isinstance(module, nn.TransformerEncoderLayer) else module
+    if num_heads is not None and num_heads != attention.num_heads:
+        raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r}: the module has {attention.num_heads} heads")
     if not attention._qkv_same_embed_dim:
         raise ValueError(f"sparsify: {name!r}: 'heads' needs query, key and value of the same size")
     head_dim = attention.embed_dim // attention.num_heads
