@@ -16,7 +16,12 @@ dense step at batch 100 with the default implementation, and conditional
 computation does not shrink it). Writes benchmarks/results/conditional.json
 (or conditional-fused-adam.json).
 
+``--model lenet5`` runs the same comparison on LeNet-5-Caffe (L0LeNet5
+against the plain LeNet5; no fixed-sparsity table), written to
+conditional-lenet5.json.
+
 Run:  .venv/bin/python benchmarks/conditional.py [--epochs 15 --data fashion-mnist] [--fused-adam]
+      .venv/bin/python benchmarks/conditional.py --model lenet5 --lam 1.0 --epochs 8
 """
 
 import argparse
@@ -34,7 +39,7 @@ from common import save_json  # noqa: E402
 
 import l0sparse  # noqa: E402
 from l0sparse.data import load_dataset  # noqa: E402
-from l0sparse.models import mlp  # noqa: E402
+from l0sparse.models import LeNet5, mlp  # noqa: E402
 from l0sparse.train import accuracy, configure_torch  # noqa: E402
 
 VARIANTS = {  # name: (per_example_noise, conditional)
@@ -47,6 +52,7 @@ VARIANTS = {  # name: (per_example_noise, conditional)
 
 def main():
     parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=("mlp", "lenet5"), default="mlp")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lam", type=float, default=0.1)
@@ -56,7 +62,8 @@ def main():
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     results = Path(__file__).resolve().parent / "results"
-    args.out = args.out or results / ("conditional-fused-adam.json" if args.fused_adam else "conditional.json")
+    args.out = args.out or results / ("conditional" + ("-lenet5" if args.model == "lenet5" else "")
+                                      + ("-fused-adam" if args.fused_adam else "") + ".json")
     configure_torch(args.threads)
     data = load_dataset(args.data)
     sizes = (data.num_features, 300, 100, data.num_classes)
@@ -67,10 +74,17 @@ def main():
         return
 
     torch.manual_seed(0)
-    models = {"dense": mlp(sizes)}
+    if args.model == "mlp":
+        dense_model = lambda: mlp(sizes)  # noqa: E731
+        gated_model = lambda **kwargs: l0sparse.L0MLP(sizes, **kwargs)  # noqa: E731
+    else:
+        data.x_train, data.x_test = data.x_train.view(-1, 1, 28, 28), data.x_test.view(-1, 1, 28, 28)
+        dense_model = lambda: LeNet5(num_classes=data.num_classes)  # noqa: E731
+        gated_model = lambda **kwargs: l0sparse.L0LeNet5(num_classes=data.num_classes, **kwargs)  # noqa: E731
+    models = {"dense": dense_model()}
     for name, (per_example, conditional) in VARIANTS.items():
         torch.manual_seed(0)  # the same initial weights and gates for every gated variant
-        models[name] = l0sparse.L0MLP(sizes, per_example_noise=per_example, conditional=conditional)
+        models[name] = gated_model(per_example_noise=per_example, conditional=conditional)
     optimizers, penalties = {}, {}
     for name, model in models.items():
         gate_ids = {id(g.log_alpha) for g in l0sparse.costs.gates(model)}
@@ -107,7 +121,10 @@ def main():
                 row["flops_kept"] = float(l0sparse.CostModel(model, data.x_test[:2]).flops(deterministic=True)) / dense_flops
             rows.append(row)
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        save_json({"threads": args.threads, "data": args.data, "lam": args.lam, "fused_adam": args.fused_adam, "rows": rows}, args.out)
+        save_json({"threads": args.threads, "model": args.model, "data": args.data, "lam": args.lam, "fused_adam": args.fused_adam,
+                   "rows": rows}, args.out)
+    if args.model != "mlp":
+        return
     fixed = fixed_sparsity(sizes, args.fused_adam)
     save_json({"threads": args.threads, "data": args.data, "lam": args.lam, "fused_adam": args.fused_adam, "rows": rows,
                "fixed_sparsity": fixed}, args.out)

@@ -137,3 +137,24 @@ def test_conditional_computation_is_exact(name, per_example_noise):
             torch.testing.assert_close(grads_conditional[key], grad, rtol=0, atol=800 * eps * max(1.0, float(grad.abs().max())))
     # the conditional path really skipped units: some gates were closed for the whole batch
     assert any(float((g.deterministic() == 0).float().mean()) > 0.3 for g in l0sparse.costs.gates(plain))
+
+
+def test_conditional_models_trace_for_costs_and_pruning(tmp_path):
+    """CostModel and prune trace the plain path of a conditional model (the same function), and a training
+    run with `conditional = true` reports its sizes like any other."""
+    from l0sparse.config import load_config
+    from l0sparse.train import run_training
+
+    torch.manual_seed(0)
+    for plain, conditional, x in ((l0sparse.L0MLP((20, 12, 4)), l0sparse.L0MLP((20, 12, 4), conditional=True), torch.randn(3, 20)),
+                                  (l0sparse.L0LeNet5(), l0sparse.L0LeNet5(conditional=True), torch.randn(3, 1, 28, 28))):
+        _close_most_gates(plain, torch.Generator().manual_seed(3))
+        conditional.load_state_dict(plain.state_dict())
+        costs = l0sparse.CostModel(conditional, x).costs(deterministic=True)
+        assert float(costs["flops"]) == float(l0sparse.CostModel(plain, x).costs(deterministic=True)["flops"])
+        pruned = l0sparse.prune(conditional.eval(), x)
+        with torch.no_grad():
+            torch.testing.assert_close(pruned(x), conditional(x))
+    config = load_config(RECIPES / "mlp-digits.toml", ["epochs=2", "hidden=[16]", "conditional=true", "per_example_noise=false"])
+    history = run_training(config, tmp_path / "run", progress=False)
+    assert len(history) == 2 and 0 < history[-1]["flops_kept"] <= 1

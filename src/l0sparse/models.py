@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .layers import L0Conv2d, L0Linear
 
@@ -60,7 +61,7 @@ class L0MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.conditional:
+        if self.conditional and not is_fx_symbolic_tracing():  # traced for costs and pruning: the same function, plainly
             return self._conditional_forward(input.flatten(1))
         return self.layers(input.flatten(1))
 
@@ -112,7 +113,7 @@ class L0LeNet5(nn.Module):
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.conditional:
+        if self.conditional and not is_fx_symbolic_tracing():
             return self._conditional_forward(input)
         hidden = self.pool(torch.relu(self.conv1(input)))
         hidden = self.pool(torch.relu(self.conv2(hidden)))

@@ -63,6 +63,9 @@ def plain_copy(model: nn.Module) -> nn.Module:
             if module.bias is not None:
                 plain.bias.copy_(module.bias * z_hat)
             _set_submodule(work, name, plain.to(module.weight))
+    for module in work.modules():
+        if getattr(module, "conditional", False):  # L0MLP / L0LeNet5: no gates are left to skip units by
+            module.conditional = False
     return work
 
 
