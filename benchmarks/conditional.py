@@ -17,8 +17,9 @@ computation does not shrink it). Writes benchmarks/results/conditional.json
 (or conditional-fused-adam.json).
 
 ``--model lenet5`` runs the same comparison on LeNet-5-Caffe (L0LeNet5
-against the plain LeNet5; no fixed-sparsity table), written to
-conditional-lenet5.json.
+against the plain LeNet5), written to conditional-lenet5.json; its
+fixed-sparsity table keeps given numbers of conv channels and FC inputs
+open, at batch 100, with both kinds of noise.
 
 Run:  .venv/bin/python benchmarks/conditional.py [--epochs 15 --data fashion-mnist] [--fused-adam]
       .venv/bin/python benchmarks/conditional.py --model lenet5 --lam 1.0 --epochs 8
@@ -70,7 +71,8 @@ def main():
     n_train = len(data.x_train)
     if args.fixed_only:
         previous = json.loads(args.out.read_text())
-        save_json({**previous, "fixed_sparsity": fixed_sparsity(sizes, args.fused_adam)}, args.out)
+        fixed = fixed_sparsity(sizes, args.fused_adam) if args.model == "mlp" else fixed_sparsity_lenet5(args.fused_adam)
+        save_json({**previous, "fixed_sparsity": fixed}, args.out)
         return
 
     torch.manual_seed(0)
@@ -123,9 +125,7 @@ def main():
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         save_json({"threads": args.threads, "model": args.model, "data": args.data, "lam": args.lam, "fused_adam": args.fused_adam,
                    "rows": rows}, args.out)
-    if args.model != "mlp":
-        return
-    fixed = fixed_sparsity(sizes, args.fused_adam)
+    fixed = fixed_sparsity(sizes, args.fused_adam) if args.model == "mlp" else fixed_sparsity_lenet5(args.fused_adam)
     save_json({"threads": args.threads, "data": args.data, "lam": args.lam, "fused_adam": args.fused_adam, "rows": rows,
                "fixed_sparsity": fixed}, args.out)
 
@@ -164,6 +164,42 @@ def fixed_sparsity(sizes, fused_adam: bool, steps: int = 60, warmup: int = 20) -
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return rows
 
+
+
+def fixed_sparsity_lenet5(fused_adam: bool, steps: int = 40, warmup: int = 10) -> list[dict]:
+    """Median step time of L0LeNet5 (plain and conditional, both kinds of noise) over LeNet5, batch 100, with
+    (conv1, conv2, fc1, fc2) channels / inputs open (log α = 6, the rest -12), the gated models stepped in turn."""
+    x, y = torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,))
+    rows = []
+    for kept_units in ((10, 25, 400, 250), (8, 15, 240, 150), (5, 10, 160, 100)):
+        torch.manual_seed(0)
+        models = {"dense": LeNet5()}
+        for name, (per_example, conditional) in VARIANTS.items():
+            model = l0sparse.L0LeNet5(per_example_noise=per_example, conditional=conditional)
+            with torch.no_grad():
+                for layer, count in zip((model.conv1, model.conv2, model.fc1, model.fc2), kept_units):
+                    is_open = torch.randperm(layer.gate.shape[0]) < count
+                    layer.gate.log_alpha.copy_(torch.where(is_open, 6.0, -12.0))
+            models[name] = model
+        flops_kept = float(l0sparse.CostModel(models["shared sample"], x[:2]).flops(deterministic=True)) / l0sparse.count_flops(models["dense"], x[:2])
+        optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-3, fused=fused_adam or None) for k, m in models.items()}
+        penalties = {k: l0sparse.Penalty(m, 0.1, N=60000) for k, m in models.items() if k != "dense"}
+        times = {k: [] for k in models}
+        for step in range(warmup + steps):
+            for name, model in models.items():
+                start = time.perf_counter()
+                loss = F.cross_entropy(model(x), y) + (penalties[name]() if name in penalties else 0.0)
+                optimizers[name].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[name].step()
+                if step >= warmup:
+                    times[name].append(time.perf_counter() - start)
+        dense_step = statistics.median(times["dense"])
+        row = {"kept_units": list(kept_units), "flops_kept": flops_kept, "dense_step_ms": 1000 * dense_step,
+               **{name: statistics.median(values) / dense_step for name, values in times.items() if name != "dense"}}
+        rows.append(row)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    return rows
 
 if __name__ == "__main__":
     main()
