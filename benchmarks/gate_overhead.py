@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
 import l0sparse  # noqa: E402
 from l0sparse.models import LeNet5, mlp  # noqa: E402
+from l0sparse.train import configure_torch  # noqa: E402
 
 
 def dense_mlp():
@@ -56,8 +57,7 @@ def main():
     parser.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True) for every model")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gate_overhead.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # closed gates leave Adam's moments decaying into denormals
+    configure_torch(args.threads)  # fixed threads; denormals flushed (closed gates' Adam moments decay into them)
     rows = []
     for name in ("MLP 784-300-100", "LeNet-5-Caffe"):
         torch.manual_seed(0)

@@ -33,6 +33,7 @@ from torch.fx.experimental.optimization import fuse
 import l0sparse
 from l0sparse import Gate
 from l0sparse.models import LeNet5
+from l0sparse.train import configure_torch  # noqa: E402
 
 
 class Block(nn.Module):
@@ -104,8 +105,7 @@ def main():
     parser.add_argument("--target", type=float, default=0.30)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "prune_latency.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    configure_torch(args.threads)
     generator = torch.Generator().manual_seed(0)
     rows = []
     for name, factory, shape in (("LeNet-5-Caffe", LeNet5, (1, 28, 28)), ("ResNet (16-32-64, 2 blocks)", SmallResNet, (3, 32, 32))):

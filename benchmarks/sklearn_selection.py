@@ -33,6 +33,7 @@ from common import save_json  # noqa: E402
 from sparse_regression_data import make_toeplitz_regression  # noqa: E402
 
 from l0sparse.sklearn import L0Regressor  # noqa: E402
+from l0sparse.train import configure_torch  # noqa: E402
 
 
 def f1_score(selected, truth) -> float:
@@ -95,8 +96,7 @@ def main() -> None:
     parser.add_argument("--skip-linear", action="store_true")
     parser.add_argument("--skip-nonlinear", action="store_true")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    torch.set_flush_denormal(True)  # closed gates leave Adam moments decaying into denormals
+    configure_torch(1)  # one thread; denormals flushed (closed gates' Adam moments decay into them)
     # warm up imports and kernels so that the first timed fit is not charged for them
     warm_x, warm_y, *_ = make_toeplitz_regression(60, 20, seed=99)
     for factory in methods(False).values():
