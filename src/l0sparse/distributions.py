@@ -70,9 +70,14 @@ def sample_gates(log_alpha: Tensor, sample_shape: torch.Size | tuple, beta: floa
     return _StretchedClampedSigmoid.apply(log_alpha, logistic_noise, beta, gamma, zeta).to(log_alpha.dtype)
 
 
+def log_ratio_zero(beta: float, gamma: float, zeta: float) -> float:
+    """β · log(-γ/ζ): the logit threshold of P(z = 0)."""
+    return beta * math.log(-gamma / zeta)
+
+
 def prob_nonzero(log_alpha: Tensor, beta: float, gamma: float, zeta: float) -> Tensor:
     """P(z ≠ 0) = sigmoid(log α - β log(-γ/ζ)): the expected L0 of each gate."""
-    return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
+    return torch.sigmoid(log_alpha - log_ratio_zero(beta, gamma, zeta))
 
 
 def deterministic_gates(log_alpha: Tensor, gamma: float, zeta: float) -> Tensor:
@@ -161,14 +166,9 @@ class HardConcrete(Distribution):
         return new
 
     # -- the closed forms -------------------------------------------------
-    @property
-    def _log_ratio_zero(self) -> float:
-        """β · log(-γ/ζ): the logit threshold for P(z = 0)."""
-        return self.beta * math.log(-self.gamma / self.zeta)
-
     def prob_zero(self) -> Tensor:
         """P(z = 0) = sigmoid(β log(-γ/ζ) - log α)."""
-        return torch.sigmoid(self._log_ratio_zero - self.log_alpha)
+        return torch.sigmoid(log_ratio_zero(self.beta, self.gamma, self.zeta) - self.log_alpha)
 
     def prob_nonzero(self) -> Tensor:
         """P(z ≠ 0) = sigmoid(log α - β log(-γ/ζ)): the expected L0 of one gate."""
@@ -220,7 +220,7 @@ class HardConcrete(Distribution):
 
     # -- sampling ---------------------------------------------------------
     def rsample(self, sample_shape: torch.Size | tuple = torch.Size()) -> Tensor:
-        return sample_gates(self.log_alpha.expand(self.batch_shape), sample_shape, self.beta, self.gamma, self.zeta)
+        return sample_gates(self.log_alpha, sample_shape, self.beta, self.gamma, self.zeta)
 
     def __repr__(self) -> str:
         return (
