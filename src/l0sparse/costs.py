@@ -180,20 +180,12 @@ def _attention_cost(attention: nn.MultiheadAttention, query_length: int, key_len
     return flops, inner * (3 * embed + in_bias + embed) + fixed
 
 
-def _attention_flops(attention: nn.MultiheadAttention, query_length: int, key_length: int) -> int:
-    """MACs per example of multi-head attention with all its heads."""
-    return _attention_cost(attention, query_length, key_length)[0]
-
-
-def _tokens(attention: nn.MultiheadAttention, tensor: Tensor) -> int:
-    return tensor.shape[1] if (attention.batch_first or tensor.dim() == 2) and tensor.dim() == 3 else tensor.shape[0]
-
-
-def _sequences(attention: nn.MultiheadAttention, shape) -> int:
-    """How many sequences an attention input of ``shape`` holds (1 for an unbatched (length, features) input)."""
+def _layout(attention: nn.MultiheadAttention, shape) -> tuple[int, int]:
+    """(sequences, tokens per sequence) of an attention input of ``shape``: (L, E) unbatched, (N, L, E) batch
+    first, (L, N, E) otherwise."""
     if len(shape) != 3:
-        return 1
-    return shape[0] if attention.batch_first else shape[1]
+        return 1, shape[0]
+    return (shape[0], shape[1]) if attention.batch_first else (shape[1], shape[0])
 
 
 def _per_example(total: float, batch: int):
@@ -240,7 +232,7 @@ class CostModel:
         self.model = model
         self._batch = example_inputs[0].shape[0]  # counts are per entry of the first input dimension, as count_flops's
         self.modules = dict(model.named_modules())
-        self._attention_lengths = {name: (_tokens(self.modules[name], torch.empty(query)), _tokens(self.modules[name], torch.empty(key)))
+        self._attention_lengths = {name: (_layout(self.modules[name], query)[1], _layout(self.modules[name], key)[1])
                                    for name, (query, key) in self.graph.attention_shapes.items()}
         handled = {id(p) for name in self._attention_lengths for p in self.modules[name].parameters()}
         for name in self.graph.shapes:
@@ -297,13 +289,13 @@ class CostModel:
             flops = flops + _scaled_dot_product_macs(query, key) / self._batch
         for name, (query_length, key_length) in self._attention_lengths.items():  # attention modules called on their own
             attention_flops, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
-            scale = _sequences(self.modules[name], self.graph.attention_shapes[name][0]) / self._batch
+            scale = _layout(self.modules[name], self.graph.attention_shapes[name][0])[0] / self._batch
             flops, params = flops + scale * attention_flops, params + attention_params
         for name, (in_shape, out_shape) in self.graph.shapes.items():
             module = self.modules[name]
             if isinstance(module, nn.TransformerEncoderLayer):
-                tokens = _tokens(module.self_attn, torch.empty(in_shape))
-                scale = _sequences(module.self_attn, in_shape) / self._batch
+                sequences, tokens = _layout(module.self_attn, in_shape)
+                scale = sequences / self._batch
                 hidden = _column_probabilities(module.linear2, prob)
                 units = torch.tensor(float(module.linear1.out_features)) if hidden is None else hidden.sum()
                 if deterministic:
@@ -428,12 +420,12 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
 
     def hook(module, inputs, output):
         if isinstance(module, nn.TransformerEncoderLayer):
-            tokens = _tokens(module.self_attn, inputs[0])
-            flops = _attention_flops(module.self_attn, tokens, tokens) + 2 * tokens * module.linear1.in_features * module.linear1.out_features
-            flops = _per_example(flops * _sequences(module.self_attn, inputs[0].shape), batch)
+            sequences, tokens = _layout(module.self_attn, inputs[0].shape)
+            flops = _attention_cost(module.self_attn, tokens, tokens)[0] + 2 * tokens * module.linear1.in_features * module.linear1.out_features
+            flops = _per_example(flops * sequences, batch)
         elif isinstance(module, nn.MultiheadAttention):
-            flops = _attention_flops(module, _tokens(module, inputs[0]), _tokens(module, inputs[1]))
-            flops = _per_example(flops * _sequences(module, inputs[0].shape), batch)
+            (sequences, query_length), (_, key_length) = _layout(module, inputs[0].shape), _layout(module, inputs[1].shape)
+            flops = _per_example(_attention_cost(module, query_length, key_length)[0] * sequences, batch)
         else:
             per_output = module.in_features if isinstance(module, nn.Linear) else module.weight[0].numel()
             flops = _per_example(output.numel() * per_output, batch)
