@@ -11,3 +11,36 @@ def save_json(payload, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(json.dumps(payload, indent=1), path)
+
+
+def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam: bool = False, lam: float = 0.1,
+                        n_train: int = 60000) -> dict:
+    """Median training-step time of each model on one batch, the models stepped in turn in one process.
+
+    Adam (lr 1e-3) for every model; gated models add their L0 penalty, built once as a
+    ``Penalty`` (λ per weight over ``n_train``), as the training harness does. ``warmup``
+    steps are not timed.
+    """
+    import statistics
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    import l0sparse
+
+    optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None) for name, model in models.items()}
+    penalties = {name: l0sparse.Penalty(model, lam, N=n_train) for name, model in models.items() if l0sparse.costs.gates(model)}
+    times = {name: [] for name in models}
+    for step in range(warmup + steps):
+        for name, model in models.items():
+            start = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            if name in penalties:
+                loss = loss + penalties[name]()
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_json  # noqa: E402
+from common import median_step_seconds, save_json  # noqa: E402
 
 import l0sparse  # noqa: E402
 from l0sparse.data import load_dataset  # noqa: E402
@@ -145,21 +145,10 @@ def fixed_sparsity(sizes, fused_adam: bool, steps: int = 60, warmup: int = 20) -
                     layer.gate.log_alpha.copy_(torch.where(is_open, 6.0, -12.0))
             kept = float(l0sparse.CostModel(models["conditional"], x[:2]).flops(deterministic=True))
             dense_flops = l0sparse.count_flops(models["dense"], x[:2])
-            optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-3, fused=fused_adam or None) for k, m in models.items()}
-            penalty = l0sparse.Penalty(models["conditional"], 0.1, N=60000)
-            times = {k: [] for k in models}
-            for step in range(warmup + steps):
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    loss = F.cross_entropy(model(x), y) + (penalty() if name == "conditional" else 0.0)
-                    optimizers[name].zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizers[name].step()
-                    if step >= warmup:
-                        times[name].append(time.perf_counter() - start)
-            ratio = statistics.median(times["conditional"]) / statistics.median(times["dense"])
+            medians = median_step_seconds(models, x, y, steps, warmup, fused_adam)
+            ratio = medians["conditional"] / medians["dense"]
             row = {"batch": batch, "inputs_open": open_fraction, "flops_kept": kept / dense_flops,
-                   "dense_step_ms": 1000 * statistics.median(times["dense"]), "ratio_to_dense": ratio}
+                   "dense_step_ms": 1000 * medians["dense"], "ratio_to_dense": ratio}
             rows.append(row)
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return rows
@@ -182,21 +171,10 @@ def fixed_sparsity_lenet5(fused_adam: bool, steps: int = 40, warmup: int = 10) -
                     layer.gate.log_alpha.copy_(torch.where(is_open, 6.0, -12.0))
             models[name] = model
         flops_kept = float(l0sparse.CostModel(models["shared sample"], x[:2]).flops(deterministic=True)) / l0sparse.count_flops(models["dense"], x[:2])
-        optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-3, fused=fused_adam or None) for k, m in models.items()}
-        penalties = {k: l0sparse.Penalty(m, 0.1, N=60000) for k, m in models.items() if k != "dense"}
-        times = {k: [] for k in models}
-        for step in range(warmup + steps):
-            for name, model in models.items():
-                start = time.perf_counter()
-                loss = F.cross_entropy(model(x), y) + (penalties[name]() if name in penalties else 0.0)
-                optimizers[name].zero_grad(set_to_none=True)
-                loss.backward()
-                optimizers[name].step()
-                if step >= warmup:
-                    times[name].append(time.perf_counter() - start)
-        dense_step = statistics.median(times["dense"])
+        medians = median_step_seconds(models, x, y, steps, warmup, fused_adam)
+        dense_step = medians["dense"]
         row = {"kept_units": list(kept_units), "flops_kept": flops_kept, "dense_step_ms": 1000 * dense_step,
-               **{name: statistics.median(values) / dense_step for name, values in times.items() if name != "dense"}}
+               **{name: median / dense_step for name, median in medians.items() if name != "dense"}}
         rows.append(row)
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     return rows

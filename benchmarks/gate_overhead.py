@@ -12,17 +12,14 @@ Run:  .venv/bin/python benchmarks/gate_overhead.py [--steps 100 --warmup 20] [--
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_json  # noqa: E402
+from common import median_step_seconds, save_json  # noqa: E402
 import l0sparse  # noqa: E402
 from l0sparse.models import LeNet5, mlp  # noqa: E402
 from l0sparse.train import configure_torch  # noqa: E402
@@ -63,26 +60,10 @@ def main():
         torch.manual_seed(0)
         x, models = variants(name)
         y = torch.randint(0, 10, (100,))
-        optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-3, fused=args.fused_adam or None) for k, m in models.items()}
-        # built once, as the training harness does: each call is a few kernels over all gates
-        penalties = {k: l0sparse.Penalty(m, 0.1, N=60000) for k, m in models.items() if k != "dense"}
-        times = {k: [] for k in models}
-        for step in range(args.warmup + args.steps):
-            for key, model in models.items():
-                start = time.perf_counter()
-                loss = F.cross_entropy(model(x), y)
-                if key != "dense":
-                    loss = loss + penalties[key]()
-                optimizers[key].zero_grad(set_to_none=True)
-                loss.backward()
-                optimizers[key].step()
-                if step >= args.warmup:
-                    times[key].append(time.perf_counter() - start)
-        dense_median = statistics.median(times["dense"])
-        for key, values in times.items():
+        medians = median_step_seconds(models, x, y, args.steps, args.warmup, args.fused_adam)
+        for key, median in medians.items():
             row = {"model": name, "variant": key, "threads": args.threads, "batch": 100, "fused_adam": args.fused_adam,
-                   "median_ms": 1000 * statistics.median(values),
-                   "ratio_to_dense": statistics.median(values) / dense_median}
+                   "median_ms": 1000 * median, "ratio_to_dense": median / medians["dense"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     save_json(rows, args.out)

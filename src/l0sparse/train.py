@@ -259,8 +259,8 @@ def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_en
         controller = TargetController(model, config.target, config.metric, example_inputs=example,
                                       warmup_steps=int(config.warmup * config.epochs * steps_per_epoch), lr=config.controller_lr)
     cost_model = CostModel(model, example) if gated else None
-    dense_flops = count_flops(plain_copy(model), example)
-    dense_params = count_params(plain_copy(model))
+    dense = plain_copy(model)
+    dense_flops, dense_params = count_flops(dense, example), count_params(dense)
 
     magnitude = config.regularizer == "magnitude"
     lk_regularized = config.regularizer in ("l1", "group_l1", "l2")
