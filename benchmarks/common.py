@@ -22,10 +22,8 @@ def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam:
     steps are not timed.
     """
     import statistics
-    import time
 
     import torch
-    import torch.nn.functional as F
 
     import l0sparse
 
@@ -34,13 +32,23 @@ def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam:
     times = {name: [] for name in models}
     for step in range(warmup + steps):
         for name, model in models.items():
-            start = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            if name in penalties:
-                loss = loss + penalties[name]()
-            optimizers[name].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[name].step()
+            seconds = timed_step(model, optimizers[name], penalties.get(name), x, y)
             if step >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def timed_step(model, optimizer, penalty, x, y) -> float:
+    """One training step (cross-entropy, plus ``penalty()`` unless it is None); its wall time in seconds."""
+    import time
+
+    import torch.nn.functional as F
+
+    start = time.perf_counter()
+    loss = F.cross_entropy(model(x), y)
+    if penalty is not None:
+        loss = loss + penalty()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start

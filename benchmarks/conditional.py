@@ -29,14 +29,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_step_seconds, save_json  # noqa: E402
+from common import median_step_seconds, save_json, timed_step  # noqa: E402
 
 import l0sparse  # noqa: E402
 from l0sparse.data import load_dataset  # noqa: E402
@@ -105,14 +103,7 @@ def main():
             x, y = data.x_train[index], data.y_train[index]
             for name, model in models.items():
                 torch.set_rng_state(rng_states[name])
-                start = time.perf_counter()
-                loss = F.cross_entropy(model(x), y)
-                if name in penalties:
-                    loss = loss + penalties[name]()
-                optimizers[name].zero_grad(set_to_none=True)
-                loss.backward()
-                optimizers[name].step()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timed_step(model, optimizers[name], penalties.get(name), x, y))
                 rng_states[name] = torch.get_rng_state()
         dense_step = statistics.median(times["dense"])
         for name, model in models.items():
