@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from .gates import Gate
 from .graph import ChannelGraph, trace_channels
 from .layers import L0Conv2d, L0Linear
+from .models import L0LeNet5, L0MLP
 from .sparsify import gate_masks
 
 __all__ = ["prune", "rebuild", "plain_copy"]
@@ -64,7 +65,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
                 plain.bias.copy_(module.bias * z_hat)
             _set_submodule(work, name, plain.to(module.weight))
     for module in work.modules():
-        if getattr(module, "conditional", False):  # L0MLP / L0LeNet5: no gates are left to skip units by
+        if isinstance(module, (L0MLP, L0LeNet5)):  # no gates are left to skip units by
             module.conditional = False
     return work
 
