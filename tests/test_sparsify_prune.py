@@ -182,6 +182,20 @@ def test_input_gates_select_inputs():
     assert "index_select" in pruned.code
 
 
+def test_pruned_model_scripts_when_forward_annotations_are_strings():
+    # l0sparse.models uses `from __future__ import annotations`: its forward's annotations are strings
+    from l0sparse.models import LeNet5
+
+    torch.manual_seed(0)
+    model, x = LeNet5().eval(), torch.randn(2, 1, 28, 28)
+    l0sparse.sparsify(model, example_inputs=x)
+    randomise(model)
+    model.eval()
+    pruned = l0sparse.prune(model, x)
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(pruned)(x), pruned(x))
+
+
 @pytest.mark.parametrize("case", ["resnet", "attention"])
 def test_pruned_model_scripts_exports_and_round_trips(tmp_path, case):
     model, x = build(case)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import operator
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -346,6 +347,20 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return isinstance(module, (L0Linear, L0Conv2d, Gate)) or super().is_leaf_module(module, qualified_name)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        graph = super().trace(root, concrete_args)
+        # `from __future__ import annotations` leaves string annotations that torch.jit.script cannot read
+        # in the generated code: resolve them against the forward's module, or drop them
+        try:
+            hints = typing.get_type_hints(type(root).forward)
+        except Exception:  # an annotation that does not resolve: leave the types out
+            hints = {}
+        for node in graph.nodes:
+            if isinstance(node.type, str):
+                key = "return" if node.op == "output" else node.target.lstrip("*")
+                node.type = hints.get(key)
+        return graph
 
 
 def _flatten_args(args) -> list:
