@@ -14,12 +14,13 @@ def save_json(payload, path: Path) -> None:
 
 
 def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam: bool = False, lam: float = 0.1,
-                        n_train: int = 60000) -> dict:
+                        n_train: int = 60000, compile: bool = False) -> dict:
     """Median training-step time of each model on one batch, the models stepped in turn in one process.
 
     Adam (lr 1e-3) for every model; gated models add their L0 penalty, built once as a
     ``Penalty`` (λ per weight over ``n_train``), as the training harness does. ``warmup``
-    steps are not timed.
+    steps are not timed. ``compile``: the loss (forward, cross-entropy and penalty) of every
+    model goes through ``torch.compile``; its backward is then compiled too.
     """
     import statistics
 
@@ -29,26 +30,39 @@ def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam:
 
     optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None) for name, model in models.items()}
     penalties = {name: l0sparse.Penalty(model, lam, N=n_train) for name, model in models.items() if l0sparse.costs.gates(model)}
+    losses = {name: training_loss(model, penalties.get(name)) for name, model in models.items()}
+    if compile:
+        # the losses share one code object, which dynamo caches per guard set (8 by default, then runs eager):
+        # start empty so that each call's models fit
+        torch._dynamo.reset()
+        losses = {name: torch.compile(loss) for name, loss in losses.items()}
     times = {name: [] for name in models}
     for step in range(warmup + steps):
-        for name, model in models.items():
-            seconds = timed_step(model, optimizers[name], penalties.get(name), x, y)
+        for name in models:
+            seconds = timed_step(losses[name], optimizers[name], x, y)
             if step >= warmup:
                 times[name].append(seconds)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def timed_step(model, optimizer, penalty, x, y) -> float:
-    """One training step (cross-entropy, plus ``penalty()`` unless it is None); its wall time in seconds."""
-    import time
-
+def training_loss(model, penalty):
+    """``loss(x, y)``: cross-entropy of the model's outputs, plus ``penalty()`` unless it is None."""
     import torch.nn.functional as F
 
+    def loss(x, y):
+        value = F.cross_entropy(model(x), y)
+        return value if penalty is None else value + penalty()
+
+    return loss
+
+
+def timed_step(loss, optimizer, x, y) -> float:
+    """One training step on ``loss(x, y)`` (see :func:`training_loss`); its wall time in seconds."""
+    import time
+
     start = time.perf_counter()
-    loss = F.cross_entropy(model(x), y)
-    if penalty is not None:
-        loss = loss + penalty()
+    value = loss(x, y)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    value.backward()
     optimizer.step()
     return time.perf_counter() - start

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_step_seconds, save_json, timed_step  # noqa: E402
+from common import median_step_seconds, save_json, timed_step, training_loss  # noqa: E402
 
 import l0sparse  # noqa: E402
 from l0sparse.data import load_dataset  # noqa: E402
@@ -93,6 +93,7 @@ def main():
             groups.append({"params": [g.log_alpha for g in l0sparse.costs.gates(model)], "lr": 1e-2})
             penalties[name] = l0sparse.Penalty(model, args.lam, N=n_train)
         optimizers[name] = torch.optim.Adam(groups, fused=args.fused_adam or None)
+    losses = {name: training_loss(model, penalties.get(name)) for name, model in models.items()}
     rng_states = {name: torch.get_rng_state() for name in models}  # twins draw the same gates
     dense_flops = l0sparse.count_flops(models["dense"], data.x_test[:2])
     batches = torch.Generator().manual_seed(1)
@@ -103,7 +104,7 @@ def main():
             x, y = data.x_train[index], data.y_train[index]
             for name, model in models.items():
                 torch.set_rng_state(rng_states[name])
-                times[name].append(timed_step(model, optimizers[name], penalties.get(name), x, y))
+                times[name].append(timed_step(losses[name], optimizers[name], x, y))
                 rng_states[name] = torch.get_rng_state()
         dense_step = statistics.median(times["dense"])
         for name, model in models.items():

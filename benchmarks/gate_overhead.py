@@ -7,7 +7,7 @@ dense median. Variants: the paper's layers (L0MLP / L0LeNet5, per-example
 noise as in the paper, and one shared sample), sparsify with unit gates
 (default rules), and sparsify with per-weight gates.
 
-Run:  .venv/bin/python benchmarks/gate_overhead.py [--steps 100 --warmup 20] [--fused-adam --out ...]
+Run:  .venv/bin/python benchmarks/gate_overhead.py [--steps 100 --warmup 20] [--fused-adam] [--compile] [--out ...]
 """
 
 import argparse
@@ -52,17 +52,24 @@ def main():
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fused-adam", action="store_true", help="torch.optim.Adam(fused=True) for every model")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model's loss (inductor, with "
+                        "fallback_random: eager's random numbers, which were faster here than inductor's own)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gate_overhead.json")
     args = parser.parse_args()
     configure_torch(args.threads)  # fixed threads; denormals flushed (closed gates' Adam moments decay into them)
+    if args.compile:
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
     rows = []
     for name in ("MLP 784-300-100", "LeNet-5-Caffe"):
         torch.manual_seed(0)
         x, models = variants(name)
         y = torch.randint(0, 10, (100,))
-        medians = median_step_seconds(models, x, y, args.steps, args.warmup, args.fused_adam)
+        medians = median_step_seconds(models, x, y, args.steps, args.warmup, args.fused_adam, compile=args.compile)
         for key, median in medians.items():
             row = {"model": name, "variant": key, "threads": args.threads, "batch": 100, "fused_adam": args.fused_adam,
+                   "compiled": args.compile,
                    "median_ms": 1000 * median, "ratio_to_dense": median / medians["dense"]}
             rows.append(row)
             print(json.dumps(row), flush=True)

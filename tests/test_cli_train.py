@@ -89,6 +89,13 @@ def test_target_run_prune_and_report(tmp_path, capsys):
     assert "| run |" in (tmp_path / "report" / "report.md").read_text()
     with pytest.raises(FileExistsError):
         prune_run(tmp_path / "run")
+    assert main(["prune", str(tmp_path / "run"), "--force", "--round-to", "3"]) == 0
+    rounded = load_pruned(tmp_path / "run")
+    linears = [m for m in rounded.modules() if isinstance(m, torch.nn.Linear)]
+    widths = [(m.in_features, full) for m, full in zip(linears, (data.x_test.shape[1], 16))]  # the config: hidden=[16]
+    assert len(widths) == 2 and all(w % 3 == 0 or w == full for w, full in widths), widths
+    with torch.no_grad():
+        torch.testing.assert_close(rounded(data.x_test), model(data.x_test))
 
 
 def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):

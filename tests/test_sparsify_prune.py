@@ -326,6 +326,56 @@ def test_random_cnns_prune_exactly(widths, kernel, residual, batch_norm, seed):
     assert_prunes_exactly(model, x)
 
 
+def _widths(module: nn.Module) -> list[int]:
+    if isinstance(module, nn.Linear):
+        return [module.in_features, module.out_features]
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return [module.in_channels, module.out_channels]
+    return []
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("round_to", [3, 4])
+def test_round_to_keeps_outputs_and_rounds_every_width(case, round_to):
+    model, x = build(case)
+    heads = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+    # head counts are not rounded: the projections inside attention modules keep whole heads
+    original = {name: _widths(module) for name, module in plain_copy_of(model).named_modules()
+                if not any(name.startswith(prefix + ".") for prefix in heads)}
+    pruned, plan = l0sparse.prune(model, x, return_plan=True, round_to=round_to)
+    assert_same_outputs(model, pruned, x)
+    checked = 0
+    for name, module in pruned.named_modules():
+        for width, full in zip(_widths(module), original.get(name, [])):
+            assert width % round_to == 0 or width == full, (name, width, full)
+            checked += 1
+    assert checked > 0
+    unrounded = l0sparse.prune(model, x)
+    assert l0sparse.count_params(pruned) <= l0sparse.count_params(plain_copy_of(model))
+    uneven = [(name, width) for name, module in unrounded.named_modules()
+              for width, full in zip(_widths(module), original.get(name, [])) if width % round_to and width != full]
+    if uneven:  # rounding had something to do: it kept more
+        assert l0sparse.count_params(pruned) > l0sparse.count_params(unrounded)
+    else:
+        assert l0sparse.count_params(pruned) == l0sparse.count_params(unrounded)
+    fresh = l0sparse.rebuild(CASES[case][0](), plan, x)
+    fresh.load_state_dict(pruned.state_dict())
+    assert_same_outputs(model, fresh.eval(), x)
+
+
+def plain_copy_of(model):
+    from l0sparse.prune import plain_copy
+
+    return plain_copy(model)
+
+
+@pytest.mark.parametrize("round_to", [0, -8, 2.0, True])
+def test_round_to_must_be_a_positive_int(round_to):
+    model, x = build("mlp")
+    with pytest.raises(ValueError, match="round_to must be a positive int"):
+        l0sparse.prune(model, x, round_to=round_to)
+
+
 def test_summary_and_architecture():
     model, x = build("resnet")
     table = l0sparse.summary(model, x)

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="write the physically pruned model of a run and print its summary")
     prune.add_argument("run_dir")
     prune.add_argument("--force", action="store_true", help="overwrite an existing pruned.pt")
+    prune.add_argument("--round-to", type=_positive_int, default=1,
+                       help="keep channel and unit counts at multiples of this (zero ones added; outputs unchanged)")
 
     report = commands.add_parser("report", help="plots and a Markdown table over one or more runs")
     report.add_argument("run_dirs", nargs="+")
@@ -130,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "prune":
             from .train import prune_run
 
-            pruned, table = prune_run(args.run_dir, force=args.force)
+            pruned, table = prune_run(args.run_dir, force=args.force, round_to=args.round_to)
             print(table)
             print(f"wrote {args.run_dir}/pruned.pt and pruned.json (load with l0sparse.train.load_pruned)")
         elif args.command == "report":

@@ -404,8 +404,10 @@ PRUNED_WEIGHTS = "pruned.pt"
 PRUNED_SPEC = "pruned.json"
 
 
-def prune_run(run_dir, force: bool = False) -> tuple[nn.Module, str]:
+def prune_run(run_dir, force: bool = False, round_to: int = 1) -> tuple[nn.Module, str]:
     """Prune a run's checkpoint; write ``pruned.pt`` (state_dict) and ``pruned.json`` (plan and architecture).
+
+    ``round_to`` is :func:`l0sparse.prune`'s: kept counts rounded up to a multiple of it.
 
     Returns the pruned module and its summary table. Load it back with
     :func:`load_pruned`, which uses ``torch.load(..., weights_only=True)``.
@@ -418,7 +420,7 @@ def prune_run(run_dir, force: bool = False) -> tuple[nn.Module, str]:
         raise FileExistsError(f"{run_dir / PRUNED_WEIGHTS} exists: pass --force to overwrite it")
     config, model, data = load_run(run_dir)
     example = data.x_train[:2]
-    pruned, plan = prune(model, example, return_plan=True)
+    pruned, plan = prune(model, example, return_plan=True, round_to=round_to)
     table = summary(model, example)
     spec = {"config": config.to_dict(), "plan": plan, "example_shape": list(example.shape[1:]), "num_classes": data.num_classes,
             "architecture": architecture(model), "summary": table.to_markdown()}
