@@ -58,9 +58,9 @@ def main():
     args = parser.parse_args()
     configure_torch(args.threads)  # fixed threads; denormals flushed (closed gates' Adam moments decay into them)
     if args.compile:
-        import torch._inductor.config
+        from torch._inductor import config as inductor_config  # (a plain `import torch...` here would shadow torch)
 
-        torch._inductor.config.fallback_random = True
+        inductor_config.fallback_random = True
     rows = []
     for name in ("MLP 784-300-100", "LeNet-5-Caffe"):
         torch.manual_seed(0)
