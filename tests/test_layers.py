@@ -205,6 +205,30 @@ def test_prepared_penalty_follows_the_parameters_and_mixed_temperatures():
     torch.testing.assert_close(prepared(), expected, rtol=16 * eps, atol=0)
 
 
+def test_prepared_penalty_gradient_matches_plain_autograd():
+    """Penalty's written-out backward gives what autograd gives through the per-layer penalties (float64)."""
+    from l0sparse import Penalty
+
+    torch.manual_seed(0)
+    model = L0MLP((10, 8, 3)).double()
+    for layer in model.l0_layers():
+        with torch.no_grad():
+            layer.gate.log_alpha.normal_(0.0, 3.0)
+    prepared = Penalty(model, 0.5, N=7)
+    prepared().backward()
+    fused = [layer.gate.log_alpha.grad.clone() for layer in model.l0_layers()]
+    model.zero_grad()
+    (sum(layer.penalty(0.5) for layer in model.l0_layers()) / 7).backward()
+    eps = torch.finfo(torch.float64).eps
+    for layer, grad in zip(model.l0_layers(), fused):
+        torch.testing.assert_close(grad, layer.gate.log_alpha.grad, rtol=16 * eps, atol=16 * eps * float(grad.abs().max()))
+    # and a finite-difference check of the node itself
+    log_alphas = [layer.gate.log_alpha.detach().clone().requires_grad_() for layer in model.l0_layers()]
+    charge = torch.rand(sum(t.numel() for t in log_alphas), dtype=torch.float64)
+    function = l0sparse.costs._ChargedProbNonzero.apply
+    assert torch.autograd.gradcheck(lambda *tensors: function(-2.3, charge, *tensors), log_alphas)
+
+
 def test_mlp_architecture_and_counts():
     model = L0MLP((6, 5, 4, 2))
     a, b, c = model.l0_layers()
