@@ -28,6 +28,9 @@ def test_gate_path_compiles_without_graph_breaks():
             mode()
             explanation = torch._dynamo.explain(model)(x)
             assert explanation.graph_break_count == 0, explanation.break_reasons
+        prepared = l0sparse.Penalty(model, 0.1, N=10)  # the penalty is one autograd.Function: it traces too
+        explanation = torch._dynamo.explain(lambda: prepared())()
+        assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
 def test_compiled_and_eager_agree():
