@@ -13,14 +13,30 @@ def save_json(payload, path: Path) -> None:
     atomic_write_text(json.dumps(payload, indent=1), path)
 
 
-def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam: bool = False, lam: float = 0.1,
-                        n_train: int = 60000, compile: bool = False) -> dict:
-    """Median training-step time of each model on one batch, the models stepped in turn in one process.
+def reuse_freed_memory() -> None:
+    """Keep freed memory in the process (glibc ``mallopt``), so that a step or a forward does not page-fault
+    its tensors afresh: with glibc's defaults, large freed blocks go back to the system, and timings then
+    depend on what else the process allocated before (docs/sparsify.md, "Latency benchmark")."""
+    import ctypes
 
-    Adam (lr 1e-3) for every model; gated models add their L0 penalty, built once as a
-    ``Penalty`` (λ per weight over ``n_train``), as the training harness does. ``warmup``
-    steps are not timed. ``compile``: the loss (forward, cross-entropy and penalty) of every
-    model goes through ``torch.compile``; its backward is then compiled too.
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    for option, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 2**31 - 1), (m_top_pad, 1 << 28)):
+        if libc.mallopt(option, value) != 1:
+            raise RuntimeError(f"mallopt({option}, {value}) failed: run with --default-malloc")
+
+
+def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam: bool = False, lam: float = 0.1,
+                        n_train: int = 60000, compile: bool = False, block: int = 10) -> dict:
+    """Median training-step time of each model on one batch, the models stepped in blocks in one process.
+
+    Each model runs ``warmup`` untimed steps, then the models take turns running ``block``
+    consecutive steps each; the first step of a block (which follows another model's steps,
+    with that model's data in the caches) is not timed, so a model's median does not depend on
+    which models share the run. Adam (lr 1e-3) for every model; gated models add their L0
+    penalty, built once as a ``Penalty`` (λ per weight over ``n_train``), as the training
+    harness does. ``compile``: the loss (forward, cross-entropy and penalty) of every model goes
+    through ``torch.compile``; its backward is then compiled too.
     """
     import statistics
 
@@ -36,13 +52,17 @@ def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam:
         # start empty so that each call's models fit
         torch._dynamo.reset()
         losses = {name: torch.compile(loss) for name, loss in losses.items()}
+    for name in models:
+        for _ in range(warmup):
+            timed_step(losses[name], optimizers[name], x, y)
     times = {name: [] for name in models}
-    for step in range(warmup + steps):
+    while any(len(values) < steps for values in times.values()):
         for name in models:
-            seconds = timed_step(losses[name], optimizers[name], x, y)
-            if step >= warmup:
-                times[name].append(seconds)
-    return {name: statistics.median(values) for name, values in times.items()}
+            for index in range(block):
+                seconds = timed_step(losses[name], optimizers[name], x, y)
+                if index > 0:
+                    times[name].append(seconds)
+    return {name: statistics.median(values[:steps]) for name, values in times.items()}
 
 
 def training_loss(model, penalty):

@@ -2,8 +2,10 @@
 
 MLP 784-300-100 on Fashion-MNIST (λ = 0.1/N per weight, gates at lr 1e-2:
 about 25% of the FLOPs are left after ~10 epochs), batch 100, Adam, one
-thread. Five models train side by side in one process, stepping in turn on
-the same batches: the dense MLP, and L0MLP with per-example noise and with
+thread. Five models train side by side in one process, taking turns at
+blocks of 10 batches, the same batches for all (the first step of each block
+is not timed; freed memory is kept in the process with mallopt unless
+--default-malloc): the dense MLP, and L0MLP with per-example noise and with
 one shared sample per step, each plain and with ``conditional=True``. A
 plain model and its conditional twin keep their own RNG state, so they draw
 the same gates and follow the same trajectory up to float reordering. Per
@@ -34,12 +36,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_step_seconds, save_json, timed_step, training_loss  # noqa: E402
+from common import median_step_seconds, reuse_freed_memory, save_json, timed_step, training_loss  # noqa: E402
 
 import l0sparse  # noqa: E402
 from l0sparse.data import load_dataset  # noqa: E402
 from l0sparse.models import LeNet5, mlp  # noqa: E402
 from l0sparse.train import accuracy, configure_torch  # noqa: E402
+
+BLOCK = 10  # batches each model runs in a row
 
 VARIANTS = {  # name: (per_example_noise, conditional)
     "per-example noise": (True, False),
@@ -58,8 +62,11 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fused-adam", action="store_true")
     parser.add_argument("--fixed-only", action="store_true", help="re-measure only the fixed-sparsity table, keeping the run's rows")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator settings as they are")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if not args.default_malloc:
+        reuse_freed_memory()
     results = Path(__file__).resolve().parent / "results"
     args.out = args.out or results / ("conditional" + ("-lenet5" if args.model == "lenet5" else "")
                                       + ("-fused-adam" if args.fused_adam else "") + ".json")
@@ -70,7 +77,7 @@ def main():
     if args.fixed_only:
         previous = json.loads(args.out.read_text())
         fixed = fixed_sparsity(sizes, args.fused_adam) if args.model == "mlp" else fixed_sparsity_lenet5(args.fused_adam)
-        save_json({**previous, "fixed_sparsity": fixed}, args.out)
+        save_json({**previous, "fixed_sparsity": fixed, "fixed_sparsity_malloc": "glibc default" if args.default_malloc else "freed memory reused"}, args.out)
         return
 
     torch.manual_seed(0)
@@ -100,11 +107,15 @@ def main():
     rows = []
     for epoch in range(1, args.epochs + 1):
         times = {name: [] for name in models}
-        for index in torch.randperm(n_train, generator=batches).split(100):
-            x, y = data.x_train[index], data.y_train[index]
-            for name, model in models.items():
+        # each model steps through the same block of 10 batches in turn; the first step of a block
+        # follows another model (its data in the caches) and is not timed
+        for block in torch.randperm(n_train, generator=batches).split(100 * BLOCK):
+            for name in models:
                 torch.set_rng_state(rng_states[name])
-                times[name].append(timed_step(losses[name], optimizers[name], x, y))
+                for position, index in enumerate(block.split(100)):
+                    seconds = timed_step(losses[name], optimizers[name], data.x_train[index], data.y_train[index])
+                    if position > 0:
+                        times[name].append(seconds)
                 rng_states[name] = torch.get_rng_state()
         dense_step = statistics.median(times["dense"])
         for name, model in models.items():
@@ -116,9 +127,11 @@ def main():
             rows.append(row)
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
         save_json({"threads": args.threads, "model": args.model, "data": args.data, "lam": args.lam, "fused_adam": args.fused_adam,
+                   "malloc": "glibc default" if args.default_malloc else "freed memory reused",
                    "rows": rows}, args.out)
     fixed = fixed_sparsity(sizes, args.fused_adam) if args.model == "mlp" else fixed_sparsity_lenet5(args.fused_adam)
-    save_json({"threads": args.threads, "data": args.data, "lam": args.lam, "fused_adam": args.fused_adam, "rows": rows,
+    save_json({"threads": args.threads, "data": args.data, "lam": args.lam, "fused_adam": args.fused_adam,
+                   "malloc": "glibc default" if args.default_malloc else "freed memory reused", "rows": rows,
                "fixed_sparsity": fixed}, args.out)
 
 

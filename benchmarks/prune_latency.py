@@ -30,7 +30,6 @@ Run:  .venv/bin/python benchmarks/prune_latency.py [--repeats 20] [--threads 1] 
 
 import argparse
 import copy
-import ctypes
 import json
 import statistics
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_json  # noqa: E402
+from common import reuse_freed_memory, save_json  # noqa: E402
 from torch import nn
 from torch.fx.experimental.optimization import fuse
 
@@ -96,15 +95,6 @@ def close_until(model, example, target_fraction, generator, round_to=1):
         kept = l0sparse.count_flops(l0sparse.prune(model, example, round_to=round_to), example) / dense
         low, high = (middle, high) if kept > target_fraction else (low, middle)
     return kept
-
-
-def reuse_freed_memory():
-    """Keep freed memory in the process (glibc mallopt) so that a forward does not page-fault its activations."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    for option, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 2**31 - 1), (m_top_pad, 1 << 28)):
-        if libc.mallopt(option, value) != 1:
-            raise RuntimeError(f"mallopt({option}, {value}) failed: run with --default-malloc")
 
 
 def median_latency(models, x, repeats):
