@@ -27,7 +27,7 @@ def reuse_freed_memory() -> None:
 
 
 def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam: bool = False, lam: float = 0.1,
-                        n_train: int = 60000, compile: bool = False, block: int = 10) -> dict:
+                        n_train: int = 60000, compile: bool = False, block: int = 10, penalties: dict | None = None) -> dict:
     """Median training-step time of each model on one batch, the models stepped in blocks in one process.
 
     Each model runs ``warmup`` untimed steps, then the models take turns running ``block``
@@ -35,7 +35,7 @@ def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam:
     with that model's data in the caches) is not timed, so a model's median does not depend on
     which models share the run. Adam (lr 1e-3) for every model; gated models add their L0
     penalty, built once as a ``Penalty`` (λ per weight over ``n_train``), as the training
-    harness does. ``compile``: the loss (forward, cross-entropy and penalty) of every model goes
+    harness does (``penalties`` maps model names to other penalty callables). ``compile``: the loss (forward, cross-entropy and penalty) of every model goes
     through ``torch.compile``; its backward is then compiled too.
     """
     import statistics
@@ -45,7 +45,8 @@ def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam:
     import l0sparse
 
     optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None) for name, model in models.items()}
-    penalties = {name: l0sparse.Penalty(model, lam, N=n_train) for name, model in models.items() if l0sparse.costs.gates(model)}
+    if penalties is None:
+        penalties = {name: l0sparse.Penalty(model, lam, N=n_train) for name, model in models.items() if l0sparse.costs.gates(model)}
     losses = {name: training_loss(model, penalties.get(name)) for name, model in models.items()}
     if compile:
         # the losses share one code object, which dynamo caches per guard set (8 by default, then runs eager):

@@ -1,8 +1,9 @@
 """Training-step time with ``Penalty`` (one autograd node) against the same penalty in plain autograd.
 
 MLP 784-300-100 at batch 100, one thread, Adam, per-weight gates (sparsify) and unit gates
-(L0MLP, one shared sample). The two penalties are stepped alternately in one process on two
-copies of the same model; medians after warm-up. The plain version is the formula
+(L0MLP, one shared sample). The two penalties are stepped in turn, in blocks of 10 steps, in one
+process on two copies of the same model (common.median_step_seconds, freed memory kept); medians
+after warm-up. The plain version is the formula
 Σ charge · sigmoid(log α − β·log(−γ/ζ)) / N through ``cat``, ``prob_nonzero`` and ``dot``.
 
 Run:  .venv/bin/python benchmarks/penalty_node.py [--steps 150 --warmup 20]
@@ -10,14 +11,13 @@ Run:  .venv/bin/python benchmarks/penalty_node.py [--steps 150 --warmup 20]
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save_json, timed_step, training_loss  # noqa: E402
+from common import median_step_seconds, reuse_freed_memory, save_json  # noqa: E402
 import l0sparse  # noqa: E402
 from l0sparse.distributions import prob_nonzero  # noqa: E402
 from l0sparse.models import mlp  # noqa: E402
@@ -40,6 +40,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "penalty_node.json")
     args = parser.parse_args()
+    reuse_freed_memory()
     configure_torch(args.threads)
     x, y = torch.randn(100, 1, 28, 28), torch.randint(0, 10, (100,))
     builders = {
@@ -48,18 +49,12 @@ def main():
     }
     rows = []
     for variant, build in builders.items():
-        steps = {}
+        models, penalties = {}, {}
         for name, penalty_class in (("plain autograd", PlainAutogradPenalty), ("Penalty", l0sparse.Penalty)):
             torch.manual_seed(0)
-            model = build()
-            steps[name] = (training_loss(model, penalty_class(model, 0.1, N=60000)), torch.optim.Adam(model.parameters(), lr=1e-3))
-        times = {name: [] for name in steps}
-        for step in range(args.warmup + args.steps):
-            for name, (loss, optimizer) in steps.items():
-                seconds = timed_step(loss, optimizer, x, y)
-                if step >= args.warmup:
-                    times[name].append(seconds)
-        medians = {name: statistics.median(values) for name, values in times.items()}
+            models[name] = build()
+            penalties[name] = penalty_class(models[name], 0.1, N=60000)
+        medians = median_step_seconds(models, x, y, args.steps, args.warmup, penalties=penalties)
         row = {"variant": variant, "threads": args.threads, "batch": 100,
                "plain_autograd_ms": 1000 * medians["plain autograd"], "penalty_ms": 1000 * medians["Penalty"],
                "ratio": medians["Penalty"] / medians["plain autograd"]}
