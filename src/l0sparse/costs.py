@@ -87,9 +87,9 @@ def penalty(model: nn.Module, lam: float | Mapping[str, float], weight_decay: fl
 class _ChargedProbNonzero(torch.autograd.Function):
     """Σ_i charge_i · sigmoid(log α_i − offset) over several log α tensors, as one autograd node.
 
-    The gradient is charge · p · (1 − p), written out: plain autograd spent a freshly allocated
-    pass per op (cat, sub, sigmoid, dot and their backwards), which doubled the penalty's cost
-    for per-weight gates.
+    The gradient is charge · p · (1 − p), written out: one node and two in-place passes, where plain
+    autograd made a node and a freshly allocated tensor per op (cat, sub, sigmoid, dot and their
+    backwards). benchmarks/penalty_node.py measures the difference (small: about 2% of a step).
     """
 
     @staticmethod
@@ -109,7 +109,7 @@ class _ChargedProbNonzero(torch.autograd.Function):
 
 
 class Penalty:
-    """:func:`penalty` prepared once: each call is one autograd node (a ``cat``, a sigmoid and a dot product) over all gates.
+    """:func:`penalty` prepared once: each call is one autograd node (``cat``, sigmoid, dot) over all gates.
 
     The λ charge of every gate (per weight, per name, or per unit of cost) is fixed when it is built;
     the ½·wd·θ² part, which depends on the weights, is computed per call. Rebuild it after changing
