@@ -24,7 +24,6 @@ for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
 
 import numpy as np
-import torch
 from sklearn.datasets import make_friedman1
 from sklearn.linear_model import LassoCV
 

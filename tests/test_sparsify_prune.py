@@ -1,6 +1,4 @@
-import io
 import json
-import warnings
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import l0sparse
-from l0sparse import Gate
+from l0sparse.prune import plain_copy
 from l0sparse.sparsify import GateMask, gate_masks
 
 from models import AttentionNet, Conv1dNet, GlobalPoolNet, OwnAttentionNet, PreNormAttentionNet, TinyResNet, mlp, randomise
@@ -340,7 +338,7 @@ def test_round_to_keeps_outputs_and_rounds_every_width(case, round_to):
     model, x = build(case)
     heads = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
     # head counts are not rounded: the projections inside attention modules keep whole heads
-    original = {name: _widths(module) for name, module in plain_copy_of(model).named_modules()
+    original = {name: _widths(module) for name, module in plain_copy(model).named_modules()
                 if not any(name.startswith(prefix + ".") for prefix in heads)}
     pruned, plan = l0sparse.prune(model, x, return_plan=True, round_to=round_to)
     assert_same_outputs(model, pruned, x)
@@ -351,7 +349,7 @@ def test_round_to_keeps_outputs_and_rounds_every_width(case, round_to):
             checked += 1
     assert checked > 0
     unrounded = l0sparse.prune(model, x)
-    assert l0sparse.count_params(pruned) <= l0sparse.count_params(plain_copy_of(model))
+    assert l0sparse.count_params(pruned) <= l0sparse.count_params(plain_copy(model))
     uneven = [(name, width) for name, module in unrounded.named_modules()
               for width, full in zip(_widths(module), original.get(name, [])) if width % round_to and width != full]
     if uneven:  # rounding had something to do: it kept more
@@ -361,12 +359,6 @@ def test_round_to_keeps_outputs_and_rounds_every_width(case, round_to):
     fresh = l0sparse.rebuild(CASES[case][0](), plan, x)
     fresh.load_state_dict(pruned.state_dict())
     assert_same_outputs(model, fresh.eval(), x)
-
-
-def plain_copy_of(model):
-    from l0sparse.prune import plain_copy
-
-    return plain_copy(model)
 
 
 @pytest.mark.parametrize("round_to", [0, -8, 2.0, True])

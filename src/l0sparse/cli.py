@@ -9,7 +9,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 __all__ = ["main", "run_demo"]
 
