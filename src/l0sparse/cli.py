@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -142,18 +141,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             written = report_runs(args.run_dirs, args.out or Path(args.run_dirs[0]) / "report")
             for path in written.values():
                 print(f"wrote {path}")
-    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as error:
-        print(f"l0sparse {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, FloatingPointError) as error:  # bad input: one line, no traceback
+        print(f"l0sparse {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     return 0
 
 
+def _one_line(error: BaseException) -> str:
+    """The message of a user-facing error on one line; an OSError as 'path: reason' without its errno."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
 def _train(parser, args) -> int:
     from pathlib import Path
 
-    from .config import load_config
+    from .config import load_config, read_config_json
     from .train import CONFIG_FILE, run_training
 
     if args.resume:
@@ -162,7 +168,8 @@ def _train(parser, args) -> int:
         saved = Path(args.out) / CONFIG_FILE
         if not saved.exists():
             raise FileNotFoundError(f"--resume: {args.out} has no {CONFIG_FILE}; is it a run directory?")
-        config = load_config(None, args.overrides, base=json.loads(saved.read_text()))
+        # the run's keys, then those the user gives: run_training refuses any of them that differ, but epochs
+        config = load_config(args.config, args.overrides, base=read_config_json(saved).to_dict())
     else:
         if not args.config:
             parser.error("the config file is required (or --resume with --out)")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from .control import METRICS
 from .data import DATASETS
+from .files import read_json
 
-__all__ = ["TrainConfig", "load_config", "MODELS"]
+__all__ = ["TrainConfig", "load_config", "config_from_dict", "read_config_json", "MODELS"]
 
 MODELS = ("mlp", "lenet5")
 REGULARIZER_CHOICES = ("l0", "none", "magnitude", "l1", "group_l1", "l2")
@@ -126,19 +127,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
-        with open(path, "rb") as handle:
-            values.update(tomllib.load(handle))
+        try:
+            with open(path, "rb") as handle:
+                values.update(tomllib.load(handle))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"config file {path} is not valid TOML ({error}): fix it (the recipes/ folder has examples)") from None
     for text in overrides:
         key, value = _parse_override(text)
         values[key] = value
+    return config_from_dict(values)
+
+
+def config_from_dict(values: dict, source: str | Path | None = None) -> TrainConfig:
+    """A validated TrainConfig from a dict of keys; every error names the key, and ``source`` (a file) if given."""
+    where = f"{source}: " if source is not None else ""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}a config must be a table of keys, got {type(values).__name__}")
+    values = dict(values)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        raise ValueError(f"{where}unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
     for key in ("target", "threshold"):
         if isinstance(values.get(key), str) and values[key].lower() == "none":
             values[key] = None
     for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init", "threshold"):
         if _int(values.get(key)):
             values[key] = float(values[key])  # TOML writes 1 for 1.0
-    return TrainConfig(**values).validate()
+    try:
+        return TrainConfig(**values).validate()
+    except ValueError as error:
+        raise ValueError(f"{where}{error}") from None
+
+
+def read_config_json(path: str | Path) -> TrainConfig:
+    """A run's ``config.json``, validated; a damaged file or a bad key gives an error that names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: is {path.parent} a run directory (written by l0sparse train)?")
+    return config_from_dict(read_json(path), source=path)

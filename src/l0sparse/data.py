@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,18 +54,29 @@ def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> Split:
     )
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format): big-endian dimensions after a 4-byte magic number."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    ndim = data[3]
+def _read_idx(path: Path, remedy: str) -> np.ndarray:
+    """A gzipped IDX file of bytes (the MNIST format): big-endian dimensions after a 4-byte magic number.
+
+    A damaged file gives a ValueError that names it and says ``remedy``.
+    """
+    try:
+        with gzip.open(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, or a bad CRC
+        raise ValueError(f"{path} is damaged ({error}): {remedy}") from None
+    ndim = data[3] if len(data) >= 4 else 0
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or ndim == 0 or len(data) != 4 + 4 * ndim + math.prod(shape):
+        raise ValueError(f"{path} is not an IDX file of bytes of the size its header gives: {remedy}")
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> Split:
-    """Fashion-MNIST (60,000 / 10,000 images of 1×28×28, pixels in [0, 1]) from Debian's dataset-fashion-mnist."""
-    root = Path(root)
+def load_fashion_mnist(root: str | Path | None = None) -> Split:
+    """Fashion-MNIST (60,000 / 10,000 images of 1×28×28, pixels in [0, 1]) from Debian's dataset-fashion-mnist.
+
+    ``root`` defaults to :data:`FASHION_MNIST_DIR`, read when called.
+    """
+    root = Path(FASHION_MNIST_DIR if root is None else root)
     names = {"x_train": "train-images-idx3-ubyte.gz", "y_train": "train-labels-idx1-ubyte.gz",
              "x_test": "t10k-images-idx3-ubyte.gz", "y_test": "t10k-labels-idx1-ubyte.gz"}
     missing = [name for name in names.values() if not (root / name).exists()]
@@ -72,7 +85,14 @@ def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> Split:
             f"Fashion-MNIST not found in {root} (missing {', '.join(missing)}): "
             "install Debian's package with `apt-get install dataset-fashion-mnist`, or pass root= a folder with those files"
         )
-    arrays = {key: _read_idx(root / name) for key, name in names.items()}
+    remedy = ("reinstall it with `apt-get install --reinstall dataset-fashion-mnist`" if root == Path(FASHION_MNIST_DIR)
+              else "replace it with an intact copy of that Fashion-MNIST file")
+    arrays = {key: _read_idx(root / name, remedy) for key, name in names.items()}
+    for part in ("train", "test"):
+        images, labels = arrays[f"x_{part}"], arrays[f"y_{part}"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"Fashion-MNIST in {root}: {names[f'x_{part}']} holds {images.shape} and {names[f'y_{part}']} "
+                             f"{labels.shape}, not N images and N labels: {remedy}")
     images = {key: torch.from_numpy(arrays[key].astype(np.float32) / 255.0).unsqueeze(1) for key in ("x_train", "x_test")}
     labels = {key: torch.from_numpy(arrays[key].astype(np.int64)) for key in ("y_train", "y_test")}
     return Split(images["x_train"], labels["y_train"], images["x_test"], labels["y_test"])

@@ -1,7 +1,8 @@
-"""Writing result files so that a reader sees the old file or the new one, never half of one."""
+"""Result files: written so that a reader sees the old file or the new one, never half of one; read with errors that name them."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -33,3 +34,28 @@ def atomic_save(payload: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """``Path.write_text`` through :func:`atomic_write`."""
     atomic_write(lambda temporary: temporary.write_text(text), path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON value in ``path``; a file that is not JSON gives a ValueError that names it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): it is damaged; restore it or start the run again") from None
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` with one clear error for an empty, truncated or foreign file."""
+    path = Path(path)
+    try:
+        return torch.load(path, weights_only=True)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise  # missing or unreadable: the error already names the path (torch itself raises OSError for some damage)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
+        text = str(error).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(error).__name__  # torch's first sentence says what failed
+        if "weights only" in reason.lower():  # torch's text then suggests weights_only=False: never for an untrusted file
+            reason = "it holds objects other than tensors, which are not loaded for safety"
+        raise ValueError(f"{path} cannot be loaded ({reason}): it is empty, truncated or not written by l0sparse; "
+                         "delete it and train again, or restore it from a copy") from None

@@ -119,15 +119,32 @@ def summary(model: nn.Module, example_inputs) -> Summary:
 
 
 def _read_run(run_dir) -> dict:
-    import json
     from pathlib import Path
 
+    from .config import read_config_json
+    from .train import CONFIG_FILE, METRICS_FILE, read_metrics
+
     run_dir = Path(run_dir)
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for name in (METRICS_FILE, CONFIG_FILE):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir} is not a run directory: it has no {name}")
+    metrics = read_metrics(run_dir / METRICS_FILE)
     if not metrics:
-        raise ValueError(f"{run_dir} has no completed epoch in metrics.jsonl")
-    config = json.loads((run_dir / "config.json").read_text())
+        raise ValueError(f"{run_dir} has no completed epoch in {METRICS_FILE}")
+    config = read_config_json(run_dir / CONFIG_FILE).to_dict()  # every key, checked: an error names the file
     return {"dir": run_dir, "name": run_dir.name, "metrics": metrics, "config": config}
+
+
+def _kept(run: dict, key: str) -> float | None:
+    """The last epoch's ``params_kept`` or ``flops_kept``: all of it for a dense run, None when the run did not measure it."""
+    recorded = run["metrics"][-1].get(key)
+    if recorded is not None:
+        return recorded
+    return 1.0 if run["config"].get("regularizer") == "none" else None
+
+
+def _percent_or_unknown(fraction: float | None) -> str:
+    return "unknown" if fraction is None else f"{100 * fraction:.1f}%"
 
 
 def report_runs(run_dirs, out_dir) -> dict:
@@ -195,12 +212,14 @@ def report_runs(run_dirs, out_dir) -> dict:
         fig.savefig(written["gates"], dpi=120)
         plt.close(fig)
 
-    # 4. accuracy against % FLOPs kept across runs
+    # 4. accuracy against % FLOPs kept across runs (a run that did not measure its FLOPs has no place on it)
     fig, axis = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
     for run in runs:
         color = color_of[run["name"]]
         last = run["metrics"][-1]
-        flops = 100 * last.get("flops_kept", 1.0)
+        if _kept(run, "flops_kept") is None:
+            continue
+        flops = 100 * _kept(run, "flops_kept")
         axis.scatter(flops, 100 * last["test_accuracy"], s=60, color=color, zorder=3)
         axis.annotate(run["name"], (flops, 100 * last["test_accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     axis.set(xlabel="% of dense FLOPs kept", ylabel="test accuracy (%)", title="Accuracy against FLOPs kept", xlim=(0, 105))
@@ -216,7 +235,8 @@ def report_runs(run_dirs, out_dir) -> dict:
         strength = "-" if config.get("regularizer") == "none" else (
             f"target {config['target']:g} {config['metric']}" if config.get("target") is not None else f"λ = {config['lam']:g}/N")
         lines.append(f"| {run['name']} | {config['data']} | {config['model']} | {config['regularizer']} | {strength} | {last['epoch']} | "
-                     f"{100 * last['test_accuracy']:.2f}% | {100 * last.get('params_kept', 1.0):.1f}% | {100 * last.get('flops_kept', 1.0):.1f}% |")
+                     f"{100 * last['test_accuracy']:.2f}% | {_percent_or_unknown(_kept(run, 'params_kept'))} | "
+                     f"{_percent_or_unknown(_kept(run, 'flops_kept'))} |")
     lines += ["", *[f"![{key}]({path.name})" for key, path in written.items()]]
     written["markdown"] = out_dir / "report.md"
     written["markdown"].write_text("\n".join(lines) + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import shutil
 import signal
 import sys
 import threading
@@ -17,9 +19,10 @@ from torch import Tensor, nn
 
 from .costs import Penalty, expected_l0, gates
 from .distributed import ProcessGroup
-from .files import atomic_save, atomic_write_text
+from .files import atomic_save, atomic_write_text, read_json, torch_load
 
-__all__ = ["configure_torch", "fit", "accuracy", "recalibrate_batchnorm", "ema", "run_training", "load_run"]
+__all__ = ["configure_torch", "fit", "accuracy", "recalibrate_batchnorm", "ema", "run_training", "load_run", "TrainingDiverged",
+           "read_metrics"]
 
 
 def configure_torch(threads: int | None = None) -> None:
@@ -120,10 +123,12 @@ def fit(
     for epoch in bar:
         model.train()
         total_loss = 0.0
-        for index in torch.randperm(n_train).split(batch_size):
+        for step, index in enumerate(torch.randperm(n_train).split(batch_size), 1):
             loss = F.cross_entropy(model(x[index]), y[index])
             if l0_penalty is not None:
                 loss = loss + l0_penalty()
+            if not math.isfinite(float(loss.detach())):
+                raise TrainingDiverged(f"{desc}: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step}: lower lr and train again")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -145,6 +150,146 @@ def fit(
 CHECKPOINT = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+PRUNED_WEIGHTS = "pruned.pt"
+PRUNED_SPEC = "pruned.json"
+REPORT_DIR = "report"
+#: What `train --force` replaces in a run directory: the run's own files and what `prune` and `report` derived from them.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT, PRUNED_WEIGHTS, PRUNED_SPEC, REPORT_DIR)
+#: A new run writes here, inside the run directory, until its first checkpoint; then it takes the old run's place.
+STAGING_DIR = ".l0sparse-new"
+REPLACED_DIR = ".l0sparse-old"
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the weights became NaN or infinite: training stopped, and the last good checkpoint was kept."""
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a partial last line (a write cut short by kill -9 or a full disk) is dropped."""
+    path = Path(path)
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and "epoch" in record):
+            if number == len(lines):
+                break  # the tail of an interrupted write: the checkpoint never counted it
+            raise ValueError(f"{path} line {number} is not a metrics record: the file is damaged; delete that line and try again")
+        records.append(record)
+    return records
+
+
+def check_run_directory(out_dir: Path) -> None:
+    """Fail at once, before any data is loaded, if ``out_dir`` cannot hold a run: a file, or a folder this user cannot write."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"run directory {out_dir}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"run directory {out_dir}: {existing} is not writable by this user; choose another --out")
+
+
+class _RunDirectory:
+    """Where a new run writes: a staging folder inside ``out_dir`` until its first checkpoint, then ``out_dir`` itself.
+
+    Until that checkpoint an older run in ``out_dir`` (replaced under ``force``) stays whole, and a
+    failed set-up or a first epoch that diverges leaves nothing behind. Only the main process writes.
+    """
+
+    def __init__(self, out_dir: Path, staged: bool, writes: bool, committed: bool = False):
+        self.out_dir, self.staged, self.writes, self.committed = out_dir, staged, writes, committed
+        self.path = out_dir / STAGING_DIR if staged else out_dir
+        self.created = not out_dir.exists()
+
+    def open(self) -> None:
+        if not self.writes:
+            return
+        if self.staged:
+            shutil.rmtree(self.path, ignore_errors=True)  # left by a run killed before its first checkpoint: nothing in it counts
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def commit(self) -> None:
+        """After the first checkpoint: move the old run's files aside, the new ones in, then delete the old ones."""
+        if self.committed:
+            return
+        self.committed = True
+        if self.writes and self.staged:
+            aside = self.out_dir / REPLACED_DIR
+            shutil.rmtree(aside, ignore_errors=True)
+            aside.mkdir()
+            for name in RUN_FILES:
+                if (self.out_dir / name).exists():
+                    os.replace(self.out_dir / name, aside / name)
+            for child in self.path.iterdir():
+                os.replace(child, self.out_dir / child.name)
+            self.path.rmdir()
+            shutil.rmtree(aside)
+        self.path = self.out_dir
+
+    def abandon(self) -> None:
+        """Before the first checkpoint: remove what the new run wrote (the folder was empty or new, or this is the staging one)."""
+        if self.committed or not self.writes:
+            return
+        if self.staged:
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        for name in (CONFIG_FILE, METRICS_FILE):
+            (self.out_dir / name).unlink(missing_ok=True)
+        if self.created and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()
+
+
+def _resumed_config(saved, requested, done_epochs: int):
+    """The run's saved config, with ``epochs`` from ``requested``: any other difference is refused, as it would not apply."""
+    if requested is None:
+        return saved
+    before, after = saved.to_dict(), requested.to_dict()
+    differing = [key for key in after if after[key] != before[key] and key != "epochs"]
+    if differing:
+        changes = ", ".join(f"{key} ({before[key]!r} -> {after[key]!r})" for key in differing)
+        raise ValueError(f"--resume continues the run as its {CONFIG_FILE} says, but these keys differ: {changes}; "
+                         "only epochs may change on --resume (start a new run for a different config)")
+    if requested.epochs == saved.epochs:
+        return saved
+    if saved.regularizer == "magnitude" and done_epochs >= min(saved.epochs, requested.epochs):
+        raise ValueError(f"config key 'epochs': this magnitude run prunes after epoch {saved.epochs} and its checkpoint holds epoch "
+                         f"{done_epochs}, so epochs cannot change now; start a new run to train it longer")
+    total = 2 * requested.epochs if saved.regularizer == "magnitude" else requested.epochs
+    if total < done_epochs:
+        raise ValueError(f"config key 'epochs' = {requested.epochs}: the checkpoint already holds epoch {done_epochs}; "
+                         "give at least that many")
+    return requested
+
+
+def _non_finite_entry(model: nn.Module) -> str | None:
+    """The name of the first weight or buffer holding NaN or inf, or None."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
+def _load_state(model: nn.Module, state, path: Path, described_by: str = CONFIG_FILE) -> None:
+    """``model.load_state_dict(state)``; a mismatch names the file and the description it should fit."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:  # wrong keys or shapes; not a dict at all
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"{path} does not fit the model that {described_by} describes ({first}); was either edited? "
+                         "restore them, or train again") from None
+
+
+def load_checkpoint(path) -> dict:
+    """A training checkpoint, loaded with ``weights_only=True``; a damaged or foreign file gives one clear error."""
+    path = Path(path)
+    state = torch_load(path)
+    if not (isinstance(state, dict) and {"model", "epoch"} <= set(state)):
+        raise ValueError(f"{path} is not an l0sparse training checkpoint (no model and epoch in it); delete it and train again")
+    return state
 
 
 def model_for(config, data) -> nn.Module:
@@ -211,31 +356,45 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
 
 
 def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_end, group: ProcessGroup) -> list[dict]:
-    from .baselines import magnitude_prune
-    from .config import TrainConfig
-    from .control import TargetController
-    from .norms import lk_penalty, sparsity, threshold_
-    from .costs import CostModel, count_flops, count_params
-    from .data import load_dataset
-    from .prune import plain_copy
+    from .config import read_config_json
 
     out_dir = Path(out_dir)
-    checkpoint_path, metrics_path = out_dir / CHECKPOINT, out_dir / METRICS_FILE
+    state = None
     if resume:
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir}")
-        saved = json.loads((out_dir / CONFIG_FILE).read_text())
-        config = TrainConfig(**{**saved, "epochs": config.epochs if config is not None else saved["epochs"]}).validate()
-    elif out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"run directory {out_dir} exists and is not empty: pass --force to overwrite it or --resume to continue it")
+        if not (out_dir / CHECKPOINT).exists():
+            raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out_dir}; is it a run directory?")
+        saved = read_config_json(out_dir / CONFIG_FILE)
+        state = load_checkpoint(out_dir / CHECKPOINT)
+        config = _resumed_config(saved, config, state["epoch"])
+        if config.epochs != saved.epochs and group.is_main:
+            print(f"resuming with epochs = {config.epochs} ({CONFIG_FILE} said {saved.epochs}); {CONFIG_FILE} updated", file=sys.stderr)
+        run_dir = _RunDirectory(out_dir, staged=False, writes=group.is_main, committed=True)
+    else:
+        check_run_directory(out_dir)
+        replacing = out_dir.is_dir() and any(out_dir.iterdir())
+        if replacing and not force:
+            raise FileExistsError(f"run directory {out_dir} exists and is not empty: pass --force to overwrite it or --resume to continue it")
+        run_dir = _RunDirectory(out_dir, staged=replacing, writes=group.is_main)
     if config.regularizer == "magnitude" and group.world_size > 1:
         raise ValueError("config key 'regularizer' = 'magnitude': the baseline does not run distributed (it restructures the model mid-run)")
     group.barrier()  # every rank has checked the directory before rank 0 changes it
-    if group.is_main:
-        if not resume:
-            for name in (CHECKPOINT, METRICS_FILE, CONFIG_FILE):
-                (out_dir / name).unlink(missing_ok=True)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.open()
+        return _train_into(run_dir, config, state, threads, progress, on_epoch_end, group)
+    except BaseException:
+        run_dir.abandon()  # a no-op once the first checkpoint is in place
+        raise
+
+
+def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, progress, on_epoch_end, group: ProcessGroup) -> list[dict]:
+    from .baselines import magnitude_prune
+    from .control import TargetController
+    from .costs import CostModel, count_flops, count_params
+    from .data import load_dataset
+    from .norms import lk_penalty, sparsity, threshold_
+    from .prune import plain_copy
+
+    resume = state is not None
     configure_torch(threads)
 
     # data, model, optimizer, and the size controller if a target is set
@@ -268,11 +427,11 @@ def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_en
     total_epochs = 2 * config.epochs if magnitude else config.epochs  # the baseline fine-tunes as long as it trained
     flops_kept = 1.0
     start_epoch, history = 0, []
+    checkpoint_path = run_dir.out_dir / CHECKPOINT
     if resume:
-        state = torch.load(checkpoint_path, weights_only=True)
         if magnitude and state["epoch"] >= config.epochs:
             flops_kept = magnitude_prune(model, config.target, example)  # the masks' structure; their values load below
-        model.load_state_dict(state["model"])
+        _load_state(model, state["model"], checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         if controller is not None:
             controller.load_state_dict(state["controller"])
@@ -281,17 +440,30 @@ def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_en
             raise ValueError(f"--resume: the checkpoint was written by {len(rng_per_rank)} process(es); resume it with as many, not {group.world_size}")
         torch.set_rng_state(rng_per_rank[group.rank])
         start_epoch = state["epoch"]
-        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()][:start_epoch]
+        metrics_path = run_dir.path / METRICS_FILE
+        history = read_metrics(metrics_path)[:start_epoch] if metrics_path.exists() else []
         group.barrier()  # every rank has read the metrics before rank 0 trims them
-        if group.is_main:
-            atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)  # drop lines past the checkpoint
+        if group.is_main:  # drop lines past the checkpoint (and a partial last line); say what runs now
+            atomic_write_text("".join(json.dumps(r) + "\n" for r in history), metrics_path)
+            atomic_write_text(json.dumps(config.to_dict(), indent=1), run_dir.path / CONFIG_FILE)
     else:
         if group.is_main:
-            atomic_write_text(json.dumps(config.to_dict(), indent=1), out_dir / CONFIG_FILE)
+            atomic_write_text(json.dumps(config.to_dict(), indent=1), run_dir.path / CONFIG_FILE)
         if group.world_size > 1:
             torch.manual_seed(config.seed + group.rank)  # the same initial model everywhere, then each rank its own noise
 
     from tqdm.auto import tqdm
+
+    def diverged(epoch: int, step: int | str, what: str) -> TrainingDiverged:
+        done = history[-1]["epoch"] if history else start_epoch
+        if done:
+            kept = f"{checkpoint_path} keeps epoch {done}, the last good one"
+        elif run_dir.staged:
+            kept = f"no checkpoint was written, and the run that was in {run_dir.out_dir} is untouched"
+        else:
+            kept = "no checkpoint was written"
+        return TrainingDiverged(f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {what}; {kept}; "
+                                "start a new run with a lower lr or gate_lr")
 
     l0_penalty = Penalty(model, config.lam, config.weight_decay, N=n_train) if gated and controller is None else None
     with _SigtermToInterrupt():
@@ -301,7 +473,7 @@ def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_en
                     flops_kept = magnitude_prune(model, config.target, example)
                 started = time.perf_counter()
                 model.train()
-                total_loss, correct = 0.0, 0
+                total_loss, correct, first_bad_step = 0.0, 0, None
                 if group.world_size == 1:
                     order = torch.randperm(n_train)
                 else:  # one permutation on every rank (its own generator), each rank its slice of it
@@ -309,7 +481,7 @@ def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_en
                     order = order[group.rank:per_rank * group.world_size:group.world_size]
                 bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch + 1}/{total_epochs}",
                            disable=not (progress and group.is_main), leave=False)
-                for index in bar:
+                for step, index in enumerate(bar, 1):
                     x, y = data.x_train[index], data.y_train[index]
                     logits = forward(x)
                     loss = F.cross_entropy(logits, y)
@@ -319,25 +491,36 @@ def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_en
                         loss = loss + l0_penalty()
                     elif lk_regularized:
                         loss = loss + lk_penalty(model, config.regularizer, config.lam, N=n_train)
+                    loss_value = float(loss.detach())
+                    if not math.isfinite(loss_value):
+                        if group.world_size == 1:  # stop before the step spreads it into the weights
+                            raise diverged(epoch + 1, step, f"the loss is {loss_value}")
+                        # under DDP every rank must reach the gradient all-reduce: the epoch-end check stops them together
+                        first_bad_step = first_bad_step or step
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     if controller is not None:
                         controller.step()
-                    total_loss += float(loss.detach()) * len(index)
+                    total_loss += loss_value * len(index)
                     correct += int((logits.argmax(-1) == y).sum())
-                    bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+                    bar.set_postfix(loss=f"{loss_value:.3f}")
                 total_loss, correct, seen = group.sum([total_loss, correct, len(order)])
+                if not math.isfinite(total_loss):
+                    raise diverged(epoch + 1, first_bad_step or "unknown (on another process)", "the loss is not finite")
+                bad_entry = _non_finite_entry(model)
+                if bad_entry is not None:  # the last step of the epoch can break the weights with a finite loss
+                    raise diverged(epoch + 1, len(bar), f"{bad_entry} holds NaN or inf after the optimizer step")
                 record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
                           "test_accuracy": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - started}
                 if group.world_size > 1:  # the ranks compare their gates and multipliers, which DDP should keep equal
-                    state = ([g.log_alpha.detach().flatten().tolist() for g in gates(model)],
-                             None if controller is None else [float(controller.lambda_1.detach()), float(controller.lambda_2.detach())])
-                    everyone = group.gather(state)
+                    ranks_state = ([g.log_alpha.detach().flatten().tolist() for g in gates(model)],
+                                   None if controller is None else [float(controller.lambda_1.detach()), float(controller.lambda_2.detach())])
+                    everyone = group.gather(ranks_state)
                     record.update({"world_size": group.world_size, "steps": len(bar), "examples": int(seen),
-                                   "gates_identical_on_ranks": all(other[0] == state[0] for other in everyone)})
+                                   "gates_identical_on_ranks": all(other[0] == ranks_state[0] for other in everyone)})
                     if controller is not None:
-                        record["multipliers_identical_on_ranks"] = all(other[1] == state[1] for other in everyone)
+                        record["multipliers_identical_on_ranks"] = all(other[1] == ranks_state[1] for other in everyone)
                 if gated:
                     with torch.no_grad():
                         expected = cost_model.costs()
@@ -355,14 +538,15 @@ def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_en
                 elif lk_regularized:
                     record.update(sparsity(model))
                 rng_per_rank = group.gather(torch.get_rng_state())
-                # the metrics line first, then the checkpoint: a resumed run trims lines past its checkpoint
+                # the metrics first, then the checkpoint: a resumed run trims lines past its checkpoint; the whole
+                # file is rewritten atomically, so a kill leaves no partial line
                 if group.is_main:
-                    with open(metrics_path, "a") as handle:
-                        handle.write(json.dumps(record) + "\n")
+                    atomic_write_text("".join(json.dumps(r) + "\n" for r in [*history, record]), run_dir.path / METRICS_FILE)
                     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                  "controller": None if controller is None else controller.state_dict(),
                                  "epoch": epoch + 1, "rng": rng_per_rank[0], "config": config.to_dict(),
-                                 **({"rng_per_rank": rng_per_rank} if group.world_size > 1 else {})}, checkpoint_path)
+                                 **({"rng_per_rank": rng_per_rank} if group.world_size > 1 else {})}, run_dir.path / CHECKPOINT)
+                run_dir.commit()  # the first checkpoint is in place: the new run takes the old one's place
                 history.append(record)
                 if progress and group.is_main:
                     shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "test_accuracy", "expected_l0", "flops_kept")}
@@ -370,38 +554,37 @@ def _run_training(config, out_dir, resume, force, threads, progress, on_epoch_en
                 if on_epoch_end is not None:
                     on_epoch_end(record)
         except KeyboardInterrupt:
-            done = history[-1]["epoch"] if history else 0
-            print(f"interrupted: {checkpoint_path} holds epoch {done}; continue with --resume", file=sys.stderr)
+            done = history[-1]["epoch"] if history else start_epoch
+            if done or resume:
+                print(f"interrupted: {checkpoint_path} holds epoch {done}; continue with --resume", file=sys.stderr)
+            else:
+                print("interrupted before the first checkpoint: nothing of this run was kept", file=sys.stderr)
             raise
     return history
 
 
 def load_run(run_dir) -> tuple:
     """(config, model with the checkpoint's weights in eval mode, dataset) of a run directory."""
-    from .config import TrainConfig
+    from .config import read_config_json
     from .data import load_dataset
 
     run_dir = Path(run_dir)
     if not (run_dir / CHECKPOINT).exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no {CHECKPOINT}")
-    config = TrainConfig(**json.loads((run_dir / CONFIG_FILE).read_text())).validate()
+    config = read_config_json(run_dir / CONFIG_FILE)
+    state = load_checkpoint(run_dir / CHECKPOINT)
     data = load_dataset(config.data)
     model = model_for(config, data)
-    state = torch.load(run_dir / CHECKPOINT, weights_only=True)
     if config.regularizer == "magnitude" and state["epoch"] >= config.epochs:
         from .baselines import magnitude_prune
 
         magnitude_prune(model, config.target, data.x_train[:2])  # the masks' structure; their values load below
-    model.load_state_dict(state["model"])
+    _load_state(model, state["model"], run_dir / CHECKPOINT)
     if config.regularizer in ("l1", "group_l1"):
         from .norms import threshold_
 
         threshold_(model, config.regularizer, config.threshold_value)  # the usual last step of an L1 run
     return config, model.eval(), data
-
-
-PRUNED_WEIGHTS = "pruned.pt"
-PRUNED_SPEC = "pruned.json"
 
 
 def prune_run(run_dir, force: bool = False, round_to: int = 1) -> tuple[nn.Module, str]:
@@ -431,16 +614,18 @@ def prune_run(run_dir, force: bool = False, round_to: int = 1) -> tuple[nn.Modul
 
 def load_pruned(run_dir) -> nn.Module:
     """The pruned model of a run, rebuilt from ``pruned.json`` and loaded with ``weights_only=True``."""
-    from .config import TrainConfig
+    from .config import config_from_dict
     from .models import build_model
     from .prune import rebuild
 
     run_dir = Path(run_dir)
-    spec = json.loads((run_dir / PRUNED_SPEC).read_text())
-    config = TrainConfig(**spec["config"]).validate()
+    if not (run_dir / PRUNED_SPEC).exists():
+        raise FileNotFoundError(f"{run_dir} has no {PRUNED_SPEC}: run `l0sparse prune {run_dir}` first")
+    spec = read_json(run_dir / PRUNED_SPEC)
+    config = config_from_dict(spec.get("config") if isinstance(spec, dict) else None, source=run_dir / PRUNED_SPEC)
     example = torch.zeros(2, *spec["example_shape"])
     fresh = build_model(config.model, int(math.prod(spec["example_shape"])), spec["num_classes"], hidden=config.hidden,
                         gated=config.regularizer == "l0")
     module = rebuild(fresh, spec["plan"], example)
-    module.load_state_dict(torch.load(run_dir / PRUNED_WEIGHTS, weights_only=True))
+    _load_state(module, torch_load(run_dir / PRUNED_WEIGHTS), run_dir / PRUNED_WEIGHTS, described_by=PRUNED_SPEC)
     return module.eval()

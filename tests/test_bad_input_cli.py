@@ -1,0 +1,292 @@
+"""Issue #14: bad input to the command line gets one line on stderr naming the path or key and what to do,
+exit code 2, no traceback, and nothing of an earlier run is lost."""
+
+import gzip
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+import l0sparse.data
+import l0sparse.train
+from l0sparse.cli import main
+from l0sparse.config import load_config
+from l0sparse.data import load_digits_split
+from l0sparse.train import (CHECKPOINT, CONFIG_FILE, METRICS_FILE, PRUNED_SPEC, PRUNED_WEIGHTS, REPLACED_DIR, STAGING_DIR,
+                            TrainingDiverged, load_pruned, prune_run, run_training)
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "recipes" / "mlp-digits.toml")
+QUICK = ["--set", "epochs=1", "--set", "hidden=[16]", "--no-progress"]
+
+
+def quick_config(**overrides):
+    return load_config(DIGITS, ["epochs=1", "hidden=[16]"] + [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A one-epoch digits run, trained once; each test works on its own copy."""
+    torch.set_num_threads(1)
+    run = tmp_path_factory.mktemp("trained") / "run"
+    run_training(quick_config(), run, progress=False)
+    return run
+
+
+@pytest.fixture
+def run(trained_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- how each case damages its inputs --------------------------------------------------------------------------
+
+def write_file(tmp, run, monkeypatch):
+    (tmp / "file").write_text("not a folder")
+
+
+def empty_checkpoint(tmp, run, monkeypatch):
+    (run / CHECKPOINT).write_bytes(b"")
+
+
+def truncate_checkpoint(tmp, run, monkeypatch):
+    data = (run / CHECKPOINT).read_bytes()
+    (run / CHECKPOINT).write_bytes(data[: len(data) // 2])
+
+
+def foreign_checkpoint(tmp, run, monkeypatch):
+    torch.save([torch.ones(2)], run / CHECKPOINT)
+
+
+def unknown_key_in_config_json(tmp, run, monkeypatch):
+    config = json.loads((run / CONFIG_FILE).read_text())
+    (run / CONFIG_FILE).write_text(json.dumps({**config, "colour": "red"}))
+
+
+def config_json_not_json(tmp, run, monkeypatch):
+    (run / CONFIG_FILE).write_text('{"model": "mlp", ')
+
+
+def bad_toml(tmp, run, monkeypatch):
+    (tmp / "bad.toml").write_text("epochs = = 3\n")
+
+
+def other_toml(tmp, run, monkeypatch):
+    (tmp / "other.toml").write_text(Path(DIGITS).read_text().replace("lam = 0.2", "lam = 3.0"))
+
+
+def damaged_metrics_line(tmp, run, monkeypatch):
+    lines = (run / METRICS_FILE).read_text().splitlines()
+    (run / METRICS_FILE).write_text("\n".join(["{not json", *lines]) + "\n")
+
+
+def corrupt_fashion_mnist(tmp, run, monkeypatch):
+    folder = tmp / "fashion-mnist"
+    folder.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (folder / name).write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes(100))[:-9])  # cut short: no CRC
+    monkeypatch.setattr(l0sparse.data, "FASHION_MNIST_DIR", str(folder))
+
+
+def finished_magnitude_run(tmp, run, monkeypatch):
+    run_training(quick_config(regularizer="magnitude", target=0.3), tmp / "magnitude", progress=False)
+
+
+# (description, prepare, argv with {run} and {tmp}, a fragment of the one-line error)
+CASES = [
+    ("--out names a file", write_file, ["train", DIGITS, *QUICK, "--out", "{tmp}/file"], "file is a file, not a folder"),
+    ("--out inside a file", write_file, ["train", DIGITS, *QUICK, "--out", "{tmp}/file/run"], "file is a file, not a folder"),
+    ("TOML syntax error", bad_toml, ["train", "{tmp}/bad.toml", "--out", "{tmp}/out"], "bad.toml is not valid TOML"),
+    ("empty checkpoint, resume", empty_checkpoint, ["train", "--resume", "--out", "{run}", "--no-progress"], "checkpoint.pt cannot be loaded"),
+    ("truncated checkpoint, prune", truncate_checkpoint, ["prune", "{run}"], "checkpoint.pt cannot be loaded"),
+    ("truncated checkpoint, report", truncate_checkpoint, ["report", "{run}", "--out", "{tmp}/report"], "checkpoint.pt cannot be loaded"),
+    ("a list saved as checkpoint", foreign_checkpoint, ["prune", "{run}"], "is not an l0sparse training checkpoint"),
+    ("unknown key in config.json, resume", unknown_key_in_config_json, ["train", "--resume", "--out", "{run}"],
+     "config.json: unknown config key 'colour'"),
+    ("unknown key in config.json, prune", unknown_key_in_config_json, ["prune", "{run}"], "config.json: unknown config key 'colour'"),
+    ("config.json not JSON, report", config_json_not_json, ["report", "{run}", "--out", "{tmp}/report"], "config.json is not valid JSON"),
+    ("config.json not JSON, resume", config_json_not_json, ["train", "--resume", "--out", "{run}"], "config.json is not valid JSON"),
+    ("damaged line inside metrics.jsonl", damaged_metrics_line, ["report", "{run}", "--out", "{tmp}/report"],
+     "metrics.jsonl line 1 is not a metrics record"),
+    ("--resume with another lam", None, ["train", "--resume", "--out", "{run}", "--set", "lam=50"], "lam (0.2 -> 50.0)"),
+    ("--resume with another config file", other_toml, ["train", "{tmp}/other.toml", "--resume", "--out", "{run}"], "lam (0.2 -> 3.0)"),
+    ("diverging learning rates", None, ["train", DIGITS, *QUICK, "--set", "lr=1e30", "--set", "gate_lr=1e30", "--out", "{tmp}/nan"],
+     "training diverged at epoch 1, step"),
+    ("diverging demo", None, ["demo", "--epochs", "2", "--lr", "1e30", "--no-progress"], "the loss is nan at epoch"),
+    ("corrupt Fashion-MNIST archive", corrupt_fashion_mnist,
+     ["train", DIGITS, *QUICK, "--set", "data='fashion-mnist'", "--out", "{tmp}/out"], "train-images-idx3-ubyte.gz is damaged"),
+    ("extending a finished magnitude run", finished_magnitude_run, ["train", "--resume", "--out", "{tmp}/magnitude", "--set", "epochs=2"],
+     "this magnitude run prunes after epoch 1"),
+]
+
+
+@pytest.mark.parametrize("description, prepare, argv, fragment", CASES, ids=[case[0] for case in CASES])
+def test_bad_input_gets_one_line_and_exit_code_2(description, prepare, argv, fragment, run, tmp_path, monkeypatch, capsys):
+    torch.set_num_threads(1)
+    if prepare is not None:
+        prepare(tmp_path, run, monkeypatch)
+    code = main([part.format(run=run, tmp=tmp_path) for part in argv])
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith(f"l0sparse {argv[0]}: error: "), stderr
+    assert fragment in lines[0], lines[0]
+    assert "weights_only=False" not in lines[0]
+
+
+def test_the_command_prints_no_traceback(tmp_path):
+    (tmp_path / "file").write_text("")
+    completed = subprocess.run([sys.executable, "-m", "l0sparse", "train", DIGITS, "--out", str(tmp_path / "file")],
+                               capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr and completed.stderr.count("\n") == 1, completed.stderr
+
+
+# --- item 1: `train --force` replaces a run only once the new one has its first checkpoint ----------------------
+
+def test_force_keeps_the_old_run_when_the_new_one_cannot_load_its_data(run, tmp_path, monkeypatch):
+    before = snapshot(run)
+    monkeypatch.setattr(l0sparse.data, "FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    assert main(["train", DIGITS, *QUICK, "--set", "data='fashion-mnist'", "--force", "--out", str(run)]) == 2
+    assert snapshot(run) == before
+
+
+def test_force_keeps_the_old_run_when_the_first_epoch_diverges(run, capsys):
+    before = snapshot(run)
+    assert main(["train", DIGITS, *QUICK, "--set", "lr=1e30", "--set", "gate_lr=1e30", "--force", "--out", str(run)]) == 2
+    assert "is untouched" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+def test_failed_set_up_of_a_new_run_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(l0sparse.data, "FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    assert main(["train", DIGITS, *QUICK, "--set", "data='fashion-mnist'", "--out", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+# --- item 2: nothing of the replaced run survives ---------------------------------------------------------------
+
+def test_force_removes_the_replaced_runs_pruned_model_and_report(run):
+    prune_run(run)
+    assert main(["report", str(run)]) == 0
+    assert (run / PRUNED_WEIGHTS).exists() and (run / "report" / "report.md").exists()
+    (run / "notes.txt").write_text("the user's own file")
+    assert main(["train", DIGITS, *QUICK, "--set", "epochs=2", "--force", "--out", str(run)]) == 0
+    assert torch.load(run / CHECKPOINT, weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in run.iterdir()) == sorted([CHECKPOINT, CONFIG_FILE, METRICS_FILE, "notes.txt"])
+    assert not (run / STAGING_DIR).exists() and not (run / REPLACED_DIR).exists()
+    with pytest.raises(FileNotFoundError, match="l0sparse prune"):
+        load_pruned(run)
+
+
+# --- item 3: a non-finite loss stops training, the last good checkpoint stays -----------------------------------
+
+def test_divergence_after_a_good_epoch_keeps_its_checkpoint(tmp_path, monkeypatch):
+    cross_entropy = torch.nn.functional.cross_entropy
+    epochs_done = []
+
+    def nan_from_epoch_2(*args, **kwargs):
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if epochs_done else loss
+
+    monkeypatch.setattr(l0sparse.train.F, "cross_entropy", nan_from_epoch_2)
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1 of \d+: the loss is nan; .*checkpoint.pt keeps epoch 1"):
+        run_training(quick_config(epochs=3), tmp_path / "run", progress=False, on_epoch_end=epochs_done.append)
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["epoch"] == 1
+    assert len((tmp_path / "run" / METRICS_FILE).read_text().splitlines()) == 1
+
+
+def test_weights_broken_by_the_last_step_are_not_saved(tmp_path, monkeypatch):
+    step, calls = torch.optim.Adam.step, []
+    steps_per_epoch = math.ceil(len(load_digits_split().y_train) / 64)  # the recipe's batch_size
+
+    def breaking_step(self, *args, **kwargs):  # every loss finite; the epoch's last update leaves inf in the weights
+        result = step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == steps_per_epoch:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.Adam, "step", breaking_step)
+    with pytest.raises(TrainingDiverged, match=rf"epoch 1, step {steps_per_epoch} of {steps_per_epoch}: .* holds NaN or inf after "
+                                               "the optimizer step; no checkpoint was written"):
+        run_training(quick_config(), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# --- item 4: --resume applies only epochs, says so, and config.json describes what ran --------------------------
+
+def test_resume_with_more_epochs_updates_config_json(run, capsys):
+    assert main(["train", "--resume", "--out", str(run), "--set", "epochs=2", "--no-progress"]) == 0
+    assert "epochs = 2 (config.json said 1)" in capsys.readouterr().err
+    assert json.loads((run / CONFIG_FILE).read_text())["epochs"] == 2
+    assert torch.load(run / CHECKPOINT, weights_only=True)["config"]["epochs"] == 2
+    assert [json.loads(line)["epoch"] for line in (run / METRICS_FILE).read_text().splitlines()] == [1, 2]
+
+
+def test_resume_with_the_same_config_file_is_accepted(run):
+    assert main(["train", DIGITS, "--resume", "--out", str(run), "--set", "hidden=[16]", "--set", "epochs=2", "--no-progress"]) == 0
+
+
+# --- item 7: report says "unknown" for a figure a run did not record --------------------------------------------
+
+def test_report_does_not_invent_params_kept(tmp_path):
+    for name, overrides in {"magnitude": dict(regularizer="magnitude", target=0.3), "l1": dict(regularizer="l1", lam=1.0),
+                            "dense": dict(regularizer="none")}.items():
+        run_training(quick_config(**overrides), tmp_path / name, progress=False)
+    assert main(["report", *(str(tmp_path / name) for name in ("magnitude", "l1", "dense")), "--out", str(tmp_path / "report")]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "report" / "report.md").read_text().splitlines()}
+    assert rows["magnitude"][-2] == "unknown" and rows["magnitude"][-1] != "unknown |"  # it records FLOPs, not parameters
+    assert rows["l1"][-2:] == ["unknown", "unknown |"]
+    assert rows["dense"][-2:] == ["100.0%", "100.0% |"]
+
+
+# --- item 15: a partial last line of metrics.jsonl does not block resume or report ------------------------------
+
+def test_partial_last_metrics_line_is_dropped(run, tmp_path):
+    with open(run / METRICS_FILE, "a") as handle:
+        handle.write('{"epoch": 2, "train_lo')  # kill -9 in the middle of a write
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert main(["train", "--resume", "--out", str(run), "--set", "epochs=2", "--no-progress"]) == 0
+    assert [json.loads(line)["epoch"] for line in (run / METRICS_FILE).read_text().splitlines()] == [1, 2]
+
+
+# --- item 14: an unwritable folder, and any OSError, is one line naming the path ---------------------------------
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_parent_folder_is_named(tmp_path, capsys):
+    (tmp_path / "locked").mkdir(mode=0o555)
+    assert main(["train", DIGITS, *QUICK, "--out", str(tmp_path / "locked" / "run")]) == 2
+    assert "locked is not writable" in capsys.readouterr().err
+
+
+def test_an_os_error_while_writing_names_the_path(run, monkeypatch, capsys):
+    def refuse(payload, path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(l0sparse.train, "atomic_save", refuse)
+    assert main(["prune", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == f"l0sparse prune: error: {run / PRUNED_WEIGHTS}: Permission denied"
+
+
+# --- item 19: the declared lower bounds are those the code needs ------------------------------------------------
+
+def test_declared_lower_bounds_cover_what_the_code_uses():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"  # tomllib
+    assert "torch>=2.4" in project["dependencies"]  # fused Adam on the CPU
+    sklearn_pins = [pin for extra in project["optional-dependencies"].values() for pin in extra if pin.startswith("scikit-learn")]
+    assert sklearn_pins and set(sklearn_pins) == {"scikit-learn>=1.6"}  # sklearn.utils.validation.validate_data
