@@ -100,6 +100,15 @@ def corrupt_fashion_mnist(tmp, run, monkeypatch):
     monkeypatch.setattr(l0sparse.data, "FASHION_MNIST_DIR", str(folder))
 
 
+def resumed_to_epoch_2(tmp, run, monkeypatch):
+    run_training(quick_config(epochs=2), run, resume=True, progress=False)
+
+
+def config_json_of_another_model(tmp, run, monkeypatch):
+    config = json.loads((run / CONFIG_FILE).read_text())
+    (run / CONFIG_FILE).write_text(json.dumps({**config, "hidden": [8]}))
+
+
 def finished_magnitude_run(tmp, run, monkeypatch):
     run_training(quick_config(regularizer="magnitude", target=0.3), tmp / "magnitude", progress=False)
 
@@ -122,6 +131,9 @@ CASES = [
      "metrics.jsonl line 1 is not a metrics record"),
     ("--resume with another lam", None, ["train", "--resume", "--out", "{run}", "--set", "lam=50"], "lam (0.2 -> 50.0)"),
     ("--resume with another config file", other_toml, ["train", "{tmp}/other.toml", "--resume", "--out", "{run}"], "lam (0.2 -> 3.0)"),
+    ("--resume with fewer epochs than done", resumed_to_epoch_2, ["train", "--resume", "--out", "{run}", "--set", "epochs=1"],
+     "the checkpoint already holds epoch 2"),
+    ("checkpoint of another model", config_json_of_another_model, ["prune", "{run}"], "does not fit the model that config.json describes"),
     ("diverging learning rates", None, ["train", DIGITS, *QUICK, "--set", "lr=1e30", "--set", "gate_lr=1e30", "--out", "{tmp}/nan"],
      "training diverged at epoch 1, step"),
     ("diverging demo", None, ["demo", "--epochs", "2", "--lr", "1e30", "--no-progress"], "the loss is nan at epoch"),
@@ -137,6 +149,7 @@ def test_bad_input_gets_one_line_and_exit_code_2(description, prepare, argv, fra
     torch.set_num_threads(1)
     if prepare is not None:
         prepare(tmp_path, run, monkeypatch)
+        capsys.readouterr()  # what preparing printed
     code = main([part.format(run=run, tmp=tmp_path) for part in argv])
     stderr = capsys.readouterr().err
     lines = [line for line in stderr.splitlines() if line.strip()]
