@@ -225,18 +225,19 @@ def test_onnx_export(tmp_path, case):
     assert weights, "a pruned weight is in the ONNX graph with its pruned shape"
 
 
-def test_penalty_charges_every_weight_a_shared_gate_multiplies():
+def test_a_shared_gate_pays_once_per_producing_layer():
+    """The residual gate pays for the rows of the convs that produce its channels (the stem's filter and
+    bias, the block's second conv, the depthwise conv's filter and bias), not for the columns that read them."""
     model = TinyResNet()
     x = torch.randn(2, 3, 8, 8)
     l0sparse.sparsify(model, rules={nn.Linear: "skip"}, example_inputs=x)
-    gate = model.block.conv1.parametrizations.weight[0].gate
-    q = gate.prob_nonzero().detach()
-    # the residual gate multiplies conv1's input columns (8 outputs × 3×3 weights each) and fc's
-    # (5 outputs × 16 flattened features per channel)
-    weights_per_gate = 8 * 9 + 5 * 16
-    other = [m for _, _, _, m in gate_masks(model) if m.gate is not gate]
-    other_total = sum(float(m.gate.prob_nonzero().detach().sum()) * (8 * 9) for m in other)
-    expected = float(q.sum()) * weights_per_gate + other_total
+    shared = model.block.conv1.parametrizations.weight[0].gate
+    inner = model.block.conv2.parametrizations.weight[0].gate  # block.conv1's outputs, read by block.conv2
+    assert shared is not inner
+    weights_per_shared_gate = (3 * 9 + 1) + 8 * 9 + (9 + 1)
+    weights_per_inner_gate = 8 * 9  # block.conv1 has no bias
+    expected = (float(shared.prob_nonzero().sum()) * weights_per_shared_gate
+                + float(inner.prob_nonzero().sum()) * weights_per_inner_gate)
     assert float(l0sparse.penalty(model, lam=1.0).detach()) == pytest.approx(expected, rel=1e-5)
 
 

@@ -18,8 +18,8 @@ from torch.nn.utils import parametrize
 from .distributions import log_ratio_zero
 from .gates import Gate
 from .graph import trace_channels
-from .layers import L0Conv2d, L0Linear, _check_lam
-from .sparsify import GateMask, gate_masks
+from .layers import L0Conv2d, L0Linear, _accumulation_dtype, _check_lam
+from .sparsify import GateMask, gate_masks, sum_per_gate
 
 __all__ = ["expected_l0", "penalty", "Penalty", "gates", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
 
@@ -63,14 +63,23 @@ def penalty(model: nn.Module, lam: float | Mapping[str, float], weight_decay: fl
             cost_weights: Mapping[int, Tensor] | None = None) -> Tensor:
     """Σ_g P(z_g ≠ 0) · Σ_{j∈g} (λ_g + ½·wd·θ_j²) over every gate of ``model``, divided by ``N``.
 
-    ``lam`` is charged per weight that a gate multiplies (the paper's λ before
-    the division by the training-set size); pass ``N`` = training-set size to
-    get the term that goes beside a mean loss. ``lam`` may also map layer
-    names or glob patterns to their own λ (the paper's "λ sep."): the name is
-    the L0 layer's, or for ``sparsify`` gates the module whose rule made the
-    gate (``gate.owner``). A gate that ``sparsify`` shares between several
-    layers is charged for the weights of all of them. Biases that no gate
-    multiplies carry no term here (use the optimizer's weight decay).
+    ``lam`` is the paper's λ per weight, before the division by the
+    training-set size; pass ``N`` = training-set size to get the term that
+    goes beside a mean loss. A gate pays for the weights it removes in the
+    layer that owns it, the same on the paper's layers and on ``sparsify``
+    gates: an input gate (``L0Linear``, ``"in"``) for its weight column; an
+    output-channel gate (``L0Conv2d``, ``"out"``) for its channel's filter
+    and bias in the layer that produces the channel (not for the columns of
+    the layers that read it), once per producing layer when channels are
+    coupled (residual additions; a depthwise conv's filter counts too); a
+    head gate for its block of output-projection columns; a per-weight gate
+    for its weight. The ½·wd·θ² term covers the same weights. ``lam`` may
+    also map layer names or glob patterns to their own λ (the paper's
+    "λ sep."): the name is the L0 layer's, or for ``sparsify`` gates the
+    module whose rule made the gate (``gate.owner``). Biases that no gate
+    removes carry only the L2 term on the paper's layers and no term on
+    ``sparsify`` gates (use the optimizer's weight decay). The sum is
+    accumulated in float32 (or the model's wider dtype).
 
     ``cost_weights`` (from :meth:`CostModel.gate_costs`) charges λ per unit
     of cost instead of per weight: each gate's λ·|g| becomes λ·c_g, with c_g
@@ -90,13 +99,15 @@ class _ChargedProbNonzero(torch.autograd.Function):
     The gradient is charge · p · (1 − p), written out: one node and two in-place passes, where plain
     autograd made a node and a freshly allocated tensor per op (cat, sub, sigmoid, dot and their
     backwards). benchmarks/penalty_node.py measures the difference (small: about 2% of a step).
+    The sum is accumulated in ``charge``'s dtype (float32 or wider): in float16 the charges of a
+    LeNet-5 (λ·weights per gate) overflow before the division by N.
     """
 
     @staticmethod
     def forward(ctx, offset: float, charge: Tensor, *log_alphas: Tensor) -> Tensor:
-        prob = torch.cat([log_alpha.reshape(-1) for log_alpha in log_alphas]).sub_(offset).sigmoid_()
+        prob = torch.cat([log_alpha.reshape(-1).to(charge.dtype) for log_alpha in log_alphas]).sub_(offset).sigmoid_()
         ctx.save_for_backward(prob, charge)
-        ctx.shapes = [log_alpha.shape for log_alpha in log_alphas]
+        ctx.shapes = [(log_alpha.shape, log_alpha.dtype) for log_alpha in log_alphas]
         return torch.dot(prob, charge)
 
     @staticmethod
@@ -104,8 +115,34 @@ class _ChargedProbNonzero(torch.autograd.Function):
     def backward(ctx, grad_total: Tensor):
         prob, charge = ctx.saved_tensors
         grad = torch.addcmul(prob, prob, prob, value=-1.0).mul_(charge).mul_(grad_total)  # p(1-p)·charge·g
-        parts = grad.split([shape.numel() for shape in ctx.shapes])
-        return (None, None, *(part.view(shape) for part, shape in zip(parts, ctx.shapes)))
+        parts = grad.split([shape.numel() for shape, _ in ctx.shapes])
+        return (None, None, *(part.view(shape).to(dtype) for part, (shape, dtype) in zip(parts, ctx.shapes)))
+
+
+def _raw_tensor(module: nn.Module, name: str) -> Tensor:
+    """``module.<name>`` before any parametrization (the trained values, not the gated ones)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name)
+
+
+def _paid_tensors(model: nn.Module) -> dict[int, tuple[Gate, list[tuple[nn.Module, str, int | None, int]]]]:
+    """Per ``sparsify`` gate, the tensors whose entries it pays for: ``(module, tensor name, gate dim, block)``.
+
+    An output-unit gate pays for the rows of the layers that produce its channels (weight and bias),
+    once per producing layer, as :class:`L0Conv2d` pays for its filters; every other gate pays for the
+    entries it multiplies (input columns, head blocks, single weights).
+    """
+    paid: dict[int, tuple[Gate, list]] = {}
+    for _, module, tensor_name, mask in gate_masks(model):
+        gate = mask.gate
+        producers = getattr(gate, "producers", ())
+        if not producers:
+            paid.setdefault(id(gate), (gate, []))[1].append((module, tensor_name, mask.dim, mask.block))
+        elif id(gate) not in paid:
+            paid[id(gate)] = (gate, [(producer, name, 0, 1) for producer in producers for name in ("weight", "bias")
+                                     if getattr(producer, name, None) is not None])
+    return paid
 
 
 class Penalty:
@@ -123,6 +160,7 @@ class Penalty:
         if not (isinstance(N, int) and N >= 1):
             raise ValueError(f"N (the training-set size) must be a positive int, got {N!r}")
         self.model, self.weight_decay, self.N = model, weight_decay, N
+        self._paid = _paid_tensors(model)
         charges: dict[int, list] = {}  # id(gate) -> [gate, λ·(weights or cost) per gate]
         if cost_weights is not None:
             missing = [g for g in gates(model) if id(g) not in cost_weights]
@@ -134,10 +172,9 @@ class Penalty:
             for name, module in model.named_modules():
                 if isinstance(module, (L0Linear, L0Conv2d)):
                     charges[id(module.gate)] = [module.gate, _lam_for(name, lam) * module.group_size()]
-            for _, module, tensor_name, mask in gate_masks(model):
-                entry = charges.setdefault(id(mask.gate), [mask.gate, 0.0])
-                weights_per_gate = module.parametrizations[tensor_name].original.numel() // mask.gate.log_alpha.numel()
-                entry[1] = entry[1] + _lam_for(mask.gate.owner or "", lam) * weights_per_gate
+            for gate, tensors in self._paid.values():
+                weights_per_gate = sum(_raw_tensor(module, name).numel() for module, name, _, _ in tensors) // gate.log_alpha.numel()
+                charges[id(gate)] = [gate, _lam_for(gate.owner or "", lam) * weights_per_gate]
         if not charges:
             raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
         # gates with equal (β, γ, ζ) share one sigmoid: usually a single group for the whole model
@@ -146,7 +183,7 @@ class Penalty:
             key = (gate.beta, gate.gamma, gate.zeta)
             members, parts = self._groups.setdefault(key, ([], []))
             members.append(gate)
-            parts.append(torch.as_tensor(charge, dtype=gate.log_alpha.dtype).expand(gate.shape).reshape(-1))
+            parts.append(torch.as_tensor(charge, dtype=_accumulation_dtype(gate.log_alpha.dtype)).expand(gate.shape).reshape(-1))
         self._groups = {key: (members, torch.cat(parts)) for key, (members, parts) in self._groups.items()}
 
     def __call__(self) -> Tensor:
@@ -154,7 +191,8 @@ class Penalty:
         for (beta, gamma, zeta), (members, charge) in self._groups.items():
             first = members[0].log_alpha
             # .to is a no-op unless the model moved device or dtype after this was built
-            term = _ChargedProbNonzero.apply(log_ratio_zero(beta, gamma, zeta), charge.to(first.device, first.dtype),
+            term = _ChargedProbNonzero.apply(log_ratio_zero(beta, gamma, zeta),
+                                             charge.to(first.device, _accumulation_dtype(first.dtype)),
                                              *(gate.log_alpha for gate in members))
             total = term if total is None else total + term
         if self.weight_decay:
@@ -164,12 +202,11 @@ class Penalty:
     def _weight_decay_term(self) -> Tensor:
         """Σ_g P(z_g ≠ 0) · ½·wd·Σ_{j∈g} θ_j²: changes with the weights, so computed on every call."""
         terms = [module.penalty(0.0, self.weight_decay) for module in self.model.modules() if isinstance(module, (L0Linear, L0Conv2d))]
-        squares: dict[int, list] = {}
-        for _, module, tensor_name, mask in gate_masks(self.model):
-            entry = squares.setdefault(id(mask.gate), [mask.gate, 0.0])
-            entry[1] = entry[1] + mask.per_gate(module.parametrizations[tensor_name].original.pow(2))
-        terms += [(gate.prob_nonzero() * 0.5 * self.weight_decay * total).sum() for gate, total in squares.values()]
-        return torch.stack(terms).sum()
+        for gate, tensors in self._paid.values():
+            dtype = _accumulation_dtype(gate.log_alpha.dtype)
+            squares = sum(sum_per_gate(_raw_tensor(module, name).to(dtype).pow(2), dim, block) for module, name, dim, block in tensors)
+            terms.append((gate.prob_nonzero().to(dtype) * squares).sum() * (0.5 * self.weight_decay))
+        return torch.stack([term.to(_accumulation_dtype(term.dtype)) for term in terms]).sum()
 
 
 def _column_probabilities(module: nn.Module, prob) -> Tensor | None:

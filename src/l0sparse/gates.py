@@ -60,9 +60,11 @@ class Gate(nn.Module):
         self.droprate_init = float(droprate_init)
         self.clamp_log_alpha = None if clamp_log_alpha is None else (float(low), float(high))
         self.log_alpha = nn.Parameter(torch.empty(shape))
-        # set by l0sparse.sparsify: the module whose rule made this gate, and the granularity
+        # set by l0sparse.sparsify: the module whose rule made this gate, the granularity, and for output-unit
+        # gates the layers whose rows it removes (a tuple, so they are not registered as submodules)
         self.owner: str | None = None
         self.granularity: str | None = None
+        self.producers: tuple[nn.Module, ...] = ()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

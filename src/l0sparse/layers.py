@@ -31,6 +31,11 @@ def _check_lam(lam: float, weight_decay: float) -> None:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precisions (a sum of λ·weights overflows float16), the dtype itself when wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def conv2d_output_size(
     height_width: tuple[int, int],
     kernel_size: tuple[int, int],
@@ -120,12 +125,13 @@ class L0Linear(nn.Module):
         it carries only the L2 term.
         """
         _check_lam(lam, weight_decay)
+        dtype = _accumulation_dtype(self.weight.dtype)
         per_gate = lam * self.group_size()
         if weight_decay:  # skip a pass over the weights (forward and backward) when there is no L2 term
-            per_gate = per_gate + 0.5 * weight_decay * self.weight.pow(2).sum(0)
-        total = (self.gate.prob_nonzero() * per_gate).sum()
+            per_gate = per_gate + 0.5 * weight_decay * self.weight.to(dtype).pow(2).sum(0)
+        total = (self.gate.prob_nonzero().to(dtype) * per_gate).sum()
         if self.bias is not None and weight_decay:
-            total = total + 0.5 * weight_decay * self.bias.pow(2).sum()
+            total = total + 0.5 * weight_decay * self.bias.to(dtype).pow(2).sum()
         return total
 
     def expected_flops(self, input_shape: tuple[int, ...] | torch.Size) -> Tensor:
@@ -219,13 +225,14 @@ class L0Conv2d(nn.Module):
     def penalty(self, lam: float, weight_decay: float = 0.0) -> Tensor:
         """Σ_c P(z_c ≠ 0) · Σ_{j ∈ channel c, bias included} (λ + ½·wd·θ_j²); divide by N in the objective."""
         _check_lam(lam, weight_decay)
+        dtype = _accumulation_dtype(self.weight.dtype)
         per_gate = lam * self.group_size()
         if weight_decay:
-            squares = self.weight.pow(2).flatten(1).sum(1)
+            squares = self.weight.to(dtype).pow(2).flatten(1).sum(1)
             if self.bias is not None:
-                squares = squares + self.bias.pow(2)
+                squares = squares + self.bias.to(dtype).pow(2)
             per_gate = per_gate + 0.5 * weight_decay * squares
-        return (self.gate.prob_nonzero() * per_gate).sum()
+        return (self.gate.prob_nonzero().to(dtype) * per_gate).sum()
 
     def output_size(self, input_shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
         """(H_out, W_out) for one example of shape ``(in_channels, H, W)``."""

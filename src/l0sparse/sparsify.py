@@ -48,7 +48,7 @@ from .gates import Gate
 from .graph import trace_channels
 from .layers import L0Conv2d, L0Linear
 
-__all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks"]
+__all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks", "sum_per_gate"]
 
 GRANULARITIES = ("in", "out", "weight", "heads", "skip")
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
@@ -78,10 +78,16 @@ class GateMask(nn.Module):
 
     def per_gate(self, values: Tensor) -> Tensor:
         """Sum ``values`` (shaped like the weight) over the entries each gate covers."""
-        if self.dim is None:
-            return values
-        moved = values.movedim(self.dim, 0).reshape(values.shape[self.dim], -1).sum(1)
-        return moved.view(-1, self.block).sum(1) if self.block > 1 else moved
+        return sum_per_gate(values, self.dim, self.block)
+
+
+def sum_per_gate(values: Tensor, dim: int | None, block: int = 1) -> Tensor:
+    """Sum ``values`` over the entries that each gate covers: slices along ``dim`` in blocks of ``block``
+    (``dim=None``: one gate per entry, nothing to sum)."""
+    if dim is None:
+        return values
+    moved = values.movedim(dim, 0).reshape(values.shape[dim], -1).sum(1)
+    return moved.view(-1, block).sum(1) if block > 1 else moved
 
 
 def gate_masks(model: nn.Module):
@@ -232,6 +238,10 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             if index in space_gates:
                 continue  # coupled with a module gated already: one gate for the shared channels
             gate = _new_gate(space.size, name, "out", module, gate_kwargs)
+            # it pays λ for the rows of the layers that produce its channels, as L0Conv2d's gates do (not for the
+            # columns it multiplies): BatchNorm is not charged, a depthwise conv's filter is
+            gate.producers = tuple(modules[producer] for producer in space.producers) + tuple(
+                modules[follower] for follower in space.followers if isinstance(modules[follower], nn.modules.conv._ConvNd))
             space_gates[index] = gate
             for consumer in space.consumers:
                 parametrize.register_parametrization(modules[consumer.name], "weight", GateMask(gate, dim=consumer.dim, block=consumer.block))
@@ -279,4 +289,5 @@ def _gate_attention(name: str, module: nn.Module, gate_kwargs: dict, num_heads: 
     parametrize.register_parametrization(attention.out_proj, "weight", GateMask(gate, dim=1, block=head_dim))
     if isinstance(module, nn.TransformerEncoderLayer):  # and the feed-forward hidden units
         hidden = _new_gate(module.linear1.out_features, name, "out", module.linear1, gate_kwargs)
+        hidden.producers = (module.linear1,)
         parametrize.register_parametrization(module.linear2, "weight", GateMask(hidden, dim=1))
