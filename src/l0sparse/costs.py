@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 
 from .distributions import log_ratio_zero
 from .gates import Gate
-from .graph import trace_channels
+from .graph import check_example_batch, trace_channels
 from .layers import L0Conv2d, L0Linear, _accumulation_dtype, _check_lam
 from .sparsify import GateMask, gate_masks, sum_per_gate
 
@@ -288,14 +288,21 @@ class CostModel:
         example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            self.graph = trace_channels(model, example_inputs)
-        model.train(was_training)
+        try:
+            with torch.no_grad():
+                self.graph = trace_channels(model, example_inputs)
+        finally:  # a failed trace leaves the model in the mode it was in
+            model.train(was_training)
         self.model = model
         self._batch = example_inputs[0].shape[0]  # counts are per entry of the first input dimension, as count_flops's
         self.modules = dict(model.named_modules())
-        self._attention_lengths = {name: (_layout(self.modules[name], query)[1], _layout(self.modules[name], key)[1])
-                                   for name, (query, key) in self.graph.attention_shapes.items()}
+        # the counts' tensors are made where the gates live, so that the model may sit on any device
+        self.device = next((p.device for p in model.parameters()), example_inputs[0].device)
+        # per attention module, per call: (sequences over the batch, query length, key length)
+        self._attention_lengths = {
+            name: [(_layout(self.modules[name], query)[0] / self._batch, _layout(self.modules[name], query)[1], _layout(self.modules[name], key)[1])
+                   for query, key in calls]
+            for name, calls in self.graph.attention_module_calls.items()}
         handled = {id(p) for name in self._attention_lengths for p in self.modules[name].parameters()}
         for name in self.graph.shapes:
             module = self.modules[name]
@@ -328,11 +335,11 @@ class CostModel:
 
     def _space_alive(self, space, prob, cache: dict) -> Tensor:
         """P(channel is read by some consumer), per channel of a removable space."""
-        unread = torch.ones(space.size)
+        unread = torch.ones(space.size, device=self.device)
         for consumer in space.consumers:
             p_column = self._columns(consumer.name, prob, cache)
             if p_column is None:
-                return torch.ones(space.size)
+                return torch.ones(space.size, device=self.device)
             unread = unread * (1 - p_column.view(space.size, consumer.block)).prod(1)
         return 1 - unread
 
@@ -346,25 +353,27 @@ class CostModel:
         else:
             prob = _open_indicator if deterministic else _open_probability
         cache: dict[str, Tensor | None] = {}
-        flops, params = torch.zeros(()), torch.zeros(()) + self._fixed_params
+        flops = torch.zeros((), device=self.device)
+        params = torch.zeros((), device=self.device) + self._fixed_params
         for query, key in self.graph.attention_calls:  # scaled_dot_product_attention written out: all its heads
             flops = flops + _scaled_dot_product_macs(query, key) / self._batch
-        for name, (query_length, key_length) in self._attention_lengths.items():  # attention modules called on their own
-            attention_flops, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
-            scale = _layout(self.modules[name], self.graph.attention_shapes[name][0])[0] / self._batch
-            flops, params = flops + scale * attention_flops, params + attention_params
-        for name, (in_shape, out_shape) in self.graph.shapes.items():
+        for name, calls in self._attention_lengths.items():  # attention modules called on their own, every call
+            for scale, query_length, key_length in calls:
+                attention_flops, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
+                flops = flops + scale * attention_flops
+            params = params + attention_params
+        for name, calls in self.graph.calls.items():  # a module called twice costs MACs twice, parameters once
             module = self.modules[name]
             if isinstance(module, nn.TransformerEncoderLayer):
-                sequences, tokens = _layout(module.self_attn, in_shape)
-                scale = sequences / self._batch
                 hidden = _column_probabilities(module.linear2, prob)
-                units = torch.tensor(float(module.linear1.out_features)) if hidden is None else hidden.sum()
+                units = torch.tensor(float(module.linear1.out_features), device=self.device) if hidden is None else hidden.sum()
                 if deterministic:
                     units = units.clamp(min=1)
                 embed, full_units = module.linear1.in_features, module.linear1.out_features
-                attention_flops, attention_params = self._attention(f"{name}.self_attn", tokens, tokens, prob, deterministic)
-                flops = flops + scale * (attention_flops + 2 * tokens * embed * units)
+                for in_shape, _ in calls:
+                    sequences, tokens = _layout(module.self_attn, in_shape)
+                    attention_flops, attention_params = self._attention(f"{name}.self_attn", tokens, tokens, prob, deterministic)
+                    flops = flops + sequences / self._batch * (attention_flops + 2 * tokens * embed * units)
                 feed_forward = 2 * embed * full_units + full_units
                 everything = sum(p.numel() for p in _unique_parameters(module) if id(p) not in {id(g.log_alpha) for g in gates(module)})
                 full_attention = _attention_cost(module.self_attn, tokens, tokens)[1]
@@ -372,17 +381,18 @@ class CostModel:
                 continue
 
             if isinstance(module, (nn.Linear, L0Linear)):
-                positions, per_pair = math.prod(out_shape[:-1]) / self._batch, 1
+                positions, per_pair = sum(math.prod(out_shape[:-1]) for _, out_shape in calls) / self._batch, 1
                 n_out, n_in = module.out_features, module.in_features
             elif isinstance(module, (nn.modules.conv._ConvNd, L0Conv2d)):
                 weight = module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
-                positions, per_pair = out_shape[0] * math.prod(out_shape[2:]) / self._batch, math.prod(weight.shape[2:])
+                positions = sum(out_shape[0] * math.prod(out_shape[2:]) for _, out_shape in calls) / self._batch
+                per_pair = math.prod(weight.shape[2:])
                 n_out, n_in = weight.shape[0], weight.shape[1]
             else:
                 continue
             p_in = self._columns(name, prob, cache)
-            p_in = torch.ones(n_in) if p_in is None else p_in
-            p_out = torch.ones(n_out)
+            p_in = torch.ones(n_in, device=self.device) if p_in is None else p_in
+            p_out = torch.ones(n_out, device=self.device)
             if isinstance(module, L0Conv2d):
                 p_out = p_out * prob(module.gate)
             space = self.graph.space_of_output(name)
@@ -402,7 +412,7 @@ class CostModel:
         for space in self.graph.spaces:
             if not space.followers:
                 continue
-            kept = self._space_alive(space, prob, cache).sum() if space.removable else torch.tensor(float(space.size))
+            kept = self._space_alive(space, prob, cache).sum() if space.removable else torch.tensor(float(space.size), device=self.device)
             if deterministic:
                 kept = kept.clamp(min=1)
             for follower in space.followers:
@@ -413,7 +423,7 @@ class CostModel:
     def gate_costs(self, metric: str = "flops") -> dict[int, Tensor]:
         """Per gate, what closing each of its units alone saves with every other gate open (``id(gate)`` → tensor)."""
         all_gates = gates(self.model)
-        ones = {id(g): torch.ones(g.log_alpha.shape, requires_grad=True) for g in all_gates}
+        ones = {id(g): torch.ones(g.log_alpha.shape, device=g.log_alpha.device, requires_grad=True) for g in all_gates}
         total = self.costs(probabilities=ones)[metric]
         grads = torch.autograd.grad(total, list(ones.values()), allow_unused=True)
         return {key: (torch.zeros_like(ones[key]) if grad is None else grad.detach()) for key, grad in zip(ones, grads)}
@@ -476,6 +486,7 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     ``"scaled_dot_product_attention"``.
     """
     example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    check_example_batch(example_inputs)
     batch = example_inputs[0].shape[0]
     counted: dict[str, int] = {}
     names = {module: name for name, module in model.named_modules()}

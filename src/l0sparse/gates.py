@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import math
+from numbers import Integral
 
 import torch
 from torch import Tensor, nn
 
 from .distributions import HardConcrete, check_hyperparameters, deterministic_gates, prob_nonzero, sample_gates
 
-__all__ = ["Gate", "PAPER_LOG_ALPHA_RANGE"]
+__all__ = ["Gate", "PAPER_LOG_ALPHA_RANGE", "is_positive_int", "check_positive_ints"]
 
 #: The paper's code clamps log α to [log 1e-2, log 1e2] after every step.
 PAPER_LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
 
 _INIT_JITTER_STD = 0.01
+
+
+def is_positive_int(value) -> bool:
+    """An integer >= 1 (Python or NumPy), not a bool and not a float that happens to be whole."""
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
+def check_positive_ints(name: str, value) -> tuple[int, ...]:
+    """``value`` (an int or a sequence of them) as a tuple of positive ints; ValueError naming ``name`` otherwise."""
+    values = (value,) if isinstance(value, Integral) and not isinstance(value, bool) else value
+    try:
+        values = tuple(values)
+    except TypeError:
+        values = None
+    if values is None or not all(is_positive_int(v) for v in values):
+        raise ValueError(f"{name} must be a positive int or a sequence of positive ints, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 class Gate(nn.Module):
@@ -50,12 +68,11 @@ class Gate(nn.Module):
         if not (isinstance(droprate_init, (int, float)) and 0.0 < droprate_init < 1.0):
             raise ValueError(f"droprate_init must be in the open interval (0, 1), got {droprate_init!r}")
         if clamp_log_alpha is not None:
-            low, high = clamp_log_alpha
+            pair = tuple(clamp_log_alpha) if isinstance(clamp_log_alpha, (tuple, list)) else ()
+            low, high = pair if len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair) else (math.nan, math.nan)
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise ValueError(f"clamp_log_alpha must be None or a finite (low, high) with low < high, got {clamp_log_alpha!r}")
-        shape = torch.Size((shape,) if isinstance(shape, int) else shape)
-        if any(size <= 0 for size in shape):
-            raise ValueError(f"shape must have positive sizes, got {tuple(shape)}")
+        shape = torch.Size(check_positive_ints("shape", shape))
         self.beta, self.gamma, self.zeta = float(beta), float(gamma), float(zeta)
         self.droprate_init = float(droprate_init)
         self.clamp_log_alpha = None if clamp_log_alpha is None else (float(low), float(high))

@@ -31,7 +31,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .gates import Gate
 from .layers import L0Conv2d, L0Linear
 
-__all__ = ["Space", "Consumer", "ChannelGraph", "trace_channels"]
+__all__ = ["Space", "Consumer", "ChannelGraph", "trace_channels", "check_example_batch"]
 
 # Channel-wise modules and functions: channel c of the output depends on channel c of the input only.
 _CHANNELWISE_MODULES = (
@@ -88,8 +88,11 @@ class ChannelGraph:
         self.spaces = spaces
         self.module_output = module_output  # module name -> space of its output channels
         self.module_input = module_input  # module name -> space of its input channels
-        self.shapes = shapes  # module name -> (input shape, output shape) on the example inputs
+        self.shapes = shapes  # module name -> (input shape, output shape) of its first call on the example inputs
+        # module name -> (input shape, output shape) of every call: a module called twice costs twice
+        self.calls: dict[str, list[tuple[torch.Size, torch.Size]]] = {name: [shape] for name, shape in shapes.items()}
         self.attention_shapes: dict[str, tuple[torch.Size, torch.Size]] = {}  # attention module -> (query, key) shapes
+        self.attention_module_calls: dict[str, list[tuple[torch.Size, torch.Size]]] = {}  # ... of every call
         # attention modules whose calls prune can rewrite without closed heads, and encoder layers it inlines for that
         self.removable_heads: set[str] = set()
         self.inlined_encoders: set[str] = set()
@@ -128,9 +131,11 @@ class _UnionFind:
         first, second = self.spaces[a], self.spaces[b]
         if first.size != second.size:
             self.spaces[a].locked.append(f"{why} joins {first.size} and {second.size} channels")
-        first.producers += second.producers
-        first.followers += second.followers
-        first.consumers += second.consumers
+        # a module called more than once appears in both: list it once, so no weight is gated or counted twice
+        first.producers += [name for name in second.producers if name not in first.producers]
+        first.followers += [name for name in second.followers if name not in first.followers]
+        for consumer in second.consumers:
+            _add_consumer(first, consumer)
         first.locked += second.locked
         first.is_input = first.is_input or second.is_input
         first.zero_preserving = first.zero_preserving and second.zero_preserving
@@ -145,12 +150,52 @@ class _Channels:
     block: int = 1  # >1 after flatten: features per channel
 
 
+def _add_consumer(space: Space, consumer: Consumer) -> None:
+    """Add ``consumer`` to ``space`` once; one module reading the channels in two layouts cannot be sliced."""
+    same_module = [c for c in space.consumers if c.name == consumer.name]
+    if any(c != consumer for c in same_module):
+        space.locked.append(f"{consumer.name} reads it in two layouts")
+    if consumer not in same_module:
+        space.consumers.append(consumer)
+
+
+def _add_follower(space: Space, name: str) -> None:
+    if name not in space.followers:
+        space.followers.append(name)
+
+
 def _is_depthwise(conv: nn.Module) -> bool:
     return isinstance(conv, nn.modules.conv._ConvNd) and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
+def check_example_batch(example_inputs: tuple) -> None:
+    """Refuse example inputs whose batch is empty: every count is per example, and nothing can be traced on none."""
+    for position, tensor in enumerate(example_inputs):
+        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.shape[0] == 0:
+            raise ValueError(f"example_inputs[{position}] has an empty batch (shape {tuple(tensor.shape)}): "
+                             "pass at least one example")
+
+
+def _placement_mismatch(model: nn.Module, example_inputs: tuple) -> str | None:
+    """Why the inputs cannot meet the model's parameters (device or dtype), or None."""
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if parameter is None:
+        return None
+    for position, tensor in enumerate(example_inputs):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if tensor.device != parameter.device:
+            return (f"example_inputs[{position}] is on {tensor.device} but the model's parameters are on {parameter.device}: "
+                    "move the inputs or the model so that both are on one device")
+        if tensor.is_floating_point() and tensor.dtype != parameter.dtype:
+            return (f"example_inputs[{position}] is {tensor.dtype} but the model's parameters are {parameter.dtype}: "
+                    f"cast the inputs (x.to({parameter.dtype})) or the model")
+    return None
+
+
 def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     """Trace ``model`` with torch.fx and group its channels into spaces (see the module docstring)."""
+    check_example_batch(example_inputs)
     try:
         graph_module = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as error:  # torch.fx raises many kinds; say what to do
@@ -161,6 +206,9 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     try:
         ShapeProp(graph_module).propagate(*example_inputs)
     except Exception as error:
+        mismatch = _placement_mismatch(model, example_inputs)
+        if mismatch is not None:  # not a shape error, whatever the failing layer said
+            raise ValueError(mismatch) from error
         raise ValueError(f"example_inputs do not fit the model{_expected_input(model, example_inputs)}: {type(error).__name__}: {error}") from error
     modules = dict(graph_module.named_modules())
     uf = _UnionFind()
@@ -168,6 +216,13 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     module_output: dict[str, int] = {}
     module_input: dict[str, int] = {}
     shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+    calls: dict[str, list[tuple[torch.Size, torch.Size]]] = {}
+    attention_calls_by_module: dict[str, list[tuple]] = {}
+    # every space each module read and wrote, over all its calls: joined at the end so that one module's
+    # rows, columns and entries are sliced the same way for every call
+    spaces_read: dict[str, list[int]] = {}
+    spaces_written: dict[str, list[int]] = {}
+    read_unfollowed: set[str] = set()  # modules with a call whose input channels are not followed
     attention_shapes: dict[str, tuple] = {}
     removable_heads: set[str] = set()
     inlined_encoders: set[str] = set()
@@ -215,47 +270,57 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
             source = channels.get(node.args[0]) if node.args else None
             in_shape, out_shape = shape(node.args[0]) if node.args else None, shape(node)
             if in_shape is not None and out_shape is not None:
-                shapes[name] = (in_shape, out_shape)
+                shapes.setdefault(name, (in_shape, out_shape))
+                calls.setdefault(name, []).append((in_shape, out_shape))
             if isinstance(module, (nn.Linear, L0Linear)):
                 if source is not None and source.dim == len(in_shape) - 1:
-                    uf.spaces[uf.find(source.space)].consumers.append(Consumer(name, source.block, dim=1))
+                    _add_consumer(uf.spaces[uf.find(source.space)], Consumer(name, source.block, dim=1))
                     module_input[name] = source.space
+                    spaces_read.setdefault(name, []).append(source.space)
                 else:
                     lock_all(node.args, f"{name} reads it along a non-channel dimension")
+                    read_unfollowed.add(name)
                 fresh(node, -1, producers=[name])
                 module_output[name] = channels[node].space
+                spaces_written.setdefault(name, []).append(channels[node].space)
                 continue
             if (isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)) or isinstance(module, L0Conv2d):
                 if _is_depthwise(module) and source is not None and source.dim == 1 and source.block == 1:
-                    uf.spaces[uf.find(source.space)].followers.append(name)
+                    _add_follower(uf.spaces[uf.find(source.space)], name)
                     uf.spaces[uf.find(source.space)].zero_preserving &= module.bias is None
                     channels[node] = source
                     module_input[name] = module_output[name] = source.space
+                    spaces_read.setdefault(name, []).append(source.space)
                     continue
                 if module.groups == 1 and source is not None and source.dim == 1 and source.block == 1:
-                    uf.spaces[uf.find(source.space)].consumers.append(Consumer(name, 1, dim=1))
+                    _add_consumer(uf.spaces[uf.find(source.space)], Consumer(name, 1, dim=1))
                     module_input[name] = source.space
+                    spaces_read.setdefault(name, []).append(source.space)
                 else:
                     lock_all(node.args, f"{name} (groups={module.groups}) cannot drop single input channels")
+                    read_unfollowed.add(name)
                     if source is not None:
                         module_input[name] = source.space
                 grouped = f"{name} is a grouped conv (groups={module.groups}): its channels go in groups" if module.groups > 1 else None
                 fresh(node, 1, why_locked=grouped, producers=[name])
                 module_output[name] = channels[node].space
+                spaces_written.setdefault(name, []).append(channels[node].space)
                 continue
             if isinstance(module, _CHANNELWISE_MODULES) and source is not None:
                 if isinstance(module, _NOT_ZERO_PRESERVING):
                     uf.spaces[uf.find(source.space)].zero_preserving = False
                 if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                    uf.spaces[uf.find(source.space)].followers.append(name)
+                    _add_follower(uf.spaces[uf.find(source.space)], name)
                     module_input[name] = module_output[name] = source.space
+                    spaces_read.setdefault(name, []).append(source.space)
                 channels[node] = source
                 continue
             if isinstance(module, nn.Flatten) and source is not None:
                 _flatten(node, source, module.start_dim, module.end_dim, shape, channels, lock)
                 continue
             if isinstance(module, nn.MultiheadAttention) and len(node.args) >= 2:
-                attention_shapes[name] = (shape(node.args[0]), shape(node.args[1]))
+                attention_shapes.setdefault(name, (shape(node.args[0]), shape(node.args[1])))
+                attention_calls_by_module.setdefault(name, []).append((shape(node.args[0]), shape(node.args[1])))
                 if _plain_attention_call(node, module, shape):
                     removable_heads.add(name)
             if isinstance(module, nn.TransformerEncoderLayer) and _plain_encoder_call(node, module, shape):
@@ -294,6 +359,15 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
         lock_all((node.args, node.kwargs), f"{getattr(target, '__name__', target)} reads it")
         fresh(node, -1, why_locked=f"made by {getattr(target, '__name__', target)}")
 
+    for name, read in spaces_read.items():  # a module called more than once: its calls share rows and columns
+        for other in read[1:]:
+            uf.union(read[0], other, f"{name} (called {len(read)} times)")
+        if name in read_unfollowed:
+            uf.spaces[uf.find(read[0])].locked.append(f"{name} is called on it and on a tensor whose channels are not followed")
+    for name, written in spaces_written.items():
+        for other in written[1:]:
+            uf.union(written[0], other, f"{name} (called {len(written)} times)")
+
     roots = sorted({uf.find(i) for i in range(len(uf.parent))})
     renumber = {root: position for position, root in enumerate(roots)}
     spaces = [uf.spaces[root] for root in roots]
@@ -304,7 +378,9 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
         {name: renumber[uf.find(i)] for name, i in module_input.items()},
         shapes,
     )
+    result.calls = calls
     result.attention_shapes = attention_shapes
+    result.attention_module_calls = attention_calls_by_module
     result.removable_heads, result.inlined_encoders = removable_heads, inlined_encoders
     result.attention_calls = attention_calls
     return result

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .gates import Gate
+from .gates import Gate, is_positive_int
 
 __all__ = ["L0Linear", "L0Conv2d", "conv2d_output_size"]
 
@@ -34,6 +34,21 @@ def _check_lam(lam: float, weight_decay: float) -> None:
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half precisions (a sum of λ·weights overflows float16), the dtype itself when wider."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _check_sizes(**sizes) -> None:
+    """ValueError naming the first of ``sizes`` that is not a positive int."""
+    for name, value in sizes.items():
+        if not is_positive_int(value):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_pair(name: str, value, minimum: int = 1) -> None:
+    """``value`` is an int >= minimum or a pair of them (kernel_size, stride, dilation, padding)."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    ok = len(values) in (1, 2) and all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in values)
+    if not ok:
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
 
 
 def conv2d_output_size(
@@ -83,6 +98,7 @@ class L0Linear(nn.Module):
         **gate_kwargs,
     ) -> None:
         super().__init__()
+        _check_sizes(in_features=in_features, out_features=out_features)
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.per_example_noise = per_example_noise
@@ -179,6 +195,12 @@ class L0Conv2d(nn.Module):
         **gate_kwargs,
     ) -> None:
         super().__init__()
+        _check_sizes(in_channels=in_channels, out_channels=out_channels, groups=groups)
+        _check_pair("kernel_size", kernel_size)
+        _check_pair("stride", stride)
+        _check_pair("dilation", dilation)
+        if not isinstance(padding, str):
+            _check_pair("padding", padding, minimum=0)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         factory = {"device": device, "dtype": dtype}
@@ -210,6 +232,8 @@ class L0Conv2d(nn.Module):
         return self.gate((batch_size,)) if self.per_example_noise and self.training else self.gate()
 
     def forward(self, input: Tensor) -> Tensor:
+        if input.dim() == 3:  # one unbatched (C, H, W) example, as nn.Conv2d accepts: C is not a batch size
+            return self.forward(input.unsqueeze(0)).squeeze(0)
         return self.gated_conv(input, self.gate_values(input.shape[0]), self.weight, self.bias)
 
     def gated_conv(self, input: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

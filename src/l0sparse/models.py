@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
+from .gates import check_positive_ints
 from .layers import L0Conv2d, L0Linear
 
 __all__ = ["L0MLP", "L0LeNet5", "LeNet5", "mlp", "build_model"]
@@ -49,9 +50,10 @@ class L0MLP(nn.Module):
     def __init__(self, sizes: Sequence[int] = (784, 300, 100, 10), conditional: bool = False, **gate_kwargs) -> None:
         super().__init__()
         self.conditional = conditional
-        if len(sizes) < 2 or any(int(s) <= 0 for s in sizes):
-            raise ValueError(f"sizes must list at least two positive widths, got {tuple(sizes)}")
-        self.sizes = tuple(int(s) for s in sizes)
+        sizes = check_positive_ints("sizes", sizes)  # 2.7 is refused, not truncated to 2
+        if len(sizes) < 2:
+            raise ValueError(f"sizes must list at least two positive widths (input and output), got {sizes}")
+        self.sizes = sizes
         layers: list[nn.Module] = []
         for index, (fan_in, fan_out) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
             layers.append(L0Linear(fan_in, fan_out, **gate_kwargs))

@@ -10,6 +10,8 @@ paper's input gates, for instance), a ``torch.index_select`` picks them.
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import operator
 import warnings
 
@@ -318,6 +320,23 @@ def _as_tuple(example_inputs) -> tuple:
     return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
 
 
+def _check_values(model: nn.Module, example_inputs: tuple) -> None:
+    """Refuse what prune cannot fold exactly: tensors without data (meta) and NaN or infinite values."""
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    named = [(name, t) for name, t in tensors if t.is_floating_point()]
+    inputs = [(f"example_inputs[{i}]", t) for i, t in enumerate(example_inputs) if isinstance(t, Tensor)]
+    on_meta = [name for name, t in named + inputs if t.is_meta]
+    if on_meta:
+        raise ValueError(f"prune reads the weights' values to find the closed units, but {on_meta[0]!r} is on the meta device, "
+                         "which holds none: materialise the model first (model.to_empty(device=...) and load_state_dict)")
+    for name, tensor in named + [(n, t) for n, t in inputs if t.is_floating_point()]:
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            nan = int(tensor.isnan().sum())
+            raise ValueError(f"prune: {name!r} has {nan} NaN and {int((~finite).sum()) - nan} infinite values; the pruned model "
+                             "would carry them. Training has diverged: prune the last checkpoint with finite values")
+
+
 def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to: int = 1):
     """A physically smaller plain PyTorch model with the gated model's eval outputs.
 
@@ -341,6 +360,7 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     example_inputs = _as_tuple(example_inputs)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int (1: no rounding), got {round_to!r}")
+    _check_values(model, example_inputs)
     if not _has_gates(model):
         warnings.warn("prune: the model has no l0sparse gates; returning an unchanged copy", stacklevel=2)
         copied = copy.deepcopy(model)
@@ -354,9 +374,11 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     pruned = _apply_plan(graph, plan)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        expected, got = model(*example_inputs), pruned(*example_inputs)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            expected, got = model(*example_inputs), pruned(*example_inputs)
+    finally:  # the user's model leaves in the mode it came in, whatever happened
+        model.train(was_training)
     _check_same(expected, got)
     return (pruned, plan) if return_plan else pruned
 
@@ -366,9 +388,12 @@ def _check_same(expected, got) -> None:
     fx.node.map_aggregate(expected, lambda t: expected_leaves.append(t) if isinstance(t, Tensor) else None)
     fx.node.map_aggregate(got, lambda t: got_leaves.append(t) if isinstance(t, Tensor) else None)
     for a, b in zip(expected_leaves, got_leaves):
+        if a.is_floating_point() and not bool(torch.isfinite(a).all()):  # NaN compares false: no check would be made
+            raise ValueError("prune: the gated model's output on example_inputs is not finite (NaN or inf), so the pruned "
+                             "model cannot be checked against it: look for an overflow in the model or its inputs")
         scale = float(a.abs().max()) if a.numel() else 0.0
-        error = float((a - b).abs().max()) if a.numel() else 0.0
-        if a.shape != b.shape or error > 1e-4 * max(scale, 1e-12) + 1e-6:
+        error = float((a - b).abs().max()) if a.numel() and a.shape == b.shape else 0.0
+        if a.shape != b.shape or not math.isfinite(error) or error > 1e-4 * max(scale, 1e-12) + 1e-6:
             raise RuntimeError(
                 f"prune: the pruned model's output differs from the gated model's by {error:.3g} (output scale {scale:.3g}); "
                 "an operation in the model is not handled exactly; please report it"

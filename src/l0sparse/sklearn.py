@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from .gates import Gate
+from .gates import Gate, is_positive_int
 
 __all__ = ["L0Regressor", "L0Classifier"]
 
@@ -109,6 +110,28 @@ class _GatedNetwork(nn.Module):
         else:  # per-example noise: lower gradient variance for the MLP
             hidden = F.linear(x * distribution.rsample(x.shape[:1]), weight, first.bias)
         return self.body[1:](hidden)
+
+
+def _mean_and_scale(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation along axis 0 (scale 1 where constant), safe for data near 1e±200.
+
+    Each column is first divided by its largest magnitude: squaring 1e200 overflows and squaring 1e-200
+    underflows, and either way every feature looked constant and none was selected.
+    """
+    magnitude = np.abs(values).max(0)
+    magnitude = np.where(magnitude > 0, magnitude, 1.0)
+    unit = values / magnitude
+    mean, scale = unit.mean(0) * magnitude, unit.std(0) * magnitude
+    return mean, np.where(scale > 0, scale, 1.0)
+
+
+def _hidden_sizes(hidden_layer_sizes) -> tuple[int, ...]:
+    """``hidden_layer_sizes`` as a tuple of positive ints (empty: a linear model); 2.5 is refused, not truncated."""
+    values = tuple(np.ravel(np.asarray(hidden_layer_sizes)).tolist())
+    if not all(is_positive_int(v) for v in values):
+        raise ValueError(f"hidden_layer_sizes must be a sequence of positive ints (the widths of the hidden layers; "
+                         f"() for a linear model), got {hidden_layer_sizes!r}")
+    return values
 
 
 def _log_binomial(n: int, k: int) -> float:
@@ -266,12 +289,8 @@ class _L0Selector(SelectorMixin, BaseEstimator):
         X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=isinstance(self, RegressorMixin), ensure_min_samples=2)
         targets, n_outputs = self._encode_targets(y)
         n_samples, n_features = X.shape
-        hidden = tuple(int(h) for h in np.atleast_1d(np.asarray(self.hidden_layer_sizes, dtype=int))) if np.size(self.hidden_layer_sizes) else ()
-        if any(h < 1 for h in hidden):
-            raise ValueError(f"hidden_layer_sizes must be positive integers, got {self.hidden_layer_sizes!r}")
-        self._x_mean = X.mean(0)
-        scale = X.std(0)
-        self._x_scale = np.where(scale > 0, scale, 1.0)
+        hidden = _hidden_sizes(self.hidden_layer_sizes)
+        self._x_mean, self._x_scale = _mean_and_scale(X)
         x_std = (X - self._x_mean) / self._x_scale
 
         rng = check_random_state(self.random_state)
@@ -328,11 +347,14 @@ class _L0Selector(SelectorMixin, BaseEstimator):
         self.network_ = network
         if not hidden:
             self._set_linear_coefficients(x_std, y, support, network)
+        if support.size == 0:
+            warnings.warn(f"{type(self).__name__} selected no feature: every gate closed, so predictions ignore X; "
+                          "give a smaller lam or n_features_to_select", UserWarning, stacklevel=2)
         return self
 
     def _choose_linear(self, stages, x_std, y):
         if self.n_features_to_select is not None:
-            return self._select_k(stages, x_std, y)
+            return self._select_k(stages, x_std.shape[1], x_std, y)
         if self.lam is not None:
             return stages[-1]
         n_samples, n_features = x_std.shape
@@ -362,8 +384,8 @@ class _L0Selector(SelectorMixin, BaseEstimator):
     def _polish(self, x_std, y, support):
         return support
 
-    def _select_k(self, stages, x_std, y):
-        n_features = x_std.shape[1]
+    def _select_k(self, stages, n_features: int, x_std=None, y=None):
+        """The k features to keep; ``x_std`` and ``y`` (linear models) let the regressor polish them."""
         k = self.n_features_to_select
         k = k if isinstance(k, numbers.Integral) else max(1, int(round(k * n_features)))
         if k > n_features:
@@ -377,7 +399,7 @@ class _L0Selector(SelectorMixin, BaseEstimator):
 
     def _choose_mlp(self, stages, network, x_torch, targets, validation_rows):
         if self.n_features_to_select is not None:
-            return self._select_k(stages, None, None)
+            return self._select_k(stages, x_torch.shape[1])
         if validation_rows is None:
             return stages[-1]
         x_val, t_val = x_torch[validation_rows], targets[validation_rows]
@@ -475,9 +497,8 @@ class L0Regressor(RegressorMixin, _L0Selector):
     """
 
     def _encode_targets(self, y):
-        self._y_mean = float(np.mean(y))
-        scale = float(np.std(y))
-        self._y_scale = scale if scale > 0 else 1.0
+        mean, scale = _mean_and_scale(y)
+        self._y_mean, self._y_scale = float(mean), float(scale)
         return torch.as_tensor((y - self._y_mean) / self._y_scale, dtype=torch.float32).unsqueeze(1), 1
 
     def _loss(self, output, target, reduction="mean"):

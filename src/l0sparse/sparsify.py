@@ -166,6 +166,8 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             unknown, or ``"out"`` gates are asked for without example inputs.
     """
     rules = _check_rules(rules)
+    _check_not_gated(model)
+    _check_rules_match(model, rules)
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     plan: list[tuple[str, nn.Module, str, bool]] = []  # (name, module, granularity, explicit)
@@ -207,9 +209,12 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             )
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            graph = trace_channels(model, tuple(example_inputs))
-        model.train(was_training)
+        try:
+            with torch.no_grad():
+                graph = trace_channels(model, tuple(example_inputs))
+        finally:  # a failed trace leaves the model in the mode it was in
+            model.train(was_training)
+        _check_out_rules(graph, plan)
 
     space_gates: dict[int, Gate] = {}
     modules = dict(model.named_modules())
@@ -248,6 +253,40 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
     return model
 
 
+def _check_not_gated(model: nn.Module) -> None:
+    """A second sparsify would stack a second gate on every weight (and double the penalty): refuse it."""
+    gated = sorted({name or type(model).__name__ for name, *_ in gate_masks(model)})
+    if gated:
+        raise ValueError(f"sparsify: the model already has l0sparse gates (on {gated[:3]}): sparsify a model once, with "
+                         "every rule in one call; for a fresh start, build the model again")
+
+
+def _check_rules_match(model: nn.Module, rules: dict) -> None:
+    """A name or pattern that matches no module is a typo, not a no-op (module types may simply be absent)."""
+    names = [name for name, _ in model.named_modules()]
+    for key in rules:
+        if isinstance(key, str) and not any(fnmatch.fnmatchcase(name, key) for name in names):
+            shown = [name for name in names if name][:6]
+            raise ValueError(f"sparsify: rules[{key!r}] matches no module of {type(model).__name__}; "
+                             f"rule keys are module names or glob patterns over them, such as {shown}")
+
+
+def _check_out_rules(graph, plan: list) -> None:
+    """Refuse an explicit 'out' rule that cannot be honoured before any gate is registered (the model stays as it was)."""
+    for name, _, granularity, explicit in plan:
+        if granularity != "out" or not explicit:
+            continue
+        index = graph.module_output.get(name)
+        space = None if index is None else graph.spaces[index]
+        if space is None:
+            why = "they are not traced"
+        elif space.locked or not space.consumers:
+            why = "; ".join(space.locked[:2]) if space.locked else "no layer reads them"
+        else:
+            continue
+        raise ValueError(f"sparsify: cannot gate the output channels of {name!r}: {why}")
+
+
 def _new_gate(shape, owner: str, granularity: str, module: nn.Module, gate_kwargs: dict) -> Gate:
     reference = next(module.parameters())
     gate = Gate(shape, **gate_kwargs).to(device=reference.device)
@@ -266,6 +305,12 @@ def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: 
             raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the output projection "
                              f"must be its last nn.Linear with inputs divisible by {num_heads}; {found}")
         return
+    if is_attention and granularity == "heads":  # checked before any gate is registered
+        attention = module.self_attn if isinstance(module, nn.TransformerEncoderLayer) else module
+        if num_heads is not None and num_heads != attention.num_heads:
+            raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r}: the module has {attention.num_heads} heads")
+        if not attention._qkv_same_embed_dim:
+            raise ValueError(f"sparsify: {name!r}: 'heads' needs query, key and value of the same size")
     allowed = {"in": is_linear or (is_conv and module.groups == 1), "out": is_linear or is_conv,
                "weight": is_linear or is_conv, "heads": is_attention}[granularity]
     if not allowed:
