@@ -1,0 +1,70 @@
+"""The whole l0sparse path on CUDA: sparsify, Penalty, CostModel, TargetController, training steps, prune.
+
+issue #14 item 10: CostModel made its tensors on the CPU, so expected FLOPs, the controller and the
+training metrics failed for any model off the CPU. tests/test_devices.py checks the path on the
+``meta`` device (shapes, no values); this script runs it with values on a GPU and checks that the
+pruned model's outputs equal the gated model's and that CostModel counts what pruning leaves.
+
+Run:  .venv/bin/python benchmarks/cuda_path.py      (exits 0 with a message when there is no CUDA device)
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from models import TinyResNet, mlp  # noqa: E402
+
+import l0sparse  # noqa: E402
+
+STEPS = 20
+
+
+def run_path(name: str, model: torch.nn.Module, x: torch.Tensor, classes: int, device: torch.device) -> None:
+    """Gate, train a few steps with the penalty and the controller, prune, and check the result on ``device``."""
+    torch.manual_seed(0)
+    model, x = model.to(device), x.to(device)
+    y = torch.randint(0, classes, (x.shape[0],), device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0sparse.sparsify(model, example_inputs=x)
+    cost_model = l0sparse.CostModel(model, x)
+    penalty = l0sparse.Penalty(model, 0.1, N=1000, cost_weights=cost_model.gate_costs("flops"))
+    controller = l0sparse.TargetController(model, 0.5, "flops", example_inputs=x, warmup_steps=STEPS // 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(STEPS):
+        loss = F.cross_entropy(model(x), y) + penalty() + controller.penalty()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        controller.step()
+    expected = {key: float(value.detach()) for key, value in cost_model.costs().items()}
+    pruned = l0sparse.prune(model, x)  # checks its outputs against the gated model's itself
+    model.eval()
+    with torch.no_grad():
+        error = float((pruned(x) - model(x)).abs().max())
+    kept = float(cost_model.flops(deterministic=True))
+    counted = l0sparse.count_flops(pruned, x)
+    assert kept == counted, f"{name}: CostModel says {kept} MACs after pruning, the pruned model does {counted}"
+    assert next(pruned.parameters()).device.type == device.type
+    print(f"{name} on {device}: loss {float(loss):.4f}, expected MACs {expected['flops']:.0f}, "
+          f"pruned MACs {counted} of {l0sparse.count_flops(model, x)}, max |pruned - gated| {error:.2e}")
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("cuda_path: no CUDA device here; nothing to run (tests/test_devices.py covers the meta device)")
+        return 0
+    device = torch.device("cuda")
+    run_path("TinyResNet", TinyResNet(), torch.randn(8, 3, 8, 8), 5, device)
+    run_path("MLP", mlp(), torch.randn(8, 20), 4, device)
+    print("cuda_path: the whole path ran on CUDA")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
