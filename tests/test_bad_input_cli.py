@@ -194,7 +194,7 @@ def test_failed_set_up_of_a_new_run_leaves_no_folder(tmp_path, monkeypatch):
 def test_force_removes_the_replaced_runs_pruned_model_and_report(run):
     prune_run(run)
     assert main(["report", str(run)]) == 0
-    assert (run / PRUNED_WEIGHTS).exists() and (run / "report" / "report.md").exists()
+    assert (run / PRUNED_WEIGHTS).exists() and (run / PRUNED_SPEC).exists() and (run / "report" / "report.md").exists()
     (run / "notes.txt").write_text("the user's own file")
     assert main(["train", DIGITS, *QUICK, "--set", "epochs=2", "--force", "--out", str(run)]) == 0
     assert torch.load(run / CHECKPOINT, weights_only=True)["epoch"] == 2
