@@ -48,8 +48,13 @@ def test_bad_config_fails_before_training_naming_the_key(override, key, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_continues_the_exact_run(tmp_path):
-    config = quick_config()
+PAPER_SETTINGS = {"droprate_init": [0.2, 0.5], "clamp_log_alpha": True, "init": "paper", "per_example_noise": False,
+                  "ema": 0.9, "weight_decay": 5.0}
+
+
+@pytest.mark.parametrize("settings", [{}, PAPER_SETTINGS], ids=["defaults", "paper-settings"])
+def test_resume_continues_the_exact_run(tmp_path, settings):
+    config = quick_config(**settings)
     straight = run_training(config, tmp_path / "straight", progress=False)
 
     with pytest.raises(KeyboardInterrupt):
@@ -58,9 +63,51 @@ def test_resume_continues_the_exact_run(tmp_path):
     resumed = run_training(config, tmp_path / "split", resume=True, progress=False)
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(resumed) == strip(straight)
-    a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)["model"]
-    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = torch.load(tmp_path / "straight" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if settings:
+        assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_paper_settings_reach_the_model_and_the_ema_model_is_the_one_pruned(tmp_path):
+    import math
+
+    import l0sparse
+
+    config = quick_config(**PAPER_SETTINGS, epochs=2)
+    history = run_training(config, tmp_path / "run", progress=False)
+    assert {"test_accuracy", "test_accuracy_without_ema"} <= set(history[-1])
+    config, model, data = load_run(tmp_path / "run")
+    state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    averaged_log_alpha = state["ema"]["module.layers.0.gate.log_alpha"]
+    assert torch.equal(model.layers[0].gate.log_alpha, averaged_log_alpha)  # load_run gives the moving average
+    assert not torch.equal(state["model"]["layers.0.gate.log_alpha"], averaged_log_alpha)
+    # the paper's clamp held through training
+    for gate in l0sparse.costs.gates(model):
+        assert float(gate.log_alpha.min()) >= math.log(1e-2) - 1e-6 and float(gate.log_alpha.max()) <= math.log(1e2) + 1e-6
+    pruned, _ = prune_run(tmp_path / "run")
+    x = data.x_test[:50]
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x))
+
+
+def test_per_layer_droprates_start_each_layer_where_asked():
+    import math
+
+    from l0sparse.data import load_dataset
+    from l0sparse.train import model_for
+
+    config = quick_config(droprate_init=[0.2, 0.5])
+    model = model_for(config, load_dataset("digits"))
+    means = [float(layer.gate.log_alpha.mean()) for layer in model.l0_layers()]
+    # log α₀ = log(1 − p) − log p, jittered by N(0, 0.01²): the mean of ≥ 16 gates is within 4 standard errors
+    for mean, rate, count in zip(means, (0.2, 0.5), (64, 16)):
+        assert abs(mean - math.log((1 - rate) / rate)) <= 4 * 0.01 / math.sqrt(count)
+    with pytest.raises(ValueError, match="droprate_init"):
+        model_for(quick_config(droprate_init=[0.2, 0.5, 0.5]), load_dataset("digits"))
+    with pytest.raises(ValueError, match="droprate_init"):
+        quick_config(droprate_init=[0.2, 1.5])
 
 
 def test_run_directory_is_not_overwritten_without_force(tmp_path):

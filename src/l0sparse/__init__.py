@@ -1,6 +1,6 @@
 """l0sparse: learn sparse networks with L0 regularization (Louizos, Welling & Kingma, 2018)."""
 
-from .control import TargetController
+from .control import TargetController, param_groups
 from .costs import CostModel, Penalty, count_flops, count_params, expected_flops, expected_l0, expected_params, penalty
 from .distributions import HardConcrete
 from .gates import PAPER_LOG_ALPHA_RANGE, Gate
@@ -32,5 +32,6 @@ __all__ = [
     "architecture",
     "summary",
     "TargetController",
+    "param_groups",
 ]
 __version__ = "0.1.0"

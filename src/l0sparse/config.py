@@ -14,6 +14,7 @@ from .files import read_json
 __all__ = ["TrainConfig", "load_config", "config_from_dict", "read_config_json", "MODELS"]
 
 MODELS = ("mlp", "lenet5")
+INITS = ("torch", "paper")  # the weights' initialisation: torch.nn's, or the paper's code's (Kaiming normal, zero bias)
 REGULARIZER_CHOICES = ("l0", "none", "magnitude", "l1", "group_l1", "l2")
 
 
@@ -33,7 +34,14 @@ class TrainConfig:
     usual thresholding: weights (group RMS) below ``threshold`` are set to
     zero; by default the threshold is ``lr``, because Adam keeps a weight
     that L1 pins at zero oscillating within about one step size of it. L2
-    is not thresholded: it shrinks without zeroing. ``conditional = true``
+    is not thresholded: it shrinks without zeroing. The paper's code's
+    settings: ``droprate_init`` as a list (one per gated layer: the paper
+    starts the MLP's input gates at 0.2, the rest at 0.5),
+    ``clamp_log_alpha = true``, ``init = "paper"`` (Kaiming-normal weights
+    over the fan-in, zero biases), ``per_example_noise = false`` (one
+    sample per minibatch, its default) and ``ema = 0.999`` (test accuracy,
+    sizes and pruning use an exponential moving average of every
+    parameter, log α included). ``conditional = true``
     computes only the open units (the paper's layers; see ``L0MLP``).
     """
 
@@ -51,8 +59,11 @@ class TrainConfig:
     warmup: float = 0.5
     controller_lr: float = 0.01
     weight_decay: float = 0.0
-    droprate_init: float = 0.5
+    droprate_init: float | list[float] = 0.5
     per_example_noise: bool = True
+    clamp_log_alpha: bool = False
+    init: str = "torch"
+    ema: float = 0.0
     conditional: bool = False
     gates: str = "units"
     threshold: float | None = None
@@ -75,8 +86,11 @@ class TrainConfig:
             ("warmup", _number(self.warmup) and 0 <= self.warmup <= 1, "a fraction of the training steps in [0, 1]"),
             ("controller_lr", _number(self.controller_lr) and self.controller_lr > 0, "a number > 0"),
             ("weight_decay", _number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
-            ("droprate_init", _number(self.droprate_init) and 0 < self.droprate_init < 1, "a number in (0, 1)"),
+            ("droprate_init", _droprates_ok(self.droprate_init), "a number in (0, 1), or a list of them (one per gated layer, in order)"),
             ("per_example_noise", isinstance(self.per_example_noise, bool), "true or false"),
+            ("clamp_log_alpha", isinstance(self.clamp_log_alpha, bool), "true or false (the paper's clamp of log α to [log 1e-2, log 1e2])"),
+            ("init", self.init in INITS, f"one of {INITS}"),
+            ("ema", _number(self.ema) and 0 <= self.ema < 1, "a decay in [0, 1) (0: no moving average)"),
             ("conditional", isinstance(self.conditional, bool), "true or false"),
             ("gates", self.gates in ("units", "weights"), "'units' (the paper's layers) or 'weights' (one gate per weight)"),
             ("seed", _int(self.seed), "an int"),
@@ -86,6 +100,8 @@ class TrainConfig:
                 raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: must be {allowed}")
         if self.regularizer == "magnitude" and (self.target is None or self.metric != "flops"):
             raise ValueError("config key 'target': regularizer 'magnitude' needs a FLOPs target (target = 0.1, metric = 'flops')")
+        if isinstance(self.droprate_init, list) and (self.regularizer != "l0" or self.gates != "units"):
+            raise ValueError("config key 'droprate_init' = a list: one rate per layer needs regularizer = 'l0' with gates = 'units'")
         if self.conditional and (self.regularizer != "l0" or self.gates != "units"):
             raise ValueError("config key 'conditional' = true: needs regularizer = 'l0' with gates = 'units' (the paper's layers)")
         if self.model == "lenet5" and self.data not in ("fashion-mnist", "mnist-5k"):
@@ -99,6 +115,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _droprates_ok(value) -> bool:
+    rates = value if isinstance(value, list) else [value]
+    return bool(rates) and all(_number(rate) and 0 < rate < 1 for rate in rates)
 
 
 def _int(value) -> bool:
@@ -151,7 +172,7 @@ def config_from_dict(values: dict, source: str | Path | None = None) -> TrainCon
     for key in ("target", "threshold"):
         if isinstance(values.get(key), str) and values[key].lower() == "none":
             values[key] = None
-    for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init", "threshold"):
+    for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init", "threshold", "ema"):
         if _int(values.get(key)):
             values[key] = float(values[key])  # TOML writes 1 for 1.0
     try:

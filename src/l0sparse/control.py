@@ -1,13 +1,20 @@
-"""Reach a size the user names: a Lagrangian controller over the expected size.
+"""Reach a size the user names: a Lagrangian controller over the pruned size.
 
 The penalty is λ1·(ŝ − t) + λ2·(ŝ − t)² (Wang et al. 2020; CoFi, Xia et al.
-2022), where ŝ is the expected size as a fraction of the dense model
-(parameters, FLOPs, or open gates) and t the target. The model's optimizer
-minimises it with the loss; the controller's own optimizer moves λ1 and λ2
-by gradient *ascent*, so the multipliers grow while the model is too large
-(or too small) and the constraint ŝ = t is enforced without tuning λ. The
-target moves linearly from the starting size to ``target`` over
-``warmup_steps``, so the network is not pruned all at once.
+2022), where ŝ is the size as a fraction of the dense model (parameters,
+FLOPs, or open gates) and t the target; the target moves linearly from the
+starting size to ``target`` over ``warmup_steps``. Two things keep it from
+overshooting (closed gates rarely reopen, so an overshoot is paid in accuracy):
+
+- it pushes only while the size that pruning would leave now (the test-time
+  gates) is above the target: once the pruned model is small enough the
+  penalty is zero and the loss alone moves the gates;
+- the multipliers follow the pruned size's gap in both directions (they fall
+  while the model is below the target, never below 0) instead of
+  integrating the gradient of a penalty that stopped: the integral windup
+  that kept closing gates long after the target was reached.
+
+docs/control.md has the measurements behind both choices.
 """
 
 from __future__ import annotations
@@ -19,13 +26,21 @@ from torch import Tensor, nn
 
 from .costs import CostModel, expected_l0, gates
 
-__all__ = ["TargetController", "METRICS"]
+__all__ = ["TargetController", "METRICS", "param_groups"]
 
 METRICS = ("params", "flops", "l0")
 
 
 class TargetController(nn.Module):
-    """Lagrangian multipliers that steer the expected size of ``model`` to ``target``.
+    """Lagrangian multipliers that steer the pruned size of ``model`` to ``target``, and land it there.
+
+    :meth:`penalty` pushes the gates (through the model's optimizer) while the
+    size that pruning would leave is above the current target, and is zero
+    once it is not; :meth:`step` moves the multipliers and, when the pruned
+    size has left ``target ± tolerance`` (below it at any time, above it
+    after the warm-up), shifts every log α by one common amount to bring it
+    back. The size lands in the band whatever the gates' learning rate;
+    ``snap_to_target`` is not needed (docs/control.md).
 
     Args:
         model: a gated model (paper layers or :func:`l0sparse.sparsify`).
@@ -36,6 +51,8 @@ class TargetController(nn.Module):
         warmup_steps: steps over which the target moves linearly from the
             starting size to ``target`` (0: the target applies at once).
         lr: learning rate of the multipliers' optimizer (Adam, maximising).
+        tolerance: half-width of the band around the target that :meth:`step`
+            keeps the pruned size in (a fraction of the dense size).
 
     Use::
 
@@ -45,7 +62,7 @@ class TargetController(nn.Module):
     """
 
     def __init__(self, model: nn.Module, target: float, metric: str = "params", example_inputs=None,
-                 warmup_steps: int = 0, lr: float = 0.01) -> None:
+                 warmup_steps: int = 0, lr: float = 0.01, tolerance: float = 0.005) -> None:
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0 < target <= 1) or math.isnan(target):
             raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
@@ -57,31 +74,47 @@ class TargetController(nn.Module):
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"lr must be > 0, got {lr!r}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0 <= tolerance < 1):
+            raise ValueError(f"tolerance must be a fraction in [0, 1), got {tolerance!r}")
         if not gates(model):
             raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
-        self.target, self.metric, self.warmup_steps = float(target), metric, warmup_steps
+        device = gates(model)[0].log_alpha.device
+        if device.type == "meta":
+            raise ValueError("TargetController reads the model's size at every step, and the model is on the meta device, "
+                             "which holds no values: build it on the device the model trains on")
+        self.target, self.metric, self.warmup_steps, self.tolerance = float(target), metric, warmup_steps, float(tolerance)
+        self.landings = 0  # how often step() had to shift the gates back into the band (a diagnostic)
+        self._residual = 0.0
         self._model = [model]  # a list, so that the model is not registered as a submodule (state_dict stays small)
         if metric == "l0":
             self._cost_model = None
             self._dense = float(sum(g.log_alpha.numel() for g in gates(model)))
         else:
             self._cost_model = CostModel(model, example_inputs)
-            self._dense = self._dense_size()
-        self.lambda_1 = nn.Parameter(torch.zeros(()))
-        self.lambda_2 = nn.Parameter(torch.zeros(()))
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("start", torch.tensor(float(self.expected_fraction().detach())))
+            self._dense = self._size_with_every_gate(open_=True)
+            floor = self._size_with_every_gate(open_=False) / self._dense
+            if floor > target:
+                raise ValueError(
+                    f"target={target:g} is below the smallest {metric} fraction this model can be pruned to, {floor:.4f}: "
+                    "what no gate removes (ungated layers, locked channels, the unit each layer keeps) is that large; "
+                    f"choose target >= {floor:.4f} or gate more of the model")
+        # on the gates' device, so that the penalty and the multipliers' steps never cross devices
+        self.lambda_1 = nn.Parameter(torch.zeros((), device=device))
+        self.lambda_2 = nn.Parameter(torch.zeros((), device=device))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("start", torch.tensor(float(self.expected_fraction().detach()), device=device))
         self.optimizer = torch.optim.Adam([self.lambda_1, self.lambda_2], lr=lr, maximize=True)
 
-    def _dense_size(self) -> float:
+    def _size_with_every_gate(self, open_: bool) -> float:
+        """The pruned size with every gate open (the dense size under this cost model) or every gate closed (the floor)."""
         with torch.no_grad():
             saved = [g.log_alpha.detach().clone() for g in gates(self._model[0])]
             for g in gates(self._model[0]):
-                g.log_alpha.fill_(100.0)  # every gate open: the dense size under the same cost model
-            dense = float(self._cost_model.costs(deterministic=True)[self.metric])
+                g.log_alpha.fill_(100.0 if open_ else -100.0)
+            size = float(self._cost_model.costs(deterministic=True)[self.metric])
             for g, value in zip(gates(self._model[0]), saved):
                 g.log_alpha.copy_(value)
-        return dense
+        return size
 
     def expected_fraction(self) -> Tensor:
         """ŝ: the expected size over the dense size (differentiable in the gates)."""
@@ -104,23 +137,83 @@ class TargetController(nn.Module):
         return float(self.start) + progress * (self.target - float(self.start))
 
     def penalty(self) -> Tensor:
-        """λ1·(ŝ − t) + λ2·(ŝ − t)²: add it to the loss before ``backward``.
+        """λ1·(ŝ − t) + λ2·(ŝ − t)² while the pruned size is above the target, else 0: add it to the loss.
 
         ŝ takes its value from the size that pruning would leave now (the
         test-time gates) and its gradient from the expected size: the
         expected size alone settled 1.5–2 points away from the pruned one on
-        the digits MLP, because Eq. 13 rounds P(z ≠ 0) differently.
+        the digits MLP, because Eq. 13 rounds P(z ≠ 0) differently. The gap
+        is recorded for :meth:`step`, which moves the multipliers.
         """
         expected = self.expected_fraction()
-        size = expected + (self.deterministic_fraction() - expected).detach()
-        gap = size - self.current_target()
-        return self.lambda_1 * gap + self.lambda_2 * gap * gap
+        pruned = self.deterministic_fraction()
+        gap_value = pruned - self.current_target()
+        self._last_gap = gap_value
+        if gap_value <= 0:
+            return expected * 0.0  # small enough: the loss alone moves the gates (a graph, so backward still works)
+        gap = expected + (gap_value - expected.detach())  # value: the pruned gap; gradient: the expected size's
+        return self.lambda_1.detach().clamp(min=0) * gap + self.lambda_2.detach().clamp(min=0) * gap * gap
 
     def step(self) -> None:
-        """Ascend the multipliers (after the model optimizer's step) and advance the target schedule."""
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        """Move the multipliers by the last :meth:`penalty`'s gap (after the model optimizer's step) and advance
+        the target schedule.
+
+        Ascent on λ1·gap + λ2·gap·|gap| with the controller's Adam: both grow while the pruned model is too
+        large and shrink while it is smaller than the target, and are kept ≥ 0.
+        """
+        gap = getattr(self, "_last_gap", None)
+        self._land()
+        if gap is not None:
+            self.lambda_1.grad = torch.tensor(gap, dtype=self.lambda_1.dtype, device=self.lambda_1.device)
+            self.lambda_2.grad = torch.tensor(gap * abs(gap), dtype=self.lambda_2.dtype, device=self.lambda_2.device)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                self.lambda_1.clamp_(min=0)
+                self.lambda_2.clamp_(min=0)
+            self._last_gap = None
         self.steps += 1
+
+    @torch.no_grad()
+    def _land(self) -> None:
+        """Shift every log α by one common amount when the pruned size has left the band around the target.
+
+        Below ``target − tolerance`` at any time (the gates' momentum carried them past it, or the loss
+        closed them), or above ``target + tolerance`` once the warm-up is over (the gates' learning rate
+        was too small for the schedule): the smallest common shift that brings the pruned size back
+        nearest the target. A common shift keeps the order the training gave the gates, so the gates
+        reopened (or closed) are those nearest the threshold. Costs one size count per step, and a
+        bisection only on the steps that need it.
+        """
+        fraction = self.deterministic_fraction()
+        target = self.current_target()
+        warmed_up = int(self.steps) + 1 >= self.warmup_steps
+        # a band no shift can hit (one unit is worth more than it) widens to what the last landing reached
+        band = max(self.tolerance, self._residual)
+        if target - band <= fraction and (fraction <= target + band or not warmed_up):
+            if abs(fraction - target) <= self.tolerance:
+                self._residual = 0.0
+            return
+        all_gates = gates(self._model[0])
+        originals = [g.log_alpha.detach().clone() for g in all_gates]
+
+        def shifted(amount: float) -> float:
+            for gate, original in zip(all_gates, originals):
+                gate.log_alpha.copy_(original + amount)
+            return self.deterministic_fraction()
+
+        span = max(float(o.max()) for o in originals) - min(float(o.min()) for o in originals) + 10.0
+        low, high = (0.0, span) if fraction < target else (-span, 0.0)  # the size grows with the shift
+        best = (0.0, abs(fraction - target))
+        for _ in range(30):
+            middle = (low + high) / 2
+            reached = shifted(middle)
+            if abs(reached - target) < best[1]:
+                best = (middle, abs(reached - target))
+            low, high = (middle, high) if reached < target else (low, middle)
+        shifted(best[0])
+        self._residual = best[1] * (1 + 1e-6)
+        self.landings += 1
 
     @torch.no_grad()
     def snap_to_target(self, tolerance: float = 0.005) -> float:
@@ -173,3 +266,21 @@ class TargetController(nn.Module):
 
     def extra_repr(self) -> str:
         return f"target={self.target:g}, metric={self.metric!r}, warmup_steps={self.warmup_steps}"
+
+
+def param_groups(model: nn.Module, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups: the gates' log α at ``gate_lr`` (default: ``lr``), everything else at ``lr``.
+
+    ``weight_decay`` goes to the non-gate parameters only (decaying log α would pull every gate towards
+    P(z ≠ 0) = 0.83). Use: ``torch.optim.Adam(l0sparse.param_groups(model, lr=1e-3, gate_lr=1e-2))``.
+    """
+    for name, value in (("lr", lr), ("gate_lr", lr if gate_lr is None else gate_lr), ("weight_decay", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name != "weight_decay" and value == 0):
+            raise ValueError(f"{name} must be a finite number {'>= 0' if name == 'weight_decay' else '> 0'}, got {value!r}")
+    gate_parameters = [g.log_alpha for g in gates(model)]
+    gate_ids = {id(p) for p in gate_parameters}
+    others = [p for p in dict.fromkeys(model.parameters()) if id(p) not in gate_ids]
+    groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}]
+    if gate_parameters:
+        groups.append({"params": gate_parameters, "lr": lr if gate_lr is None else gate_lr, "weight_decay": 0.0})
+    return groups

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .control import param_groups
 from .costs import Penalty, expected_l0, gates
 from .distributed import ProcessGroup
 from .files import atomic_save, atomic_write_text, read_json, torch_load
@@ -296,23 +297,53 @@ def model_for(config, data) -> nn.Module:
     from .models import build_model
     from .sparsify import sparsify
 
+    from .gates import PAPER_LOG_ALPHA_RANGE
+
     gated = config.regularizer == "l0"
+    clamp = PAPER_LOG_ALPHA_RANGE if config.clamp_log_alpha else None
     if gated and config.gates == "weights":  # the plain model with one gate per weight, through sparsify
         model = build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=False)
-        return sparsify(model, rules={nn.Linear: "weight", nn.Conv2d: "weight"}, droprate_init=config.droprate_init)
-    return build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=gated,
-                       droprate_init=config.droprate_init, per_example_noise=config.per_example_noise,
-                       conditional=config.conditional)
+        model = sparsify(model, rules={nn.Linear: "weight", nn.Conv2d: "weight"}, droprate_init=config.droprate_init,
+                         clamp_log_alpha=clamp)
+    else:
+        rates = config.droprate_init if isinstance(config.droprate_init, list) else None
+        model = build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=gated,
+                            droprate_init=0.5 if rates else config.droprate_init, per_example_noise=config.per_example_noise,
+                            conditional=config.conditional, clamp_log_alpha=clamp)
+        if rates:
+            layer_gates = gates(model)
+            if len(rates) != len(layer_gates):
+                raise ValueError(f"config key 'droprate_init' lists {len(rates)} rates; the {config.model} has {len(layer_gates)} gated layers")
+            for gate, rate in zip(layer_gates, rates):
+                gate.droprate_init = float(rate)
+                gate.reset_parameters()
+    if config.init == "paper":
+        paper_init_(model)
+    return model
+
+
+@torch.no_grad()
+def paper_init_(model: nn.Module) -> nn.Module:
+    """The paper's code's initialisation: Kaiming-normal weights over the fan-in (std √(2 / fan_in)), zero biases."""
+    from .sparsify import gate_masks
+
+    parametrized = {id(module) for _, module, _, _ in gate_masks(model)}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() < 2 or module.__class__.__name__.startswith("BatchNorm"):
+            continue
+        if id(module) in parametrized:
+            weight = module.parametrizations.weight.original
+        nn.init.kaiming_normal_(weight, nonlinearity="relu")  # fan_in mode: std √(2 / fan_in)
+        if getattr(module, "bias", None) is not None:
+            module.bias.zero_()
+    return model
 
 
 def _optimizer_for(model: nn.Module, config) -> torch.optim.Optimizer:
-    # log α gets its own learning rate: with the weights' 1e-3 a controller's multipliers outrun the gates
-    gate_parameters = [g.log_alpha for g in gates(model)]
-    gate_ids = {id(p) for p in gate_parameters}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": config.lr}]
-    if gate_parameters:
-        groups.append({"params": gate_parameters, "lr": config.gate_lr})
-    return torch.optim.Adam(groups, weight_decay=0.0 if gate_parameters else config.weight_decay)
+    # a gated model's L2 is in its penalty, under the gates (the paper's); a dense one's in the optimizer
+    weight_decay = 0.0 if gates(model) else config.weight_decay
+    return torch.optim.Adam(param_groups(model, lr=config.lr, gate_lr=config.gate_lr, weight_decay=weight_decay))
 
 
 class _SigtermToInterrupt:
@@ -417,7 +448,11 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
     if gated and config.target is not None:
         controller = TargetController(model, config.target, config.metric, example_inputs=example,
                                       warmup_steps=int(config.warmup * config.epochs * steps_per_epoch), lr=config.controller_lr)
-    cost_model = CostModel(model, example) if gated else None
+    model_gates = gates(model)
+    # the paper's temporal average of every parameter (log α included): what is evaluated, recorded and pruned
+    averaged = ema(model, config.ema) if config.ema > 0 else None
+    evaluated = model if averaged is None else averaged.module
+    cost_model = CostModel(evaluated, example) if gated else None
     dense = plain_copy(model)
     dense_flops, dense_params = count_flops(dense, example), count_params(dense)
 
@@ -432,6 +467,8 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
         if magnitude and state["epoch"] >= config.epochs:
             flops_kept = magnitude_prune(model, config.target, example)  # the masks' structure; their values load below
         _load_state(model, state["model"], checkpoint_path)
+        if averaged is not None:
+            _load_state(averaged, state["ema"], checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         if controller is not None:
             controller.load_state_dict(state["controller"])
@@ -500,8 +537,12 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    for gate in model_gates:  # the paper's clamp of log α, where the config asks for it
+                        gate.clamp_()
                     if controller is not None:
                         controller.step()
+                    if averaged is not None:
+                        averaged.update_parameters(model)
                     total_loss += loss_value * len(index)
                     correct += int((logits.argmax(-1) == y).sum())
                     bar.set_postfix(loss=f"{loss_value:.3f}")
@@ -512,7 +553,9 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                 if bad_entry is not None:  # the last step of the epoch can break the weights with a finite loss
                     raise diverged(epoch + 1, len(bar), f"{bad_entry} holds NaN or inf after the optimizer step")
                 record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
-                          "test_accuracy": accuracy(model, data.x_test, data.y_test), "seconds": time.perf_counter() - started}
+                          "test_accuracy": accuracy(evaluated, data.x_test, data.y_test), "seconds": time.perf_counter() - started}
+                if averaged is not None:
+                    record["test_accuracy_without_ema"] = accuracy(model, data.x_test, data.y_test)
                 if group.world_size > 1:  # the ranks compare their gates and multipliers, which DDP should keep equal
                     ranks_state = ([g.log_alpha.detach().flatten().tolist() for g in gates(model)],
                                    None if controller is None else [float(controller.lambda_1.detach()), float(controller.lambda_2.detach())])
@@ -525,7 +568,7 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                     with torch.no_grad():
                         expected = cost_model.costs()
                         kept = cost_model.costs(deterministic=True)
-                    record.update({"expected_l0": float(expected_l0(model).detach()),
+                    record.update({"expected_l0": float(expected_l0(evaluated).detach()),
                                    "expected_flops_kept": float(expected["flops"]) / dense_flops,
                                    "flops_kept": float(kept["flops"]) / dense_flops, "params_kept": float(kept["params"]) / dense_params})
                     if controller is not None:
@@ -543,6 +586,7 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                 if group.is_main:
                     atomic_write_text("".join(json.dumps(r) + "\n" for r in [*history, record]), run_dir.path / METRICS_FILE)
                     atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 **({"ema": averaged.state_dict()} if averaged is not None else {}),
                                  "controller": None if controller is None else controller.state_dict(),
                                  "epoch": epoch + 1, "rng": rng_per_rank[0], "config": config.to_dict(),
                                  **({"rng_per_rank": rng_per_rank} if group.world_size > 1 else {})}, run_dir.path / CHECKPOINT)
@@ -580,6 +624,10 @@ def load_run(run_dir) -> tuple:
 
         magnitude_prune(model, config.target, data.x_train[:2])  # the masks' structure; their values load below
     _load_state(model, state["model"], run_dir / CHECKPOINT)
+    if config.ema > 0:  # the moving average is the model this run evaluated: it is the one to prune
+        averaged = ema(model, config.ema)
+        _load_state(averaged, state["ema"], run_dir / CHECKPOINT)
+        model = averaged.module
     if config.regularizer in ("l1", "group_l1"):
         from .norms import threshold_
 

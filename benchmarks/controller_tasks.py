@@ -1,0 +1,260 @@
+"""Does TargetController land where it is asked, on its own? Six small tasks × seeds × optimizer set-ups.
+
+For each task the model is gated (the paper's layers or ``sparsify``), trained with the controller for
+the same number of steps, then pruned; the size reached is counted on the pruned model by
+``count_flops`` / ``count_params`` (independent of the cost model the controller steers with), and no
+``snap_to_target`` is called. The optimizer set-ups are the ones a user reaches for first:
+
+- ``one-adam-1e-3`` / ``one-adam-1e-2``: one Adam over ``model.parameters()`` at that lr;
+- ``groups-1e-3/1e-2``: ``l0sparse.param_groups(model, lr=1e-3, gate_lr=1e-2)``.
+
+Each (task, seed) also runs structured magnitude pruning at the same target with the same budget: the
+same gated model with every gate held open, trained for half the steps, the units of smallest weight
+norm (normalised per gate tensor, one global threshold) closed to the target, fine-tuned for the other
+half. Both are evaluated on the pruned model (BatchNorm statistics recalibrated first).
+
+Run:   .venv/bin/python benchmarks/controller_tasks.py --seeds 0 1 2            (about 40 min on 1 thread)
+       .venv/bin/python benchmarks/controller_tasks.py --tasks cnn-bn --setups one-adam-1e-3 --seeds 0
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_json  # noqa: E402
+
+import l0sparse  # noqa: E402
+from l0sparse.costs import gates  # noqa: E402
+from l0sparse.data import load_digits_split, load_mnist1d  # noqa: E402
+from l0sparse.prune import plain_copy  # noqa: E402
+from l0sparse.sparsify import gate_masks  # noqa: E402
+from l0sparse.train import accuracy, configure_torch, recalibrate_batchnorm  # noqa: E402
+
+
+class DigitsCNN(nn.Module):
+    def __init__(self, batch_norm: bool) -> None:
+        super().__init__()
+        norm = nn.BatchNorm2d if batch_norm else (lambda channels: nn.Identity())
+        self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1), norm(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), norm(32)
+        self.fc = nn.Linear(32 * 16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x.view(-1, 1, 8, 8))))
+        x = F.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.fc(x.flatten(1))
+
+
+class Block(nn.Module):
+    """torchvision's BasicBlock, with a 1×1 projection when the shape changes."""
+
+    def __init__(self, channels_in: int, channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels_in, channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = None
+        if stride != 1 or channels_in != channels:
+            self.downsample = nn.Sequential(nn.Conv2d(channels_in, channels, 1, stride, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        return torch.relu(identity + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+class DigitsResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = nn.Sequential(Block(16, 16, 1), Block(16, 16, 1))
+        self.layer2 = nn.Sequential(Block(16, 32, 2), Block(32, 32, 1))
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(self.stem(x.view(-1, 1, 8, 8))))
+        return self.fc(x.mean((2, 3)))
+
+
+class RowTransformer(nn.Module):
+    """The 8 rows of a digit as 8 tokens: an embedding, one encoder layer (4 heads), mean pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 32)
+        self.position = nn.Parameter(torch.zeros(8, 32))
+        self.encoder = nn.TransformerEncoderLayer(32, 4, 128, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        tokens = self.embed(x.view(-1, 8, 8)) + self.position
+        return self.head(self.encoder(tokens).mean(1))
+
+
+@dataclass
+class Task:
+    name: str
+    data: str
+    metric: str
+    target: float
+    epochs: int
+    batch_norm: bool = False
+
+    def build(self) -> nn.Module:
+        if self.name == "mlp-sparsify":
+            return nn.Sequential(nn.Linear(40, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+        if self.name == "mlp-paper-layers":
+            return l0sparse.L0MLP((64, 100, 50, 10))
+        if self.name in ("cnn", "cnn-bn"):
+            return DigitsCNN(batch_norm=self.batch_norm)
+        if self.name == "resnet":
+            return DigitsResNet()
+        return RowTransformer()
+
+
+TASKS = {task.name: task for task in [
+    Task("mlp-sparsify", "mnist1d", "flops", 0.25, 16),
+    Task("mlp-paper-layers", "digits", "params", 0.10, 45),
+    Task("cnn", "digits", "params", 0.40, 45),
+    Task("cnn-bn", "digits", "flops", 0.25, 45, batch_norm=True),
+    Task("resnet", "digits", "flops", 0.50, 45, batch_norm=True),
+    Task("transformer", "digits", "flops", 0.60, 45),
+]}
+SETUPS = {"one-adam-1e-3": (1e-3, None), "one-adam-1e-2": (1e-2, None), "groups-1e-3/1e-2": (1e-3, 1e-2)}
+BATCH = 32
+
+
+def gated(task: Task, seed: int, example) -> nn.Module:
+    torch.manual_seed(seed)
+    model = task.build()
+    if not gates(model):
+        l0sparse.sparsify(model, example_inputs=example)
+    return model
+
+
+def run_epochs(model, optimizer, data, epochs, controller=None):
+    for _ in range(epochs):
+        model.train()
+        for index in torch.randperm(len(data.x_train)).split(BATCH):
+            loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])
+            if controller is not None:
+                loss = loss + controller.penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if controller is not None:
+                controller.step()
+
+
+def measure(task: Task, model, data, example) -> dict:
+    if task.batch_norm:
+        recalibrate_batchnorm(model, data.x_train.split(256))
+    model.eval()
+    pruned = l0sparse.prune(model, example)
+    count = l0sparse.count_flops if task.metric == "flops" else l0sparse.count_params
+    return {"reached": count(pruned, example) / count(plain_copy(model), example),
+            "test_accuracy": accuracy(pruned, data.x_test, data.y_test),
+            "train_accuracy": accuracy(pruned, data.x_train, data.y_train)}
+
+
+def l0_run(task: Task, setup: str, seed: int, data, example) -> dict:
+    model = gated(task, seed, example)
+    lr, gate_lr = SETUPS[setup]
+    steps = task.epochs * math.ceil(len(data.x_train) / BATCH)
+    controller = l0sparse.TargetController(model, task.target, task.metric, example_inputs=example, warmup_steps=steps // 2)
+    parameters = model.parameters() if gate_lr is None else l0sparse.param_groups(model, lr=lr, gate_lr=gate_lr)
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    start = time.perf_counter()
+    run_epochs(model, optimizer, data, task.epochs, controller)
+    return {"seconds": time.perf_counter() - start, "fraction_after_training": controller.deterministic_fraction(),
+            **measure(task, model, data, example)}
+
+
+def unit_scores(model) -> dict[int, torch.Tensor]:
+    """Per gate, the L2 norm of the weights each of its units removes, over the mean of its gate tensor."""
+    squares: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, l0sparse.L0Linear):
+            squares[id(module.gate)] = module.weight.detach().pow(2).sum(0)
+        elif isinstance(module, l0sparse.L0Conv2d):
+            squares[id(module.gate)] = module.weight.detach().pow(2).flatten(1).sum(1)
+    for _, module, tensor_name, mask in gate_masks(model):
+        raw = module.parametrizations[tensor_name].original.detach()
+        squares[id(mask.gate)] = squares.get(id(mask.gate), 0) + mask.per_gate(raw.pow(2))
+    return {key: value.sqrt() / value.sqrt().mean().clamp(min=1e-12) for key, value in squares.items()}
+
+
+@torch.no_grad()
+def close_smallest(model, controller, target: float) -> None:
+    """One global threshold over the normalised norms, bisected so that the pruned size is nearest ``target``."""
+    scores = unit_scores(model)
+    all_gates = gates(model)
+
+    def apply(threshold: float) -> float:
+        for gate in all_gates:
+            gate.log_alpha.copy_(torch.where(scores[id(gate)].view(gate.shape) >= threshold, 10.0, -10.0))
+        return controller.deterministic_fraction()
+
+    low, high, best = 0.0, max(float(s.max()) for s in scores.values()) + 1, None
+    for _ in range(40):
+        threshold = (low + high) / 2
+        fraction = apply(threshold)
+        if best is None or abs(fraction - target) < best[1]:
+            best = (threshold, abs(fraction - target))
+        low, high = (threshold, high) if fraction > target else (low, threshold)
+    apply(best[0])
+
+
+def magnitude_run(task: Task, seed: int, data, example) -> dict:
+    model = gated(task, seed, example)
+    controller = l0sparse.TargetController(model, task.target, task.metric, example_inputs=example)  # for its size count
+    for gate in gates(model):
+        gate.log_alpha.data.fill_(10.0)  # held open: P(z = 1) = 0.9998, a dense network with negligible noise
+        gate.log_alpha.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    start = time.perf_counter()
+    run_epochs(model, optimizer, data, task.epochs // 2)
+    close_smallest(model, controller, task.target)
+    run_epochs(model, optimizer, data, task.epochs - task.epochs // 2)
+    return {"seconds": time.perf_counter() - start, **measure(task, model, data, example)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0])
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "controller_tasks.json")
+    args = parser.parse_args()
+    configure_torch(args.threads)
+    datasets = {"digits": load_digits_split(), "mnist1d": load_mnist1d()}
+    rows = []
+    for name in args.tasks:
+        task = TASKS[name]
+        data = datasets[task.data]
+        example = data.x_train[:2]
+        for seed in args.seeds:
+            runs = [(setup, lambda setup=setup: l0_run(task, setup, seed, data, example)) for setup in args.setups]
+            if not args.no_baseline:
+                runs.append(("magnitude", lambda: magnitude_run(task, seed, data, example)))
+            for setup, run in runs:
+                row = {"task": name, "metric": task.metric, "target": task.target, "setup": setup, "seed": seed, **run()}
+                row["within_2_points"] = abs(row["reached"] - task.target) <= 0.02
+                rows.append(row)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+                save_json(rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
