@@ -21,8 +21,9 @@ $(VENV)/.base: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e '.[sklearn,plot]'
 	touch $@
 
+# the pin again: no extra (transformers, onnxscript...) may swap the local torch for a CUDA build
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' '$(TORCH_PIN)'
 	touch $@ $(VENV)/.base
 
 demo: $(VENV)/.base

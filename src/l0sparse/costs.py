@@ -19,7 +19,7 @@ from .distributions import log_ratio_zero
 from .gates import Gate
 from .graph import check_example_batch, trace_channels
 from .layers import L0Conv2d, L0Linear, _accumulation_dtype, _check_lam
-from .sparsify import GateMask, gate_masks, sum_per_gate
+from .sparsify import GateMask, gate_masks, head_layouts, sum_per_gate
 
 __all__ = ["expected_l0", "penalty", "Penalty", "gates", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
 
@@ -314,6 +314,11 @@ class CostModel:
         for follower in self._followers:
             handled |= {id(p) for p in self.modules[follower].parameters(recurse=False)}
         gate_parameters = {id(g.log_alpha) for g in gates(model)}
+        # traced with torch.export, prune slices the model's own modules: heads of attention modules of other
+        # libraries leave with their q/k/v rows, and no column is dropped that its producer still makes
+        self._head_layouts = head_layouts(model) if self.graph.tracer == "export" else {}
+        self._head_of = {linear: owner for owner, layout in self._head_layouts.items()
+                         for linear in (*layout["qkv"], layout["projection"])}
         self._fixed_params = sum(p.numel() for p in _unique_parameters(model) if id(p) not in handled and id(p) not in gate_parameters)
 
     def _attention(self, name: str, query_length: int, key_length: int, prob, deterministic: bool) -> tuple:
@@ -327,6 +332,17 @@ class CostModel:
                 if deterministic:
                     heads = heads.clamp(min=1)
         return _attention_cost(attention, query_length, key_length, heads)
+
+    def _kept_heads(self, owner: str, prob, deterministic: bool) -> Tensor:
+        """Per head of the attention module ``owner`` (an export-traced one): P(kept); at least one head is kept."""
+        projection = self.modules[self._head_layouts[owner]["projection"]]
+        gate = next(mask.gate for mask in projection.parametrizations.weight if isinstance(mask, GateMask))
+        kept = prob(gate)
+        if deterministic:  # prune keeps one (zero) head where all are closed
+            first = torch.zeros_like(kept)
+            first[0] = 1
+            kept = torch.where(kept.sum() > 0, kept, first)
+        return kept
 
     def _columns(self, name: str, prob, cache: dict) -> Tensor | None:
         if name not in cache:
@@ -355,8 +371,13 @@ class CostModel:
         cache: dict[str, Tensor | None] = {}
         flops = torch.zeros((), device=self.device)
         params = torch.zeros((), device=self.device) + self._fixed_params
-        for query, key in self.graph.attention_calls:  # scaled_dot_product_attention written out: all its heads
-            flops = flops + _scaled_dot_product_macs(query, key) / self._batch
+        attention_modules = self.graph.attention_call_modules or [()] * len(self.graph.attention_calls)
+        for (query, key), inside in zip(self.graph.attention_calls, attention_modules):
+            macs = _scaled_dot_product_macs(query, key) / self._batch  # written out: all its heads...
+            owner = next((name for name in inside if name in self._head_layouts), None)
+            if owner is not None:  # ... but those prune removes from an export-traced attention module
+                macs = macs * self._kept_heads(owner, prob, deterministic).sum() / self._head_layouts[owner]["heads"]
+            flops = flops + macs
         for name, calls in self._attention_lengths.items():  # attention modules called on their own, every call
             for scale, query_length, key_length in calls:
                 attention_flops, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
@@ -393,6 +414,17 @@ class CostModel:
             p_in = self._columns(name, prob, cache)
             p_in = torch.ones(n_in, device=self.device) if p_in is None else p_in
             p_out = torch.ones(n_out, device=self.device)
+            if self.graph.tracer == "export":  # no index_select: a column goes only with its channel
+                source = self.graph.space_of_input(name)
+                removable = source is not None and source.removable
+                p_in = self._space_alive(source, prob, cache).repeat_interleave(n_in // source.size) if removable else torch.ones_like(p_in)
+            if name in self._head_of:  # q/k/v rows and output projection columns go with their head
+                layout = self._head_layouts[self._head_of[name]]
+                per_row = self._kept_heads(self._head_of[name], prob, deterministic).repeat_interleave(layout["head_dim"])
+                if name == layout["projection"]:
+                    p_in = per_row
+                else:
+                    p_out = per_row
             if isinstance(module, L0Conv2d):
                 p_out = p_out * prob(module.gate)
             space = self.graph.space_of_output(name)

@@ -18,9 +18,16 @@ attention module, or an operation this module does not know.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import math
 import operator
+import os
+import re
+import traceback
 import typing
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +58,23 @@ _NOT_ZERO_PRESERVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.BatchNorm1d,
 _NOT_ZERO_PRESERVING_FUNCTIONS = {torch.sigmoid, F.softplus}
 _BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, operator.iadd, operator.imul}
 _BINARY_METHODS = {"add", "sub", "mul", "add_", "mul_"}
+
+_aten = torch.ops.aten
+# ATen ops of torch.export's graph that a module of these kinds makes from its input (see _exported_graph)
+_LINEAR_KINDS = (nn.Linear, L0Linear)
+_CONV_KINDS = (nn.modules.conv._ConvNd, L0Conv2d)
+_ATEN_MODULE_OPS = {_aten.linear.default: _LINEAR_KINDS, _aten.conv1d.default: _CONV_KINDS, _aten.conv2d.default: _CONV_KINDS,
+                    _aten.conv3d.default: _CONV_KINDS}
+# ATen ops read as the torch functions the analysis knows (same argument order)
+_ATEN_AS_TORCH = {
+    _aten.relu.default: torch.relu, _aten.relu_.default: torch.relu, _aten.gelu.default: F.gelu, _aten.silu.default: F.silu,
+    _aten.silu_.default: F.silu, _aten.tanh.default: torch.tanh, _aten.sigmoid.default: torch.sigmoid,
+    _aten.hardtanh.default: F.hardtanh, _aten.hardswish.default: F.hardswish, _aten.dropout.default: F.dropout,
+    _aten.add.Tensor: operator.add, _aten.add_.Tensor: operator.add, _aten.sub.Tensor: operator.sub,
+    _aten.mul.Tensor: operator.mul, _aten.mul_.Tensor: operator.mul, _aten.flatten.using_ints: torch.flatten,
+    _aten.mean.dim: torch.mean, _aten.sum.dim_IntList: torch.sum,
+    _aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
+}
 
 
 @dataclass
@@ -98,6 +122,10 @@ class ChannelGraph:
         self.inlined_encoders: set[str] = set()
         # (query shape, key shape) of each scaled_dot_product_attention call outside attention modules
         self.attention_calls: list[tuple[torch.Size, torch.Size]] = []
+        self.attention_call_modules: list[tuple[str, ...]] = []  # ... and the modules each ran in (torch.export only)
+        # "fx": graph_module is the model's fx graph, runnable and rewritable; "export": read from torch.export's
+        # ATen graph, for the analysis only (prune then slices the model's own modules)
+        self.tracer = "fx"
 
     def space_of_output(self, name: str) -> Space | None:
         index = self.module_output.get(name)
@@ -194,22 +222,14 @@ def _placement_mismatch(model: nn.Module, example_inputs: tuple) -> str | None:
 
 
 def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
-    """Trace ``model`` with torch.fx and group its channels into spaces (see the module docstring)."""
+    """Trace ``model`` and group its channels into spaces (see the module docstring).
+
+    torch.fx is tried first (the models it follows keep their fx graph, which :func:`l0sparse.prune`
+    rewrites); a model it cannot follow (Hugging Face encoders, data-dependent Python) is traced with
+    ``torch.export`` and its ATen graph is read at the level of modules (``result.tracer == "export"``).
+    """
     check_example_batch(example_inputs)
-    try:
-        graph_module = fx.GraphModule(model, _Tracer().trace(model))
-    except Exception as error:  # torch.fx raises many kinds; say what to do
-        raise ValueError(
-            f"l0sparse could not trace {type(model).__name__} with torch.fx ({type(error).__name__}: {error}); "
-            "models with data-dependent control flow need their traceable parts gated separately"
-        ) from error
-    try:
-        ShapeProp(graph_module).propagate(*example_inputs)
-    except Exception as error:
-        mismatch = _placement_mismatch(model, example_inputs)
-        if mismatch is not None:  # not a shape error, whatever the failing layer said
-            raise ValueError(mismatch) from error
-        raise ValueError(f"example_inputs do not fit the model{_expected_input(model, example_inputs)}: {type(error).__name__}: {error}") from error
+    graph_module, tracer = _traced_graph(model, example_inputs)
     modules = dict(graph_module.named_modules())
     uf = _UnionFind()
     channels: dict[fx.Node, _Channels] = {}
@@ -227,6 +247,7 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     removable_heads: set[str] = set()
     inlined_encoders: set[str] = set()
     attention_calls: list[tuple] = []
+    attention_call_modules: list[tuple[str, ...]] = []
 
     def shape(node) -> torch.Size | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
@@ -356,6 +377,7 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
             continue
         if node.op == "call_function" and target is F.scaled_dot_product_attention:
             attention_calls.append((shape(node.args[0]), shape(node.args[1])))
+            attention_call_modules.append(_module_paths(node))
         lock_all((node.args, node.kwargs), f"{getattr(target, '__name__', target)} reads it")
         fresh(node, -1, why_locked=f"made by {getattr(target, '__name__', target)}")
 
@@ -383,7 +405,154 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     result.attention_module_calls = attention_calls_by_module
     result.removable_heads, result.inlined_encoders = removable_heads, inlined_encoders
     result.attention_calls = attention_calls
+    result.attention_call_modules = attention_call_modules
+    result.tracer = tracer
     return result
+
+
+def _traced_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, str]:
+    """A module-level graph of ``model`` with shapes in every node's ``tensor_meta``, and the tracer that made it."""
+    try:
+        graph_module = fx.GraphModule(model, _Tracer().trace(model))
+    except Exception as fx_error:  # torch.fx raises many kinds: fall back on torch.export
+        return _exported_graph(model, example_inputs, fx_error), "export"
+    try:
+        ShapeProp(graph_module).propagate(*example_inputs)
+    except Exception as error:
+        mismatch = _placement_mismatch(model, example_inputs)
+        if mismatch is not None:  # not a shape error, whatever the failing layer said
+            raise ValueError(mismatch) from error
+        raise ValueError(f"example_inputs do not fit the model{_expected_input(model, example_inputs)}: {type(error).__name__}: {error}") from error
+    return graph_module, "fx"
+
+
+def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> fx.GraphModule:
+    """``model`` traced by ``torch.export`` and rewritten so that :func:`trace_channels` reads it as an fx graph.
+
+    Its ATen graph becomes: a ``call_module`` node for each ``aten.linear`` / ``aten.conv*`` that a Linear or
+    conv module makes (found through ``nn_module_stack``, so a parametrized weight still counts as the module's),
+    the torch function of each channel-wise or binary ATen op that the analysis knows, ``get_attr`` nodes for
+    parameters, buffers and constants, and every other op as it is (an unknown op locks its channels).
+    """
+    mismatch = _placement_mismatch(model, example_inputs)
+    if mismatch is not None:
+        raise ValueError(mismatch)
+    try:
+        # a failed export logs and prints its partial graph; the error raised here says where it failed
+        with warnings.catch_warnings(), _quiet_logger("torch.fx.experimental.symbolic_shapes"), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(model, tuple(example_inputs))
+    except Exception as export_error:
+        try:  # the model's own forward fails too: the inputs are at fault, not the tracers
+            model(*example_inputs)
+        except Exception as error:
+            raise ValueError(f"example_inputs do not fit the model{_expected_input(model, example_inputs)}: "
+                             f"{type(error).__name__}: {error}") from error
+        raise ValueError(_untraceable_message(model, fx_error, export_error)) from export_error
+    signature = exported.graph_signature
+    held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
+            **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
+    modules = dict(model.named_modules())
+    state = {**dict(exported.named_parameters()), **dict(exported.named_buffers()), **exported.constants}
+    graph = fx.Graph()
+    root: dict[str, object] = {}
+    env: dict[fx.Node, fx.Node] = {}
+    for node in exported.graph.nodes:
+        if node.op == "placeholder" and node.name in held:
+            target = held[node.name]
+            root[target] = state.get(target, torch.empty(0))
+            copied = graph.get_attr(target)
+        elif node.op == "call_function" and node.target in _ATEN_MODULE_OPS and node.args:
+            owner = _owning_module(node, modules, _ATEN_MODULE_OPS[node.target])
+            if owner is None:
+                copied = graph.node_copy(node, lambda n: env[n])
+            else:
+                root[owner] = modules[owner]
+                copied = graph.call_module(owner, (env[node.args[0]],))
+        elif node.op == "call_function" and node.target in _ATEN_AS_TORCH:
+            copied = graph.node_copy(node, lambda n: env[n])
+            copied.target = _ATEN_AS_TORCH[node.target]
+        else:
+            copied = graph.node_copy(node, lambda n: env[n])
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor):
+            copied.meta["tensor_meta"] = _Shape(value.shape)
+        env[node] = copied
+    return fx.GraphModule(root, graph)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    """Silence a logger below ERROR for a while: a failed export logs its graph, and our error says it all."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@dataclass
+class _Shape:
+    """What the analysis reads of a node's ``tensor_meta``: its shape."""
+
+    shape: torch.Size
+
+
+def _module_paths(node: fx.Node) -> tuple[str, ...]:
+    """The names of the modules whose calls made ``node``, outermost first (from torch.export's ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return tuple(re.sub(r"@\d+$", "", path) for path, _ in stack.values())
+
+
+def _owning_module(node: fx.Node, modules: dict[str, nn.Module], kinds: tuple) -> str | None:
+    """The innermost module whose call made ``node``, if it is one of ``kinds`` (its weight then is the module's)."""
+    paths = _module_paths(node)  # a module's second call is recorded as "name@1": stripped
+    if not paths:
+        return None
+    path = paths[-1]
+    module = modules.get(path)
+    return path if isinstance(module, kinds) else None
+
+
+def _untraceable_message(model: nn.Module, fx_error: Exception, export_error: Exception) -> str:
+    """Which tracer failed where, and the submodules that torch.fx can trace (to gate them one by one)."""
+    traceable = [name for name, child in model.named_children() if _fx_traces(child)]
+    hint = (f"gate and prune traceable submodules one at a time instead, e.g. {traceable[:3]} "
+            "(sparsify(model.<name>, rules, example_inputs=<its input>))" if traceable else
+            "gate and prune traceable submodules one at a time instead (sparsify(model.<name>, rules, example_inputs=<its input>))")
+    return (f"l0sparse could not trace {type(model).__name__}: torch.fx failed at {_where(fx_error)} "
+            f"({type(fx_error).__name__}: {_first_line(fx_error)}) and torch.export failed at {_where(export_error)} "
+            f"({type(export_error).__name__}: {_first_line(export_error)}); models with data-dependent control flow "
+            f"cannot be traced whole: {hint}")
+
+
+def _fx_traces(module: nn.Module) -> bool:
+    try:
+        _Tracer().trace(module)
+    except Exception:
+        return False
+    return True
+
+
+def _where(error: BaseException) -> str:
+    """The last frame of ``error``'s traceback outside torch (the user's line), as ``file:line in function``."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [frame for frame in traceback.extract_tb(error.__traceback__) if not frame.filename.startswith(torch_dir)]
+    cause = error.__cause__ or error.__context__
+    if not frames and cause is not None:
+        return _where(cause)
+    if not frames:
+        return "an unknown place"
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 def _attention_module_is_plain(module: nn.MultiheadAttention) -> bool:

@@ -5,6 +5,12 @@ of PyTorch modules and functions (nothing from l0sparse): the same
 computation as the gated model in eval mode, with smaller layers. Where a
 layer reads only some features of a tensor that others read in full (the
 paper's input gates, for instance), a ``torch.index_select`` picks them.
+
+A model that torch.fx cannot trace but torch.export can (Hugging Face
+encoders) has no fx graph to rewrite: ``prune`` then returns a plain copy of
+the model itself (its own class, no gate left) with its Linear, conv and
+BatchNorm layers sliced and the closed heads of its attention modules
+removed (see docs/design.md, "Tracing").
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from .gates import Gate
 from .graph import ChannelGraph, trace_channels
 from .layers import L0Conv2d, L0Linear
 from .models import L0LeNet5, L0MLP
-from .sparsify import gate_masks
+from .sparsify import gate_masks, head_layouts, set_head_count
 
 __all__ = ["prune", "rebuild", "plain_copy"]
 
@@ -87,13 +93,15 @@ def _round_up(alive: Tensor, multiple: int) -> Tensor:
     return alive
 
 
-def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset(), round_to: int = 1) -> dict:
+def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset(), round_to: int = 1, can_select: bool = True) -> dict:
     """Which rows, follower entries and columns each module keeps, and which inputs get an index_select.
 
     ``column_gated`` names the Linear layers with gates on their inputs: one that reads a tensor the
     channel analysis does not follow (a head-gated output projection after a reshape) still drops its
     closed columns, through an index_select on its last dimension, which a Linear always reads.
     ``round_to`` rounds every kept count of channels, units and selected inputs up to a multiple of it.
+    ``can_select=False`` (a model sliced in place, whose forward cannot gain an index_select) keeps every
+    column that a consumer is fed, closed or not: they are zero, so the outputs do not change.
     """
     modules = dict(graph.graph_module.named_modules())
     rows: dict[str, list[int]] = {}
@@ -146,6 +154,8 @@ def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset(), round_
     selections: list[dict] = []
     for name, fed in remaining.items():
         alive = _round_up(_column_alive(modules[name].weight)[fed] | revived[name], round_to)
+        if not can_select:
+            alive = torch.ones_like(alive)
         kept = fed[alive]
         columns[name] = kept.tolist()
         if kept.numel() < fed.numel() and name in graph.module_input:
@@ -153,7 +163,7 @@ def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset(), round_
             dim = -1 if isinstance(modules[name], nn.Linear) else 1
             selections.append({"module": name, "dim": dim, "index": positions.tolist()})
     called = {node.target for node in graph.graph_module.graph.nodes if node.op == "call_module"}
-    for name in sorted((column_gated & called) - remaining.keys()):  # not the insides of attention modules
+    for name in sorted((column_gated & called) - remaining.keys() if can_select else ()):  # not the insides of attention modules
         alive = _round_up(_column_alive(modules[name].weight), round_to)
         if isinstance(modules[name], nn.Linear) and not alive.all():
             kept = torch.nonzero(alive).flatten().tolist()
@@ -316,6 +326,45 @@ def _apply_plan(graph: ChannelGraph, plan: dict) -> fx.GraphModule:
     return graph_module
 
 
+def _head_layouts(gated: nn.Module, work: nn.Module) -> dict[str, dict]:
+    """:func:`head_layouts` of ``gated``, each with the heads whose projection columns are not all zero in
+    ``work`` (folded): ``"kept"``."""
+    modules = dict(work.named_modules())
+    layouts = head_layouts(gated)
+    for layout in layouts.values():
+        projection = modules[layout["projection"]]
+        alive = projection.weight.ne(0).any(0).view(layout["heads"], layout["head_dim"]).any(1)
+        layout["kept"] = torch.nonzero(alive).flatten().tolist() or [0]  # keep one (zero) head rather than none
+    return layouts
+
+
+@torch.no_grad()
+def _apply_module_plan(work: nn.Module, plan: dict) -> nn.Module:
+    """Slice ``work``'s own modules as ``plan`` says (rows, follower entries, columns, heads) and return it.
+
+    Its forward is unchanged: an attention module's head bookkeeping (``num_attention_heads``,
+    ``all_head_size``, ...) is set to the kept heads so that its reshapes fit the smaller projections.
+    """
+    modules = dict(work.named_modules())
+    for name, rows in plan["rows"].items():
+        _slice(modules[name], name, rows=rows)
+    for name, entries in plan["followers"].items():
+        _slice(modules[name], name, follower=entries)
+    for name, columns in plan["columns"].items():
+        if len(columns) != modules[name].weight.shape[1]:
+            _slice(modules[name], name, columns=columns)
+    for owner, layout in plan.get("head_layouts", {}).items():
+        kept, head_dim = layout["kept"], layout["head_dim"]
+        if len(kept) == layout["heads"]:
+            continue
+        index = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept]).tolist()
+        for name in layout["qkv"]:
+            _slice(modules[name], name, rows=index)
+        _slice(modules[layout["projection"]], layout["projection"], columns=index)
+        set_head_count(modules[owner], layout["heads"], len(kept), head_dim)
+    return work
+
+
 def _as_tuple(example_inputs) -> tuple:
     return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
 
@@ -354,7 +403,9 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
             (docs/sparsify.md, "Latency benchmark"). Heads are not rounded.
 
     Returns:
-        A ``torch.fx.GraphModule`` (or ``(module, plan)``). A model without
+        A ``torch.fx.GraphModule`` (or ``(module, plan)``); for a model that
+        only torch.export traces, a copy of the model's own class with its
+        layers sliced (``plan["tracer"] == "export"``). A model without
         gates gives an unchanged copy, with a warning.
     """
     example_inputs = _as_tuple(example_inputs)
@@ -370,8 +421,14 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     column_gated |= {name for name, module in model.named_modules() if isinstance(module, L0Linear)}
     work = plain_copy(model)
     graph = trace_channels(work, example_inputs)
-    plan = _make_plan(graph, column_gated, round_to)
-    pruned = _apply_plan(graph, plan)
+    if graph.tracer == "export":  # no fx graph to rewrite: slice the copy's own modules, its forward unchanged
+        plan = _make_plan(graph, column_gated, round_to, can_select=False)
+        plan["tracer"] = "export"
+        plan["head_layouts"] = _head_layouts(model, work)
+        pruned = _apply_module_plan(work, plan)
+    else:
+        plan = _make_plan(graph, column_gated, round_to)
+        pruned = _apply_plan(graph, plan)
     was_training = model.training
     model.eval()
     try:
@@ -400,7 +457,7 @@ def _check_same(expected, got) -> None:
             )
 
 
-def rebuild(model: nn.Module, plan: dict, example_inputs) -> fx.GraphModule:
+def rebuild(model: nn.Module, plan: dict, example_inputs) -> nn.Module:
     """An untrained module of the pruned shapes, from a fresh model of the original architecture and a plan.
 
     ``model`` is built the way the original was (gated or not); its weights
@@ -412,5 +469,7 @@ def rebuild(model: nn.Module, plan: dict, example_inputs) -> fx.GraphModule:
         empty = l0sparse.rebuild(MyNet(), json.load(open("plan.json")), x)
         empty.load_state_dict(torch.load("pruned.pt", weights_only=True))
     """
+    if plan.get("tracer") == "export":  # the model's own modules, sliced in place: nothing to trace
+        return _apply_module_plan(plain_copy(model), plan)
     graph = trace_channels(plain_copy(model), _as_tuple(example_inputs))
     return _apply_plan(graph, plan)

@@ -48,7 +48,7 @@ from .gates import Gate
 from .graph import trace_channels
 from .layers import L0Conv2d, L0Linear
 
-__all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks", "sum_per_gate"]
+__all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks", "sum_per_gate", "head_layouts"]
 
 GRANULARITIES = ("in", "out", "weight", "heads", "skip")
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
@@ -137,6 +137,60 @@ def _check_rules(rules) -> dict:
         elif value not in GRANULARITIES:
             raise ValueError(f"rules[{key!r}] = {value!r}: the granularity must be one of {GRANULARITIES} or ('heads', number_of_heads)")
     return dict(rules)
+
+
+# where attention modules of other libraries (Hugging Face BERT-like encoders) keep their head count and
+# the width of all heads together: prune must update them when it removes heads
+_HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+_HEADS_WIDTH_NAMES = ("all_head_size", "dim", "inner_dim")
+
+
+def _head_count_holder(module: nn.Module) -> tuple[nn.Module, str] | None:
+    """The first submodule of ``module`` (itself included) with an int head-count attribute, and its name."""
+    for submodule in module.modules():
+        for attribute in _HEAD_COUNT_NAMES:
+            value = getattr(submodule, attribute, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return submodule, attribute
+    return None
+
+
+def declared_head_count(module: nn.Module) -> int | None:
+    """The head count an attention module of another library declares (``num_attention_heads``, ``n_heads``...), or None."""
+    holder = _head_count_holder(module)
+    return None if holder is None else getattr(*holder)
+
+
+def set_head_count(module: nn.Module, before: int, after: int, head_dim: int) -> None:
+    """Update an attention module's head bookkeeping from ``before`` to ``after`` heads of ``head_dim`` each."""
+    holder = _head_count_holder(module)
+    if holder is None:
+        return
+    submodule, attribute = holder
+    setattr(submodule, attribute, after)
+    for width in _HEADS_WIDTH_NAMES:  # only the width of all heads together, next to the count
+        if getattr(submodule, width, None) == before * head_dim:
+            setattr(submodule, width, after * head_dim)
+
+
+def head_layouts(model: nn.Module) -> dict[str, dict]:
+    """Per attention module of the user's own gated with ``("heads", n)``: ``{"projection": name of its output
+    projection, "qkv": names of its other Linear layers as wide as the projection's input (q, k, v),
+    "heads": its head count, "head_dim": the width of one head}`` (JSON-serialisable)."""
+    layouts = {}
+    modules = dict(model.named_modules())
+    for name, module, _, mask in gate_masks(model):
+        owner = getattr(mask.gate, "owner", None)
+        attention = modules.get(owner)
+        if getattr(mask.gate, "granularity", None) != "heads" or attention is None or isinstance(
+                attention, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+            continue
+        width = module.in_features
+        heads = declared_head_count(attention) or mask.gate.log_alpha.numel()
+        qkv = [f"{owner}.{inner}" for inner, linear in attention.named_modules()
+               if isinstance(linear, nn.Linear) and linear is not module and linear.out_features == width]
+        layouts[owner] = {"projection": name, "qkv": qkv, "heads": heads, "head_dim": width // heads}
+    return layouts
 
 
 def _output_projection(module: nn.Module) -> nn.Linear | None:
@@ -304,6 +358,10 @@ def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: 
             found = "it has no nn.Linear" if projection is None else f"its last Linear has {projection.in_features} inputs"
             raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the output projection "
                              f"must be its last nn.Linear with inputs divisible by {num_heads}; {found}")
+        declared = declared_head_count(module)
+        if declared is not None and declared != num_heads:  # gates across head boundaries could not remove heads
+            raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
+                             f"{declared} heads")
         return
     if is_attention and granularity == "heads":  # checked before any gate is registered
         attention = module.self_attn if isinstance(module, nn.TransformerEncoderLayer) else module

@@ -1,0 +1,245 @@
+"""Hugging Face encoders (issue #12, parts 1-3): tracing through torch.export, heads and feed-forward units,
+prune to a plain, smaller model with the same outputs. Small random configs: nothing is downloaded."""
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import l0sparse
+from l0sparse.costs import gates
+from l0sparse.graph import trace_channels
+from l0sparse.sparsify import declared_head_count, gate_masks
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (pip install -e '.[hf]')")
+
+VOCAB, WIDTH, HEADS, FFN = 100, 32, 4, 64
+
+
+def bert() -> nn.Module:
+    config = transformers.BertConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FFN,
+                                     vocab_size=VOCAB, max_position_embeddings=32)
+    return transformers.BertModel(config).eval()
+
+
+def distilbert() -> nn.Module:
+    config = transformers.DistilBertConfig(dim=WIDTH, n_layers=2, n_heads=HEADS, hidden_dim=FFN, vocab_size=VOCAB,
+                                           max_position_embeddings=32)
+    return transformers.DistilBertModel(config).eval()
+
+
+def roberta() -> nn.Module:
+    config = transformers.RobertaConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FFN,
+                                        vocab_size=VOCAB, max_position_embeddings=40)
+    return transformers.RobertaModel(config).eval()
+
+
+def electra() -> nn.Module:  # embeddings narrower than the encoder, projected by a Linear
+    config = transformers.ElectraConfig(embedding_size=16, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
+                                        intermediate_size=FFN, vocab_size=VOCAB, max_position_embeddings=32)
+    return transformers.ElectraModel(config).eval()
+
+
+# family -> (builder, attention modules, feed-forward output projection, q/k/v and output projection inside attention)
+FAMILIES = {
+    "bert": (bert, "encoder.layer.*.attention", "encoder.layer.*.output.dense",
+             ("self.query", "self.key", "self.value", "output.dense")),
+    "roberta": (roberta, "encoder.layer.*.attention", "encoder.layer.*.output.dense",
+                ("self.query", "self.key", "self.value", "output.dense")),
+    "electra": (electra, "encoder.layer.*.attention", "encoder.layer.*.output.dense",
+                ("self.query", "self.key", "self.value", "output.dense")),
+    "distilbert": (distilbert, "transformer.layer.*.attention", "transformer.layer.*.ffn.lin2",
+                   ("q_lin", "k_lin", "v_lin", "out_lin")),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_export_loaded():
+    """torch.export's first call imports and sets up dynamo (about 3 s, once per process): pay it here, not in a test."""
+    torch.export.export(nn.Linear(2, 2), (torch.randn(1, 2),))
+
+
+def input_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(seed))  # no padding id (RoBERTa: 1)
+
+
+def gated(family: str, seed: int = 0) -> nn.Module:
+    """A random encoder with heads and feed-forward gates, about half of them closed (log α = ±10)."""
+    build, attention, feed_forward, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embeddings and LayerNorms have weights but no gate
+        l0sparse.sparsify(model, {attention: ("heads", HEADS), feed_forward: "in"}, example_inputs=input_ids())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in gates(model):
+            closed = torch.rand(gate.log_alpha.shape, generator=generator) < 0.5
+            gate.log_alpha.copy_(torch.where(closed, -10.0, 10.0))
+    return model.eval()
+
+
+def attention_modules(model: nn.Module, family: str) -> list[nn.Module]:
+    pattern = FAMILIES[family][1].replace("*", "{}")
+    return [model.get_submodule(pattern.format(i)) for i in range(2)]
+
+
+def test_fx_cannot_follow_them_and_trace_channels_uses_torch_export():
+    model = bert()
+    with pytest.raises(Exception):
+        torch.fx.symbolic_trace(model)
+    graph = trace_channels(model, (input_ids(),))
+    assert graph.tracer == "export"
+    for layer in range(2):  # intermediate units: made by one Linear, through GELU, read by the output Linear
+        space = graph.space_of_output(f"encoder.layer.{layer}.intermediate.dense")
+        assert space.removable and space.size == FFN
+        assert [c.name for c in space.consumers] == [f"encoder.layer.{layer}.output.dense"]
+        # the residual stream goes through LayerNorm: never removable
+        assert not graph.space_of_output(f"encoder.layer.{layer}.output.dense").removable
+    assert graph.shapes["encoder.layer.0.attention.self.query"][1] == (2, 8, WIDTH)
+
+
+def test_models_fx_follows_keep_the_fx_path():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    assert trace_channels(model, (torch.randn(3, 4),)).tracer == "fx"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_removes_heads_and_feed_forward_units(family):
+    model = gated(family)
+    x = input_ids()
+    pruned, plan = l0sparse.prune(model, x, return_plan=True)
+    with torch.no_grad():
+        expected, got = model(x).last_hidden_state, pruned(x).last_hidden_state
+    assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
+    assert l0sparse.count_params(pruned) < l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in gates(model))
+    assert not any(type(m).__module__.startswith("l0sparse") for m in pruned.modules())
+    assert not list(gate_masks(pruned))
+    q, k, v, out = FAMILIES[family][3]
+    for attention, original in zip(attention_modules(pruned, family), attention_modules(model, family)):
+        head_gate = next(mask.gate for _, _, _, mask in gate_masks(original) if mask.gate.granularity == "heads")
+        kept = max(1, int(head_gate.is_active().sum()))
+        width = kept * (WIDTH // HEADS)
+        for name in (q, k, v):  # physically smaller matrices, not masks
+            assert attention.get_submodule(name).weight.shape == (width, WIDTH)
+        assert attention.get_submodule(out).weight.shape == (WIDTH, width)
+        assert declared_head_count(attention) == kept
+    holder = attention_modules(pruned, family)[0]
+    if family != "distilbert":  # the head bookkeeping the forward reads
+        assert holder.self.all_head_size == holder.self.num_attention_heads * holder.self.attention_head_size
+    else:
+        assert holder.dim == holder.n_heads * holder.attention_head_size
+    assert plan["tracer"] == "export"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_pruned_model_exports_and_loads_with_weights_only(family):
+    model = gated(family, seed=1)
+    x = input_ids()
+    pruned, plan = l0sparse.prune(model, x, return_plan=True)
+    with torch.no_grad():
+        expected = pruned(x).last_hidden_state
+    exported = torch.export.export(pruned, (x,))
+    assert torch.allclose(exported.module()(x).last_hidden_state, expected, atol=1e-6)
+    saved = io.BytesIO()
+    torch.save(pruned.state_dict(), saved)
+    saved.seek(0)
+    empty = l0sparse.rebuild(FAMILIES[family][0](), plan, x)  # a fresh, ungated model of the original architecture
+    empty.load_state_dict(torch.load(saved, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(empty.eval()(x).last_hidden_state, expected)
+
+
+def test_prune_with_an_attention_mask():
+    model = gated("bert", seed=3)
+    x = input_ids()
+    mask = torch.ones_like(x)
+    mask[0, 5:] = 0  # padding
+    pruned = l0sparse.prune(model, (x, mask))
+    with torch.no_grad():
+        expected, got = model(x, mask).last_hidden_state, pruned(x, mask).last_hidden_state
+    assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
+    assert pruned.encoder.layer[0].attention.self.query.out_features < WIDTH or pruned.encoder.layer[1].attention.self.query.out_features < WIDTH
+
+
+def test_out_gates_on_intermediate_units_through_export():
+    torch.manual_seed(0)
+    model = bert()
+    l0sparse.sparsify(model, {"encoder.layer.*.intermediate.dense": "out", "encoder.layer.*": "skip", "pooler.dense": "skip"},
+                      example_inputs=input_ids())
+    masks = {name: mask for name, _, _, mask in gate_masks(model)}
+    assert sorted(masks) == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]  # the consumers' columns
+    with torch.no_grad():
+        for gate in gates(model):
+            gate.log_alpha[: FFN // 2] = -10.0
+    pruned = l0sparse.prune(model, input_ids())
+    assert pruned.encoder.layer[0].intermediate.dense.out_features == FFN // 2
+    assert pruned.encoder.layer[0].output.dense.in_features == FFN // 2
+
+
+@pytest.mark.filterwarnings("ignore:sparsify.*has weights but no gate")
+def test_a_head_count_that_does_not_divide_the_width_names_the_module():
+    model = bert()
+    with pytest.raises(ValueError, match=r"'encoder.layer.0.attention' \(BertAttention\).*divisible by 5"):
+        l0sparse.sparsify(model, {"encoder.layer.*.attention": ("heads", 5)})
+    with pytest.raises(ValueError, match=r"'encoder.layer.0.attention'.*has 4 heads"):
+        l0sparse.sparsify(model, {"encoder.layer.*.attention": ("heads", 8)})
+    assert not list(gate_masks(model))
+
+
+class Branchy(nn.Module):
+    """Data-dependent Python control flow: neither torch.fx nor torch.export can follow it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        hidden = self.body(x)
+        if hidden.sum() > 0:
+            hidden = hidden * 2
+        return self.head(hidden)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_an_untraceable_model_says_which_tracer_failed_where_and_stays_unchanged(training):
+    model = Branchy().train(training)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError) as caught:
+        l0sparse.sparsify(model, {"body.0": "out"}, example_inputs=x)
+    message = str(caught.value)
+    assert "torch.fx failed at" in message and "torch.export failed at" in message
+    assert "test_hf_encoders.py" in message and "in forward" in message  # where: the user's line
+    assert "gate and prune traceable submodules" in message and "'body'" in message
+    assert not list(gate_masks(model)) and model.training is training
+    l0sparse.sparsify(model, {"body.0": "in", "head": "in"})  # input gates need no trace
+    with pytest.raises(ValueError, match="torch.export failed at"):
+        l0sparse.prune(model, x)
+    with pytest.raises(ValueError, match="torch.export failed at"):
+        l0sparse.CostModel(model, x)
+    assert model.training is training
+    assert all(torch.equal(model.state_dict()[f"{name.rsplit('.', 1)[0]}.parametrizations.weight.original"], value)
+               if name.endswith("weight") else torch.equal(model.state_dict()[name], value) for name, value in before.items())
+
+
+def test_wrong_inputs_are_blamed_on_the_inputs_not_the_tracers():
+    model = bert()
+    with pytest.raises(ValueError, match="do not fit the model"):
+        trace_channels(model, (torch.randint(0, VOCAB, (2, 64)),))  # longer than max_position_embeddings
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cost_model_counts_what_prune_leaves(family):
+    model = gated(family, seed=2)
+    x = input_ids()
+    pruned = l0sparse.prune(model, x)
+    cost_model = l0sparse.CostModel(model, x)
+    costs = cost_model.costs(deterministic=True)
+    assert float(costs["params"]) == l0sparse.count_params(pruned)
+    assert float(costs["flops"]) == pytest.approx(l0sparse.count_flops(pruned, x))  # attention scores included
+    dense = cost_model.costs(probabilities={id(g): torch.ones_like(g.log_alpha) for g in gates(model)})
+    assert float(dense["flops"]) == pytest.approx(l0sparse.count_flops(model, x))
