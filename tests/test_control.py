@@ -185,7 +185,8 @@ def test_multipliers_fall_below_the_target_and_stay_non_negative():
 @pytest.mark.parametrize("start, warmup", [(0.2, 100), (0.9, 0)])
 def test_step_lands_the_pruned_size_back_in_the_band_keeping_the_gates_order(start, warmup):
     """Below the band at any time (an overshoot), or above it after the warm-up (a lag), one step brings the
-    pruned size back within the tolerance, by one common shift of log α: the open gates are the top of the order."""
+    pruned size back within the tolerance: the open gates are the top of the order, and only gates that
+    crossed the threshold changed (the kept units keep their test-time values)."""
     torch.manual_seed(0)
     model = l0sparse.L0MLP((300, 100, 10))
     controller = TargetController(model, 0.5, "l0", warmup_steps=warmup, tolerance=0.01)
@@ -200,6 +201,10 @@ def test_step_lands_the_pruned_size_back_in_the_band_keeping_the_gates_order(sta
     assert abs(controller.deterministic_fraction() - 0.5) <= 0.01 + one_gate
     assert controller.landings == 1
     assert float(before[after_open].min()) > float(before[~after_open].max())
+    after = torch.cat([g.log_alpha.detach().flatten() for g in l0sparse.costs.gates(model)])
+    threshold = math.log(0.1 / 1.1)
+    crossed = (before > threshold) != after_open
+    assert crossed.any() and torch.equal(after[~crossed], before[~crossed])
 
 
 def test_a_target_below_the_floor_is_refused_with_the_floor():

@@ -502,7 +502,10 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
         return TrainingDiverged(f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {what}; {kept}; "
                                 "start a new run with a lower lr or gate_lr")
 
-    l0_penalty = Penalty(model, config.lam, config.weight_decay, N=n_train) if gated and controller is None else None
+    # under a controller λ is its job; the L2 under the gates (weight_decay) still applies
+    l0_penalty = None
+    if gated and (controller is None or config.weight_decay):
+        l0_penalty = Penalty(model, 0.0 if controller is not None else config.lam, config.weight_decay, N=n_train)
     with _SigtermToInterrupt():
         try:
             for epoch in range(start_epoch, total_epochs):
@@ -524,9 +527,9 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                     loss = F.cross_entropy(logits, y)
                     if controller is not None:
                         loss = loss + controller.penalty()
-                    elif gated:
+                    if l0_penalty is not None:
                         loss = loss + l0_penalty()
-                    elif lk_regularized:
+                    if lk_regularized:
                         loss = loss + lk_penalty(model, config.regularizer, config.lam, N=n_train)
                     loss_value = float(loss.detach())
                     if not math.isfinite(loss_value):
