@@ -164,6 +164,21 @@ def test_prune_with_an_attention_mask():
     assert pruned.encoder.layer[0].attention.self.query.out_features < WIDTH or pruned.encoder.layer[1].attention.self.query.out_features < WIDTH
 
 
+def test_all_heads_closed_keeps_one_zero_head_and_round_to_rounds_units():
+    model = gated("bert", seed=4)
+    x = input_ids()
+    rounded = l0sparse.prune(model, x, round_to=16)
+    assert all(layer.intermediate.dense.out_features % 16 == 0 for layer in rounded.encoder.layer)
+    with torch.no_grad():
+        for _, _, _, mask in gate_masks(model):
+            if mask.gate.granularity == "heads":
+                mask.gate.log_alpha.fill_(-10.0)
+    pruned = l0sparse.prune(model, x)
+    assert [layer.attention.self.num_attention_heads for layer in pruned.encoder.layer] == [1, 1]
+    assert pruned.encoder.layer[0].attention.self.query.weight.shape == (WIDTH // HEADS, WIDTH)
+    assert float(l0sparse.CostModel(model, x).costs(deterministic=True)["params"]) == l0sparse.count_params(pruned)
+
+
 def test_out_gates_on_intermediate_units_through_export():
     torch.manual_seed(0)
     model = bert()
@@ -187,6 +202,18 @@ def test_a_head_count_that_does_not_divide_the_width_names_the_module():
     with pytest.raises(ValueError, match=r"'encoder.layer.0.attention'.*has 4 heads"):
         l0sparse.sparsify(model, {"encoder.layer.*.attention": ("heads", 8)})
     assert not list(gate_masks(model))
+
+
+def test_heads_on_a_module_without_its_output_projection_warn_and_prune_keeps_the_heads():
+    model = bert()
+    with pytest.warns(UserWarning, match="cannot remove whole heads"):
+        l0sparse.sparsify(model, {"encoder.layer.*.attention.self": ("heads", HEADS), "encoder.layer.*": "skip", "pooler.dense": "skip"})
+    with torch.no_grad():
+        for gate in gates(model):
+            gate.log_alpha[:2] = -10.0
+    pruned = l0sparse.prune(model, input_ids())  # the value layer's input columns close, as zeros; no head leaves
+    assert pruned.encoder.layer[0].attention.self.num_attention_heads == HEADS
+    assert pruned.encoder.layer[0].attention.self.query.out_features == WIDTH
 
 
 class Branchy(nn.Module):

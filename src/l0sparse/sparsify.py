@@ -174,9 +174,10 @@ def set_head_count(module: nn.Module, before: int, after: int, head_dim: int) ->
 
 
 def head_layouts(model: nn.Module) -> dict[str, dict]:
-    """Per attention module of the user's own gated with ``("heads", n)``: ``{"projection": name of its output
-    projection, "qkv": names of its other Linear layers as wide as the projection's input (q, k, v),
-    "heads": its head count, "head_dim": the width of one head}`` (JSON-serialisable)."""
+    """Per attention module of the user's own gated with ``("heads", n)`` whose heads prune can remove:
+    ``{"projection": name of its output projection, "qkv": names of its three other Linear layers as wide
+    as the projection's input (q, k, v), "heads": its head count, "head_dim": the width of one head}``
+    (JSON-serialisable)."""
     layouts = {}
     modules = dict(model.named_modules())
     for name, module, _, mask in gate_masks(model):
@@ -185,12 +186,19 @@ def head_layouts(model: nn.Module) -> dict[str, dict]:
         if getattr(mask.gate, "granularity", None) != "heads" or attention is None or isinstance(
                 attention, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
             continue
-        width = module.in_features
+        qkv = _query_key_value(attention, module)
+        if len(qkv) != 3:  # a fused qkv layer, or no output projection: its heads cannot be removed by slicing
+            continue
         heads = declared_head_count(attention) or mask.gate.log_alpha.numel()
-        qkv = [f"{owner}.{inner}" for inner, linear in attention.named_modules()
-               if isinstance(linear, nn.Linear) and linear is not module and linear.out_features == width]
-        layouts[owner] = {"projection": name, "qkv": qkv, "heads": heads, "head_dim": width // heads}
+        layouts[owner] = {"projection": name, "qkv": [f"{owner}.{inner}" for inner in qkv], "heads": heads,
+                          "head_dim": module.in_features // heads}
     return layouts
+
+
+def _query_key_value(attention: nn.Module, projection: nn.Linear) -> list[str]:
+    """Names (inside ``attention``) of its Linear layers other than ``projection`` that make ``projection``'s input width."""
+    return [inner for inner, linear in attention.named_modules()
+            if isinstance(linear, nn.Linear) and linear is not projection and linear.out_features == projection.in_features]
 
 
 def _output_projection(module: nn.Module) -> nn.Linear | None:
@@ -362,6 +370,11 @@ def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: 
         if declared is not None and declared != num_heads:  # gates across head boundaries could not remove heads
             raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
                              f"{declared} heads")
+        if declared is not None and len(_query_key_value(module, projection)) != 3:
+            warnings.warn(f"sparsify: ('heads', {num_heads}) on {name!r} ({type(module).__name__}): its last nn.Linear does not "
+                          "follow three q/k/v Linear layers of its input width, so prune cannot remove whole heads; put the rule "
+                          "on the module that holds q, k, v and the output projection (for BERT: 'encoder.layer.*.attention')",
+                          stacklevel=3)
         return
     if is_attention and granularity == "heads":  # checked before any gate is registered
         attention = module.self_attn if isinstance(module, nn.TransformerEncoderLayer) else module
