@@ -1,5 +1,6 @@
 """Hugging Face encoders (issue #12, parts 1-3): tracing through torch.export, heads and feed-forward units,
-prune to a plain, smaller model with the same outputs. Small random configs: nothing is downloaded."""
+prune to a plain, smaller model with the same outputs. Small random configs: nothing is downloaded.
+The torch.export path is also checked on models without transformers (those tests need no extra)."""
 
 import io
 import warnings
@@ -13,33 +14,39 @@ from l0sparse.costs import gates
 from l0sparse.graph import trace_channels
 from l0sparse.sparsify import declared_head_count, gate_masks
 
-transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (pip install -e '.[hf]')")
+from test_sparsify_prune import CASES, assert_plain, build
+
+
+
+def hf():
+    """transformers, or a skip: the Hugging Face tests need the 'hf' extra (CI installs it with 'dev')."""
+    return pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (pip install -e '.[hf]')")
 
 VOCAB, WIDTH, HEADS, FFN = 100, 32, 4, 64
 
 
 def bert() -> nn.Module:
-    config = transformers.BertConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FFN,
+    config = hf().BertConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FFN,
                                      vocab_size=VOCAB, max_position_embeddings=32)
-    return transformers.BertModel(config).eval()
+    return hf().BertModel(config).eval()
 
 
 def distilbert() -> nn.Module:
-    config = transformers.DistilBertConfig(dim=WIDTH, n_layers=2, n_heads=HEADS, hidden_dim=FFN, vocab_size=VOCAB,
+    config = hf().DistilBertConfig(dim=WIDTH, n_layers=2, n_heads=HEADS, hidden_dim=FFN, vocab_size=VOCAB,
                                            max_position_embeddings=32)
-    return transformers.DistilBertModel(config).eval()
+    return hf().DistilBertModel(config).eval()
 
 
 def roberta() -> nn.Module:
-    config = transformers.RobertaConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FFN,
+    config = hf().RobertaConfig(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FFN,
                                         vocab_size=VOCAB, max_position_embeddings=40)
-    return transformers.RobertaModel(config).eval()
+    return hf().RobertaModel(config).eval()
 
 
 def electra() -> nn.Module:  # embeddings narrower than the encoder, projected by a Linear
-    config = transformers.ElectraConfig(embedding_size=16, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
+    config = hf().ElectraConfig(embedding_size=16, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS,
                                         intermediate_size=FFN, vocab_size=VOCAB, max_position_embeddings=32)
-    return transformers.ElectraModel(config).eval()
+    return hf().ElectraModel(config).eval()
 
 
 # family -> (builder, attention modules, feed-forward output projection, q/k/v and output projection inside attention)
@@ -270,3 +277,65 @@ def test_cost_model_counts_what_prune_leaves(family):
     assert float(costs["flops"]) == pytest.approx(l0sparse.count_flops(pruned, x))  # attention scores included
     dense = cost_model.costs(probabilities={id(g): torch.ones_like(g.log_alpha) for g in gates(model)})
     assert float(dense["flops"]) == pytest.approx(l0sparse.count_flops(model, x))
+
+
+class BranchOnRank(nn.Module):
+    """A residual CNN with BatchNorm whose forward branches on ``x.dim()``: torch.fx cannot follow it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.norm2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv3, self.norm3 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        if x.dim() == 3:  # one unbatched image
+            x = x[None]
+        y = torch.relu(self.norm1(self.conv1(x)))
+        y = y + torch.relu(self.norm2(self.conv2(y)))
+        y = torch.relu(self.norm3(self.conv3(y)))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_a_cnn_torch_fx_cannot_follow_prunes_through_torch_export():
+    torch.manual_seed(0)
+    model = BranchOnRank().eval()
+    with torch.no_grad():  # BatchNorm that shifts a closed channel away from zero: only the consumer's gate removes it exactly
+        for norm in (model.norm1, model.norm2, model.norm3):
+            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.bias.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    graph = trace_channels(model, (x,))
+    assert graph.tracer == "export"
+    residual = graph.space_of_output("conv1")  # conv1 and conv2 are added: one space, its BatchNorms follow it
+    assert residual.removable and sorted(residual.producers) == ["conv1", "conv2"] and sorted(residual.followers) == ["norm1", "norm2"]
+    l0sparse.sparsify(model, {"conv1": "out", "conv3": "out", "fc": "skip"}, example_inputs=x)
+    with torch.no_grad():
+        for gate in gates(model):
+            gate.log_alpha.copy_(torch.where(torch.arange(gate.log_alpha.numel()) % 2 == 0, -10.0, 10.0))
+    pruned = l0sparse.prune(model, x)
+    assert (pruned.conv1.out_channels, pruned.norm2.num_features, pruned.conv3.out_channels, pruned.fc.in_features) == (4, 4, 8, 8)
+    with torch.no_grad():
+        assert float((model(x) - pruned(x)).abs().max()) <= 1e-5 * float(model(x).abs().max())
+    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
+    assert (float(costs["params"]), float(costs["flops"])) == (l0sparse.count_params(pruned), l0sparse.count_flops(pruned, x))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_pattern_prunes_exactly_through_torch_export(case, monkeypatch):
+    """The patterns torch.fx follows, read from torch.export's graph instead: same outputs, plain, costs exact."""
+    def no_fx(self, root, concrete_args=None):
+        raise TypeError("torch.fx refused for this test")
+
+    monkeypatch.setattr(l0sparse.graph._Tracer, "trace", no_fx)
+    model, x = build(case)
+    assert trace_channels(model, (x,)).tracer == "export"
+    pruned = l0sparse.prune(model, x)
+    with torch.no_grad():
+        expected, got = model.eval()(x), pruned(x)
+    assert float((expected - got).abs().max()) <= 1e-5 * max(float(expected.abs().max()), 1.0)
+    assert_plain(pruned)
+    assert l0sparse.count_params(pruned) < sum(p.numel() for p in model.parameters() if p.dim() > 0)
+    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
+    assert float(costs["params"]) == l0sparse.count_params(pruned)
+    assert float(costs["flops"]) == pytest.approx(l0sparse.count_flops(pruned, x))

@@ -371,6 +371,7 @@ class CostModel:
         cache: dict[str, Tensor | None] = {}
         flops = torch.zeros((), device=self.device)
         params = torch.zeros((), device=self.device) + self._fixed_params
+        flops = flops + self.graph.other_macs / self._batch  # attention no Linear module owns (export only)
         attention_modules = self.graph.attention_call_modules or [()] * len(self.graph.attention_calls)
         for (query, key), inside in zip(self.graph.attention_calls, attention_modules):
             macs = _scaled_dot_product_macs(query, key) / self._batch  # written out: all its heads...

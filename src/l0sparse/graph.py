@@ -64,7 +64,7 @@ _aten = torch.ops.aten
 _LINEAR_KINDS = (nn.Linear, L0Linear)
 _CONV_KINDS = (nn.modules.conv._ConvNd, L0Conv2d)
 _ATEN_MODULE_OPS = {_aten.linear.default: _LINEAR_KINDS, _aten.conv1d.default: _CONV_KINDS, _aten.conv2d.default: _CONV_KINDS,
-                    _aten.conv3d.default: _CONV_KINDS}
+                    _aten.conv3d.default: _CONV_KINDS, _aten.batch_norm.default: (nn.BatchNorm1d, nn.BatchNorm2d)}
 # ATen ops read as the torch functions the analysis knows (same argument order)
 _ATEN_AS_TORCH = {
     _aten.relu.default: torch.relu, _aten.relu_.default: torch.relu, _aten.gelu.default: F.gelu, _aten.silu.default: F.silu,
@@ -72,7 +72,11 @@ _ATEN_AS_TORCH = {
     _aten.hardtanh.default: F.hardtanh, _aten.hardswish.default: F.hardswish, _aten.dropout.default: F.dropout,
     _aten.add.Tensor: operator.add, _aten.add_.Tensor: operator.add, _aten.sub.Tensor: operator.sub,
     _aten.mul.Tensor: operator.mul, _aten.mul_.Tensor: operator.mul, _aten.flatten.using_ints: torch.flatten,
-    _aten.mean.dim: torch.mean, _aten.sum.dim_IntList: torch.sum,
+    _aten.mean.dim: torch.mean, _aten.sum.dim_IntList: torch.sum, _aten.leaky_relu.default: F.leaky_relu,
+    _aten.elu.default: F.elu, _aten.mish.default: F.mish, _aten.softplus.default: F.softplus,
+    _aten.max_pool1d.default: F.max_pool1d, _aten.max_pool2d.default: F.max_pool2d,
+    _aten.avg_pool1d.default: F.avg_pool1d, _aten.avg_pool2d.default: F.avg_pool2d,
+    _aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d, _aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
     _aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
 }
 
@@ -123,6 +127,9 @@ class ChannelGraph:
         # (query shape, key shape) of each scaled_dot_product_attention call outside attention modules
         self.attention_calls: list[tuple[torch.Size, torch.Size]] = []
         self.attention_call_modules: list[tuple[str, ...]] = []  # ... and the modules each ran in (torch.export only)
+        # MACs of the batch that torch.export's graph shows outside Linear and conv modules but count_flops counts:
+        # an nn.MultiheadAttention's projections and its scores when written as bmm; counted, never reduced
+        self.other_macs = 0
         # "fx": graph_module is the model's fx graph, runnable and rewritable; "export": read from torch.export's
         # ATen graph, for the analysis only (prune then slices the model's own modules)
         self.tracer = "fx"
@@ -248,6 +255,8 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     inlined_encoders: set[str] = set()
     attention_calls: list[tuple] = []
     attention_call_modules: list[tuple[str, ...]] = []
+    other_macs = 0
+    model_modules = dict(model.named_modules())
 
     def shape(node) -> torch.Size | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
@@ -378,6 +387,11 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
         if node.op == "call_function" and target is F.scaled_dot_product_attention:
             attention_calls.append((shape(node.args[0]), shape(node.args[1])))
             attention_call_modules.append(_module_paths(node))
+        if node.op == "call_function" and target is _aten.linear.default and shape(node) is not None and shape(node.args[1]) is not None:
+            other_macs += math.prod(shape(node)) * shape(node.args[1])[-1]
+        if node.op == "call_function" and target in (_aten.bmm.default, _aten.matmul.default) and shape(node) is not None and any(
+                isinstance(model_modules.get(path), (nn.MultiheadAttention, nn.TransformerEncoderLayer)) for path in _module_paths(node)):
+            other_macs += math.prod(shape(node)) * shape(node.args[0])[-1]
         lock_all((node.args, node.kwargs), f"{getattr(target, '__name__', target)} reads it")
         fresh(node, -1, why_locked=f"made by {getattr(target, '__name__', target)}")
 
@@ -406,6 +420,7 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     result.removable_heads, result.inlined_encoders = removable_heads, inlined_encoders
     result.attention_calls = attention_calls
     result.attention_call_modules = attention_call_modules
+    result.other_macs = other_macs
     result.tracer = tracer
     return result
 
