@@ -298,9 +298,8 @@ def _slice(module: nn.Module, name: str, rows=None, columns=None, follower=None)
             module.in_channels = len(index)
 
 
-def _apply_plan(graph: ChannelGraph, plan: dict) -> fx.GraphModule:
-    graph_module = graph.graph_module
-    modules = dict(graph_module.named_modules())
+def _slice_layers(modules: dict[str, nn.Module], plan: dict) -> None:
+    """Slice the plan's producer rows, follower entries and consumer columns, in place."""
     for name, rows in plan["rows"].items():
         _slice(modules[name], name, rows=rows)
     for name, entries in plan["followers"].items():
@@ -308,6 +307,11 @@ def _apply_plan(graph: ChannelGraph, plan: dict) -> fx.GraphModule:
     for name, columns in plan["columns"].items():
         if len(columns) != modules[name].weight.shape[1]:
             _slice(modules[name], name, columns=columns)
+
+
+def _apply_plan(graph: ChannelGraph, plan: dict) -> fx.GraphModule:
+    graph_module = graph.graph_module
+    _slice_layers(dict(graph_module.named_modules()), plan)
     for name in plan.get("inline", []):
         _inline_encoder(graph_module, name)
     for name, kept in plan.get("heads", {}).items():
@@ -346,13 +350,7 @@ def _apply_module_plan(work: nn.Module, plan: dict) -> nn.Module:
     ``all_head_size``, ...) is set to the kept heads so that its reshapes fit the smaller projections.
     """
     modules = dict(work.named_modules())
-    for name, rows in plan["rows"].items():
-        _slice(modules[name], name, rows=rows)
-    for name, entries in plan["followers"].items():
-        _slice(modules[name], name, follower=entries)
-    for name, columns in plan["columns"].items():
-        if len(columns) != modules[name].weight.shape[1]:
-            _slice(modules[name], name, columns=columns)
+    _slice_layers(modules, plan)
     for owner, layout in plan.get("head_layouts", {}).items():
         kept, head_dim = layout["kept"], layout["head_dim"]
         if len(kept) == layout["heads"]:
