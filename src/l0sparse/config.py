@@ -52,7 +52,7 @@ class TrainConfig:
     epochs: int = 200
     batch_size: int = 100
     lr: float = 1e-3
-    gate_lr: float = 1e-2
+    gate_lr: float | None = None  # None: the weights' lr (one rate for everything measured best, docs/control.md)
     lam: float = 0.1
     target: float | None = None
     metric: str = "flops"
@@ -79,7 +79,7 @@ class TrainConfig:
             ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
             ("batch_size", _int(self.batch_size) and self.batch_size >= 1, "an int >= 1"),
             ("lr", _number(self.lr) and self.lr > 0, "a number > 0"),
-            ("gate_lr", _number(self.gate_lr) and self.gate_lr > 0, "a number > 0"),
+            ("gate_lr", self.gate_lr is None or (_number(self.gate_lr) and self.gate_lr > 0), "a number > 0, or none for the weights' lr"),
             ("lam", _number(self.lam) and self.lam >= 0, "a number >= 0"),
             ("target", self.target is None or (_number(self.target) and 0 < self.target <= 1), "a fraction in (0, 1]"),
             ("metric", self.metric in METRICS, f"one of {METRICS}"),
@@ -169,7 +169,7 @@ def config_from_dict(values: dict, source: str | Path | None = None) -> TrainCon
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-    for key in ("target", "threshold"):
+    for key in ("target", "threshold", "gate_lr"):
         if isinstance(values.get(key), str) and values[key].lower() == "none":
             values[key] = None
     for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init", "threshold", "ema"):
