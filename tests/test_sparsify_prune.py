@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 
 import l0sparse
 from l0sparse.prune import plain_copy
-from l0sparse.sparsify import GateMask, gate_masks
+from l0sparse.sparsify import GateMask
 
 from models import AttentionNet, Conv1dNet, GlobalPoolNet, OwnAttentionNet, PreNormAttentionNet, TinyResNet, mlp, randomise
 
