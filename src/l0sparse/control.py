@@ -155,8 +155,8 @@ class TargetController(nn.Module):
         return self.lambda_1.detach().clamp(min=0) * gap + self.lambda_2.detach().clamp(min=0) * gap * gap
 
     def step(self) -> None:
-        """Move the multipliers by the last :meth:`penalty`'s gap (after the model optimizer's step) and advance
-        the target schedule.
+        """After the model optimizer's step: land the pruned size back in the band if it left it, move the
+        multipliers by the last :meth:`penalty`'s gap, and advance the target schedule.
 
         Ascent on λ1·gap + λ2·gap·|gap| with the controller's Adam: both grow while the pruned model is too
         large and shrink while it is smaller than the target, and are kept ≥ 0.
