@@ -290,18 +290,12 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
         elif granularity == "heads":
             _gate_attention(name, module, gate_kwargs, head_counts.get(name))
         else:  # "out": the gate sits on every consumer of the module's output channels
-            index = graph.module_output.get(name)
-            space = None if index is None else graph.spaces[index]
-            if space is None or space.locked or not space.consumers:
-                if space is None:
-                    why = "they are not traced"
-                else:
-                    why = "; ".join(space.locked[:2]) if space.locked else "no layer reads them"
-                message = f"sparsify: cannot gate the output channels of {name!r}: {why}"
-                if explicit:
-                    raise ValueError(message)
-                warnings.warn(message + " (left ungated)", stacklevel=2)
+            why = _why_output_channels_cannot_be_gated(graph, name)
+            if why is not None:  # explicit rules were refused before any gate was added: this is a default one
+                warnings.warn(f"sparsify: cannot gate the output channels of {name!r}: {why} (left ungated)", stacklevel=2)
                 continue
+            index = graph.module_output[name]
+            space = graph.spaces[index]
             if index in space_gates:
                 continue  # coupled with a module gated already: one gate for the shared channels
             gate = _new_gate(space.size, name, "out", module, gate_kwargs)
@@ -333,20 +327,23 @@ def _check_rules_match(model: nn.Module, rules: dict) -> None:
                              f"rule keys are module names or glob patterns over them, such as {shown}")
 
 
+def _why_output_channels_cannot_be_gated(graph, name: str) -> str | None:
+    """Why an 'out' gate on ``name`` is impossible (not traced, locked, unread), or None when it is possible."""
+    index = graph.module_output.get(name)
+    space = None if index is None else graph.spaces[index]
+    if space is None:
+        return "they are not traced"
+    if space.locked or not space.consumers:
+        return "; ".join(space.locked[:2]) if space.locked else "no layer reads them"
+    return None
+
+
 def _check_out_rules(graph, plan: list) -> None:
     """Refuse an explicit 'out' rule that cannot be honoured before any gate is registered (the model stays as it was)."""
     for name, _, granularity, explicit in plan:
-        if granularity != "out" or not explicit:
-            continue
-        index = graph.module_output.get(name)
-        space = None if index is None else graph.spaces[index]
-        if space is None:
-            why = "they are not traced"
-        elif space.locked or not space.consumers:
-            why = "; ".join(space.locked[:2]) if space.locked else "no layer reads them"
-        else:
-            continue
-        raise ValueError(f"sparsify: cannot gate the output channels of {name!r}: {why}")
+        why = _why_output_channels_cannot_be_gated(graph, name) if granularity == "out" and explicit else None
+        if why is not None:
+            raise ValueError(f"sparsify: cannot gate the output channels of {name!r}: {why}")
 
 
 def _new_gate(shape, owner: str, granularity: str, module: nn.Module, gate_kwargs: dict) -> Gate:
