@@ -3,7 +3,7 @@
 The penalty is λ1·(ŝ − t) + λ2·(ŝ − t)² (Wang et al. 2020; CoFi, Xia et al.
 2022), where ŝ is the size as a fraction of the dense model (parameters,
 FLOPs, or open gates) and t the target; the target moves linearly from the
-starting size to ``target`` over ``warmup_steps``. Two things keep it from
+starting size to ``target`` over ``warmup_steps``. Three things keep it from
 overshooting (closed gates rarely reopen, so an overshoot is paid in accuracy):
 
 - it pushes only while the size that pruning would leave now (the test-time
@@ -12,9 +12,11 @@ overshooting (closed gates rarely reopen, so an overshoot is paid in accuracy):
 - the multipliers follow the pruned size's gap in both directions (they fall
   while the model is below the target, never below 0) instead of
   integrating the gradient of a penalty that stopped: the integral windup
-  that kept closing gates long after the target was reached.
+  that kept closing gates long after the target was reached;
+- ``step()`` lands the pruned size back in ``target ± tolerance`` when it
+  leaves it, closing or reopening only the gates nearest the threshold.
 
-docs/control.md has the measurements behind both choices.
+docs/control.md has the measurements behind these choices.
 """
 
 from __future__ import annotations

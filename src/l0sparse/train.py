@@ -330,7 +330,7 @@ def paper_init_(model: nn.Module) -> nn.Module:
     parametrized = {id(module) for _, module, _, _ in gate_masks(model)}
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if not isinstance(weight, Tensor) or weight.dim() < 2 or module.__class__.__name__.startswith("BatchNorm"):
+        if not isinstance(weight, Tensor) or weight.dim() < 2:  # norms' weights are vectors: left as they are
             continue
         if id(module) in parametrized:
             weight = module.parametrizations.weight.original
