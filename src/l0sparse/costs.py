@@ -333,15 +333,17 @@ class CostModel:
                     heads = heads.clamp(min=1)
         return _attention_cost(attention, query_length, key_length, heads)
 
-    def _kept_heads(self, owner: str, prob, deterministic: bool) -> Tensor:
-        """Per head of the attention module ``owner`` (an export-traced one): P(kept); at least one head is kept."""
-        projection = self.modules[self._head_layouts[owner]["projection"]]
-        gate = next(mask.gate for mask in projection.parametrizations.weight if isinstance(mask, GateMask))
-        kept = prob(gate)
-        if deterministic:  # prune keeps one (zero) head where all are closed
-            first = torch.zeros_like(kept)
-            first[0] = 1
-            kept = torch.where(kept.sum() > 0, kept, first)
+    def _kept_rows(self, owner: str, prob, deterministic: bool) -> Tensor:
+        """Per q/k/v row of the attention module ``owner`` (an export-traced one): P(kept), from its head and
+        block gates together; where every head is closed prune keeps one zero head of ``min_width`` rows."""
+        layout = self._head_layouts[owner]
+        heads, head_dim = layout["heads"], layout["head_dim"]
+        columns = _column_probabilities(self.modules[layout["projection"]], prob)
+        kept = columns.view(heads, head_dim).mean(1).repeat_interleave(head_dim)  # a head's columns share its gates
+        if deterministic:
+            narrow = torch.zeros_like(kept)
+            narrow[: layout["min_width"]] = 1
+            kept = torch.where(kept.sum() > 0, kept, narrow)
         return kept
 
     def _columns(self, name: str, prob, cache: dict) -> Tensor | None:
@@ -376,8 +378,9 @@ class CostModel:
         for (query, key), inside in zip(self.graph.attention_calls, attention_modules):
             macs = _scaled_dot_product_macs(query, key) / self._batch  # written out: all its heads...
             owner = next((name for name in inside if name in self._head_layouts), None)
-            if owner is not None:  # ... but those prune removes from an export-traced attention module
-                macs = macs * self._kept_heads(owner, prob, deterministic).sum() / self._head_layouts[owner]["heads"]
+            if owner is not None:  # ... but those prune removes from an export-traced attention module (linear in the width)
+                layout = self._head_layouts[owner]
+                macs = macs * self._kept_rows(owner, prob, deterministic).sum() / (layout["heads"] * layout["head_dim"])
             flops = flops + macs
         for name, calls in self._attention_lengths.items():  # attention modules called on their own, every call
             for scale, query_length, key_length in calls:
@@ -421,7 +424,7 @@ class CostModel:
                 p_in = self._space_alive(source, prob, cache).repeat_interleave(n_in // source.size) if removable else torch.ones_like(p_in)
             if name in self._head_of:  # q/k/v rows and output projection columns go with their head
                 layout = self._head_layouts[self._head_of[name]]
-                per_row = self._kept_heads(self._head_of[name], prob, deterministic).repeat_interleave(layout["head_dim"])
+                per_row = self._kept_rows(self._head_of[name], prob, deterministic)
                 if name == layout["projection"]:
                     p_in = per_row
                 else:
@@ -437,8 +440,9 @@ class CostModel:
                 if isinstance(producer, L0Conv2d):
                     p_in = p_in * prob(producer.gate).repeat_interleave(n_in // source.size)
             kept_out, kept_in = p_out.sum(), p_in.sum()
-            if deterministic:  # prune keeps one (zero) unit where all are closed, rather than an empty tensor
-                kept_out, kept_in = kept_out.clamp(min=1), kept_in.clamp(min=1)
+            if deterministic:  # prune keeps one (zero) unit where all are closed, except where it may empty the space
+                kept_out = kept_out if space is not None and self.graph.can_empty(space) else kept_out.clamp(min=1)
+                kept_in = kept_in if source is not None and self.graph.can_empty(source) else kept_in.clamp(min=1)
             flops = flops + positions * per_pair * kept_out * kept_in
             if name not in self._followers:  # a depthwise conv's parameters are counted per channel below
                 params = params + per_pair * kept_out * kept_in + (kept_out if module.bias is not None else 0)

@@ -142,6 +142,18 @@ class ChannelGraph:
         index = self.module_input.get(name)
         return None if index is None else self.spaces[index]
 
+    def can_empty(self, space: Space) -> bool:
+        """Whether prune may remove every channel of ``space``: on the torch.export path (layers sliced in place,
+        no index_select) when only nn.Linear layers make and read it, which run with zero features (a
+        feed-forward block whose units are all closed); elsewhere one zero channel stays."""
+        if self.tracer != "export" or not space.removable or space.followers or not space.producers:
+            return False
+        if not hasattr(self, "_modules"):  # CostModel asks on every costs() call: look the modules up once
+            self._modules = dict(self.graph_module.named_modules())
+        modules = self._modules
+        names = [*space.producers, *(consumer.name for consumer in space.consumers)]
+        return all(isinstance(modules.get(name), (nn.Linear, L0Linear)) for name in names)
+
 
 class _UnionFind:
     def __init__(self) -> None:

@@ -83,10 +83,11 @@ def _column_alive(weight: Tensor) -> Tensor:
     return weight.ne(0).movedim(1, 0).reshape(weight.shape[1], -1).any(1)
 
 
-def _round_up(alive: Tensor, multiple: int) -> Tensor:
-    """``alive`` with its first dead entries revived until the count is a multiple of ``multiple`` (or all)."""
+def _round_up(alive: Tensor, multiple: int, minimum: int = 1) -> Tensor:
+    """``alive`` with its first dead entries revived until the count is a multiple of ``multiple`` (or all),
+    and at least ``minimum``."""
     count = int(alive.sum())
-    wanted = min(alive.numel(), -(-max(count, 1) // multiple) * multiple)
+    wanted = min(alive.numel(), -(-max(count, minimum) // multiple) * multiple)
     if wanted > count:
         alive = alive.clone()
         alive[torch.nonzero(~alive).flatten()[: wanted - count]] = True
@@ -126,8 +127,8 @@ def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset(), round_
                         produced |= module.bias.ne(0)
                 alive &= produced
             # a dead channel kept by rounding has zero columns in every consumer: the output is unchanged
-            rounded = _round_up(alive, round_to)
-            keep = torch.nonzero(rounded).flatten()  # never empty: at least one (zero) channel stays
+            rounded = _round_up(alive, round_to, minimum=0 if graph.can_empty(space) else 1)
+            keep = torch.nonzero(rounded).flatten()  # empty only between Linear layers sliced in place
         else:
             rounded = alive = torch.ones(space.size, dtype=torch.bool)
             keep = torch.arange(space.size)
@@ -332,13 +333,13 @@ def _apply_plan(graph: ChannelGraph, plan: dict) -> fx.GraphModule:
 
 def _head_layouts(gated: nn.Module, work: nn.Module) -> dict[str, dict]:
     """:func:`head_layouts` of ``gated``, each with the heads whose projection columns are not all zero in
-    ``work`` (folded): ``"kept"``."""
+    ``work`` (folded): ``"kept"`` (empty when every head, or the block, is closed)."""
     modules = dict(work.named_modules())
     layouts = head_layouts(gated)
     for layout in layouts.values():
         projection = modules[layout["projection"]]
         alive = projection.weight.ne(0).any(0).view(layout["heads"], layout["head_dim"]).any(1)
-        layout["kept"] = torch.nonzero(alive).flatten().tolist() or [0]  # keep one (zero) head rather than none
+        layout["kept"] = torch.nonzero(alive).flatten().tolist()
     return layouts
 
 
@@ -355,11 +356,16 @@ def _apply_module_plan(work: nn.Module, plan: dict) -> nn.Module:
         kept, head_dim = layout["kept"], layout["head_dim"]
         if len(kept) == layout["heads"]:
             continue
-        index = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept]).tolist()
+        if kept:
+            index = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept]).tolist()
+            heads, width = len(kept), head_dim
+        else:  # the forward's reshapes need a head: one zero head, as narrow as the module's bookkeeping allows
+            heads, width = 1, layout.get("min_width", head_dim)
+            index = list(range(width))
         for name in layout["qkv"]:
             _slice(modules[name], name, rows=index)
         _slice(modules[layout["projection"]], layout["projection"], columns=index)
-        set_head_count(modules[owner], layout["heads"], len(kept), head_dim)
+        set_head_count(modules[owner], layout["heads"], heads, head_dim, width)
     return work
 
 

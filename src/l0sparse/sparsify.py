@@ -27,6 +27,16 @@ Granularities (``rules`` values):
   to be its last ``nn.Linear`` (in registration order): one gate for each
   block of ``in_features / 8`` columns, whose closing removes that head's
   contribution exactly. The module's other layers get no gates of their own.
+- ``"block"``: one gate for a whole block: all input columns of the
+  module's output projection (the module itself if it is an ``nn.Linear``,
+  ``out_proj`` of ``nn.MultiheadAttention``, else its last ``nn.Linear``).
+  Closed, the module gives what it gives with every head (every hidden
+  unit) removed: the projection's bias alone. On a Hugging Face attention
+  module it removes the whole attention block, on a feed-forward output
+  projection (``"encoder.layer.*.output.dense"``) the whole feed-forward
+  block. ``"in+block"`` (a Linear) and ``("heads+block", n)`` (an attention
+  module; ``"heads+block"`` for ``nn.MultiheadAttention``) add the block gate
+  to the unit or head gates, which it multiplies (CoFi's layer gates).
 - ``"skip"``: leave the module alone.
 
 In training, every weight that a shared gate multiplies draws its own sample
@@ -50,7 +60,8 @@ from .layers import L0Conv2d, L0Linear
 
 __all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks", "sum_per_gate", "head_layouts"]
 
-GRANULARITIES = ("in", "out", "weight", "heads", "skip")
+GRANULARITIES = ("in", "out", "weight", "heads", "block", "in+block", "heads+block", "skip")
+_HEAD_RULES = ("heads", "heads+block")  # the granularities a tuple rule ("heads", n) may name
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -132,10 +143,12 @@ def _check_rules(rules) -> dict:
         if not isinstance(key, (str, type)):
             raise ValueError(f"rules keys must be module names, glob patterns or module types, got {key!r}")
         if isinstance(value, tuple):
-            if not (len(value) == 2 and value[0] == "heads" and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
-                raise ValueError(f"rules[{key!r}] = {value!r}: a tuple rule is ('heads', number_of_heads) with a positive int")
+            if not (len(value) == 2 and value[0] in _HEAD_RULES and isinstance(value[1], int) and not isinstance(value[1], bool) and value[1] >= 1):
+                raise ValueError(f"rules[{key!r}] = {value!r}: a tuple rule is ('heads', number_of_heads) or "
+                                 "('heads+block', number_of_heads) with a positive int")
         elif value not in GRANULARITIES:
-            raise ValueError(f"rules[{key!r}] = {value!r}: the granularity must be one of {GRANULARITIES} or ('heads', number_of_heads)")
+            raise ValueError(f"rules[{key!r}] = {value!r}: the granularity must be one of {GRANULARITIES}, ('heads', number_of_heads) "
+                             "or ('heads+block', number_of_heads)")
     return dict(rules)
 
 
@@ -143,6 +156,8 @@ def _check_rules(rules) -> dict:
 # the width of all heads together: prune must update them when it removes heads
 _HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
 _HEADS_WIDTH_NAMES = ("all_head_size", "dim", "inner_dim")
+# ... and the width of one head, which prune sets to 1 where every head is closed (a forward cannot run with none)
+_HEAD_DIM_NAMES = ("attention_head_size", "head_dim", "dim_per_head")
 
 
 def _head_count_holder(module: nn.Module) -> tuple[nn.Module, str] | None:
@@ -161,37 +176,51 @@ def declared_head_count(module: nn.Module) -> int | None:
     return None if holder is None else getattr(*holder)
 
 
-def set_head_count(module: nn.Module, before: int, after: int, head_dim: int) -> None:
-    """Update an attention module's head bookkeeping from ``before`` to ``after`` heads of ``head_dim`` each."""
+def set_head_count(module: nn.Module, before: int, after: int, head_dim: int, new_head_dim: int | None = None) -> None:
+    """Update an attention module's head bookkeeping from ``before`` heads of ``head_dim`` each to ``after``
+    heads of ``new_head_dim`` (default: ``head_dim``) each."""
     holder = _head_count_holder(module)
     if holder is None:
         return
     submodule, attribute = holder
+    new_head_dim = head_dim if new_head_dim is None else new_head_dim
+    width_names = [name for name in _HEADS_WIDTH_NAMES if getattr(submodule, name, None) == before * head_dim]
+    dim_names = [name for name in _HEAD_DIM_NAMES if getattr(submodule, name, None) == head_dim] if new_head_dim != head_dim else []
     setattr(submodule, attribute, after)
-    for width in _HEADS_WIDTH_NAMES:  # only the width of all heads together, next to the count
-        if getattr(submodule, width, None) == before * head_dim:
-            setattr(submodule, width, after * head_dim)
+    for width in width_names:  # only the width of all heads together, next to the count
+        setattr(submodule, width, after * new_head_dim)
+    for name in dim_names:
+        setattr(submodule, name, new_head_dim)
+
+
+def _smallest_width(module: nn.Module, head_dim: int) -> int:
+    """The fewest q/k/v rows an attention module whose heads are all closed can keep: 1 where the module
+    declares its head width (prune can narrow its one zero head), else one whole head."""
+    holder = _head_count_holder(module)
+    found = holder is not None and any(getattr(holder[0], name, None) == head_dim for name in _HEAD_DIM_NAMES)
+    return 1 if found else head_dim
 
 
 def head_layouts(model: nn.Module) -> dict[str, dict]:
-    """Per attention module of the user's own gated with ``("heads", n)`` whose heads prune can remove:
-    ``{"projection": name of its output projection, "qkv": names of its three other Linear layers as wide
-    as the projection's input (q, k, v), "heads": its head count, "head_dim": the width of one head}``
-    (JSON-serialisable)."""
+    """Per attention module of the user's own gated with ``("heads", n)`` or ``"block"`` whose heads prune
+    can remove: ``{"projection": name of its output projection, "qkv": names of its three other Linear
+    layers as wide as the projection's input (q, k, v), "heads": its head count, "head_dim": the width of
+    one head, "min_width": the q/k/v rows kept when every head is closed}`` (JSON-serialisable)."""
     layouts = {}
     modules = dict(model.named_modules())
     for name, module, _, mask in gate_masks(model):
         owner = getattr(mask.gate, "owner", None)
         attention = modules.get(owner)
-        if getattr(mask.gate, "granularity", None) != "heads" or attention is None or isinstance(
-                attention, (nn.MultiheadAttention, nn.TransformerEncoderLayer)):
+        if getattr(mask.gate, "granularity", None) not in ("heads", "block") or attention is None or owner in layouts or isinstance(
+                attention, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Linear)):
             continue
         qkv = _query_key_value(attention, module)
-        if len(qkv) != 3:  # a fused qkv layer, or no output projection: its heads cannot be removed by slicing
+        heads = declared_head_count(attention) or (mask.gate.log_alpha.numel() if mask.gate.granularity == "heads" else None)
+        if len(qkv) != 3 or heads is None:  # a fused qkv layer, no output projection, no head count: no head can go
             continue
-        heads = declared_head_count(attention) or mask.gate.log_alpha.numel()
+        head_dim = module.in_features // heads
         layouts[owner] = {"projection": name, "qkv": [f"{owner}.{inner}" for inner in qkv], "heads": heads,
-                          "head_dim": module.in_features // heads}
+                          "head_dim": head_dim, "min_width": _smallest_width(attention, head_dim)}
     return layouts
 
 
@@ -207,6 +236,15 @@ def _output_projection(module: nn.Module) -> nn.Linear | None:
     return linears[-1] if linears else None
 
 
+def _block_projection(module: nn.Module) -> nn.Linear | None:
+    """The Linear whose input columns a ``"block"`` gate covers: the module itself, ``out_proj``, or its last Linear."""
+    if isinstance(module, nn.Linear):
+        return module
+    if isinstance(module, nn.MultiheadAttention):
+        return module.out_proj
+    return _output_projection(module)
+
+
 def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tuple | Tensor | None = None, **gate_kwargs) -> nn.Module:
     """Attach Hard Concrete gates to ``model`` in place and return it.
 
@@ -214,7 +252,9 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
         model: any ``nn.Module``; its classes are not changed.
         rules: maps module names (``"features.3"``), glob patterns
             (``"encoder.*.linear1"``) or module types (``nn.Conv2d``) to a
-            granularity in ``("in", "out", "weight", "heads", "skip")``. Exact
+            granularity in ``GRANULARITIES`` (``"in"``, ``"out"``, ``"weight"``,
+            ``"heads"``, ``"block"``, ``"in+block"``, ``"heads+block"``,
+            ``"skip"``) or ``("heads", n)`` / ``("heads+block", n)``. Exact
             names win over patterns, patterns over types, types over the
             defaults: Linear ``"in"``, ConvNd ``"out"``, attention ``"heads"``.
         example_inputs: a batch (a tensor or a tuple of the forward's
@@ -241,7 +281,7 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
         explicit = _rule_for(name, module, rules)
         if isinstance(explicit, tuple):  # ("heads", n): an attention module of the user's own
             head_counts[name] = explicit[1]
-            explicit = "heads"
+            explicit = explicit[0]
         granularity = explicit or _default_rule(module)
         if isinstance(module, (L0Linear, L0Conv2d)) or isinstance(module, Gate):
             handled.add(name)
@@ -257,8 +297,8 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
                 warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) skipped by rule", stacklevel=2)
             continue
         _check_supported(name, module, granularity, head_counts.get(name))
-        if granularity == "heads":
-            handled.add(name)
+        if granularity.startswith("heads") or (granularity == "block" and not isinstance(module, nn.Linear)):
+            handled.add(name)  # its q/k/v and projection get no gates of their own
         plan.append((name, module, granularity, explicit is not None))
 
     graph = None
@@ -280,8 +320,11 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
 
     space_gates: dict[int, Gate] = {}
     modules = dict(model.named_modules())
-    for name, module, granularity, explicit in plan:
-        if granularity == "in":
+    for name, module, rule, explicit in plan:
+        granularity, block = rule.removesuffix("+block"), rule.endswith("block")
+        if granularity == "block":
+            pass  # the block gate alone, below
+        elif granularity == "in":
             gate = _new_gate(module.weight.shape[1], name, "in", module, gate_kwargs)
             parametrize.register_parametrization(module, "weight", GateMask(gate, dim=1))
         elif granularity == "weight":
@@ -306,6 +349,10 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             space_gates[index] = gate
             for consumer in space.consumers:
                 parametrize.register_parametrization(modules[consumer.name], "weight", GateMask(gate, dim=consumer.dim, block=consumer.block))
+        if block:
+            projection = _block_projection(module)
+            gate = _new_gate(1, name, "block", projection, gate_kwargs)
+            parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features))
     return model
 
 
@@ -357,6 +404,11 @@ def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: 
     is_linear = isinstance(module, nn.Linear)
     is_conv = isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
     is_attention = isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention))
+    if granularity.endswith("block"):
+        _check_block(name, module, granularity)
+        if granularity == "block":
+            return
+        granularity = granularity.removesuffix("+block")
     if num_heads is not None and not is_attention:
         projection = _output_projection(module)
         if projection is None or projection.in_features % num_heads:
@@ -384,6 +436,20 @@ def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: 
     if not allowed:
         hint = " (a grouped conv has no per-input-channel columns; use 'out')" if is_conv and granularity == "in" else ""
         raise ValueError(f"sparsify: rule {granularity!r} does not apply to {name!r} ({type(module).__name__}){hint}")
+
+
+def _check_block(name: str, module: nn.Module, granularity: str) -> None:
+    """Refuse a block rule on a module that has no output projection for its one gate to cover."""
+    where = f"rule {granularity!r} on {name!r} ({type(module).__name__})"
+    allowed = ("'block' on an nn.Linear (a feed-forward output projection), nn.MultiheadAttention or an attention module "
+               "whose last nn.Linear is its output projection; 'in+block' on an nn.Linear; ('heads+block', n) on an attention module")
+    if isinstance(module, nn.TransformerEncoderLayer):
+        raise ValueError(f"sparsify: {where}: an encoder layer holds two blocks; put the rule on its 'self_attn' or "
+                         f"'linear2' and 'skip' the layer. Allowed: {allowed}")
+    if granularity == "in+block" and not isinstance(module, nn.Linear):
+        raise ValueError(f"sparsify: {where}: 'in+block' needs an nn.Linear. Allowed: {allowed}")
+    if granularity != "in+block" and (isinstance(module, (nn.modules.conv._ConvNd, nn.Embedding, *_NORMS)) or _block_projection(module) is None):
+        raise ValueError(f"sparsify: {where}: it has no output projection. Allowed: {allowed}")
 
 
 def _gate_attention(name: str, module: nn.Module, gate_kwargs: dict, num_heads: int | None = None) -> None:
