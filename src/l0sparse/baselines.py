@@ -1,9 +1,15 @@
-"""Magnitude pruning at a FLOPs budget: the baseline L0 is measured against.
+"""The baselines L0 is measured against, each at a FLOPs budget.
 
-Structured L1-norm pruning of units and channels (``torch.nn.utils.prune.ln_structured``
-on output rows), with one keep-ratio for every hidden layer found by
-bisection so that the pruned network keeps ``target`` of the dense FLOPs.
-The masks stay on during fine-tuning (PyTorch's prune re-applies them).
+Magnitude pruning (MLP and LeNet-5): structured L1-norm pruning of units and
+channels (``torch.nn.utils.prune.ln_structured`` on output rows), with one
+keep-ratio for every hidden layer found by bisection so that the pruned
+network keeps ``target`` of the dense FLOPs. The masks stay on during
+fine-tuning (PyTorch's prune re-applies them).
+
+Importance pruning (transformer encoders gated by ``sparsify``): attention
+heads ranked by the loss gradient of a head mask (Michel, Levy & Neubig,
+2019), feed-forward units by the norm of their weights, the least important
+removed down to ``target`` of the FLOPs by setting their gates shut for good.
 """
 
 from __future__ import annotations
@@ -14,10 +20,13 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .costs import count_flops
+from .costs import CostModel, count_flops
 from .models import LeNet5
 
-__all__ = ["hidden_layers", "pruned_flops", "magnitude_prune"]
+__all__ = ["hidden_layers", "pruned_flops", "magnitude_prune", "gate_importance", "importance_prune_"]
+
+#: log α of a gate fixed open / shut: the hard concrete sample is then exactly 1 / 0 (its noise is clamped to ±17 in logit)
+FIXED_OPEN, FIXED_SHUT = 30.0, -30.0
 
 
 def hidden_layers(model: nn.Module) -> list[nn.Module]:
@@ -78,3 +87,93 @@ def magnitude_prune(model: nn.Module, target: float, example: torch.Tensor) -> f
             if layer.bias is not None:  # a removed unit's bias goes with it
                 torch_prune.custom_from_mask(layer, "bias", layer.weight_mask.flatten(1).any(1).to(layer.bias.dtype))
     return _flops_for_widths(layer_macs, sizes, widths) / dense
+
+
+def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tensor]:
+    """An importance score for every gate of a ``sparsify``-gated model, by ``id(gate)``, normalised per gate tensor.
+
+    A head gate's score is Michel et al.'s: |∂L/∂ξ| for a mask ξ on the
+    head's output, which equals |Σ W ∂L/∂W| over the head's columns of the
+    output projection (the weights that ξ would scale), summed over
+    ``batches`` (``(inputs, targets)`` pairs, the loss ``loss_fn(logits,
+    targets)`` of each batch). Any other gate (a feed-forward unit) scores
+    the L2 norm of the weights it multiplies. Each gate tensor's scores are
+    divided by their L2 norm, as Michel et al. normalise per layer, so that
+    layers compare. The model's gates are set fully open while scoring, and
+    its mode is restored.
+    """
+    from .sparsify import gate_masks
+
+    masks = list(gate_masks(model))
+    if not masks:
+        raise ValueError("gate_importance needs a model gated by l0sparse.sparsify (it has no gate parametrizations)")
+    with torch.no_grad():
+        for _, _, _, mask in masks:
+            mask.gate.log_alpha.fill_(FIXED_OPEN)  # z = 1: the gated weight is the raw one
+    raw = {id(mask): getattr(module.parametrizations, tensor_name).original for _, module, tensor_name, mask in masks}
+    scores = {id(mask.gate): torch.zeros(mask.gate.log_alpha.shape) for _, _, _, mask in masks}
+    was_training = model.training
+    model.eval()
+    for inputs, targets in batches:
+        model.zero_grad(set_to_none=True)
+        loss_fn(model(inputs), targets).backward()
+        for _, _, _, mask in masks:
+            if mask.gate.granularity == "heads":
+                weight = raw[id(mask)]
+                scores[id(mask.gate)] += mask.per_gate(weight.detach() * weight.grad).abs()
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    for _, _, _, mask in masks:
+        if mask.gate.granularity != "heads":
+            scores[id(mask.gate)] += mask.per_gate(raw[id(mask)].detach() ** 2).sqrt()
+    return {key: value / value.norm().clamp_min(torch.finfo(value.dtype).tiny) for key, value in scores.items()}
+
+
+@torch.no_grad()
+def importance_prune_(model: nn.Module, target: float, example_inputs, scores: dict[int, torch.Tensor]) -> float:
+    """Shut the least important gates of a ``sparsify``-gated model for good, down to ``target`` of its FLOPs.
+
+    Heads and the other gates (feed-forward units) are ranked separately,
+    each kind across all layers by ``scores`` (from :func:`gate_importance`);
+    the same fraction of each kind is kept, the largest whose FLOPs stay
+    within the target (bisection), and every gate tensor keeps at least one
+    gate. Kept gates get log α = +30, the rest -30 (their samples are exactly
+    1 and 0), all frozen (``requires_grad = False``). Returns the fraction of
+    the FLOPs kept.
+    """
+    if not (0 < target <= 1):
+        raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
+    from .costs import gates
+
+    model_gates = gates(model)
+    missing = [gate.owner for gate in model_gates if id(gate) not in scores]
+    if missing:
+        raise ValueError(f"scores has no entry for the gates of {missing[0]!r}: compute them with gate_importance on this model")
+    kinds = {"heads": [g for g in model_gates if g.granularity == "heads"], "units": [g for g in model_gates if g.granularity != "heads"]}
+    cost_model = CostModel(model, example_inputs)
+
+    def keep(fraction: float) -> None:
+        for members in kinds.values():
+            if not members:
+                continue
+            pooled = torch.cat([scores[id(g)].flatten() for g in members])
+            count = max(1, math.ceil(fraction * pooled.numel()))
+            cut = pooled.topk(count).values.min()
+            for gate in members:
+                kept = scores[id(gate)] >= cut
+                kept.view(-1)[scores[id(gate)].view(-1).argmax()] = True  # at least one per gate tensor
+                gate.log_alpha.copy_(torch.where(kept, FIXED_OPEN, FIXED_SHUT))
+
+    def flops(fraction: float) -> float:
+        keep(fraction)
+        return float(cost_model.costs(deterministic=True)["flops"])
+
+    dense = flops(1.0)
+    low, high = 0.0, 1.0
+    for _ in range(30):  # the largest common keep-fraction whose FLOPs stay within the target
+        middle = (low + high) / 2
+        low, high = (middle, high) if flops(middle) <= target * dense else (low, middle)
+    kept_flops = flops(low)
+    for gate in model_gates:
+        gate.log_alpha.requires_grad_(False)
+    return kept_flops / dense

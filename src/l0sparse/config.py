@@ -13,9 +13,9 @@ from .files import read_json
 
 __all__ = ["TrainConfig", "load_config", "config_from_dict", "read_config_json", "MODELS"]
 
-MODELS = ("mlp", "lenet5")
+MODELS = ("mlp", "lenet5", "minilm")
 INITS = ("torch", "paper")  # the weights' initialisation: torch.nn's, or the paper's code's (Kaiming normal, zero bias)
-REGULARIZER_CHOICES = ("l0", "none", "magnitude", "l1", "group_l1", "l2")
+REGULARIZER_CHOICES = ("l0", "none", "magnitude", "importance", "l1", "group_l1", "l2")
 
 
 @dataclass
@@ -43,6 +43,20 @@ class TrainConfig:
     sizes and pruning use an exponential moving average of every
     parameter, log α included). ``conditional = true``
     computes only the open units (the paper's layers; see ``L0MLP``).
+
+    Text: ``model = "minilm"`` (all-MiniLM-L6-v2 with a classification
+    layer, :mod:`l0sparse.hf`) on ``data = "wordnet"``; its gates are the
+    attention heads and feed-forward units of every layer. ``teacher`` is
+    the directory of a finished run of the same model and data: the new run
+    starts from its weights and learns from its logits (knowledge
+    distillation: ``distill_weight`` · T² · KL(teacher ‖ student at
+    temperature T = ``temperature``) + (1 − ``distill_weight``) ·
+    cross-entropy). ``regularizer = "importance"`` is the structured
+    importance-pruning baseline for it: heads ranked by the loss gradient of
+    a head mask (Michel et al., 2019), feed-forward units by weight norm,
+    removed down to ``target`` of the FLOPs before training, then trained
+    (distilled) for ``epochs``. ``train_examples`` / ``test_examples`` use
+    the first that many examples of the (shuffled) dataset.
     """
 
     model: str = "mlp"
@@ -67,6 +81,11 @@ class TrainConfig:
     conditional: bool = False
     gates: str = "units"
     threshold: float | None = None
+    teacher: str | None = None
+    distill_weight: float = 0.5
+    temperature: float = 2.0
+    train_examples: int | None = None
+    test_examples: int | None = None
     seed: int = 0
 
     def validate(self) -> "TrainConfig":
@@ -93,6 +112,11 @@ class TrainConfig:
             ("ema", _number(self.ema) and 0 <= self.ema < 1, "a decay in [0, 1) (0: no moving average)"),
             ("conditional", isinstance(self.conditional, bool), "true or false"),
             ("gates", self.gates in ("units", "weights"), "'units' (the paper's layers) or 'weights' (one gate per weight)"),
+            ("teacher", self.teacher is None or (isinstance(self.teacher, str) and bool(self.teacher)), "a run directory, or none"),
+            ("distill_weight", _number(self.distill_weight) and 0 <= self.distill_weight <= 1, "a number in [0, 1]"),
+            ("temperature", _number(self.temperature) and self.temperature > 0, "a number > 0"),
+            ("train_examples", self.train_examples is None or (_int(self.train_examples) and self.train_examples >= 1), "an int >= 1, or none for all"),
+            ("test_examples", self.test_examples is None or (_int(self.test_examples) and self.test_examples >= 1), "an int >= 1, or none for all"),
             ("seed", _int(self.seed), "an int"),
         ]
         for key, ok, allowed in checks:
@@ -104,6 +128,17 @@ class TrainConfig:
             raise ValueError("config key 'droprate_init' = a list: one rate per layer needs regularizer = 'l0' with gates = 'units'")
         if self.conditional and (self.regularizer != "l0" or self.gates != "units"):
             raise ValueError("config key 'conditional' = true: needs regularizer = 'l0' with gates = 'units' (the paper's layers)")
+        if self.regularizer == "importance" and (self.model != "minilm" or self.target is None or self.metric != "flops"):
+            raise ValueError("config key 'regularizer' = 'importance': the head/unit importance baseline needs model = 'minilm' "
+                             "and a FLOPs target (target = 0.5, metric = 'flops')")
+        if (self.model == "minilm") != (self.data == "wordnet"):
+            raise ValueError(f"config key 'data' = {self.data!r}: model 'minilm' reads text (data = 'wordnet'), and 'wordnet' "
+                             f"needs model = 'minilm' (got model = {self.model!r})")
+        if self.model == "minilm" and (self.gates != "units" or self.conditional or isinstance(self.droprate_init, list) or self.init != "torch"):
+            raise ValueError("model 'minilm' is pretrained and gated by heads and feed-forward units: gates = 'units', "
+                             "init = 'torch', conditional = false and one droprate_init")
+        if self.teacher is not None and self.model != "minilm":
+            raise ValueError(f"config key 'teacher': distillation is built for model = 'minilm', not {self.model!r}")
         if self.model == "lenet5" and self.data not in ("fashion-mnist", "mnist-5k"):
             raise ValueError(f"config key 'data' = {self.data!r}: model 'lenet5' needs 28×28 images (fashion-mnist or mnist-5k)")
         return self
@@ -169,10 +204,11 @@ def config_from_dict(values: dict, source: str | Path | None = None) -> TrainCon
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"{where}unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-    for key in ("target", "threshold", "gate_lr"):
+    for key in ("target", "threshold", "gate_lr", "teacher", "train_examples", "test_examples"):
         if isinstance(values.get(key), str) and values[key].lower() == "none":
             values[key] = None
-    for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init", "threshold", "ema"):
+    for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init", "threshold", "ema",
+                "distill_weight", "temperature"):
         if _int(values.get(key)):
             values[key] = float(values[key])  # TOML writes 1 for 1.0
     try:

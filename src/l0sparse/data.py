@@ -12,21 +12,30 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Split", "load_digits_split", "load_fashion_mnist", "load_mnist_5k", "load_mnist1d", "load_dataset", "DATASETS",
-           "FASHION_MNIST_DIR"]
+__all__ = ["Split", "load_digits_split", "load_fashion_mnist", "load_mnist_5k", "load_mnist1d", "load_wordnet", "load_dataset",
+           "DATASETS", "FASHION_MNIST_DIR", "WORDNET_DIR"]
 
 #: Where Debian's package dataset-fashion-mnist puts the files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+#: Where Debian's package wordnet-base puts WordNet 3.0's database files.
+WORDNET_DIR = "/usr/share/wordnet"
 
 
 @dataclass
 class Split:
-    """Train and test tensors of one dataset."""
+    """Train and test tensors of one dataset; for text, ``x`` holds token ids padded with ``pad_id`` at the end."""
 
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
+    pad_id: int | None = None
+    class_count: int | None = None  # known from the source (a subset may lack a class); None: from the labels
+
+    def subset(self, train: int | None = None, test: int | None = None) -> "Split":
+        """The first ``train`` and ``test`` examples (None: all); every loader's order is already shuffled or stratified."""
+        return Split(self.x_train[:train], self.y_train[:train], self.x_test[:test], self.y_test[:test], self.pad_id,
+                     self.num_classes)
 
     @property
     def num_features(self) -> int:
@@ -34,7 +43,7 @@ class Split:
 
     @property
     def num_classes(self) -> int:
-        return int(self.y_train.max()) + 1
+        return self.class_count if self.class_count is not None else int(self.y_train.max()) + 1
 
 
 def load_digits_split(test_fraction: float = 0.25, seed: int = 0) -> Split:
@@ -125,12 +134,65 @@ def load_mnist1d(seed: int = 42) -> Split:
                  as_tensor(data["x_test"], torch.float32), as_tensor(data["y_test"], torch.long))
 
 
+#: WordNet 3.0's lexicographer files (lexnames): adj.all … verb.weather.
+WORDNET_CLASSES = 45
+
+
+def read_wordnet_glosses(root: str | Path | None = None) -> tuple[list[str], list[int]]:
+    """Every synset's gloss and lexicographer file number (0-44: noun.animal, verb.motion, ...) from WordNet's data files.
+
+    A line of ``data.noun`` (``.verb``, ``.adj``, ``.adv``) is ``offset lex_filenum ss_type ... | gloss``;
+    lines starting with two spaces are the license header. ``root`` defaults to :data:`WORDNET_DIR`.
+    """
+    root = Path(WORDNET_DIR if root is None else root)
+    names = [f"data.{part}" for part in ("noun", "verb", "adj", "adv")]
+    missing = [name for name in names if not (root / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"WordNet not found in {root} (missing {', '.join(missing)}): install Debian's package with "
+                                "`apt-get install wordnet-base`, or pass root= a folder with WordNet 3.0's data.* files")
+    glosses, labels = [], []
+    for name in names:
+        with open(root / name, encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                if line.startswith("  ") or not line.strip():
+                    continue
+                fields, bar, gloss = line.partition(" | ")
+                parts = fields.split()
+                if not bar or len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) >= WORDNET_CLASSES:
+                    raise ValueError(f"{root / name} line {number} is not a WordNet synset line (offset lex_filenum ... | gloss): "
+                                     "reinstall it with `apt-get install --reinstall wordnet-base`")
+                glosses.append(gloss.strip())
+                labels.append(int(parts[1]))
+    return glosses, labels
+
+
+def load_wordnet(root: str | Path | None = None, max_length: int = 64, test_fraction: float = 0.1, seed: int = 0) -> Split:
+    """WordNet 3.0 glosses, each to be classified into its synset's lexicographer file (117,659 synsets, 45 classes).
+
+    Tokenized with all-MiniLM-L6-v2's tokenizer (the ``hf`` extra) to at
+    most ``max_length`` tokens, padded with its padding id; a seeded
+    shuffle, then the last ``test_fraction`` is the test set. The majority
+    class (noun.artifact) is 12.3% of the synsets.
+    """
+    from .hf import load_tokenizer
+
+    glosses, labels = read_wordnet_glosses(root)
+    tokenizer = load_tokenizer()
+    ids = tokenizer(glosses, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")["input_ids"]
+    order = torch.randperm(len(glosses), generator=torch.Generator().manual_seed(seed))
+    ids, targets = ids[order], torch.tensor(labels, dtype=torch.long)[order]
+    n_test = round(test_fraction * len(glosses))
+    return Split(ids[:-n_test], targets[:-n_test], ids[-n_test:], targets[-n_test:], pad_id=int(tokenizer.pad_token_id),
+                 class_count=WORDNET_CLASSES)
+
+
 #: Names accepted by :func:`load_dataset` (and the ``data`` key of a training config).
 DATASETS = {
     "digits": load_digits_split,
     "fashion-mnist": load_fashion_mnist,
     "mnist-5k": load_mnist_5k,
     "mnist1d": load_mnist1d,
+    "wordnet": load_wordnet,
 }
 
 

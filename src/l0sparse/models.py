@@ -178,10 +178,14 @@ class LeNet5(nn.Module):
 
 def build_model(name: str, num_features: int, num_classes: int, hidden: Sequence[int] = (300, 100), gated: bool = True,
                 **gate_kwargs) -> nn.Module:
-    """The model a training config names: ``"mlp"`` (flattened inputs) or ``"lenet5"``, gated or dense."""
+    """The model a training config names: ``"mlp"`` (flattened inputs) or ``"lenet5"``, gated or dense, or ``"minilm"`` (dense)."""
     if name == "mlp":
         sizes = (num_features, *hidden, num_classes)
         return L0MLP(sizes, **gate_kwargs) if gated else mlp(sizes)
     if name == "lenet5":
         return L0LeNet5(num_classes=num_classes, **gate_kwargs) if gated else LeNet5(num_classes=num_classes)
-    raise ValueError(f"unknown model {name!r}; known: 'mlp', 'lenet5'")
+    if name == "minilm":  # pretrained; its gates come from sparsify (l0sparse.hf.encoder_rules)
+        from .hf import build_minilm
+
+        return build_minilm(num_classes)
+    raise ValueError(f"unknown model {name!r}; known: 'mlp', 'lenet5', 'minilm'")

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,13 +84,30 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024) -> float:
-    """Classification accuracy in eval mode (deterministic gates); restores the model's mode."""
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024, pad_id: int | None = None) -> float:
+    """Classification accuracy in eval mode (deterministic gates); restores the model's mode.
+
+    ``pad_id``: ``x`` holds token ids padded with it, computed in batches of similar length without their padding.
+    """
+    if pad_id is not None:
+        from .hf import predict_logits
+
+        return float((predict_logits(model, x, pad_id).argmax(-1) == y).float().mean())
     was_training = model.training
     model.eval()
     correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     model.train(was_training)
     return correct / len(y)
+
+
+def distillation_loss(logits: Tensor, targets: Tensor, teacher_logits: Tensor, weight: float, temperature: float) -> Tensor:
+    """``weight`` · T² · KL(teacher ‖ student), both softened by T, plus (1 − ``weight``) · cross-entropy (Hinton et al., 2015).
+
+    T² keeps the soft term's gradients on the scale of the hard one's as T changes.
+    """
+    soft = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
+                    log_target=True, reduction="batchmean")
+    return weight * temperature ** 2 * soft + (1 - weight) * F.cross_entropy(logits, targets)
 
 
 def fit(
@@ -159,6 +177,19 @@ RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT, PRUNED_WEIGHTS, PRUNED_SPEC,
 #: A new run writes here, inside the run directory, until its first checkpoint; then it takes the old run's place.
 STAGING_DIR = ".l0sparse-new"
 REPLACED_DIR = ".l0sparse-old"
+
+
+#: How many training examples score the importance baseline's heads (Michel et al. use a few thousand).
+IMPORTANCE_EXAMPLES = 2048
+
+
+def _batch_inputs(x: Tensor, pad_id: int | None) -> Tensor:
+    """A batch as the model gets it: token ids without their columns of padding only (the same outputs, less compute)."""
+    if pad_id is None:
+        return x
+    from .hf import trim_padding
+
+    return trim_padding(x, pad_id)
 
 
 class TrainingDiverged(FloatingPointError):
@@ -293,7 +324,22 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def model_for(config, data) -> nn.Module:
+def load_teacher(config) -> nn.Module:
+    """The plain model of the finished run that ``config.teacher`` names, checked to fit ``config``; in eval mode."""
+    teacher_dir = Path(config.teacher)
+    if not (teacher_dir / CHECKPOINT).exists():
+        raise FileNotFoundError(f"config key 'teacher' = {config.teacher!r}: no {CHECKPOINT} there; train the teacher first "
+                                f"(a run with regularizer = 'none' of the same model and data)")
+    teacher_config, teacher, _ = load_run(teacher_dir)
+    if (teacher_config.model, teacher_config.data, teacher_config.regularizer) != (config.model, config.data, "none"):
+        raise ValueError(f"config key 'teacher' = {config.teacher!r}: that run is model {teacher_config.model!r}, data "
+                         f"{teacher_config.data!r}, regularizer {teacher_config.regularizer!r}; a teacher is a dense run "
+                         f"(regularizer = 'none') of model {config.model!r} on data {config.data!r}")
+    return teacher
+
+
+def model_for(config, data, initial: nn.Module | None = None) -> nn.Module:
+    """The model ``config`` describes, gated as its regularizer needs; ``initial``: a plain model to start from (copied)."""
     from .models import build_model
     from .sparsify import sparsify
 
@@ -301,6 +347,19 @@ def model_for(config, data) -> nn.Module:
 
     gated = config.regularizer == "l0"
     clamp = PAPER_LOG_ALPHA_RANGE if config.clamp_log_alpha else None
+    if config.model == "minilm":  # pretrained: gated by heads and feed-forward units, or dense
+        from .hf import encoder_rules
+
+        model = copy.deepcopy(initial) if initial is not None else build_model(config.model, 0, data.num_classes)
+        if gated or config.regularizer == "importance":
+            with warnings.catch_warnings():  # the embeddings, q/k/v and the classifier are meant to have no gate of their own
+                warnings.filterwarnings("ignore", message="sparsify: .*(skipped by rule|no rule supports it)")
+                model = sparsify(model, rules=encoder_rules(model), example_inputs=data.x_train[:2],
+                                 droprate_init=config.droprate_init, clamp_log_alpha=clamp)
+        if config.regularizer == "importance":  # the baseline's gates are set once, by importance, and never trained
+            for gate in gates(model):
+                gate.log_alpha.requires_grad_(False)
+        return model
     if gated and config.gates == "weights":  # the plain model with one gate per weight, through sparsify
         model = build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, gated=False)
         model = sparsify(model, rules={nn.Linear: "weight", nn.Conv2d: "weight"}, droprate_init=config.droprate_init,
@@ -428,12 +487,15 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
     resume = state is not None
     configure_torch(threads)
 
-    # data, model, optimizer, and the size controller if a target is set
-    data = load_dataset(config.data)
+    # data, model (from the teacher's weights, if one is named), optimizer, and the size controller if a target is set
+    data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
+    teacher = load_teacher(config) if config.teacher is not None else None
     torch.manual_seed(config.seed)
-    model = model_for(config, data)
+    model = model_for(config, data, initial=teacher)
     example = data.x_train[:2]
     gated = config.regularizer == "l0"
+    importance = config.regularizer == "importance"
+    pad_id = data.pad_id
     optimizer = _optimizer_for(model, config)
     n_train = len(data.x_train)
     # under DDP each rank takes an equal, disjoint share of the epoch: the remainder of n / world_size is left out
@@ -452,7 +514,7 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
     # the paper's temporal average of every parameter (log α included): what is evaluated, recorded and pruned
     averaged = ema(model, config.ema) if config.ema > 0 else None
     evaluated = model if averaged is None else averaged.module
-    cost_model = CostModel(evaluated, example) if gated else None
+    cost_model = CostModel(evaluated, example) if gated or importance else None
     dense = plain_copy(model)
     dense_flops, dense_params = count_flops(dense, example), count_params(dense)
 
@@ -486,6 +548,12 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
     else:
         if group.is_main:
             atomic_write_text(json.dumps(config.to_dict(), indent=1), run_dir.path / CONFIG_FILE)
+        if importance:  # the baseline's structure, chosen once from the starting weights; the checkpoint keeps it
+            from .baselines import gate_importance, importance_prune_
+
+            scoring = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed))[:IMPORTANCE_EXAMPLES]
+            batches = [(_batch_inputs(data.x_train[index], pad_id), data.y_train[index]) for index in scoring.split(config.batch_size)]
+            importance_prune_(model, config.target, example, gate_importance(model, batches, F.cross_entropy))
         if group.world_size > 1:
             torch.manual_seed(config.seed + group.rank)  # the same initial model everywhere, then each rank its own noise
 
@@ -501,6 +569,14 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
             kept = "no checkpoint was written"
         return TrainingDiverged(f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {what}; {kept}; "
                                 "start a new run with a lower lr or gate_lr")
+
+    # the teacher's logits for every training example, once: it is fixed and deterministic (eval mode)
+    teacher_logits = None
+    if teacher is not None:
+        from .hf import predict_logits
+
+        teacher_logits = predict_logits(teacher, data.x_train, pad_id)
+        del teacher
 
     # under a controller λ is its job; the L2 under the gates (weight_decay) still applies
     l0_penalty = None
@@ -522,9 +598,12 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                 bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch + 1}/{total_epochs}",
                            disable=not (progress and group.is_main), leave=False)
                 for step, index in enumerate(bar, 1):
-                    x, y = data.x_train[index], data.y_train[index]
+                    x, y = _batch_inputs(data.x_train[index], pad_id), data.y_train[index]
                     logits = forward(x)
-                    loss = F.cross_entropy(logits, y)
+                    if teacher_logits is None:
+                        loss = F.cross_entropy(logits, y)
+                    else:
+                        loss = distillation_loss(logits, y, teacher_logits[index], config.distill_weight, config.temperature)
                     if controller is not None:
                         loss = loss + controller.penalty()
                     if l0_penalty is not None:
@@ -556,9 +635,10 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                 if bad_entry is not None:  # the last step of the epoch can break the weights with a finite loss
                     raise diverged(epoch + 1, len(bar), f"{bad_entry} holds NaN or inf after the optimizer step")
                 record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
-                          "test_accuracy": accuracy(evaluated, data.x_test, data.y_test), "seconds": time.perf_counter() - started}
+                          "test_accuracy": accuracy(evaluated, data.x_test, data.y_test, pad_id=pad_id),
+                          "seconds": time.perf_counter() - started}
                 if averaged is not None:
-                    record["test_accuracy_without_ema"] = accuracy(model, data.x_test, data.y_test)
+                    record["test_accuracy_without_ema"] = accuracy(model, data.x_test, data.y_test, pad_id=pad_id)
                 if group.world_size > 1:  # the ranks compare their gates and multipliers, which DDP should keep equal
                     ranks_state = ([g.log_alpha.detach().flatten().tolist() for g in gates(model)],
                                    None if controller is None else [float(controller.lambda_1.detach()), float(controller.lambda_2.detach())])
@@ -577,6 +657,10 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                     if controller is not None:
                         record.update({"lambda_1": float(controller.lambda_1.detach()), "lambda_2": float(controller.lambda_2.detach()),
                                        "target_now": controller.current_target()})
+                elif importance:
+                    with torch.no_grad():
+                        kept = cost_model.costs(deterministic=True)
+                    record.update({"flops_kept": float(kept["flops"]) / dense_flops, "params_kept": float(kept["params"]) / dense_params})
                 elif magnitude:
                     record["flops_kept"] = flops_kept
                 elif thresholded:  # measured on a thresholded copy: the checkpoint keeps the exact weights
@@ -620,7 +704,7 @@ def load_run(run_dir) -> tuple:
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no {CHECKPOINT}")
     config = read_config_json(run_dir / CONFIG_FILE)
     state = load_checkpoint(run_dir / CHECKPOINT)
-    data = load_dataset(config.data)
+    data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
     model = model_for(config, data)
     if config.regularizer == "magnitude" and state["epoch"] >= config.epochs:
         from .baselines import magnitude_prune
@@ -656,7 +740,8 @@ def prune_run(run_dir, force: bool = False, round_to: int = 1) -> tuple[nn.Modul
     example = data.x_train[:2]
     pruned, plan = prune(model, example, return_plan=True, round_to=round_to)
     table = summary(model, example)
-    spec = {"config": config.to_dict(), "plan": plan, "example_shape": list(example.shape[1:]), "num_classes": data.num_classes,
+    spec = {"config": config.to_dict(), "plan": plan, "example_shape": list(example.shape[1:]),
+            "example_dtype": str(example.dtype).removeprefix("torch."), "num_classes": data.num_classes,
             "architecture": architecture(model), "summary": table.to_markdown()}
     atomic_save(pruned.state_dict(), run_dir / PRUNED_WEIGHTS)
     atomic_write_text(json.dumps(spec, indent=1), run_dir / PRUNED_SPEC)
@@ -674,7 +759,7 @@ def load_pruned(run_dir) -> nn.Module:
         raise FileNotFoundError(f"{run_dir} has no {PRUNED_SPEC}: run `l0sparse prune {run_dir}` first")
     spec = read_json(run_dir / PRUNED_SPEC)
     config = config_from_dict(spec.get("config") if isinstance(spec, dict) else None, source=run_dir / PRUNED_SPEC)
-    example = torch.zeros(2, *spec["example_shape"])
+    example = torch.zeros(2, *spec["example_shape"], dtype=getattr(torch, spec.get("example_dtype", "float32")))
     fresh = build_model(config.model, int(math.prod(spec["example_shape"])), spec["num_classes"], hidden=config.hidden,
                         gated=config.regularizer == "l0")
     module = rebuild(fresh, spec["plan"], example)
