@@ -111,7 +111,7 @@ def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tenso
         for _, _, _, mask in masks:
             mask.gate.log_alpha.fill_(FIXED_OPEN)  # z = 1: the gated weight is the raw one
     raw = {id(mask): getattr(module.parametrizations, tensor_name).original for _, module, tensor_name, mask in masks}
-    scores = {id(mask.gate): torch.zeros(mask.gate.log_alpha.shape) for _, _, _, mask in masks}
+    scores = {id(mask.gate): torch.zeros_like(mask.gate.log_alpha, requires_grad=False) for _, _, _, mask in masks}
     was_training = model.training
     model.eval()
     for inputs, targets in batches:

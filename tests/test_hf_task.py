@@ -1,0 +1,252 @@
+"""The Hugging Face task of issue #12 (parts 4-5): WordNet glosses, the sentence classifier, distillation, the
+importance baseline, and the command's runs. The real all-MiniLM-L6-v2 and WordNet are only in the benchmark
+(benchmarks/hf_minilm.py): here a small random BERT and synthetic data stand in for them; nothing is downloaded."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import l0sparse
+from l0sparse import hf
+from l0sparse.baselines import FIXED_OPEN, gate_importance, importance_prune_
+from l0sparse.config import config_from_dict
+from l0sparse.costs import CostModel, gates
+from l0sparse.data import DATASETS, Split, read_wordnet_glosses
+from l0sparse.train import distillation_loss, load_pruned, load_run, load_teacher, model_for, prune_run, run_training
+
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (pip install -e '.[hf]')")
+
+VOCAB, WIDTH, HEADS, FFN, LAYERS, CLASSES, LENGTH = 60, 16, 4, 32, 2, 5, 10
+EPS64 = torch.finfo(torch.float64).eps
+
+
+def tiny_classifier(num_classes: int = CLASSES) -> hf.SentenceClassifier:
+    config = transformers.BertConfig(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
+                                     vocab_size=VOCAB, max_position_embeddings=LENGTH + 2, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0)
+    return hf.SentenceClassifier(transformers.BertModel(config, add_pooling_layer=False), num_classes)
+
+
+def token_ids(count: int, seed: int = 0) -> torch.Tensor:
+    """Random ids (never the padding id 0) with random lengths in [2, LENGTH - 2], padded with 0 at the end."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (count, LENGTH), generator=generator)
+    lengths = torch.randint(2, LENGTH - 1, (count,), generator=generator)
+    ids[torch.arange(LENGTH) >= lengths[:, None]] = 0
+    return ids
+
+
+def fake_wordnet() -> Split:
+    """Token ids whose class is the first token's id modulo CLASSES: learnable, and shaped like load_wordnet's Split."""
+    x_train, x_test = token_ids(96, seed=1), token_ids(32, seed=2)
+    return Split(x_train, x_train[:, 0] % CLASSES, x_test, x_test[:, 0] % CLASSES, pad_id=0, class_count=CLASSES)
+
+
+def gated_classifier(seed: int = 0) -> hf.SentenceClassifier:
+    torch.manual_seed(seed)
+    model = tiny_classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embeddings, q/k/v, the classifier: no gate of their own, as the rules say
+        l0sparse.sparsify(model, hf.encoder_rules(model), example_inputs=token_ids(2))
+    return model
+
+
+# --- WordNet -------------------------------------------------------------------------------------------------
+
+HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n  2 Princeton University\n"
+
+
+def write_wordnet(folder, lines_per_part: dict[str, list[str]]) -> None:
+    for part in ("noun", "verb", "adj", "adv"):
+        (folder / f"data.{part}").write_text(HEADER + "".join(line + "\n" for line in lines_per_part.get(part, [])))
+
+
+def test_glosses_and_lexicographer_files_are_read_from_the_four_data_files(tmp_path):
+    write_wordnet(tmp_path, {
+        "noun": ["00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived or known; \"a thing\"  "],
+        "verb": ["00001740 29 v 04 breathe 0 take_a_breath 0 021 * 00005041 v 0000 02 + 02 00 | draw air into the lungs  "],
+        "adv": ["00001740 02 r 01 a_cappella 0 000 | without musical accompaniment"],
+    })
+    glosses, labels = read_wordnet_glosses(tmp_path)
+    assert glosses == ['that which is perceived or known; "a thing"', "draw air into the lungs", "without musical accompaniment"]
+    assert labels == [3, 29, 2]
+
+
+def test_missing_wordnet_says_how_to_install_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+        read_wordnet_glosses(tmp_path)
+
+
+@pytest.mark.parametrize("line", ["00001740 03 n 01 entity 0 000 no bar here", "00001740 n 03 entity | gloss",
+                                  "00001740 45 n 01 entity 0 000 | a lexicographer file past the 45 there are"])
+def test_a_damaged_wordnet_line_is_named(tmp_path, line):
+    write_wordnet(tmp_path, {"noun": ["00001740 03 n 01 entity 0 000 | fine", line]})
+    with pytest.raises(ValueError, match=r"data\.noun line 4"):
+        read_wordnet_glosses(tmp_path)
+
+
+# --- the classifier, its gates, padding ----------------------------------------------------------------------
+
+def test_trimmed_padding_and_length_sorted_batches_give_the_same_logits():
+    torch.manual_seed(0)
+    model = tiny_classifier().double().eval()
+    x = token_ids(12)
+    with torch.no_grad():
+        full = model(x)
+        assert hf.trim_padding(x, 0).shape[1] < LENGTH  # the test has padding to remove
+        trimmed = model(hf.trim_padding(x, 0))
+    tolerance = 64 * EPS64 * float(full.abs().max())
+    assert float((full - trimmed).abs().max()) <= tolerance
+    assert float((hf.predict_logits(model, x, 0, batch_size=5) - full).abs().max()) <= tolerance
+
+
+def test_encoder_rules_gate_every_layer_s_heads_and_units_and_prune_keeps_the_logits():
+    model = gated_classifier()
+    shapes = sorted((gate.owner, tuple(gate.log_alpha.shape)) for gate in gates(model))
+    assert shapes == sorted([(f"encoder.encoder.layer.{i}.attention", (HEADS,)) for i in range(LAYERS)]
+                            + [(f"encoder.encoder.layer.{i}.output.dense", (FFN,)) for i in range(LAYERS)])
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for gate in gates(model):
+            gate.log_alpha.copy_(torch.where(torch.rand(gate.log_alpha.shape, generator=generator) < 0.5, -10.0, 10.0))
+    model.eval()
+    x = token_ids(6)
+    pruned = l0sparse.prune(model, x)
+    with torch.no_grad():
+        expected, got = model(x), pruned(x)
+    assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
+    assert l0sparse.count_params(pruned) < l0sparse.count_params(l0sparse.prune(gated_classifier(), x))
+
+
+def test_encoder_rules_refuse_a_model_without_bert_attention():
+    with pytest.raises(ValueError, match="encoder_rules"):
+        hf.encoder_rules(nn.Sequential(nn.Linear(3, 3)))
+
+
+# --- distillation ----------------------------------------------------------------------------------------------
+
+def test_distillation_loss_mixes_the_soft_and_the_hard_term():
+    generator = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(8, CLASSES, generator=generator, dtype=torch.float64), torch.randn(8, CLASSES, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, CLASSES, (8,), generator=generator)
+    cross_entropy = F.cross_entropy(logits, targets)
+    assert torch.equal(distillation_loss(logits, targets, teacher, 0.0, 2.0), cross_entropy)
+    assert abs(float(distillation_loss(logits, targets, logits, 1.0, 3.0))) <= 8 * EPS64  # KL of a distribution to itself
+    temperature = 2.0  # the soft term by hand: T² · mean over examples of Σ p_teacher (log p_teacher − log p_student)
+    p_teacher = F.softmax(teacher / temperature, -1)
+    by_hand = temperature ** 2 * (p_teacher * (p_teacher.log() - F.log_softmax(logits / temperature, -1))).sum(-1).mean()
+    mixed = distillation_loss(logits, targets, teacher, 0.25, temperature)
+    assert abs(float(mixed - (0.25 * by_hand + 0.75 * cross_entropy))) <= 64 * EPS64 * float(by_hand + cross_entropy)
+
+
+# --- the importance baseline -----------------------------------------------------------------------------------
+
+def test_head_scores_are_the_loss_gradient_of_a_head_mask():
+    """Independently: scale each head's slice of the output projection's input by ξ (a hook) and differentiate."""
+    model = gated_classifier().double()
+    x, y = token_ids(8, seed=4), torch.arange(8) % CLASSES
+    scores = gate_importance(model, [(x, y)], F.cross_entropy)
+    head_gates = [g for g in gates(model) if g.granularity == "heads"]
+    assert all(float(g.log_alpha.detach().min()) == FIXED_OPEN for g in gates(model))
+    masks, handles = [], []
+    for layer in range(LAYERS):
+        xi = torch.ones(HEADS, dtype=torch.float64, requires_grad=True)
+        masks.append(xi)
+        projection = model.get_submodule(f"encoder.encoder.layer.{layer}.attention.output.dense")
+        handles.append(projection.register_forward_pre_hook(
+            lambda module, args, xi=xi: (args[0] * xi.repeat_interleave(WIDTH // HEADS),)))
+    model.eval()
+    F.cross_entropy(model(x), y).backward()
+    for handle in handles:
+        handle.remove()
+    for gate, xi in zip(head_gates, masks):
+        expected = xi.grad.abs() / xi.grad.abs().norm()
+        assert float((scores[id(gate)].double() - expected).abs().max()) <= 1e3 * EPS64
+
+
+def test_importance_prune_keeps_the_best_gates_within_the_flops_budget_and_freezes_them():
+    model = gated_classifier()
+    x = token_ids(2)
+    generator = torch.Generator().manual_seed(5)
+    scores = {id(g): torch.rand(g.log_alpha.shape, generator=generator) for g in gates(model)}
+    dense = float(CostModel(model, x).costs(deterministic=True)["flops"])
+    kept = importance_prune_(model, 0.5, x, scores)
+    assert kept <= 0.5
+    assert float(CostModel(model, x).costs(deterministic=True)["flops"]) / dense == pytest.approx(kept, rel=1e-6)
+    for kind in ("heads", "in"):
+        members = [g for g in gates(model) if g.granularity == kind]
+        open_scores = torch.cat([scores[id(g)][g.log_alpha > 0] for g in members])
+        shut_scores = torch.cat([scores[id(g)][g.log_alpha < 0] for g in members])
+        assert len(shut_scores) > 0 and float(open_scores.min()) >= float(shut_scores.max())
+    model.train()
+    for gate in gates(model):
+        assert not gate.log_alpha.requires_grad
+        assert torch.equal(gate(), gate.deterministic())  # fixed gates sample exactly 0 or 1 in training
+
+
+# --- the command: teacher, L0 with distillation to a target, the baseline, prune -----------------------------
+
+@pytest.fixture
+def tiny_task(monkeypatch):
+    """model 'minilm' and data 'wordnet' replaced by the small random BERT and the fake glosses."""
+    monkeypatch.setitem(DATASETS, "wordnet", fake_wordnet)
+    monkeypatch.setattr(hf, "build_minilm", lambda num_classes: tiny_classifier(num_classes))
+
+
+def config(**keys):
+    base = {"model": "minilm", "data": "wordnet", "epochs": 1, "batch_size": 16, "lr": 1e-3, "seed": 0}
+    return config_from_dict({**base, **keys})
+
+
+def test_teacher_l0_and_importance_runs_prune_to_plain_smaller_models(tiny_task, tmp_path):
+    run_training(config(regularizer="none", epochs=2), tmp_path / "teacher", progress=False)
+    teacher_dir = str(tmp_path / "teacher")
+    student = model_for(config(regularizer="l0", teacher=teacher_dir), fake_wordnet(),
+                        initial=load_teacher(config(regularizer="l0", teacher=teacher_dir)))
+    teacher_state = load_run(teacher_dir)[1].state_dict()
+    raw_student = {key.replace(".parametrizations.weight.original", ".weight"): value for key, value in student.state_dict().items()}
+    assert all(torch.equal(raw_student[key], value) for key, value in teacher_state.items())  # starts from the teacher
+
+    history = run_training(config(regularizer="l0", teacher=teacher_dir, target=0.5, gate_lr=0.05, warmup=0.2, epochs=3),
+                           tmp_path / "l0", progress=False)
+    assert abs(history[-1]["flops_kept"] - 0.5) <= 0.1
+    baseline = run_training(config(regularizer="importance", teacher=teacher_dir, target=0.5), tmp_path / "importance",
+                            progress=False)
+    assert baseline[-1]["flops_kept"] <= 0.5
+    for run in ("l0", "importance"):
+        pruned, _ = prune_run(tmp_path / run)
+        loaded = load_pruned(tmp_path / run)
+        x = fake_wordnet().x_test
+        _, gated_model, _ = load_run(tmp_path / run)
+        with torch.no_grad():
+            expected = gated_model(x)
+            assert float((loaded(x) - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+        assert l0sparse.count_params(loaded) < l0sparse.count_params(load_run(teacher_dir)[1])
+
+
+@pytest.mark.parametrize("keys, key", [
+    ({"regularizer": "importance", "model": "mlp", "data": "digits", "target": 0.5}, "regularizer"),
+    ({"regularizer": "importance"}, "regularizer"),  # no target
+    ({"data": "digits"}, "data"),
+    ({"model": "mlp"}, "data"),
+    ({"regularizer": "l0", "gates": "weights"}, "minilm"),
+    ({"distill_weight": 1.5}, "distill_weight"),
+    ({"temperature": 0}, "temperature"),
+    ({"train_examples": 0}, "train_examples"),
+    ({"model": "mlp", "data": "digits", "teacher": "runs/x"}, "teacher"),
+])
+def test_bad_text_config_names_the_key(keys, key):
+    with pytest.raises(ValueError, match=key):
+        config(**keys)
+
+
+def test_a_teacher_that_is_missing_or_not_dense_is_refused(tiny_task, tmp_path):
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        run_training(config(regularizer="l0", teacher=str(tmp_path / "nothing")), tmp_path / "student", progress=False)
+    run_training(config(regularizer="l0"), tmp_path / "gated", progress=False)
+    with pytest.raises(ValueError, match="config key 'teacher'"):
+        run_training(config(regularizer="l0", teacher=str(tmp_path / "gated")), tmp_path / "student", progress=False)
+    assert not (tmp_path / "student").exists()  # nothing half-written
