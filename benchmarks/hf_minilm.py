@@ -1,0 +1,141 @@
+"""all-MiniLM-L6-v2 on WordNet glosses: L0 vs importance pruning at equal FLOPs and training budget (issue #12).
+
+The whole experiment from the command line's own pieces, in order:
+1. the teacher: the dense model fine-tuned (recipes/minilm-wordnet-teacher.toml);
+2. for each FLOPs target: an L0 run (heads and feed-forward units gated, TargetController, distilled from the
+   teacher's logits, starting from its weights) and the importance baseline (Michel et al.'s head scores,
+   feed-forward units by weight norm, removed once, then the same distillation for the same epochs);
+3. each run pruned (``prune_run``), the pruned model reloaded (``load_pruned``) and evaluated on the test set;
+4. latency at batch 32, sequence 64, one thread: the teacher and each pruned model timed alternately in this
+   process, medians over repeats.
+
+Encoder FLOPs are MACs per example at sequence length 64 (attention's two matrix products included), without the
+classification layer. Runs that already hold a finished checkpoint are reused (so an interrupted experiment
+continues where it stopped); --fresh retrains them.
+
+Needs: pip install -e '.[hf]' and apt-get install wordnet-base. Run:
+  .venv/bin/python benchmarks/hf_minilm.py [--targets 0.5 0.25] [--epochs 2] [--train-examples 20000] [--threads 2]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import reuse_freed_memory, save_json  # noqa: E402
+
+from l0sparse.config import load_config  # noqa: E402
+from l0sparse.costs import count_flops  # noqa: E402
+from l0sparse.train import (CHECKPOINT, accuracy, configure_torch, load_pruned, load_run, prune_run,  # noqa: E402
+                            read_metrics, run_training)
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+
+
+def encoder_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """MACs per example of everything but the classification layer (a Linear on the pooled state)."""
+    classifier = model.classifier
+    return count_flops(model, example) - classifier.in_features * classifier.out_features
+
+
+def finished(run_dir: Path, epochs: int) -> bool:
+    if not (run_dir / CHECKPOINT).exists():
+        return False
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return bool(records) and records[-1]["epoch"] >= epochs
+
+
+def train(recipe: str, run_dir: Path, overrides: list[str], threads: int, fresh: bool) -> float:
+    """Train (or reuse) one run; returns the training wall time in seconds (0 when reused)."""
+    config = load_config(RECIPES / recipe, overrides)
+    if not fresh and finished(run_dir, config.epochs):
+        print(f"reusing {run_dir}", flush=True)
+        return 0.0
+    started = time.perf_counter()
+    resume = not fresh and (run_dir / CHECKPOINT).exists()
+    run_training(config, run_dir, resume=resume, force=not resume, threads=threads, progress=False,
+                 on_epoch_end=lambda record: print(f"{run_dir.name}: {record}", flush=True))
+    return time.perf_counter() - started
+
+
+def median_latency(models: dict, batch: torch.Tensor, repeats: int) -> dict:
+    """Median forward time per model, the models taking turns (one untimed call each turn first)."""
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for name, model in models.items():
+                model(batch)  # untimed: brings this model's weights back into the caches
+                started = time.perf_counter()
+                model(batch)
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--epochs", type=int, default=2, help="epochs of every L0 and baseline run (the teacher: its recipe's)")
+    parser.add_argument("--train-examples", type=int, default=20000)
+    parser.add_argument("--test-examples", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=2, help="training threads (latency is always timed on 1)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "hf_minilm")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hf_minilm.json")
+    parser.add_argument("--fresh", action="store_true", help="retrain runs that already exist")
+    args = parser.parse_args(argv)
+    reuse_freed_memory()
+    configure_torch(args.threads)
+    sizes = [f"train_examples={args.train_examples}", f"test_examples={args.test_examples}"]
+    teacher_dir = args.runs / "teacher"
+    wall = {"teacher": train("minilm-wordnet-teacher.toml", teacher_dir, sizes, args.threads, args.fresh)}
+    runs = {}
+    for target in args.targets:
+        keys = [*sizes, f"teacher={str(teacher_dir)!r}", f"target={target}", f"epochs={args.epochs}"]
+        for method, recipe in (("l0", "minilm-wordnet-l0-flops50.toml"), ("importance", "minilm-wordnet-importance-flops50.toml")):
+            name = f"{method}-{round(100 * target)}"
+            wall[name] = train(recipe, args.runs / name, keys, args.threads, args.fresh)
+            runs[name] = args.runs / name
+
+    configure_torch(1)
+    _, teacher, data = load_run(teacher_dir)
+    example = data.x_train[:2]  # padded to 64 tokens: FLOPs at sequence length 64
+    dense_flops = encoder_flops(teacher, example)
+    results = {"teacher": {"test_accuracy": accuracy(teacher, data.x_test, data.y_test, pad_id=data.pad_id),
+                           "encoder_flops": dense_flops, "params": sum(p.numel() for p in teacher.parameters())}}
+    models = {"teacher": teacher}
+    for name, run_dir in runs.items():
+        prune_run(run_dir, force=True)
+        pruned = load_pruned(run_dir)
+        models[name] = pruned
+        flops = encoder_flops(pruned, example)
+        results[name] = {"test_accuracy": accuracy(pruned, data.x_test, data.y_test, pad_id=data.pad_id),
+                         "encoder_flops": flops, "encoder_flops_kept": flops / dense_flops,
+                         "params": sum(p.numel() for p in pruned.parameters()),
+                         "last_epoch": read_metrics(run_dir / "metrics.jsonl")[-1]}
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(1000, 20000, (32, 64), generator=generator)  # 64 real tokens each: no padding to skip
+    latency = median_latency(models, batch, args.repeats)
+    for name in results:
+        results[name]["latency_s"] = latency[name]
+        if name != "teacher":
+            results[name]["speedup"] = latency["teacher"] / latency[name]
+            results[name]["speedup_over_flops_ratio"] = results[name]["speedup"] * results[name]["encoder_flops_kept"]
+            results[name]["accuracy_vs_teacher"] = results[name]["test_accuracy"] / results["teacher"]["test_accuracy"]
+    payload = {"command": "python benchmarks/hf_minilm.py " + " ".join(sys.argv[1:] if argv is None else argv),
+               "train_examples": args.train_examples, "test_examples": args.test_examples, "epochs": args.epochs,
+               "training_wall_seconds": wall, "threads": args.threads, "results": results}
+    save_json(payload, args.out)
+    print(f"{'model':<16}{'test acc':>10}{'vs teacher':>12}{'enc FLOPs':>11}{'latency ms':>12}{'speed-up':>10}")
+    for name, row in results.items():
+        print(f"{name:<16}{100 * row['test_accuracy']:>9.2f}%{100 * row.get('accuracy_vs_teacher', 1):>11.1f}%"
+              f"{100 * row.get('encoder_flops_kept', 1):>10.1f}%{1000 * row['latency_s']:>12.1f}{row.get('speedup', 1):>10.2f}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
