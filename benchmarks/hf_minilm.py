@@ -10,11 +10,11 @@ The whole experiment from the command line's own pieces, in order:
    process, medians over repeats.
 
 Encoder FLOPs are MACs per example at sequence length 64 (attention's two matrix products included), without the
-classification layer. Runs that already hold a finished checkpoint are reused (so an interrupted experiment
-continues where it stopped); --fresh retrains them.
+classification layer. A run that already holds this config finished is reused, and one interrupted is resumed;
+--fresh retrains them.
 
 Needs: pip install -e '.[hf]' and apt-get install wordnet-base. Run:
-  .venv/bin/python benchmarks/hf_minilm.py [--targets 0.5 0.25] [--epochs 2] [--train-examples 20000] [--threads 2]
+  .venv/bin/python benchmarks/hf_minilm.py [--targets 0.5 0.25] [--epochs 1] [--train-examples 20000] [--threads 2]
 """
 
 import argparse
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import reuse_freed_memory, save_json  # noqa: E402
 
-from l0sparse.config import load_config  # noqa: E402
+from l0sparse.config import load_config, read_config_json  # noqa: E402
 from l0sparse.costs import count_flops  # noqa: E402
 from l0sparse.train import (CHECKPOINT, accuracy, configure_torch, load_pruned, load_run, prune_run,  # noqa: E402
                             read_metrics, run_training)
@@ -43,21 +43,22 @@ def encoder_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
     return count_flops(model, example) - classifier.in_features * classifier.out_features
 
 
-def finished(run_dir: Path, epochs: int) -> bool:
-    if not (run_dir / CHECKPOINT).exists():
+def finished(run_dir: Path, config) -> bool:
+    """Whether ``run_dir`` holds this very config, trained to its last epoch (then it is reused)."""
+    if not (run_dir / CHECKPOINT).exists() or read_config_json(run_dir / "config.json") != config:
         return False
     records = read_metrics(run_dir / "metrics.jsonl")
-    return bool(records) and records[-1]["epoch"] >= epochs
+    return bool(records) and records[-1]["epoch"] >= config.epochs
 
 
 def train(recipe: str, run_dir: Path, overrides: list[str], threads: int, fresh: bool) -> float:
     """Train (or reuse) one run; returns the training wall time in seconds (0 when reused)."""
     config = load_config(RECIPES / recipe, overrides)
-    if not fresh and finished(run_dir, config.epochs):
+    if not fresh and finished(run_dir, config):
         print(f"reusing {run_dir}", flush=True)
         return 0.0
     started = time.perf_counter()
-    resume = not fresh and (run_dir / CHECKPOINT).exists()
+    resume = not fresh and (run_dir / CHECKPOINT).exists() and read_config_json(run_dir / "config.json") == config
     run_training(config, run_dir, resume=resume, force=not resume, threads=threads, progress=False,
                  on_epoch_end=lambda record: print(f"{run_dir.name}: {record}", flush=True))
     return time.perf_counter() - started
@@ -79,7 +80,7 @@ def median_latency(models: dict, batch: torch.Tensor, repeats: int) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25])
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of every L0 and baseline run (the teacher: its recipe's)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of every L0 and baseline run (the teacher: its recipe's)")
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--test-examples", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2, help="training threads (latency is always timed on 1)")

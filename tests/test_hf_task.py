@@ -150,7 +150,9 @@ def test_head_scores_are_the_loss_gradient_of_a_head_mask():
     x, y = token_ids(8, seed=4), torch.arange(8) % CLASSES
     scores = gate_importance(model, [(x, y)], F.cross_entropy)
     head_gates = [g for g in gates(model) if g.granularity == "heads"]
-    assert all(float(g.log_alpha.detach().min()) == FIXED_OPEN for g in gates(model))
+    with torch.no_grad():  # the scores are those of the model with every gate open
+        for gate in gates(model):
+            gate.log_alpha.fill_(FIXED_OPEN)
     masks, handles = [], []
     for layer in range(LAYERS):
         xi = torch.ones(HEADS, dtype=torch.float64, requires_grad=True)
@@ -227,9 +229,80 @@ def test_teacher_l0_and_importance_runs_prune_to_plain_smaller_models(tiny_task,
         assert l0sparse.count_params(loaded) < l0sparse.count_params(load_run(teacher_dir)[1])
 
 
+@pytest.fixture
+def teacher_dir(tiny_task, tmp_path):
+    run_training(config(regularizer="none", epochs=2), tmp_path / "teacher", progress=False)
+    return str(tmp_path / "teacher")
+
+
+def interrupt_after(epochs: int):
+    def stop(record):
+        if record["epoch"] == epochs:
+            raise KeyboardInterrupt
+
+    return stop
+
+
+@pytest.mark.parametrize("keys", [{"regularizer": "importance", "target": 0.5}, {"regularizer": "l0", "target": 0.5, "gate_lr": 0.05}],
+                         ids=["importance", "l0"])
+def test_a_distilled_run_resumes_exactly_even_if_the_teacher_changed(teacher_dir, tmp_path, keys):
+    settings = config(teacher=teacher_dir, epochs=3, **keys)
+    straight = run_training(settings, tmp_path / "straight", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(settings, tmp_path / "split", progress=False, on_epoch_end=interrupt_after(1))
+    run_training(config(regularizer="none", epochs=2, seed=7), teacher_dir, force=True, progress=False)  # another teacher now
+    resumed = run_training(settings, tmp_path / "split", resume=True, progress=False)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_importance_scoring_leaves_the_gates_and_the_mode_as_they_were():
+    model = gated_classifier()
+    before = [g.log_alpha.detach().clone() for g in gates(model)]
+    model.train()
+    gate_importance(model, [(token_ids(4), torch.arange(4) % CLASSES)], F.cross_entropy)
+    assert model.training and all(torch.equal(g.log_alpha, b) for g, b in zip(gates(model), before))
+    with pytest.raises(IndexError):  # a loss that fails half-way (a class past the last): still nothing changed
+        gate_importance(model, [(token_ids(4), torch.arange(4) + 100)], F.cross_entropy)
+    assert model.training and all(torch.equal(g.log_alpha, b) for g, b in zip(gates(model), before))
+    with pytest.raises(ValueError, match="batches is empty"):
+        gate_importance(model, [], F.cross_entropy)
+
+
+def test_tied_scores_still_meet_the_budget_and_an_unreachable_target_is_refused():
+    model = gated_classifier()
+    x = token_ids(2)
+    tied = {id(g): torch.ones(g.log_alpha.shape) for g in gates(model)}
+    assert importance_prune_(model, 0.5, x, tied) <= 0.5
+    other = gated_classifier()
+    with pytest.raises(ValueError, match="smallest model"):
+        importance_prune_(other, 0.01, x, {id(g): torch.ones(g.log_alpha.shape) for g in gates(other)})
+
+
+def test_a_pruned_spec_with_a_foreign_dtype_is_named(teacher_dir, tmp_path):
+    import json
+
+    run_training(config(regularizer="importance", teacher=teacher_dir, target=0.5), tmp_path / "run", progress=False)
+    prune_run(tmp_path / "run")
+    spec_path = tmp_path / "run" / "pruned.json"
+    spec = json.loads(spec_path.read_text())
+    assert spec["example_dtype"] == "int64"
+    spec["example_dtype"] = "nn"
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="example_dtype"):
+        load_pruned(tmp_path / "run")
+
+
 @pytest.mark.parametrize("keys, key", [
     ({"regularizer": "importance", "model": "mlp", "data": "digits", "target": 0.5}, "regularizer"),
-    ({"regularizer": "importance"}, "regularizer"),  # no target
+    ({"regularizer": "importance", "teacher": "runs/t"}, "regularizer"),  # no target
+    ({"regularizer": "importance", "target": 0.5}, "teacher"),  # nothing to rank the heads of, or to distil from
+    ({"regularizer": "importance", "target": 0.5, "teacher": "runs/t", "clamp_log_alpha": True}, "clamp_log_alpha"),
+    ({"regularizer": "magnitude", "target": 0.5}, "regularizer"),
+    ({"regularizer": "l0", "temperature": 3.0}, "temperature"),
     ({"data": "digits"}, "data"),
     ({"model": "mlp"}, "data"),
     ({"regularizer": "l0", "gates": "weights"}, "minilm"),

@@ -25,7 +25,7 @@ from .models import LeNet5
 
 __all__ = ["hidden_layers", "pruned_flops", "magnitude_prune", "gate_importance", "importance_prune_"]
 
-#: log α of a gate fixed open / shut: the hard concrete sample is then exactly 1 / 0 (its noise is clamped to ±17 in logit)
+#: log α of a gate fixed open / shut: the hard concrete sample is then exactly 1 / 0 (its logistic noise is clamped to ±13.8)
 FIXED_OPEN, FIXED_SHUT = 30.0, -30.0
 
 
@@ -94,35 +94,51 @@ def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tenso
 
     A head gate's score is Michel et al.'s: |∂L/∂ξ| for a mask ξ on the
     head's output, which equals |Σ W ∂L/∂W| over the head's columns of the
-    output projection (the weights that ξ would scale), summed over
-    ``batches`` (``(inputs, targets)`` pairs, the loss ``loss_fn(logits,
-    targets)`` of each batch). Any other gate (a feed-forward unit) scores
-    the L2 norm of the weights it multiplies. Each gate tensor's scores are
-    divided by their L2 norm, as Michel et al. normalise per layer, so that
-    layers compare. The model's gates are set fully open while scoring, and
-    its mode is restored.
+    output projection (the weights that ξ would scale), its absolute value
+    taken per batch (as Michel et al.'s code does, so the ranking depends a
+    little on the batch size) and summed over ``batches`` (``(inputs,
+    targets)`` pairs; the loss is ``loss_fn(logits, targets)``). Any other
+    gate (a feed-forward unit) scores the L2 norm of the weights it
+    multiplies. Each gate tensor's scores are divided by their L2 norm, as
+    Michel et al. normalise per layer, so that layers compare. The gates are
+    held fully open while scoring; the model's log α and mode are left as
+    they were, also when the loss fails.
     """
     from .sparsify import gate_masks
 
     masks = list(gate_masks(model))
     if not masks:
         raise ValueError("gate_importance needs a model gated by l0sparse.sparsify (it has no gate parametrizations)")
-    with torch.no_grad():
-        for _, _, _, mask in masks:
-            mask.gate.log_alpha.fill_(FIXED_OPEN)  # z = 1: the gated weight is the raw one
+    log_alphas = {id(mask.gate): mask.gate.log_alpha.detach().clone() for _, _, _, mask in masks}
     raw = {id(mask): getattr(module.parametrizations, tensor_name).original for _, module, tensor_name, mask in masks}
     scores = {id(mask.gate): torch.zeros_like(mask.gate.log_alpha, requires_grad=False) for _, _, _, mask in masks}
     was_training = model.training
-    model.eval()
-    for inputs, targets in batches:
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(inputs), targets).backward()
-        for _, _, _, mask in masks:
-            if mask.gate.granularity == "heads":
+    batch_count = 0
+    try:
+        with torch.no_grad():
+            for _, _, _, mask in masks:
+                mask.gate.log_alpha.fill_(FIXED_OPEN)  # z = 1: the gated weight is the raw one
+        model.eval()
+        for inputs, targets in batches:
+            batch_count += 1
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(inputs), targets).backward()
+            for name, _, _, mask in masks:
+                if mask.gate.granularity != "heads":
+                    continue
                 weight = raw[id(mask)]
+                if weight.grad is None:
+                    raise ValueError(f"gate_importance: the loss has no gradient for {name}'s weight (frozen, or not on the "
+                                     "path to the output): its heads cannot be scored")
                 scores[id(mask.gate)] += mask.per_gate(weight.detach() * weight.grad).abs()
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for _, _, _, mask in masks:
+                mask.gate.log_alpha.copy_(log_alphas[id(mask.gate)])
+        model.train(was_training)
+    if batch_count == 0 and any(mask.gate.granularity == "heads" for _, _, _, mask in masks):
+        raise ValueError("gate_importance: batches is empty; head scores need at least one (inputs, targets) batch")
     for _, _, _, mask in masks:
         if mask.gate.granularity != "heads":
             scores[id(mask.gate)] += mask.per_gate(raw[id(mask)].detach() ** 2).sqrt()
@@ -134,12 +150,13 @@ def importance_prune_(model: nn.Module, target: float, example_inputs, scores: d
     """Shut the least important gates of a ``sparsify``-gated model for good, down to ``target`` of its FLOPs.
 
     Heads and the other gates (feed-forward units) are ranked separately,
-    each kind across all layers by ``scores`` (from :func:`gate_importance`);
-    the same fraction of each kind is kept, the largest whose FLOPs stay
-    within the target (bisection), and every gate tensor keeps at least one
-    gate. Kept gates get log α = +30, the rest -30 (their samples are exactly
-    1 and 0), all frozen (``requires_grad = False``). Returns the fraction of
-    the FLOPs kept.
+    each kind across all layers by ``scores`` (from :func:`gate_importance`;
+    ties go to the earlier gate), and every gate tensor keeps its best gate.
+    The same fraction of each kind is kept: the largest whose FLOPs stay
+    within the target (bisection). Kept gates get log α = +30, the rest -30
+    (their samples are exactly 1 and 0), all frozen (``requires_grad =
+    False``). Returns the fraction of the FLOPs kept; a target below the
+    smallest such model (one gate per tensor) is a ValueError.
     """
     if not (0 < target <= 1):
         raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
@@ -149,26 +166,37 @@ def importance_prune_(model: nn.Module, target: float, example_inputs, scores: d
     missing = [gate.owner for gate in model_gates if id(gate) not in scores]
     if missing:
         raise ValueError(f"scores has no entry for the gates of {missing[0]!r}: compute them with gate_importance on this model")
-    kinds = {"heads": [g for g in model_gates if g.granularity == "heads"], "units": [g for g in model_gates if g.granularity != "heads"]}
+    kinds = [[g for g in model_gates if g.granularity == "heads"], [g for g in model_gates if g.granularity != "heads"]]
+    # each kind's gates in order of importance (a stable sort: ties in gate order), and where each gate sits
+    rankings = []
+    for members in kinds:
+        if members:
+            pooled = torch.cat([scores[id(g)].flatten() for g in members])
+            rankings.append((members, pooled.argsort(descending=True, stable=True)))
+    best = {id(g): scores[id(g)].flatten().argmax() for g in model_gates}
     cost_model = CostModel(model, example_inputs)
 
     def keep(fraction: float) -> None:
-        for members in kinds.values():
-            if not members:
-                continue
-            pooled = torch.cat([scores[id(g)].flatten() for g in members])
-            count = max(1, math.ceil(fraction * pooled.numel()))
-            cut = pooled.topk(count).values.min()
+        for members, order in rankings:
+            kept = torch.zeros(order.numel(), dtype=torch.bool)
+            kept[order[:max(1, math.ceil(fraction * order.numel()))]] = True
+            offset = 0
             for gate in members:
-                kept = scores[id(gate)] >= cut
-                kept.view(-1)[scores[id(gate)].view(-1).argmax()] = True  # at least one per gate tensor
-                gate.log_alpha.copy_(torch.where(kept, FIXED_OPEN, FIXED_SHUT))
+                mine = kept[offset: offset + gate.log_alpha.numel()].clone()
+                mine[best[id(gate)]] = True  # every gate tensor (layer) keeps its best gate
+                offset += gate.log_alpha.numel()
+                gate.log_alpha.copy_(torch.where(mine, FIXED_OPEN, FIXED_SHUT).view_as(gate.log_alpha))
 
     def flops(fraction: float) -> float:
         keep(fraction)
         return float(cost_model.costs(deterministic=True)["flops"])
 
     dense = flops(1.0)
+    smallest = flops(0.0)
+    if smallest > target * dense:
+        flops(1.0)
+        raise ValueError(f"target = {target}: the smallest model with one gate kept per gated tensor keeps "
+                         f"{smallest / dense:.3f} of the FLOPs; ask for at least that")
     low, high = 0.0, 1.0
     for _ in range(30):  # the largest common keep-fraction whose FLOPs stay within the target
         middle = (low + high) / 2

@@ -134,9 +134,19 @@ class TrainConfig:
         if (self.model == "minilm") != (self.data == "wordnet"):
             raise ValueError(f"config key 'data' = {self.data!r}: model 'minilm' reads text (data = 'wordnet'), and 'wordnet' "
                              f"needs model = 'minilm' (got model = {self.model!r})")
+        if self.model == "minilm" and self.regularizer not in ("l0", "none", "importance"):
+            raise ValueError(f"config key 'regularizer' = {self.regularizer!r}: model 'minilm' takes 'l0', 'none' or 'importance' "
+                             "(the other baselines are built for the MLP and LeNet-5)")
+        if self.regularizer == "importance" and (self.teacher is None or self.clamp_log_alpha):
+            raise ValueError("config key 'teacher': the importance baseline ranks the heads of a trained model and distils from it: "
+                             "name its dense run (teacher = 'runs/...'); its gates are fixed, so clamp_log_alpha must stay false")
         if self.model == "minilm" and (self.gates != "units" or self.conditional or isinstance(self.droprate_init, list) or self.init != "torch"):
             raise ValueError("model 'minilm' is pretrained and gated by heads and feed-forward units: gates = 'units', "
                              "init = 'torch', conditional = false and one droprate_init")
+        defaults = TrainConfig.__dataclass_fields__
+        if self.teacher is None and (self.distill_weight, self.temperature) != (defaults["distill_weight"].default, defaults["temperature"].default):
+            raise ValueError("config keys 'distill_weight' and 'temperature' weigh the distillation from a teacher: "
+                             "set teacher = 'runs/...' (a dense run) or leave them out")
         if self.teacher is not None and self.model != "minilm":
             raise ValueError(f"config key 'teacher': distillation is built for model = 'minilm', not {self.model!r}")
         if self.model == "lenet5" and self.data not in ("fashion-mnist", "mnist-5k"):

@@ -172,9 +172,14 @@ def load_wordnet(root: str | Path | None = None, max_length: int = 64, test_frac
     Tokenized with all-MiniLM-L6-v2's tokenizer (the ``hf`` extra) to at
     most ``max_length`` tokens, padded with its padding id; a seeded
     shuffle, then the last ``test_fraction`` is the test set. The majority
-    class (noun.artifact) is 12.3% of the synsets.
+    class (adj.all) is 12.3% of the synsets.
     """
     from .hf import load_tokenizer
+
+    if not (isinstance(test_fraction, float) and 0 < test_fraction < 1):
+        raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")
+    if not (isinstance(max_length, int) and max_length >= 3):
+        raise ValueError(f"max_length must be an int >= 3 (the tokenizer adds two special tokens), got {max_length!r}")
 
     glosses, labels = read_wordnet_glosses(root)
     tokenizer = load_tokenizer()

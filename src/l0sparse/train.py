@@ -92,7 +92,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024, pad
     if pad_id is not None:
         from .hf import predict_logits
 
-        return float((predict_logits(model, x, pad_id).argmax(-1) == y).float().mean())
+        return float((predict_logits(model, x, pad_id, batch_size=batch_size).argmax(-1) == y).float().mean())
     was_training = model.training
     model.eval()
     correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
@@ -173,7 +173,8 @@ PRUNED_WEIGHTS = "pruned.pt"
 PRUNED_SPEC = "pruned.json"
 REPORT_DIR = "report"
 #: What `train --force` replaces in a run directory: the run's own files and what `prune` and `report` derived from them.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT, PRUNED_WEIGHTS, PRUNED_SPEC, REPORT_DIR)
+TEACHER_LOGITS = "teacher_logits.pt"
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT, TEACHER_LOGITS, PRUNED_WEIGHTS, PRUNED_SPEC, REPORT_DIR)
 #: A new run writes here, inside the run directory, until its first checkpoint; then it takes the old run's place.
 STAGING_DIR = ".l0sparse-new"
 REPLACED_DIR = ".l0sparse-old"
@@ -324,13 +325,20 @@ def load_checkpoint(path) -> dict:
     return state
 
 
-def load_teacher(config) -> nn.Module:
-    """The plain model of the finished run that ``config.teacher`` names, checked to fit ``config``; in eval mode."""
+def load_teacher(config, data=None) -> nn.Module:
+    """The plain model of the finished run that ``config.teacher`` names, checked to fit ``config``; in eval mode.
+
+    ``data``: the dataset, if already loaded (it is the teacher's too).
+    """
     teacher_dir = Path(config.teacher)
     if not (teacher_dir / CHECKPOINT).exists():
         raise FileNotFoundError(f"config key 'teacher' = {config.teacher!r}: no {CHECKPOINT} there; train the teacher first "
                                 f"(a run with regularizer = 'none' of the same model and data)")
-    teacher_config, teacher, _ = load_run(teacher_dir)
+    teacher_config, teacher, _ = load_run(teacher_dir, data=data)
+    done = load_checkpoint(teacher_dir / CHECKPOINT)["epoch"]
+    if done < teacher_config.epochs:
+        raise ValueError(f"config key 'teacher' = {config.teacher!r}: that run holds epoch {done} of {teacher_config.epochs}; "
+                         f"finish it first (l0sparse train --resume ... --out {teacher_dir})")
     if (teacher_config.model, teacher_config.data, teacher_config.regularizer) != (config.model, config.data, "none"):
         raise ValueError(f"config key 'teacher' = {config.teacher!r}: that run is model {teacher_config.model!r}, data "
                          f"{teacher_config.data!r}, regularizer {teacher_config.regularizer!r}; a teacher is a dense run "
@@ -400,8 +408,8 @@ def paper_init_(model: nn.Module) -> nn.Module:
 
 
 def _optimizer_for(model: nn.Module, config) -> torch.optim.Optimizer:
-    # a gated model's L2 is in its penalty, under the gates (the paper's); a dense one's in the optimizer
-    weight_decay = 0.0 if gates(model) else config.weight_decay
+    # an L0 model's L2 is in its penalty, under the gates (the paper's); any other one's in the optimizer
+    weight_decay = 0.0 if config.regularizer == "l0" else config.weight_decay
     return torch.optim.Adam(param_groups(model, lr=config.lr, gate_lr=config.gate_lr, weight_decay=weight_decay))
 
 
@@ -489,7 +497,7 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
 
     # data, model (from the teacher's weights, if one is named), optimizer, and the size controller if a target is set
     data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
-    teacher = load_teacher(config) if config.teacher is not None else None
+    teacher = load_teacher(config, data) if config.teacher is not None and not resume else None
     torch.manual_seed(config.seed)
     model = model_for(config, data, initial=teacher)
     example = data.x_train[:2]
@@ -553,7 +561,9 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
 
             scoring = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed))[:IMPORTANCE_EXAMPLES]
             batches = [(_batch_inputs(data.x_train[index], pad_id), data.y_train[index]) for index in scoring.split(config.batch_size)]
-            importance_prune_(model, config.target, example, gate_importance(model, batches, F.cross_entropy))
+            kept = importance_prune_(model, config.target, example, gate_importance(model, batches, F.cross_entropy))
+            if group.is_main and progress:
+                print(f"importance pruning keeps {100 * kept:.1f}% of the FLOPs (target {100 * config.target:.1f}%)", file=sys.stderr)
         if group.world_size > 1:
             torch.manual_seed(config.seed + group.rank)  # the same initial model everywhere, then each rank its own noise
 
@@ -570,13 +580,25 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
         return TrainingDiverged(f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {what}; {kept}; "
                                 "start a new run with a lower lr or gate_lr")
 
-    # the teacher's logits for every training example, once: it is fixed and deterministic (eval mode)
+    # the teacher's logits for every training example, once (it is fixed, and deterministic in eval mode), kept in the
+    # run directory: a resumed run learns from the same numbers even if the teacher's run was changed since
     teacher_logits = None
-    if teacher is not None:
+    if config.teacher is not None:
+        from .files import torch_load
         from .hf import predict_logits
 
-        teacher_logits = predict_logits(teacher, data.x_train, pad_id)
-        del teacher
+        logits_path = run_dir.path / TEACHER_LOGITS
+        if resume:
+            if not logits_path.exists():
+                raise FileNotFoundError(f"--resume: {logits_path} is missing (the teacher's logits this run learns from); start a new run")
+            teacher_logits = torch_load(logits_path)
+            if not (isinstance(teacher_logits, Tensor) and teacher_logits.shape == (n_train, data.num_classes)):
+                raise ValueError(f"{logits_path} does not hold {n_train} × {data.num_classes} logits; start a new run")
+        else:
+            teacher_logits = predict_logits(teacher, data.x_train, pad_id)
+            if group.is_main:
+                atomic_save(teacher_logits, logits_path)
+            del teacher
 
     # under a controller λ is its job; the L2 under the gates (weight_decay) still applies
     l0_penalty = None
@@ -694,8 +716,11 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
     return history
 
 
-def load_run(run_dir) -> tuple:
-    """(config, model with the checkpoint's weights in eval mode, dataset) of a run directory."""
+def load_run(run_dir, data=None) -> tuple:
+    """(config, model with the checkpoint's weights in eval mode, dataset) of a run directory.
+
+    ``data``: the run's dataset, if already loaded (it is not loaded again).
+    """
     from .config import read_config_json
     from .data import load_dataset
 
@@ -704,7 +729,8 @@ def load_run(run_dir) -> tuple:
         raise FileNotFoundError(f"{run_dir} is not a run directory: it has no {CHECKPOINT}")
     config = read_config_json(run_dir / CONFIG_FILE)
     state = load_checkpoint(run_dir / CHECKPOINT)
-    data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
+    if data is None:
+        data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
     model = model_for(config, data)
     if config.regularizer == "magnitude" and state["epoch"] >= config.epochs:
         from .baselines import magnitude_prune
@@ -748,6 +774,10 @@ def prune_run(run_dir, force: bool = False, round_to: int = 1) -> tuple[nn.Modul
     return pruned, str(table)
 
 
+#: the example inputs' dtypes a pruned.json may name: images and features, or token ids
+_EXAMPLE_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
 def load_pruned(run_dir) -> nn.Module:
     """The pruned model of a run, rebuilt from ``pruned.json`` and loaded with ``weights_only=True``."""
     from .config import config_from_dict
@@ -759,7 +789,11 @@ def load_pruned(run_dir) -> nn.Module:
         raise FileNotFoundError(f"{run_dir} has no {PRUNED_SPEC}: run `l0sparse prune {run_dir}` first")
     spec = read_json(run_dir / PRUNED_SPEC)
     config = config_from_dict(spec.get("config") if isinstance(spec, dict) else None, source=run_dir / PRUNED_SPEC)
-    example = torch.zeros(2, *spec["example_shape"], dtype=getattr(torch, spec.get("example_dtype", "float32")))
+    shape, dtype = spec.get("example_shape"), _EXAMPLE_DTYPES.get(spec.get("example_dtype", "float32"))
+    if dtype is None or not (isinstance(shape, list) and all(isinstance(size, int) and size > 0 for size in shape)):
+        raise ValueError(f"{run_dir / PRUNED_SPEC}: 'example_shape' must be a list of positive ints and 'example_dtype' one of "
+                         f"{sorted(_EXAMPLE_DTYPES)}; was it edited? run `l0sparse prune --force {run_dir}` again")
+    example = torch.zeros(2, *shape, dtype=dtype)
     fresh = build_model(config.model, int(math.prod(spec["example_shape"])), spec["num_classes"], hidden=config.hidden,
                         gated=config.regularizer == "l0")
     module = rebuild(fresh, spec["plan"], example)
