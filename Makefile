@@ -29,7 +29,9 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 demo: $(VENV)/.base
 	$(VENV)/bin/l0sparse demo
 
+# the linter first: a finding fails the target before the tests run (configured in pyproject.toml)
 test: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests benchmarks docs/scripts
 	$(PY) -m pytest -q
 
 figures: $(VENV)/.base

@@ -264,9 +264,10 @@ def main():
         data = datasets[task.data]
         example = data.x_train[:2]
         for seed in args.seeds:
-            runs = [(setup, lambda setup=setup: l0_run(task, setup, seed, data, example)) for setup in args.setups]
+            # B023: each closure is called below, in the same iteration that defined it
+            runs = [(setup, lambda setup=setup: l0_run(task, setup, seed, data, example)) for setup in args.setups]  # noqa: B023
             if not args.no_baseline:
-                runs.append(("magnitude", lambda: magnitude_run(task, seed, data, example)))
+                runs.append(("magnitude", lambda: magnitude_run(task, seed, data, example)))  # noqa: B023
             for setup, run in runs:
                 row = {"task": name, "metric": task.metric, "target": task.target, "setup": setup, "seed": seed, **run()}
                 row["within_2_points"] = abs(row["reached"] - task.target) <= 0.02

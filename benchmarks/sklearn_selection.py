@@ -23,9 +23,9 @@ from pathlib import Path
 for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(variable, "1")
 
-import numpy as np
-from sklearn.datasets import make_friedman1
-from sklearn.linear_model import LassoCV
+import numpy as np  # noqa: E402  (after the thread variables above, which must be set before numpy loads)
+from sklearn.datasets import make_friedman1  # noqa: E402
+from sklearn.linear_model import LassoCV  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402

@@ -23,7 +23,7 @@ def main(out_dir: str) -> None:
     torch.manual_seed(1000 + rank)  # each rank its own data and its own gate noise
     optimizer = torch.optim.Adam(ddp.parameters(), lr=0.05)
     first_sample = None
-    for step in range(20):
+    for _ in range(20):
         x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
         if first_sample is None:
             first_sample = model.l0_layers()[0].gate().detach().tolist()

@@ -211,7 +211,8 @@ PRUNE = [
      ValueError, "gate.log_alpha' has 1 NaN"),
     ("a NaN in an L0 layer", lambda: l0sparse.prune(with_nan(l0sparse.L0MLP((20, 5, 3)), "layers.0.gate.log_alpha"), torch.randn(2, 20)),
      ValueError, "has 1 NaN"),
-    ("an infinite example input", lambda: l0sparse.prune(gated_mlp(), torch.full((2, 20), math.inf)), ValueError, r"example_inputs\[0\]' has 0 NaN and 40 infinite"),
+    ("an infinite example input", lambda: l0sparse.prune(gated_mlp(), torch.full((2, 20), math.inf)),
+     ValueError, r"example_inputs\[0\]' has 0 NaN and 40 infinite"),
     ("an output that overflows", lambda: l0sparse.prune(with_inf_output(), torch.ones(2, 20)), ValueError, "output on example_inputs is not finite"),
     ("an empty example batch", lambda: l0sparse.prune(gated_mlp(), torch.randn(0, 20)), ValueError, "empty batch"),
     ("example inputs of another dtype", lambda: l0sparse.prune(gated_mlp(), torch.randn(2, 20, dtype=torch.float64)), ValueError, "cast the inputs"),
@@ -314,7 +315,8 @@ def regression_data():
 
 
 SKLEARN = [
-    ("a fractional hidden width", lambda: L0Regressor(hidden_layer_sizes=(2.5,)).fit(*regression_data()), ValueError, "hidden_layer_sizes must be a sequence of positive ints"),
+    ("a fractional hidden width", lambda: L0Regressor(hidden_layer_sizes=(2.5,)).fit(*regression_data()),
+     ValueError, "hidden_layer_sizes must be a sequence of positive ints"),
     ("a zero hidden width", lambda: L0Classifier(hidden_layer_sizes=(0,)).fit(regression_data()[0], [0, 1] * 40), ValueError, "hidden_layer_sizes"),
 ]
 

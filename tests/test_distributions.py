@@ -68,7 +68,10 @@ def test_samples_lie_in_the_unit_interval(monte_carlo):
 @pytest.mark.parametrize("log_alpha", [-4.0, 0.0, 2.5])
 def test_quadrature_mean_matches_adaptive_integration(log_alpha, beta):
     dist = HardConcrete(torch.tensor(log_alpha, dtype=torch.float64), beta=beta)
-    survival = lambda x: 1.0 - float(dist.cdf(torch.tensor(x, dtype=torch.float64)))
+
+    def survival(x):
+        return 1.0 - float(dist.cdf(torch.tensor(x, dtype=torch.float64)))
+
     reference, error = integrate.quad(survival, 0.0, 1.0, epsabs=1e-13)
     assert abs(float(dist.mean) - reference) <= 1e-10 + error
 
@@ -77,7 +80,10 @@ def test_closed_forms_by_hand():
     """The numbers DESIGN.md quotes, computed from the formulas with math, not torch."""
     beta, gamma, zeta = 2 / 3, -0.1, 1.1
     dist = HardConcrete(torch.tensor([0.0, 2.0], dtype=torch.float64))
-    sig = lambda t: 1 / (1 + math.exp(-t))
+
+    def sig(t):
+        return 1 / (1 + math.exp(-t))
+
     threshold = beta * math.log(-gamma / zeta)
     assert threshold == pytest.approx(-1.5986, abs=1e-4)
     assert dist.prob_nonzero().tolist() == pytest.approx([sig(0.0 - threshold), sig(2.0 - threshold)], rel=1e-12)
@@ -116,7 +122,10 @@ def test_temperature_divides_in_sampler():
     torch.manual_seed(0)
     cold = HardConcrete(torch.zeros(100_000), beta=0.01).sample()
     warm = HardConcrete(torch.zeros(100_000), beta=2.0).sample()
-    inside = lambda z: ((z > 0) & (z < 1)).float().mean()
+
+    def inside(z):
+        return ((z > 0) & (z < 1)).float().mean()
+
     assert inside(cold) < 0.05 < 0.5 < inside(warm)
 
 

@@ -95,7 +95,8 @@ def attention_modules(model: nn.Module, family: str) -> list[nn.Module]:
 
 def test_fx_cannot_follow_them_and_trace_channels_uses_torch_export():
     model = bert()
-    with pytest.raises(Exception):
+    # B017: which error fx stops on depends on the transformers version (today a TypeError on a Proxy)
+    with pytest.raises(Exception):  # noqa: B017
         torch.fx.symbolic_trace(model)
     graph = trace_channels(model, (input_ids(),))
     assert graph.tracer == "export"

@@ -177,8 +177,8 @@ def test_layers_in_low_precision_give_no_nan(dtype, extreme):
 def test_model_level_penalty_and_expected_l0():
     model = L0MLP((10, 8, 3))
     layers = model.l0_layers()
-    assert float(expected_l0(model)) == pytest.approx(sum(float(l.gate.expected_l0()) for l in layers), rel=1e-6)
-    assert float(penalty(model, 0.5, 0.1, N=7)) == pytest.approx(sum(float(l.penalty(0.5, 0.1)) for l in layers) / 7, rel=1e-6)
+    assert float(expected_l0(model)) == pytest.approx(sum(float(layer.gate.expected_l0()) for layer in layers), rel=1e-6)
+    assert float(penalty(model, 0.5, 0.1, N=7)) == pytest.approx(sum(float(layer.penalty(0.5, 0.1)) for layer in layers) / 7, rel=1e-6)
     with pytest.raises(ValueError, match="N"):
         penalty(model, 0.5, N=0)
     with pytest.raises(ValueError, match="no l0sparse gates"):

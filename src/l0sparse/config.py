@@ -88,7 +88,7 @@ class TrainConfig:
     test_examples: int | None = None
     seed: int = 0
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         checks = [
             ("model", self.model in MODELS, f"one of {MODELS}"),
             ("hidden", isinstance(self.hidden, list) and all(isinstance(h, int) and h > 0 for h in self.hidden), "a list of positive ints"),

@@ -32,7 +32,7 @@ class Split:
     pad_id: int | None = None
     class_count: int | None = None  # known from the source (a subset may lack a class); None: from the labels
 
-    def subset(self, train: int | None = None, test: int | None = None) -> "Split":
+    def subset(self, train: int | None = None, test: int | None = None) -> Split:
         """The first ``train`` and ``test`` examples (None: all); every loader's order is already shuffled or stratified."""
         return Split(self.x_train[:train], self.y_train[:train], self.x_test[:test], self.y_test[:test], self.pad_id,
                      self.num_classes)

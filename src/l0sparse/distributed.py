@@ -22,7 +22,7 @@ class ProcessGroup:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank, self._started = 0, False
 
-    def __enter__(self) -> "ProcessGroup":
+    def __enter__(self) -> ProcessGroup:
         if self.world_size > 1:
             import torch.distributed as dist
 

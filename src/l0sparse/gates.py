@@ -124,7 +124,7 @@ class Gate(nn.Module):
         return self.deterministic() > 0
 
     @torch.no_grad()
-    def clamp_(self) -> "Gate":
+    def clamp_(self) -> Gate:
         """Clamp log α into ``clamp_log_alpha`` in place; a no-op when it is None."""
         if self.clamp_log_alpha is not None:
             self.log_alpha.clamp_(*self.clamp_log_alpha)

@@ -320,7 +320,7 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
 
     space_gates: dict[int, Gate] = {}
     modules = dict(model.named_modules())
-    for name, module, rule, explicit in plan:
+    for name, module, rule, _explicit in plan:
         granularity, block = rule.removesuffix("+block"), rule.endswith("block")
         if granularity == "block":
             pass  # the block gate alone, below
