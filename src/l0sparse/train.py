@@ -669,20 +669,18 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                                    "gates_identical_on_ranks": all(other[0] == ranks_state[0] for other in everyone)})
                     if controller is not None:
                         record["multipliers_identical_on_ranks"] = all(other[1] == ranks_state[1] for other in everyone)
-                if gated:
-                    with torch.no_grad():
-                        expected = cost_model.costs()
-                        kept = cost_model.costs(deterministic=True)
-                    record.update({"expected_l0": float(expected_l0(evaluated).detach()),
-                                   "expected_flops_kept": float(expected["flops"]) / dense_flops,
-                                   "flops_kept": float(kept["flops"]) / dense_flops, "params_kept": float(kept["params"]) / dense_params})
-                    if controller is not None:
-                        record.update({"lambda_1": float(controller.lambda_1.detach()), "lambda_2": float(controller.lambda_2.detach()),
-                                       "target_now": controller.current_target()})
-                elif importance:
+                if cost_model is not None:  # what prune would leave (L0, or the importance baseline's fixed gates)
                     with torch.no_grad():
                         kept = cost_model.costs(deterministic=True)
                     record.update({"flops_kept": float(kept["flops"]) / dense_flops, "params_kept": float(kept["params"]) / dense_params})
+                if gated:
+                    with torch.no_grad():
+                        expected = cost_model.costs()
+                    record.update({"expected_l0": float(expected_l0(evaluated).detach()),
+                                   "expected_flops_kept": float(expected["flops"]) / dense_flops})
+                    if controller is not None:
+                        record.update({"lambda_1": float(controller.lambda_1.detach()), "lambda_2": float(controller.lambda_2.detach()),
+                                       "target_now": controller.current_target()})
                 elif magnitude:
                     record["flops_kept"] = flops_kept
                 elif thresholded:  # measured on a thresholded copy: the checkpoint keeps the exact weights
