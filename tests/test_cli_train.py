@@ -145,6 +145,23 @@ def test_target_run_prune_and_report(tmp_path, capsys):
         torch.testing.assert_close(rounded(data.x_test), model(data.x_test))
 
 
+def test_ceiling_run_keeps_lambda_and_caps_the_size_after_the_warmup(tmp_path):
+    """target_mode = "ceiling": λ is charged from the first step (a larger λ closes more gates during the
+    warm-up), the controller is idle until the warm-up ends, and the run ends within the budget."""
+    histories = {}
+    for lam in (0.0, 50.0):
+        config = quick_config(target=0.5, target_mode="ceiling", warmup=0.5, lam=lam, epochs=6)
+        histories[lam] = run_training(config, tmp_path / f"run-{lam}", progress=False)
+    for history in histories.values():
+        assert [r["target_now"] for r in history[:2]] == [1.0, 1.0] and history[0]["lambda_1"] == 0.0
+        assert history[-1]["flops_kept"] <= 0.5 + 0.005  # the controller's default tolerance
+    assert histories[50.0][1]["expected_l0"] < histories[0.0][1]["expected_l0"]
+    with pytest.raises(ValueError, match="target_mode"):
+        quick_config(target_mode="ceiling")  # no target to cap at
+    with pytest.raises(ValueError, match="target_mode"):
+        quick_config(target=0.5, target_mode="below")
+
+
 def test_sigterm_leaves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "l0sparse", "train", str(RECIPES / "mlp-digits.toml"), "--set", "epochs=500",

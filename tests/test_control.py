@@ -207,6 +207,38 @@ def test_step_lands_the_pruned_size_back_in_the_band_keeping_the_gates_order(sta
     assert crossed.any() and torch.equal(after[~crossed], before[~crossed])
 
 
+def test_a_ceiling_waits_for_the_warmup_then_lands_only_from_above():
+    """target_mode "ceiling": no push and no landing during the warm-up, then the size is brought under the
+    budget from above; a model already under the budget is left alone (no gate reopens)."""
+    torch.manual_seed(0)
+    model = l0sparse.L0MLP((300, 100, 10))
+    controller = TargetController(model, 0.5, "l0", warmup_steps=3, tolerance=0.01, ceiling=True)
+    _closed_fraction_(model, 0.9)
+    with torch.no_grad():
+        controller.lambda_1.fill_(5.0)
+    for _ in range(3):  # the warm-up: the target is the whole model, so nothing pushes and nothing lands
+        assert controller.current_target() == 1.0
+        assert float(controller.penalty().detach()) == 0.0
+        controller.step()
+    assert controller.landings == 0 and controller.deterministic_fraction() > 0.85
+    assert controller.current_target() == 0.5
+    assert float(controller.penalty().detach()) > 0.0
+    controller.step()
+    one_gate = 1 / sum(g.log_alpha.numel() for g in l0sparse.costs.gates(model))
+    assert controller.landings == 1 and abs(controller.deterministic_fraction() - 0.5) <= 0.01 + one_gate
+    _closed_fraction_(model, 0.2)  # far under the budget: an exact target would reopen gates here, a ceiling does not
+    before = torch.cat([g.log_alpha.detach().flatten().clone() for g in l0sparse.costs.gates(model)])
+    controller.penalty()
+    controller.step()
+    after = torch.cat([g.log_alpha.detach().flatten() for g in l0sparse.costs.gates(model)])
+    assert controller.landings == 1 and torch.equal(before, after)
+
+
+def test_ceiling_must_be_a_bool():
+    with pytest.raises(ValueError, match="ceiling"):
+        TargetController(l0sparse.L0MLP((4, 3, 2)), 0.5, "l0", ceiling="yes")
+
+
 def test_a_target_below_the_floor_is_refused_with_the_floor():
     model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 500), nn.ReLU(), nn.Linear(500, 3))
     with pytest.warns(UserWarning):

@@ -14,6 +14,7 @@ from .files import read_json
 __all__ = ["TrainConfig", "load_config", "config_from_dict", "read_config_json", "MODELS"]
 
 MODELS = ("mlp", "lenet5", "minilm")
+TARGET_MODES = ("exact", "ceiling")  # the controller chooses λ to land on target, or caps a fixed-λ run's size at it
 INITS = ("torch", "paper")  # the weights' initialisation: torch.nn's, or the paper's code's (Kaiming normal, zero bias)
 REGULARIZER_CHOICES = ("l0", "none", "magnitude", "importance", "l1", "group_l1", "l2")
 
@@ -25,7 +26,9 @@ class TrainConfig:
     ``lam`` is the paper's λ per weight; the objective divides it by N, the
     training-set size ("λ = 0.1/N" is ``lam = 0.1``). Give ``target`` (a
     fraction in (0, 1] of ``metric``) instead to let a TargetController
-    choose λ. ``regularizer = "none"`` trains the same architecture dense;
+    choose λ; with ``target_mode = "ceiling"`` λ stays ``lam`` and the
+    target is a budget: from ``warmup`` of the run on, the controller keeps
+    the pruned size at or under it. ``regularizer = "none"`` trains the same architecture dense;
     ``"magnitude"`` trains it dense for ``epochs``, removes the units and
     channels of smallest L1 norm down to ``target`` of the FLOPs, and
     fine-tunes for ``epochs`` more (the baseline). ``"l1"``, ``"group_l1"``
@@ -69,6 +72,7 @@ class TrainConfig:
     gate_lr: float | None = None  # None: the weights' lr (one rate for everything measured best, docs/control.md)
     lam: float = 0.1
     target: float | None = None
+    target_mode: str = "exact"
     metric: str = "flops"
     warmup: float = 0.5
     controller_lr: float = 0.01
@@ -101,6 +105,7 @@ class TrainConfig:
             ("gate_lr", self.gate_lr is None or (_number(self.gate_lr) and self.gate_lr > 0), "a number > 0, or none for the weights' lr"),
             ("lam", _number(self.lam) and self.lam >= 0, "a number >= 0"),
             ("target", self.target is None or (_number(self.target) and 0 < self.target <= 1), "a fraction in (0, 1]"),
+            ("target_mode", self.target_mode in TARGET_MODES, f"one of {TARGET_MODES}"),
             ("metric", self.metric in METRICS, f"one of {METRICS}"),
             ("warmup", _number(self.warmup) and 0 <= self.warmup <= 1, "a fraction of the training steps in [0, 1]"),
             ("controller_lr", _number(self.controller_lr) and self.controller_lr > 0, "a number > 0"),
@@ -122,6 +127,9 @@ class TrainConfig:
         for key, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: must be {allowed}")
+        if self.target_mode == "ceiling" and (self.target is None or self.regularizer != "l0"):
+            raise ValueError("config key 'target_mode' = 'ceiling': a ceiling caps an L0 run's size at 'target' while 'lam' "
+                             "chooses the model: needs regularizer = 'l0' and a target (target = 0.13)")
         if self.regularizer == "magnitude" and (self.target is None or self.metric != "flops"):
             raise ValueError("config key 'target': regularizer 'magnitude' needs a FLOPs target (target = 0.1, metric = 'flops')")
         if isinstance(self.droprate_init, list) and (self.regularizer != "l0" or self.gates != "units"):

@@ -55,6 +55,13 @@ class TargetController(nn.Module):
         lr: learning rate of the multipliers' optimizer (Adam, maximising).
         tolerance: half-width of the band around the target that :meth:`step`
             keeps the pruned size in (a fraction of the dense size).
+        ceiling: treat ``target`` as a budget for a model trained with a fixed
+            λ (:class:`l0sparse.Penalty`): the controller does nothing during
+            the warm-up, then keeps the pruned size at or under ``target``
+            (it pushes and lands only from above, and never reopens gates).
+            λ chooses the model while it fits the budget; a schedule from
+            the start would push while test-time gates are all still open
+            and hold every gate low (docs/control.md).
 
     Use::
 
@@ -64,7 +71,7 @@ class TargetController(nn.Module):
     """
 
     def __init__(self, model: nn.Module, target: float, metric: str = "params", example_inputs=None,
-                 warmup_steps: int = 0, lr: float = 0.01, tolerance: float = 0.005) -> None:
+                 warmup_steps: int = 0, lr: float = 0.01, tolerance: float = 0.005, ceiling: bool = False) -> None:
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0 < target <= 1) or math.isnan(target):
             raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
@@ -78,6 +85,8 @@ class TargetController(nn.Module):
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0 <= tolerance < 1):
             raise ValueError(f"tolerance must be a fraction in [0, 1), got {tolerance!r}")
+        if not isinstance(ceiling, bool):
+            raise ValueError(f"ceiling must be True or False, got {ceiling!r}")
         if not gates(model):
             raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
         device = gates(model)[0].log_alpha.device
@@ -85,6 +94,7 @@ class TargetController(nn.Module):
             raise ValueError("TargetController reads the model's size at every step, and the model is on the meta device, "
                              "which holds no values: build it on the device the model trains on")
         self.target, self.metric, self.warmup_steps, self.tolerance = float(target), metric, warmup_steps, float(tolerance)
+        self.ceiling = ceiling
         self.landings = 0  # how often step() had to shift the gates back into the band (a diagnostic)
         self._residual = 0.0
         self._model = [model]  # a list, so that the model is not registered as a submodule (state_dict stays small)
@@ -132,9 +142,11 @@ class TargetController(nn.Module):
         return float(self._cost_model.costs(deterministic=True)[self.metric]) / self._dense
 
     def current_target(self) -> float:
-        """t at this step: linear from the starting size to ``target`` over the warm-up."""
+        """t at this step: linear from the starting size to ``target`` over the warm-up (a ceiling: 1, then ``target``)."""
         if self.warmup_steps == 0:
             return self.target
+        if self.ceiling:
+            return 1.0 if int(self.steps) < self.warmup_steps else self.target
         progress = min(1.0, float(self.steps) / self.warmup_steps)
         return float(self.start) + progress * (self.target - float(self.start))
 
@@ -194,6 +206,8 @@ class TargetController(nn.Module):
         warmed_up = int(self.steps) + 1 >= self.warmup_steps
         # a band no choice of gates can hit (one unit is worth more than it) widens to what the last landing reached
         band = max(self.tolerance, self._residual)
+        if self.ceiling and fraction <= target + band:
+            return  # a budget, not a size to reach: below it λ alone decides
         if target - band <= fraction and (fraction <= target + band or not warmed_up):
             if abs(fraction - target) <= self.tolerance:
                 self._residual = 0.0
@@ -280,7 +294,7 @@ class TargetController(nn.Module):
         return result
 
     def extra_repr(self) -> str:
-        return f"target={self.target:g}, metric={self.metric!r}, warmup_steps={self.warmup_steps}"
+        return f"target={self.target:g}, metric={self.metric!r}, warmup_steps={self.warmup_steps}" + (", ceiling=True" if self.ceiling else "")
 
 
 def param_groups(model: nn.Module, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:

@@ -517,7 +517,8 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
     controller = None
     if gated and config.target is not None:
         controller = TargetController(model, config.target, config.metric, example_inputs=example,
-                                      warmup_steps=int(config.warmup * config.epochs * steps_per_epoch), lr=config.controller_lr)
+                                      warmup_steps=int(config.warmup * config.epochs * steps_per_epoch), lr=config.controller_lr,
+                                      ceiling=config.target_mode == "ceiling")
     model_gates = gates(model)
     # the paper's temporal average of every parameter (log α included): what is evaluated, recorded and pruned
     averaged = ema(model, config.ema) if config.ema > 0 else None
@@ -600,10 +601,11 @@ def _train_into(run_dir: _RunDirectory, config, state: dict | None, threads, pro
                 atomic_save(teacher_logits, logits_path)
             del teacher
 
-    # under a controller λ is its job; the L2 under the gates (weight_decay) still applies
+    # under a controller λ is its job (unless the target is only a ceiling); the L2 under the gates (weight_decay) still applies
+    lam = config.lam if controller is None or controller.ceiling else 0.0
     l0_penalty = None
-    if gated and (controller is None or config.weight_decay):
-        l0_penalty = Penalty(model, 0.0 if controller is not None else config.lam, config.weight_decay, N=n_train)
+    if gated and (lam or config.weight_decay):
+        l0_penalty = Penalty(model, lam, config.weight_decay, N=n_train)
     with _SigtermToInterrupt():
         try:
             for epoch in range(start_epoch, total_epochs):
