@@ -29,7 +29,8 @@ import l0sparse  # noqa: E402
 from l0sparse.data import load_fashion_mnist  # noqa: E402
 from l0sparse.gates import PAPER_LOG_ALPHA_RANGE  # noqa: E402
 from l0sparse.prune import plain_copy  # noqa: E402
-from l0sparse.train import accuracy, configure_torch, ema  # noqa: E402
+from l0sparse.regularizers import L0  # noqa: E402
+from l0sparse.train import accuracy, configure_torch, ema, train_epoch  # noqa: E402
 
 
 def build(args) -> l0sparse.L0MLP:
@@ -76,23 +77,14 @@ def main():
     model = build(args)
     averaged = ema(model, args.ema) if args.ema > 0 else None
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    penalty = l0sparse.Penalty(model, args.lam, args.weight_decay, N=n_train)
+    regularizer = L0(model, args.lam, args.weight_decay, N=n_train)  # the penalty, then the clamp after each step
     cost_model = l0sparse.CostModel(model, x_train[:2])
     dense_flops = l0sparse.count_flops(plain_copy(model), x_train[:2])
-    gates = [layer.gate for layer in model.l0_layers()]
 
     history, start = [], time.perf_counter()
     for epoch in range(1, args.epochs + 1):
-        model.train()
-        for index in torch.randperm(n_train).split(100):
-            loss = F.cross_entropy(model(x_train[index]), y_train[index]) + penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for gate in gates:
-                gate.clamp_()
-            if averaged is not None:
-                averaged.update_parameters(model)
+        train_epoch(model, optimizer, regularizer, torch.randperm(n_train).split(100), lambda index: (x_train[index], y_train[index]),
+                    lambda logits, targets, _: F.cross_entropy(logits, targets), averaged=averaged)
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             record = {"epoch": epoch, "seconds": round(time.perf_counter() - start, 1), **evaluate(model, data, cost_model, dense_flops)}
             if averaged is not None:

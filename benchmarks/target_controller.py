@@ -28,7 +28,8 @@ from prune_latency import SmallResNet  # noqa: E402
 import l0sparse  # noqa: E402
 from l0sparse.data import load_fashion_mnist  # noqa: E402
 from l0sparse.prune import plain_copy  # noqa: E402
-from l0sparse.train import accuracy, configure_torch, recalibrate_batchnorm  # noqa: E402
+from l0sparse.regularizers import L0WithTarget  # noqa: E402
+from l0sparse.train import accuracy, configure_torch, recalibrate_batchnorm, train_epoch  # noqa: E402
 
 
 SNAP = True
@@ -60,15 +61,11 @@ def run(name, target, epochs, data, batch_size=100):
     gate_ids = {id(p) for p in gate_parameters}
     optimizer = torch.optim.Adam([{"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3},
                                   {"params": gate_parameters, "lr": GATE_LR}])
+    regularizer = L0WithTarget(model, controller)  # the controller's term, and its step after each optimizer step
     start = time.perf_counter()
     for _ in range(epochs):
-        model.train()
-        for index in torch.randperm(len(data.x_train)).split(batch_size):
-            loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index]) + controller.penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            controller.step()
+        train_epoch(model, optimizer, regularizer, torch.randperm(len(data.x_train)).split(batch_size),
+                    lambda index: (data.x_train[index], data.y_train[index]), lambda logits, targets, _: F.cross_entropy(logits, targets))
     seconds = time.perf_counter() - start
     trained_fraction = controller.deterministic_fraction()
     if SNAP:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import l0sparse.data
+import l0sparse.runs
 import l0sparse.train
 from l0sparse.cli import main
 from l0sparse.config import load_config
@@ -290,7 +291,7 @@ def test_an_os_error_while_writing_names_the_path(run, monkeypatch, capsys):
     def refuse(payload, path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(l0sparse.train, "atomic_save", refuse)
+    monkeypatch.setattr(l0sparse.runs, "atomic_save", refuse)  # the run folder writes pruned.pt
     assert main(["prune", str(run)]) == 2
     assert capsys.readouterr().err.strip() == f"l0sparse prune: error: {run / PRUNED_WEIGHTS}: Permission denied"
 

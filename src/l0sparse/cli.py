@@ -128,17 +128,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train":
             return _train(parser, args)
         elif args.command == "prune":
-            from .train import prune_run
+            from .runs import RunFolder
 
-            pruned, table = prune_run(args.run_dir, force=args.force, round_to=args.round_to)
+            run = RunFolder(args.run_dir)
+            pruned, table = run.prune(force=args.force, round_to=args.round_to)
             print(table)
-            print(f"wrote {args.run_dir}/pruned.pt and pruned.json (load with l0sparse.train.load_pruned)")
+            print(f"wrote {run.pruned_weights_path} and {run.pruned_spec_path.name} (load with l0sparse.runs.load_pruned)")
         elif args.command == "report":
-            from pathlib import Path
+            from .plots import report_runs
+            from .runs import RunFolder
 
-            from .report import report_runs
-
-            written = report_runs(args.run_dirs, args.out or Path(args.run_dirs[0]) / "report")
+            written = report_runs(args.run_dirs, args.out or RunFolder(args.run_dirs[0]).report_path)
             for path in written.values():
                 print(f"wrote {path}")
     except (ValueError, OSError, ImportError, FloatingPointError) as error:  # bad input: one line, no traceback
@@ -159,17 +159,18 @@ def _one_line(error: BaseException) -> str:
 def _train(parser, args) -> int:
     from pathlib import Path
 
-    from .config import load_config, read_config_json
-    from .train import CONFIG_FILE, run_training
+    from .config import load_config
+    from .runs import RunFolder
+    from .train import run_training
 
     if args.resume:
         if not args.out:
             parser.error("--resume needs --out, the run directory to continue")
-        saved = Path(args.out) / CONFIG_FILE
-        if not saved.exists():
-            raise FileNotFoundError(f"--resume: {args.out} has no {CONFIG_FILE}; is it a run directory?")
+        saved = RunFolder(args.out)
+        if not saved.config_path.exists():
+            raise FileNotFoundError(f"--resume: {args.out} has no {saved.config_path.name}; is it a run directory?")
         # the run's keys, then those the user gives: run_training refuses any of them that differ, but epochs
-        config = load_config(args.config, args.overrides, base=read_config_json(saved).to_dict())
+        config = load_config(args.config, args.overrides, base=saved.read_config().to_dict())
     else:
         if not args.config:
             parser.error("the config file is required (or --resume with --out)")

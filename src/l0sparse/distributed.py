@@ -1,4 +1,4 @@
-"""The process group of a distributed `l0sparse train`: what the training harness asks of torch.distributed."""
+"""The ranks of a distributed `l0sparse train`: what the training loop asks of torch.distributed."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import os
 
 import torch
 
-__all__ = ["ProcessGroup"]
+__all__ = ["RankGroup"]
 
 
-class ProcessGroup:
-    """The process group ``torchrun`` asks for (gloo), or a single process: rank 0 of 1.
+class RankGroup:
+    """This process's rank among those ``torchrun`` started (a gloo process group), or a single process: rank 0 of 1.
+
+    Named apart from ``torch.distributed.ProcessGroup``, which it wraps rather than extends.
 
     Entered once per run: it initialises the group from torchrun's environment
     (RANK, WORLD_SIZE, MASTER_ADDR, ...) unless the caller already did, and
@@ -22,7 +24,7 @@ class ProcessGroup:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank, self._started = 0, False
 
-    def __enter__(self) -> ProcessGroup:
+    def __enter__(self) -> RankGroup:
         if self.world_size > 1:
             import torch.distributed as dist
 

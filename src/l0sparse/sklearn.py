@@ -2,7 +2,7 @@
 
 ``L0Regressor`` and ``L0Classifier`` put one gate on each input feature in
 front of a linear model (the default) or a small MLP (``hidden_layer_sizes``),
-and train gates and weights together on ``mean loss + lam · Σ_j P(z_j ≠ 0)``.
+and train gates and weights together on ``mean loss + lam · Σ_j P(z_j ≠ 0)`` (a :class:`~l0sparse.Penalty`).
 
 How λ is chosen when ``lam`` is not given (documented choices):
 
@@ -58,7 +58,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
+from .costs import Penalty
 from .gates import Gate, is_positive_int
+from .layers import L0Linear
 
 __all__ = ["L0Regressor", "L0Classifier"]
 
@@ -81,22 +83,28 @@ _EBIC_GAMMA = 1.0
 
 
 class _GatedNetwork(nn.Module):
-    """Input gates followed by a linear layer or an MLP."""
+    """Input gates followed by a linear layer or an MLP: the first layer is an ``L0Linear``, whose gates
+    :class:`~l0sparse.Penalty` charges, computed here on the columns still alive."""
 
     def __init__(self, n_features: int, n_outputs: int, hidden_layer_sizes, gate_kwargs: dict) -> None:
         super().__init__()
-        self.gate = Gate(n_features, **gate_kwargs)
         widths = [n_features, *hidden_layer_sizes, n_outputs]
-        layers: list[nn.Module] = []
-        for index, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(nn.Linear(fan_in, fan_out))
-            if index < len(widths) - 2:
-                layers.append(nn.ReLU())
+        layers: list[nn.Module] = [L0Linear(widths[0], widths[1], **gate_kwargs)]
+        for fan_in, fan_out in zip(widths[1:-1], widths[2:]):
+            layers += [nn.ReLU(), nn.Linear(fan_in, fan_out)]
         self.body = nn.Sequential(*layers)
         self.linear = not hidden_layer_sizes
         if self.linear:  # start from zero so that no feature is favoured before it earns it
             nn.init.zeros_(self.body[0].weight)
             nn.init.zeros_(self.body[0].bias)
+
+    @property
+    def gate(self) -> Gate:
+        return self.body[0].gate
+
+    def feature_penalty(self, lam: float) -> Penalty:
+        """``lam`` · Σ_j P(z_j ≠ 0): λ once per feature (not per weight), whatever the first layer's width."""
+        return Penalty(self, lam, cost_weights={id(self.gate): torch.ones(self.gate.shape)})
 
     def forward(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
         """``columns``: indices of the features present in ``x`` (the others are treated as closed)."""
@@ -260,13 +268,14 @@ class _L0Selector(SelectorMixin, BaseEstimator):
         generator = torch.Generator().manual_seed(generator_seed)
         check_every, best, stall, steady = 10, math.inf, 0, 0
         recent, last_active = 0.0, network.gate.is_active()
+        penalty = network.feature_penalty(lam)
         network.train()
         # compute only with the features whose gates are still alive
         columns = torch.nonzero(network.gate.prob_nonzero().detach() >= _DEAD_PROB_NONZERO).flatten()
         x = x[:, columns]
         for step in range(1, self.max_iter + 1):
             index = torch.randperm(n, generator=generator)[:batch] if batch < n else slice(None)
-            loss = self._loss(network(x[index], columns), target[index]) + lam * network.gate.expected_l0()
+            loss = self._loss(network(x[index], columns), target[index]) + penalty()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

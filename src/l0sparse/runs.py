@@ -1,0 +1,286 @@
+"""The run folder that `l0sparse train` writes, and what `prune` and `report` read from it and add to it.
+
+One type owns the file names: ``RunFolder(path)`` reads and writes the
+config, the metrics, the checkpoint and the teacher's logits, loads the
+trained model, prunes it and loads the pruned one. ``StagedRunFolder`` is
+where a new run writes until its first checkpoint is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .files import atomic_save, atomic_write_text, read_json, torch_load
+
+__all__ = ["RunFolder", "StagedRunFolder", "load_run", "prune_run", "load_pruned", "read_metrics", "load_checkpoint",
+           "check_run_directory"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+PRUNED_WEIGHTS = "pruned.pt"
+PRUNED_SPEC = "pruned.json"
+REPORT_DIR = "report"
+TEACHER_LOGITS = "teacher_logits.pt"
+#: What `train --force` replaces in a run directory: the run's own files and what `prune` and `report` derived from them.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT, TEACHER_LOGITS, PRUNED_WEIGHTS, PRUNED_SPEC, REPORT_DIR)
+#: A new run writes here, inside the run directory, until its first checkpoint; then it takes the old run's place.
+STAGING_DIR = ".l0sparse-new"
+REPLACED_DIR = ".l0sparse-old"
+#: the example inputs' dtypes a pruned.json may name: images and features, or token ids
+_EXAMPLE_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl``; a partial last line (a write cut short by kill -9 or a full disk) is dropped."""
+    path = Path(path)
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and "epoch" in record):
+            if number == len(lines):
+                break  # the tail of an interrupted write: the checkpoint never counted it
+            raise ValueError(f"{path} line {number} is not a metrics record: the file is damaged; delete that line and try again")
+        records.append(record)
+    return records
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint, loaded with ``weights_only=True``; a damaged or foreign file gives one clear error."""
+    path = Path(path)
+    state = torch_load(path)
+    if not (isinstance(state, dict) and {"model", "epoch"} <= set(state)):
+        raise ValueError(f"{path} is not an l0sparse training checkpoint (no model and epoch in it); delete it and train again")
+    return state
+
+
+def load_state(model: nn.Module, state, path: Path, described_by: str = CONFIG_FILE) -> None:
+    """``model.load_state_dict(state)``; a mismatch names the file and the description it should fit."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:  # wrong keys or shapes; not a dict at all
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"{path} does not fit the model that {described_by} describes ({first}); was either edited? "
+                         "restore them, or train again") from None
+
+
+def check_run_directory(out_dir: Path) -> None:
+    """Fail at once, before any data is loaded, if ``out_dir`` cannot hold a run: a file, or a folder this user cannot write."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(f"run directory {out_dir}: {existing} is a file, not a folder; choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"run directory {out_dir}: {existing} is not writable by this user; choose another --out")
+
+
+def _named_file(name: str) -> property:
+    """A run folder's path to ``name``: one property per file the folder holds."""
+    return property(lambda folder: folder.path / name, doc=f"``{name}`` in the run folder")
+
+
+class RunFolder:
+    """A run directory: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``teacher_logits.pt`` (a distilled
+    run), and what ``prune`` (``pruned.pt``, ``pruned.json``) and ``report`` (``report/``) derive from them."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    config_path = _named_file(CONFIG_FILE)
+    metrics_path = _named_file(METRICS_FILE)
+    checkpoint_path = _named_file(CHECKPOINT)
+    teacher_logits_path = _named_file(TEACHER_LOGITS)
+    pruned_weights_path = _named_file(PRUNED_WEIGHTS)
+    pruned_spec_path = _named_file(PRUNED_SPEC)
+    report_path = _named_file(REPORT_DIR)
+
+    # -- what training writes ---------------------------------------------------------------------------------
+    def read_config(self):
+        """The run's ``config.json`` as a validated TrainConfig; an error names the file."""
+        from .config import read_config_json
+
+        return read_config_json(self.config_path)
+
+    def write_config(self, config) -> None:
+        atomic_write_text(json.dumps(config.to_dict(), indent=1), self.config_path)
+
+    def read_metrics(self) -> list[dict]:
+        """The per-epoch records; none when the run has not finished an epoch."""
+        return read_metrics(self.metrics_path) if self.metrics_path.exists() else []
+
+    def write_metrics(self, records: list[dict]) -> None:
+        """The whole file, rewritten atomically: a kill leaves the old file or the new one, never a partial line."""
+        atomic_write_text("".join(json.dumps(record) + "\n" for record in records), self.metrics_path)
+
+    def read_checkpoint(self) -> dict:
+        return load_checkpoint(self.checkpoint_path)
+
+    def write_checkpoint(self, state: dict) -> None:
+        atomic_save(state, self.checkpoint_path)
+
+    def read_teacher_logits(self, n_train: int, num_classes: int) -> Tensor:
+        """The teacher's logits this run learns from, checked to be ``n_train`` × ``num_classes``."""
+        path = self.teacher_logits_path
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: {path} is missing (the teacher's logits this run learns from); start a new run")
+        logits = torch_load(path)
+        if not (isinstance(logits, Tensor) and logits.shape == (n_train, num_classes)):
+            raise ValueError(f"{path} does not hold {n_train} × {num_classes} logits; start a new run")
+        return logits
+
+    def write_teacher_logits(self, logits: Tensor) -> None:
+        atomic_save(logits, self.teacher_logits_path)
+
+    # -- what prune and report read ---------------------------------------------------------------------------
+    def load(self, data=None) -> tuple:
+        """(config, model with the checkpoint's weights in eval mode, dataset).
+
+        ``data``: the run's dataset, if already loaded (it is not loaded again).
+        """
+        from .build import ema, model_for
+        from .data import load_dataset
+
+        if not self.checkpoint_path.exists():
+            raise FileNotFoundError(f"{self.path} is not a run directory: it has no {CHECKPOINT}")
+        config = self.read_config()
+        state = self.read_checkpoint()
+        if data is None:
+            data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
+        model = model_for(config, data)
+        if config.regularizer == "magnitude" and state["epoch"] >= config.epochs:
+            from .baselines import magnitude_prune
+
+            magnitude_prune(model, config.target, data.x_train[:2])  # the masks' structure; their values load below
+        load_state(model, state["model"], self.checkpoint_path)
+        if config.ema > 0:  # the moving average is the model this run evaluated: it is the one to prune
+            averaged = ema(model, config.ema)
+            load_state(averaged, state["ema"], self.checkpoint_path)
+            model = averaged.module
+        if config.regularizer in ("l1", "group_l1"):
+            from .norms import threshold_
+
+            threshold_(model, config.regularizer, config.threshold_value)  # the usual last step of an L1 run
+        return config, model.eval(), data
+
+    def prune(self, force: bool = False, round_to: int = 1) -> tuple[nn.Module, str]:
+        """Prune the checkpoint's model; write ``pruned.pt`` (state_dict) and ``pruned.json`` (plan and architecture).
+
+        ``round_to`` is :func:`l0sparse.prune`'s: kept counts rounded up to a multiple of it. Returns the pruned
+        module and its summary table; :meth:`load_pruned` loads it back with ``weights_only=True``.
+        """
+        from .prune import prune
+        from .report import architecture, summary
+
+        if self.pruned_weights_path.exists() and not force:
+            raise FileExistsError(f"{self.pruned_weights_path} exists: pass --force to overwrite it")
+        config, model, data = self.load()
+        example = data.x_train[:2]
+        pruned, plan = prune(model, example, return_plan=True, round_to=round_to)
+        table = summary(model, example)
+        spec = {"config": config.to_dict(), "plan": plan, "example_shape": list(example.shape[1:]),
+                "example_dtype": str(example.dtype).removeprefix("torch."), "num_classes": data.num_classes,
+                "architecture": architecture(model), "summary": table.to_markdown()}
+        atomic_save(pruned.state_dict(), self.pruned_weights_path)
+        atomic_write_text(json.dumps(spec, indent=1), self.pruned_spec_path)
+        return pruned, str(table)
+
+    def load_pruned(self) -> nn.Module:
+        """The pruned model, rebuilt from ``pruned.json`` and loaded with ``weights_only=True``; in eval mode."""
+        from .config import config_from_dict
+        from .models import build_model
+        from .prune import rebuild
+
+        if not self.pruned_spec_path.exists():
+            raise FileNotFoundError(f"{self.path} has no {PRUNED_SPEC}: run `l0sparse prune {self.path}` first")
+        spec = read_json(self.pruned_spec_path)
+        config = config_from_dict(spec.get("config") if isinstance(spec, dict) else None, source=self.pruned_spec_path)
+        shape, dtype = spec.get("example_shape"), _EXAMPLE_DTYPES.get(spec.get("example_dtype", "float32"))
+        if dtype is None or not (isinstance(shape, list) and all(isinstance(size, int) and size > 0 for size in shape)):
+            raise ValueError(f"{self.pruned_spec_path}: 'example_shape' must be a list of positive ints and 'example_dtype' one of "
+                             f"{sorted(_EXAMPLE_DTYPES)}; was it edited? run `l0sparse prune --force {self.path}` again")
+        example = torch.zeros(2, *shape, dtype=dtype)
+        fresh = build_model(config.model, int(math.prod(shape)), spec["num_classes"], hidden=config.hidden,
+                            gated=config.regularizer == "l0")
+        module = rebuild(fresh, spec["plan"], example)
+        load_state(module, torch_load(self.pruned_weights_path), self.pruned_weights_path, described_by=PRUNED_SPEC)
+        return module.eval()
+
+
+class StagedRunFolder:
+    """Where a new run writes: a staging folder inside ``out_dir`` until its first checkpoint, then ``out_dir`` itself.
+
+    Until that checkpoint an older run in ``out_dir`` (replaced under ``force``) stays whole, and a
+    failed set-up or a first epoch that diverges leaves nothing behind. Only the main process writes.
+    """
+
+    def __init__(self, out_dir: Path, staged: bool, writes: bool, committed: bool = False) -> None:
+        self.out_dir, self.staged, self.writes, self.committed = Path(out_dir), staged, writes, committed
+        self.folder = RunFolder(self.out_dir / STAGING_DIR if staged else self.out_dir)
+        self.created = not self.out_dir.exists()
+
+    def open(self) -> None:
+        if not self.writes:
+            return
+        if self.staged:
+            shutil.rmtree(self.folder.path, ignore_errors=True)  # left by a run killed before its first checkpoint: nothing in it counts
+        self.folder.path.mkdir(parents=True, exist_ok=True)
+
+    def commit(self) -> None:
+        """After the first checkpoint: move the old run's files aside, the new ones in, then delete the old ones."""
+        if self.committed:
+            return
+        self.committed = True
+        if self.writes and self.staged:
+            aside = self.out_dir / REPLACED_DIR
+            shutil.rmtree(aside, ignore_errors=True)
+            aside.mkdir()
+            for name in RUN_FILES:
+                if (self.out_dir / name).exists():
+                    os.replace(self.out_dir / name, aside / name)
+            for child in self.folder.path.iterdir():
+                os.replace(child, self.out_dir / child.name)
+            self.folder.path.rmdir()
+            shutil.rmtree(aside)
+        self.folder = RunFolder(self.out_dir)
+
+    def abandon(self) -> None:
+        """Before the first checkpoint: remove what the new run wrote (the folder was empty or new, or this is the staging one)."""
+        if self.committed or not self.writes:
+            return
+        if self.staged:
+            shutil.rmtree(self.folder.path, ignore_errors=True)
+            return
+        for name in (CONFIG_FILE, METRICS_FILE):
+            (self.out_dir / name).unlink(missing_ok=True)
+        if self.created and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
+            self.out_dir.rmdir()
+
+
+def load_run(run_dir: str | os.PathLike, data=None) -> tuple:
+    """(config, model with the checkpoint's weights in eval mode, dataset) of a run directory: :meth:`RunFolder.load`."""
+    return RunFolder(run_dir).load(data)
+
+
+def prune_run(run_dir: str | os.PathLike, force: bool = False, round_to: int = 1) -> tuple[nn.Module, str]:
+    """Prune a run's checkpoint and write ``pruned.pt`` and ``pruned.json``: :meth:`RunFolder.prune`."""
+    return RunFolder(run_dir).prune(force=force, round_to=round_to)
+
+
+def load_pruned(run_dir: str | os.PathLike) -> nn.Module:
+    """The pruned model of a run, rebuilt from ``pruned.json``: :meth:`RunFolder.load_pruned`."""
+    return RunFolder(run_dir).load_pruned()
