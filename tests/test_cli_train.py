@@ -223,3 +223,51 @@ def test_lk_regularizers_train_and_report_sparsity(regularizer, tmp_path):
 def test_lk_regularizer_with_a_negative_strength_is_named():
     with pytest.raises(ValueError, match="lam"):
         quick_config(regularizer="l1", lam=-1.0)
+
+
+def test_each_regularizer_is_one_object_with_its_term_action_metrics_and_state():
+    from l0sparse.build import model_for
+    from l0sparse.data import load_dataset
+    from l0sparse.regularizers import L0, L0WithTarget, LkPenalty, MagnitudePruning, Regularizer, regularizer_for
+
+    data = load_dataset("digits")
+    example = data.x_train[:2]
+    expected = {"l0": (L0, {"flops_kept", "params_kept", "expected_l0", "expected_flops_kept"}),
+                "target": (L0WithTarget, {"flops_kept", "expected_l0", "lambda_1", "lambda_2", "target_now"}),
+                "l1": (LkPenalty, {"weights_kept", "units_kept"}), "magnitude": (MagnitudePruning, {"flops_kept"}),
+                "none": (Regularizer, set())}
+    configs = {"l0": quick_config(), "target": quick_config(target=0.5), "l1": quick_config(regularizer="l1", lam=1.0),
+               "magnitude": quick_config(regularizer="magnitude", target=0.3), "none": quick_config(regularizer="none")}
+    for name, config in configs.items():
+        model = model_for(config, data)
+        regularizer = regularizer_for(config, model, model, example, len(data.x_train), 10, list, torch.nn.functional.cross_entropy)
+        kind, keys = expected[name]
+        assert type(regularizer) is kind, name
+        assert keys <= set(regularizer.metrics()), name
+        task_loss = torch.nn.functional.cross_entropy(model(data.x_train[:8]), data.y_train[:8])
+        loss = regularizer.loss(task_loss)
+        assert (loss is task_loss) == (name in ("magnitude", "none")), name  # only the penalties add a term
+        checkpoint = regularizer.checkpoint_state()
+        assert set(checkpoint) == {"controller"} and (checkpoint["controller"] is None) == (name != "target")
+        regularizer.load_checkpoint_state(checkpoint)
+        assert regularizer.total_epochs(4) == (8 if name == "magnitude" else 4)
+
+
+def test_run_folder_owns_the_file_names_and_loads_what_run_training_wrote(tmp_path):
+    from l0sparse.runs import RunFolder
+
+    run_training(quick_config(epochs=1), tmp_path / "run", progress=False)
+    run = RunFolder(tmp_path / "run")
+    assert [p.name for p in (run.config_path, run.metrics_path, run.checkpoint_path, run.pruned_weights_path, run.pruned_spec_path,
+                             run.teacher_logits_path, run.report_path)] == \
+        ["config.json", "metrics.jsonl", "checkpoint.pt", "pruned.pt", "pruned.json", "teacher_logits.pt", "report"]
+    assert run.read_config() == quick_config(epochs=1)
+    assert [record["epoch"] for record in run.read_metrics()] == [1] and run.read_checkpoint()["epoch"] == 1
+    config, model, data = run.load()
+    _, same_model, _ = load_run(tmp_path / "run", data=data)  # the function is the method
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), same_model.state_dict().values()))
+    pruned, table = run.prune()
+    assert "total" in table and run.pruned_weights_path.exists()
+    with torch.no_grad():
+        torch.testing.assert_close(run.load_pruned()(data.x_test), model(data.x_test))
+    assert RunFolder(tmp_path / "new").read_metrics() == []  # no epoch finished yet
