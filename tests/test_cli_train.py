@@ -240,7 +240,7 @@ def test_each_regularizer_is_one_object_with_its_term_action_metrics_and_state()
                "magnitude": quick_config(regularizer="magnitude", target=0.3), "none": quick_config(regularizer="none")}
     for name, config in configs.items():
         model = model_for(config, data)
-        regularizer = regularizer_for(config, model, model, example, len(data.x_train), 10, list, torch.nn.functional.cross_entropy)
+        regularizer = regularizer_for(config, model, model, example, len(data.x_train), 5, list, torch.nn.functional.cross_entropy)
         kind, keys = expected[name]
         assert type(regularizer) is kind, name
         assert keys <= set(regularizer.metrics()), name

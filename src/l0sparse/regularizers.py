@@ -223,9 +223,9 @@ class ImportancePruning(Regularizer):
         return self.size.kept()
 
 
-def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inputs: Tensor, n_train: int, total_steps: int,
+def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inputs: Tensor, n_train: int, steps_per_epoch: int,
                     scoring_batches: Callable[[], list], loss_fn: Callable[[Tensor, Tensor], Tensor]) -> Regularizer:
-    """The regularizer ``config`` names, for ``model`` trained on ``n_train`` examples in ``total_steps`` steps.
+    """The regularizer ``config`` names, for ``model`` trained on ``n_train`` examples in ``steps_per_epoch`` steps an epoch.
 
     ``evaluated``: the model that is measured (the moving average, or ``model``); ``scoring_batches``: the
     ``(inputs, targets)`` batches the importance baseline ranks its gates on, made only when it needs them.
@@ -238,7 +238,7 @@ def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inpu
         from .control import TargetController
 
         controller = TargetController(model, config.target, config.metric, example_inputs=example_inputs,
-                                      warmup_steps=int(config.warmup * total_steps), lr=config.controller_lr,
+                                      warmup_steps=int(config.warmup * config.epochs * steps_per_epoch), lr=config.controller_lr,
                                       ceiling=config.target_mode == "ceiling")
         return L0WithTarget(model, controller, config.lam, config.weight_decay, n_train, evaluated, size)
     if kind in ("l1", "group_l1", "l2"):

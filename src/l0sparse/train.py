@@ -389,7 +389,7 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
         scoring = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed))[:IMPORTANCE_EXAMPLES]
         return [(_batch_inputs(data.x_train[index], pad_id), data.y_train[index]) for index in scoring.split(config.batch_size)]
 
-    regularizer = regularizer_for(config, model, evaluated, example, n_train, config.epochs * steps_per_epoch, scoring_batches,
+    regularizer = regularizer_for(config, model, evaluated, example, n_train, steps_per_epoch, scoring_batches,
                                   F.cross_entropy)
     total_epochs = regularizer.total_epochs(config.epochs)
 
