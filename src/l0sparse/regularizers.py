@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .costs import CostModel, Penalty, count_flops, count_params, expected_l0, gates
+from .prune import plain_copy
 
 __all__ = ["Regularizer", "L0", "L0WithTarget", "LkPenalty", "MagnitudePruning", "ImportancePruning", "PrunedSize",
            "regularizer_for"]
@@ -29,8 +30,6 @@ class PrunedSize:
     """What prune would leave of ``model`` (gated), as fractions of its dense FLOPs and parameters, counted without pruning."""
 
     def __init__(self, model: nn.Module, example_inputs) -> None:
-        from .prune import plain_copy
-
         self.cost_model = CostModel(model, example_inputs)
         dense = plain_copy(model)
         self.dense_flops, self.dense_params = count_flops(dense, example_inputs), count_params(dense)
