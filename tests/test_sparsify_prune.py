@@ -194,6 +194,24 @@ def test_pruned_model_scripts_when_forward_annotations_are_strings():
         assert torch.equal(torch.jit.script(pruned)(x), pruned(x))
 
 
+def test_plan_is_a_dataclass_saved_in_the_format_of_earlier_plans():
+    """prune's plan is a PrunePlan; what return_plan gives (and pruned.json files hold) is its to_json() dict, with the
+    keys plans have always had, and rebuild takes either."""
+    from l0sparse.prune import PrunePlan, Selection
+
+    model, x = build("mlp")
+    pruned, saved = l0sparse.prune(model, x, return_plan=True)
+    assert sorted(saved) == ["columns", "followers", "heads", "inline", "rows", "selections"]
+    plan = PrunePlan.from_json(json.loads(json.dumps(saved)))
+    assert plan.to_json() == saved and plan.tracer == "fx"
+    assert all(isinstance(selection, Selection) for selection in plan.selections) and plan.selections
+    for form in (plan, saved):
+        fresh = l0sparse.rebuild(CASES["mlp"][0](), form, x)
+        fresh.load_state_dict(pruned.state_dict())
+        with torch.no_grad():
+            assert torch.equal(fresh(x), pruned(x))
+
+
 @pytest.mark.parametrize("case", ["resnet", "attention"])
 def test_pruned_model_scripts_exports_and_round_trips(tmp_path, case):
     model, x = build(case)

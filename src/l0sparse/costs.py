@@ -1,37 +1,40 @@
-"""Costs over every gate of a model: expected L0, the L0 (+ L2) penalty, expected FLOPs.
+"""Costs over every gate of a model: expected L0, the L0 (+ L2) penalty, expected MACs and parameters.
 
-FLOPs are multiply-accumulates (MACs) of Linear and conv weights for one
-example; bias additions, normalisation and activations are not counted.
+MACs are the multiply-accumulates of Linear and conv weights (and attention) for one example; bias
+additions, normalisation and activations are not counted. The public names say "flops" (``count_flops``,
+``expected_flops``, the ``"flops"`` key of :meth:`CostModel.costs`) for compatibility, and mean MACs;
+the code says ``macs`` (docs/design.md, "Names").
 """
 
 from __future__ import annotations
 
 import fnmatch
-import math
-from collections.abc import Iterable, Mapping
+import functools
+import operator
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from .distributions import log_ratio_zero
-from .gates import Gate
+from .gates import Gate, accumulation_dtype, check_lam
 from .graph import check_example_batch, trace_channels
-from .layers import L0Conv2d, L0Linear, _accumulation_dtype, _check_lam
-from .sparsify import GateMask, gate_masks, head_layouts, sum_per_gate
+from .layers import L0Layer
+from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, head_layouts, module_rule,
+                         scaled_dot_product_macs, weight_product)
+from .sites import Charge, GateSite, charges, find_gates, gate_sites, raw_tensor, ungated_l2_tensors
 
 __all__ = ["expected_l0", "penalty", "Penalty", "gates", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
 
 
-def gates(model: nn.Module) -> list[Gate]:
-    """Every :class:`Gate` in ``model``, each once, in module order."""
-    return [module for module in model.modules() if isinstance(module, Gate)]
+#: the former name of :func:`l0sparse.sites.find_gates` (it reads like the module ``l0sparse.gates``)
+gates = find_gates
 
 
 def expected_l0(model: nn.Module) -> Tensor:
     """Σ P(z ≠ 0) over every gate of ``model`` (a differentiable scalar)."""
-    found = gates(model)
+    found = find_gates(model)
     if not found:
         raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
     return torch.stack([gate.expected_l0() for gate in found]).sum()
@@ -47,16 +50,6 @@ def _lam_for(name: str, lam) -> float:
         if fnmatch.fnmatchcase(name, pattern):
             return value
     raise ValueError(f"lam has no entry for the gates of {name!r}: give it by name or by a glob pattern such as '*'")
-
-
-def _gate_name(model: nn.Module, gate: Gate) -> str:
-    """The name ``lam`` mappings use for a gate: its L0 layer's, or the module whose sparsify rule made it."""
-    if gate.owner is not None:
-        return gate.owner
-    for name, module in model.named_modules():
-        if getattr(module, "gate", None) is gate:
-            return name
-    return ""
 
 
 def penalty(model: nn.Module, lam: float | Mapping[str, float], weight_decay: float = 0.0, N: int = 1,
@@ -119,32 +112,6 @@ class _ChargedProbNonzero(torch.autograd.Function):
         return (None, None, *(part.view(shape).to(dtype) for part, (shape, dtype) in zip(parts, ctx.shapes)))
 
 
-def _raw_tensor(module: nn.Module, name: str) -> Tensor:
-    """``module.<name>`` before any parametrization (the trained values, not the gated ones)."""
-    if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original
-    return getattr(module, name)
-
-
-def _paid_tensors(model: nn.Module) -> dict[int, tuple[Gate, list[tuple[nn.Module, str, int | None, int]]]]:
-    """Per ``sparsify`` gate, the tensors whose entries it pays for: ``(module, tensor name, gate dim, block)``.
-
-    An output-unit gate pays for the rows of the layers that produce its channels (weight and bias),
-    once per producing layer, as :class:`L0Conv2d` pays for its filters; every other gate pays for the
-    entries it multiplies (input columns, head blocks, single weights).
-    """
-    paid: dict[int, tuple[Gate, list]] = {}
-    for _, module, tensor_name, mask in gate_masks(model):
-        gate = mask.gate
-        producers = getattr(gate, "producers", ())
-        if not producers:
-            paid.setdefault(id(gate), (gate, []))[1].append((module, tensor_name, mask.dim, mask.block))
-        elif id(gate) not in paid:
-            paid[id(gate)] = (gate, [(producer, name, 0, 1) for producer in producers for name in ("weight", "bias")
-                                     if getattr(producer, name, None) is not None])
-    return paid
-
-
 class Penalty:
     """:func:`penalty` prepared once: each call is one autograd node (``cat``, sigmoid, dot) over all gates.
 
@@ -156,34 +123,27 @@ class Penalty:
     def __init__(self, model: nn.Module, lam: float | Mapping[str, float], weight_decay: float = 0.0, N: int = 1,
                  cost_weights: Mapping[int, Tensor] | None = None) -> None:
         for value in (lam.values() if isinstance(lam, Mapping) else [lam]):
-            _check_lam(value, weight_decay)
+            check_lam(value, weight_decay)
         if not (isinstance(N, int) and N >= 1):
             raise ValueError(f"N (the training-set size) must be a positive int, got {N!r}")
         self.model, self.weight_decay, self.N = model, weight_decay, N
-        self._paid = _paid_tensors(model)
-        charges: dict[int, list] = {}  # id(gate) -> [gate, λ·(weights or cost) per gate]
+        self._charges = charges(model)
+        self._ungated = ungated_l2_tensors(model)
+        if not self._charges:
+            raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
         if cost_weights is not None:
-            missing = [g for g in gates(model) if id(g) not in cost_weights]
+            missing = [charge for charge in self._charges if id(charge.gate) not in cost_weights]
             if missing:
                 raise ValueError(f"cost_weights has no entry for {len(missing)} gate(s): compute it with CostModel(model, x).gate_costs() on this model")
-            for gate in gates(model):
-                charges[id(gate)] = [gate, _lam_for(_gate_name(model, gate), lam) * cost_weights[id(gate)].detach()]
-        else:
-            for name, module in model.named_modules():
-                if isinstance(module, (L0Linear, L0Conv2d)):
-                    charges[id(module.gate)] = [module.gate, _lam_for(name, lam) * module.group_size()]
-            for gate, tensors in self._paid.values():
-                weights_per_gate = sum(_raw_tensor(module, name).numel() for module, name, _, _ in tensors) // gate.log_alpha.numel()
-                charges[id(gate)] = [gate, _lam_for(gate.owner or "", lam) * weights_per_gate]
-        if not charges:
-            raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
+        per_gate = (lambda charge: cost_weights[id(charge.gate)].detach()) if cost_weights is not None else Charge.entries_per_gate
+        charged = [(charge.gate, _lam_for(charge.owner, lam) * per_gate(charge)) for charge in self._charges]
         # gates with equal (β, γ, ζ) share one sigmoid: usually a single group for the whole model
         self._groups: dict[tuple, tuple[list[Gate], Tensor]] = {}
-        for gate, charge in charges.values():
+        for gate, charge in charged:
             key = (gate.beta, gate.gamma, gate.zeta)
             members, parts = self._groups.setdefault(key, ([], []))
             members.append(gate)
-            parts.append(torch.as_tensor(charge, dtype=_accumulation_dtype(gate.log_alpha.dtype)).expand(gate.shape).reshape(-1))
+            parts.append(torch.as_tensor(charge, dtype=accumulation_dtype(gate.log_alpha.dtype)).expand(gate.shape).reshape(-1))
         self._groups = {key: (members, torch.cat(parts)) for key, (members, parts) in self._groups.items()}
 
     def __call__(self) -> Tensor:
@@ -192,7 +152,7 @@ class Penalty:
             first = members[0].log_alpha
             # .to is a no-op unless the model moved device or dtype after this was built
             term = _ChargedProbNonzero.apply(log_ratio_zero(beta, gamma, zeta),
-                                             charge.to(first.device, _accumulation_dtype(first.dtype)),
+                                             charge.to(first.device, accumulation_dtype(first.dtype)),
                                              *(gate.log_alpha for gate in members))
             total = term if total is None else total + term
         if self.weight_decay:
@@ -200,54 +160,43 @@ class Penalty:
         return total / self.N
 
     def _weight_decay_term(self) -> Tensor:
-        """Σ_g P(z_g ≠ 0) · ½·wd·Σ_{j∈g} θ_j²: changes with the weights, so computed on every call."""
-        terms = [module.penalty(0.0, self.weight_decay) for module in self.model.modules() if isinstance(module, (L0Linear, L0Conv2d))]
-        for gate, tensors in self._paid.values():
-            dtype = _accumulation_dtype(gate.log_alpha.dtype)
-            squares = sum(sum_per_gate(_raw_tensor(module, name).to(dtype).pow(2), dim, block) for module, name, dim, block in tensors)
-            terms.append((gate.prob_nonzero().to(dtype) * squares).sum() * (0.5 * self.weight_decay))
-        return torch.stack([term.to(_accumulation_dtype(term.dtype)) for term in terms]).sum()
+        """Σ_g P(z_g ≠ 0) · ½·wd·Σ_{j∈g} θ_j², plus ½·wd·θ² of the tensors no gate removes (L0Linear's bias):
+        changes with the weights, so computed on every call."""
+        terms = []
+        for charge in self._charges:
+            dtype = accumulation_dtype(charge.gate.log_alpha.dtype)
+            squares = functools.reduce(operator.add, [site.per_gate(site.raw().to(dtype).pow(2)) for site in charge.paid])
+            terms.append((charge.gate.prob_nonzero().to(dtype) * squares).sum())
+        terms += [tensor.to(accumulation_dtype(tensor.dtype)).pow(2).sum() for tensor in self._ungated]
+        return torch.stack([term.to(accumulation_dtype(term.dtype)) for term in terms]).sum() * (0.5 * self.weight_decay)
 
 
-def _column_probabilities(module: nn.Module, prob) -> Tensor | None:
-    """P(input column j is read) from the gates on the module's weight columns; None if ungated."""
+def _gated_probabilities(sites: list[GateSite], dims: tuple, prob) -> Tensor | None:
+    """P(slice j along the weight's dimension ``dims[0]`` is read) from the gates of ``sites`` on that dimension
+    (``None`` in ``dims``: per-weight gates, whose slice is read while any of its weights is open); None if ungated."""
     result = None
-    masks: Iterable = []
-    if isinstance(module, L0Linear):
-        result = prob(module.gate)
-    if parametrize.is_parametrized(module, "weight"):
-        masks = [m for m in module.parametrizations.weight if isinstance(m, GateMask) and m.dim in (1, None)]
-    for mask in masks:
-        probability = prob(mask.gate)
-        if mask.dim is None:  # per-weight gates: a column is read while any of its weights is open
-            closed = (1 - probability).movedim(1, 0).reshape(probability.shape[1], -1).prod(1)
+    for site in sites:
+        if site.tensor != "weight" or site.dim not in dims:
+            continue
+        probability = prob(site.gate)
+        if site.dim is None:
+            along = dims[0]
+            closed = (1 - probability).movedim(along, 0).reshape(probability.shape[along], -1).prod(1)
             probability = 1 - closed
-        elif mask.block > 1:
-            probability = probability.repeat_interleave(mask.block)
+        elif site.block > 1:
+            probability = probability.repeat_interleave(site.block)
         result = probability if result is None else result * probability
     return result
 
 
-def _attention_cost(attention: nn.MultiheadAttention, query_length: int, key_length: int, heads=None) -> tuple:
-    """(MACs per example, parameters) of multi-head attention with ``heads`` of its heads (all by default).
-
-    MACs: Q/K/V and output projections, scores and weighted values. ``heads`` may be a tensor (an
-    expected count); both costs are linear in it, plus the output bias and any bias_k/bias_v.
-    """
-    embed = attention.embed_dim
-    inner = (attention.num_heads if heads is None else heads) * (embed // attention.num_heads)
-    flops = (query_length + 2 * key_length) * embed * inner + query_length * inner * embed + 2 * query_length * key_length * inner
-    in_bias = 3 if attention.in_proj_bias is not None else 0
-    fixed = sum(t.numel() for t in (attention.out_proj.bias, attention.bias_k, attention.bias_v) if t is not None)
-    return flops, inner * (3 * embed + in_bias + embed) + fixed
+def _column_probabilities(sites: list[GateSite], prob) -> Tensor | None:
+    """P(input column j is read) from the gates on a module's weight columns (``sites``: its gate sites); None if ungated."""
+    return _gated_probabilities(sites, (1, None), prob)
 
 
-def _layout(attention: nn.MultiheadAttention, shape) -> tuple[int, int]:
-    """(sequences, tokens per sequence) of an attention input of ``shape``: (L, E) unbatched, (N, L, E) batch
-    first, (L, N, E) otherwise."""
-    if len(shape) != 3:
-        return 1, shape[0]
-    return (shape[0], shape[1]) if attention.batch_first else (shape[1], shape[0])
+def _row_probabilities(sites: list[GateSite], prob) -> Tensor | None:
+    """P(output row j is made) from the gates on a module's weight rows (the paper's L0Conv2d); None if ungated."""
+    return _gated_probabilities(sites, (0,), prob)
 
 
 def _per_example(total: float, batch: int):
@@ -261,7 +210,7 @@ def _per_example(total: float, batch: int):
 
 
 def _open_indicator(gate: Gate) -> Tensor:
-    return gate.is_active().to(gate.log_alpha.dtype)
+    return gate.is_open().to(gate.log_alpha.dtype)
 
 
 def _open_probability(gate: Gate) -> Tensor:
@@ -300,20 +249,23 @@ class CostModel:
         self.device = next((p.device for p in model.parameters()), example_inputs[0].device)
         # per attention module, per call: (sequences over the batch, query length, key length)
         self._attention_lengths = {
-            name: [(_layout(self.modules[name], query)[0] / self._batch, _layout(self.modules[name], query)[1], _layout(self.modules[name], key)[1])
-                   for query, key in calls]
+            name: [(sequences / self._batch, query_length, attention_layout(self.modules[name], key)[1])
+                   for query, key in calls for sequences, query_length in [attention_layout(self.modules[name], query)]]
             for name, calls in self.graph.attention_module_calls.items()}
         handled = {id(p) for name in self._attention_lengths for p in self.modules[name].parameters()}
         for name in self.graph.shapes:
             module = self.modules[name]
             if isinstance(module, nn.TransformerEncoderLayer):
                 handled |= {id(p) for p in module.parameters()}
-            elif isinstance(module, (nn.Linear, L0Linear, nn.modules.conv._ConvNd, L0Conv2d)):
+            elif weight_product(module) is not None:
                 handled |= {id(p) for p in module.parameters()}
         self._followers = {follower for space in self.graph.spaces for follower in space.followers}
         for follower in self._followers:
             handled |= {id(p) for p in self.modules[follower].parameters(recurse=False)}
-        gate_parameters = {id(g.log_alpha) for g in gates(model)}
+        gate_parameters = {id(g.log_alpha) for g in find_gates(model)}
+        self._sites: dict[int, list[GateSite]] = {}  # id(module) -> the gate sites on its tensors
+        for site in gate_sites(model):
+            self._sites.setdefault(id(site.module), []).append(site)
         # traced with torch.export, prune slices the model's own modules: heads of attention modules of other
         # libraries leave with their q/k/v rows, and no column is dropped that its producer still makes
         self._head_layouts = head_layouts(model) if self.graph.tracer == "export" else {}
@@ -326,19 +278,19 @@ class CostModel:
         attention = self.modules[name]
         heads = None
         if name in self.graph.removable_heads:
-            columns = _column_probabilities(attention.out_proj, prob)  # a head's gate covers its block of columns
+            columns = _column_probabilities(self._sites_of(attention.out_proj), prob)  # a head's gate covers its block of columns
             if columns is not None:
                 heads = columns.sum() / (attention.embed_dim // attention.num_heads)
                 if deterministic:
                     heads = heads.clamp(min=1)
-        return _attention_cost(attention, query_length, key_length, heads)
+        return attention_cost(attention, query_length, key_length, heads)
 
     def _kept_rows(self, owner: str, prob, deterministic: bool) -> Tensor:
         """Per q/k/v row of the attention module ``owner`` (an export-traced one): P(kept), from its head and
         block gates together; where every head is closed prune keeps one zero head of ``min_width`` rows."""
         layout = self._head_layouts[owner]
         heads, head_dim = layout["heads"], layout["head_dim"]
-        columns = _column_probabilities(self.modules[layout["projection"]], prob)
+        columns = _column_probabilities(self._sites_of(self.modules[layout["projection"]]), prob)
         kept = columns.view(heads, head_dim).mean(1).repeat_interleave(head_dim)  # a head's columns share its gates
         if deterministic:
             narrow = torch.zeros_like(kept)
@@ -346,20 +298,45 @@ class CostModel:
             kept = torch.where(kept.sum() > 0, kept, narrow)
         return kept
 
+    def _sites_of(self, module: nn.Module) -> list[GateSite]:
+        return self._sites.get(id(module), [])
+
     def _columns(self, name: str, prob, cache: dict) -> Tensor | None:
         if name not in cache:
-            cache[name] = _column_probabilities(self.modules[name], prob)
+            cache[name] = _column_probabilities(self._sites_of(self.modules[name]), prob)
         return cache[name]
 
-    def _space_alive(self, space, prob, cache: dict) -> Tensor:
-        """P(channel is read by some consumer), per channel of a removable space."""
+    def _space_open(self, space, prob, cache: dict) -> Tensor:
+        """P(channel is kept), per channel of a removable space: some consumer reads it, or another channel of
+        its granule (channels a GroupNorm removes only together)."""
         unread = torch.ones(space.size, device=self.device)
         for consumer in space.consumers:
             p_column = self._columns(consumer.name, prob, cache)
             if p_column is None:
                 return torch.ones(space.size, device=self.device)
             unread = unread * (1 - p_column.view(space.size, consumer.block)).prod(1)
+        if space.granule > 1:
+            unread = unread.view(-1, space.granule).prod(1).repeat_interleave(space.granule)
         return 1 - unread
+
+    def _produced(self, space, prob) -> Tensor | None:
+        """P(some producer makes channel c non-zero), per channel, where prune removes the channels that no producer
+        makes (a removable space of zero-preserving operations, no followers); None elsewhere (all are kept)."""
+        if not (space.removable and space.zero_preserving and not space.followers and space.producers):
+            return None
+        unmade = torch.ones(space.size, device=self.device)
+        for producer in space.producers:
+            made = _row_probabilities(self._sites_of(self.modules[producer]), prob)  # the paper's L0Conv2d gates its rows
+            if made is None:
+                return None
+            unmade = unmade * (1 - made)
+        return 1 - unmade
+
+    def _space_kept(self, space, prob, cache: dict) -> Tensor:
+        """P(prune keeps channel c), per channel of a removable space: read by a consumer (or kept with its granule),
+        and made by a producer where that counts."""
+        is_open, made = self._space_open(space, prob, cache), self._produced(space, prob)
+        return is_open if made is None else is_open * made
 
     def costs(self, deterministic: bool = False, probabilities: dict | None = None) -> dict[str, Tensor]:
         """``{"flops": MACs per example, "params": parameters}`` (scalars, differentiable unless deterministic).
@@ -371,57 +348,53 @@ class CostModel:
         else:
             prob = _open_indicator if deterministic else _open_probability
         cache: dict[str, Tensor | None] = {}
-        flops = torch.zeros((), device=self.device)
+        total_macs = torch.zeros((), device=self.device)
         params = torch.zeros((), device=self.device) + self._fixed_params
-        flops = flops + self.graph.other_macs / self._batch  # attention no Linear module owns (export only)
+        total_macs = total_macs + self.graph.other_macs / self._batch  # attention no Linear module owns (export only)
         attention_modules = self.graph.attention_call_modules or [()] * len(self.graph.attention_calls)
         for (query, key), inside in zip(self.graph.attention_calls, attention_modules):
-            macs = _scaled_dot_product_macs(query, key) / self._batch  # written out: all its heads...
+            macs = scaled_dot_product_macs(query, key) / self._batch  # written out: all its heads...
             owner = next((name for name in inside if name in self._head_layouts), None)
             if owner is not None:  # ... but those prune removes from an export-traced attention module (linear in the width)
                 layout = self._head_layouts[owner]
                 macs = macs * self._kept_rows(owner, prob, deterministic).sum() / (layout["heads"] * layout["head_dim"])
-            flops = flops + macs
+            total_macs = total_macs + macs
         for name, calls in self._attention_lengths.items():  # attention modules called on their own, every call
             for scale, query_length, key_length in calls:
-                attention_flops, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
-                flops = flops + scale * attention_flops
+                attention_macs, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
+                total_macs = total_macs + scale * attention_macs
             params = params + attention_params
         for name, calls in self.graph.calls.items():  # a module called twice costs MACs twice, parameters once
             module = self.modules[name]
             if isinstance(module, nn.TransformerEncoderLayer):
-                hidden = _column_probabilities(module.linear2, prob)
+                hidden = _column_probabilities(self._sites_of(module.linear2), prob)
                 units = torch.tensor(float(module.linear1.out_features), device=self.device) if hidden is None else hidden.sum()
                 if deterministic:
                     units = units.clamp(min=1)
                 embed, full_units = module.linear1.in_features, module.linear1.out_features
                 for in_shape, _ in calls:
-                    sequences, tokens = _layout(module.self_attn, in_shape)
-                    attention_flops, attention_params = self._attention(f"{name}.self_attn", tokens, tokens, prob, deterministic)
-                    flops = flops + sequences / self._batch * (attention_flops + 2 * tokens * embed * units)
+                    sequences, tokens = attention_layout(module.self_attn, in_shape)
+                    attention_macs, attention_params = self._attention(f"{name}.self_attn", tokens, tokens, prob, deterministic)
+                    total_macs = total_macs + sequences / self._batch * (attention_macs + 2 * tokens * embed * units)
                 feed_forward = 2 * embed * full_units + full_units
-                everything = sum(p.numel() for p in _unique_parameters(module) if id(p) not in {id(g.log_alpha) for g in gates(module)})
-                full_attention = _attention_cost(module.self_attn, tokens, tokens)[1]
+                everything = sum(p.numel() for p in _unique_parameters(module) if id(p) not in {id(g.log_alpha) for g in find_gates(module)})
+                full_attention = attention_cost(module.self_attn, tokens, tokens)[1]
                 params = params + everything - feed_forward - full_attention + attention_params + units * (2 * embed + 1)
                 continue
 
-            if isinstance(module, (nn.Linear, L0Linear)):
-                positions, per_pair = sum(math.prod(out_shape[:-1]) for _, out_shape in calls) / self._batch, 1
-                n_out, n_in = module.out_features, module.in_features
-            elif isinstance(module, (nn.modules.conv._ConvNd, L0Conv2d)):
-                weight = module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight") else module.weight
-                positions = sum(out_shape[0] * math.prod(out_shape[2:]) for _, out_shape in calls) / self._batch
-                per_pair = math.prod(weight.shape[2:])
-                n_out, n_in = weight.shape[0], weight.shape[1]
-            else:
+            rule = weight_product(module)
+            if rule is None:
                 continue
+            weight = raw_tensor(module, "weight")
+            positions = sum(rule.positions(out_shape) for _, out_shape in calls) / self._batch
+            per_pair, (n_out, n_in) = rule.pair_macs(weight.shape), weight.shape[:2]
             p_in = self._columns(name, prob, cache)
             p_in = torch.ones(n_in, device=self.device) if p_in is None else p_in
             p_out = torch.ones(n_out, device=self.device)
             if self.graph.tracer == "export":  # no index_select: a column goes only with its channel
                 source = self.graph.space_of_input(name)
                 removable = source is not None and source.removable
-                p_in = self._space_alive(source, prob, cache).repeat_interleave(n_in // source.size) if removable else torch.ones_like(p_in)
+                p_in = self._space_kept(source, prob, cache).repeat_interleave(n_in // source.size) if removable else torch.ones_like(p_in)
             if name in self._head_of:  # q/k/v rows and output projection columns go with their head
                 layout = self._head_layouts[self._head_of[name]]
                 per_row = self._kept_rows(self._head_of[name], prob, deterministic)
@@ -429,37 +402,35 @@ class CostModel:
                     p_in = per_row
                 else:
                     p_out = per_row
-            if isinstance(module, L0Conv2d):
-                p_out = p_out * prob(module.gate)
             space = self.graph.space_of_output(name)
             if space is not None and space.removable:
-                p_out = p_out * self._space_alive(space, prob, cache)
+                p_out = p_out * self._space_kept(space, prob, cache)
             source = self.graph.space_of_input(name)
-            if source is not None and source.zero_preserving and not source.followers and len(source.producers) == 1:
-                producer = self.modules[source.producers[0]]
-                if isinstance(producer, L0Conv2d):
-                    p_in = p_in * prob(producer.gate).repeat_interleave(n_in // source.size)
+            made = None if source is None or self.graph.tracer == "export" else self._produced(source, prob)
+            if made is not None:  # a channel no producer makes goes with every consumer's column of it
+                p_in = p_in * made.repeat_interleave(n_in // source.size)
             kept_out, kept_in = p_out.sum(), p_in.sum()
             if deterministic:  # prune keeps one (zero) unit where all are closed, except where it may empty the space
-                kept_out = kept_out if space is not None and self.graph.can_empty(space) else kept_out.clamp(min=1)
+                # ... and a GroupNorm keeps a whole group
+                kept_out = kept_out if space is not None and self.graph.can_empty(space) else kept_out.clamp(min=space.granule if space else 1)
                 kept_in = kept_in if source is not None and self.graph.can_empty(source) else kept_in.clamp(min=1)
-            flops = flops + positions * per_pair * kept_out * kept_in
+            total_macs = total_macs + positions * per_pair * kept_out * kept_in
             if name not in self._followers:  # a depthwise conv's parameters are counted per channel below
                 params = params + per_pair * kept_out * kept_in + (kept_out if module.bias is not None else 0)
         for space in self.graph.spaces:
             if not space.followers:
                 continue
-            kept = self._space_alive(space, prob, cache).sum() if space.removable else torch.tensor(float(space.size), device=self.device)
+            kept = self._space_kept(space, prob, cache).sum() if space.removable else torch.tensor(float(space.size), device=self.device)
             if deterministic:
-                kept = kept.clamp(min=1)
+                kept = kept.clamp(min=space.granule)
             for follower in space.followers:
                 per_channel = sum(p.numel() for p in self.modules[follower].parameters(recurse=False)) / space.size
                 params = params + per_channel * kept
-        return {"flops": flops, "params": params}
+        return {"flops": total_macs, "params": params}
 
     def gate_costs(self, metric: str = "flops") -> dict[int, Tensor]:
         """Per gate, what closing each of its units alone saves with every other gate open (``id(gate)`` → tensor)."""
-        all_gates = gates(self.model)
+        all_gates = find_gates(self.model)
         ones = {id(g): torch.ones(g.log_alpha.shape, device=g.log_alpha.device, requires_grad=True) for g in all_gates}
         total = self.costs(probabilities=ones)[metric]
         grads = torch.autograd.grad(total, list(ones.values()), allow_unused=True)
@@ -490,11 +461,6 @@ def expected_params(model: nn.Module, example_inputs, deterministic: bool = Fals
     return CostModel(model, example_inputs).params(deterministic)
 
 
-def _scaled_dot_product_macs(query_shape, key_shape) -> int:
-    """Scores and weighted values of scaled_dot_product_attention: 2 · (batch · heads · L_q) · L_k · head_dim."""
-    return 2 * math.prod(query_shape[:-1]) * key_shape[-2] * query_shape[-1]
-
-
 class _CountAttention(torch.overrides.TorchFunctionMode):
     """Counts MACs of ``F.scaled_dot_product_attention`` calls made outside attention modules (a pruned model's)."""
 
@@ -506,7 +472,7 @@ class _CountAttention(torch.overrides.TorchFunctionMode):
         if func is F.scaled_dot_product_attention and not self.inside_modules:
             query, key = args[0], args[1]
             # scores and weighted values: 2 · heads · L_q · L_k · head_dim per example
-            self.macs += _per_example(_scaled_dot_product_macs(query.shape, key.shape), self.batch)
+            self.macs += _per_example(scaled_dot_product_macs(query.shape, key.shape), self.batch)
         return func(*args, **(kwargs or {}))
 
 
@@ -529,23 +495,15 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     names = {module: name for name, module in model.named_modules()}
 
     def hook(module, inputs, output):
-        if isinstance(module, nn.TransformerEncoderLayer):
-            sequences, tokens = _layout(module.self_attn, inputs[0].shape)
-            flops = _attention_cost(module.self_attn, tokens, tokens)[0] + 2 * tokens * module.linear1.in_features * module.linear1.out_features
-            flops = _per_example(flops * sequences, batch)
-        elif isinstance(module, nn.MultiheadAttention):
-            (sequences, query_length), (_, key_length) = _layout(module, inputs[0].shape), _layout(module, inputs[1].shape)
-            flops = _per_example(_attention_cost(module, query_length, key_length)[0] * sequences, batch)
-        else:
-            per_output = module.in_features if isinstance(module, nn.Linear) else module.weight[0].numel()
-            flops = _per_example(output.numel() * per_output, batch)
-        counted[names[module]] = counted.get(names[module], 0) + flops
+        macs = _per_example(module_rule(module).dense_macs(module, inputs, output), batch)
+        counted[names[module]] = counted.get(names[module], 0) + macs
 
     inside_attention = {id(sub) for m in model.modules() if isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention))
                         for sub in m.modules() if sub is not m}
-    counted_types = (nn.Linear, nn.modules.conv._ConvNd, nn.TransformerEncoderLayer, nn.MultiheadAttention)
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, counted_types) and not isinstance(m, nn.modules.conv._ConvTransposeNd) and id(m) not in inside_attention]
+    # the paper's layers are left out: count them on plain_copy(model), which folds their gates
+    hooked = [m for m in model.modules() if isinstance(module_rule(m), (WeightProduct, AttentionRule, EncoderLayerRule))
+              and not isinstance(m, L0Layer)]
+    handles = [m.register_forward_hook(hook) for m in hooked if id(m) not in inside_attention]
     counter = _CountAttention(batch)
     for module in model.modules():  # their own scaled_dot_product_attention calls are in their hook's count
         if isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):

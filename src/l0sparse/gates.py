@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .distributions import HardConcrete, check_hyperparameters, deterministic_gates, prob_nonzero, sample_gates
 
-__all__ = ["Gate", "PAPER_LOG_ALPHA_RANGE", "is_positive_int", "check_positive_ints"]
+__all__ = ["Gate", "PAPER_LOG_ALPHA_RANGE", "is_positive_int", "check_positive_ints", "check_lam", "accumulation_dtype"]
 
 #: The paper's code clamps log α to [log 1e-2, log 1e2] after every step.
 PAPER_LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))
@@ -33,6 +33,19 @@ def check_positive_ints(name: str, value) -> tuple[int, ...]:
     if values is None or not all(is_positive_int(v) for v in values):
         raise ValueError(f"{name} must be a positive int or a sequence of positive ints, got {value!r}")
     return tuple(int(v) for v in values)
+
+
+def check_lam(lam: float, weight_decay: float) -> None:
+    """ValueError unless λ and the weight decay of a penalty are finite numbers >= 0."""
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half precisions (a sum of λ·weights overflows float16), the dtype itself when wider."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class Gate(nn.Module):
@@ -119,9 +132,11 @@ class Gate(nn.Module):
         return deterministic_gates(self.log_alpha, self.gamma, self.zeta)
 
     @torch.no_grad()
-    def is_active(self) -> Tensor:
-        """Boolean mask: the deterministic gate is > 0 (the unit survives pruning)."""
+    def is_open(self) -> Tensor:
+        """Boolean mask: the deterministic gate is > 0 (the gate is *open*: its unit survives pruning)."""
         return self.deterministic() > 0
+
+    is_active = is_open  # the earlier name, kept for existing code
 
     @torch.no_grad()
     def clamp_(self) -> Gate:

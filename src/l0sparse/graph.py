@@ -8,12 +8,17 @@ joined by an addition land in one space. l0sparse gates a space on its
 consumers' inputs (their weight columns): when a gate is closed no consumer
 reads the channel, so every producer row, BatchNorm entry and consumer column
 of that channel can be removed exactly, whatever the channel-wise operations
-in between did to its values.
+in between did to its values. A norm over the channels (GroupNorm, a
+LayerNorm over C) makes them go only a whole group at a time (``granule``).
 
 A space is *locked* (its channels cannot be removed) when something reads it
-that cannot be gated or sliced: the model's output, a LayerNorm over the
-channels, a reshape other than flatten, a concatenation, a grouped conv, an
-attention module, or an operation this module does not know.
+that cannot be gated or sliced: the model's output, a norm over more than the
+channels, a reshape other than flatten and permute, a concatenation, a grouped
+conv, an attention module, or an operation without a rule.
+
+What each operation does to the spaces is its rule's business
+(:mod:`l0sparse.operations`); this module runs the tracer, walks the graph and
+hands each node to its rule.
 """
 
 from __future__ import annotations
@@ -36,35 +41,12 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .gates import Gate
-from .layers import L0Conv2d, L0Linear
+from .layers import L0Layer
+from .operations import ConvRule, LinearRule, aten_owner_kinds, function_rule, module_rule, node_inputs
 
 __all__ = ["Space", "Consumer", "ChannelGraph", "trace_channels", "check_example_batch"]
 
-# Channel-wise modules and functions: channel c of the output depends on channel c of the input only.
-_CHANNELWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.Hardtanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.BatchNorm1d, nn.BatchNorm2d,
-)
-_CHANNELWISE_FUNCTIONS = {
-    torch.relu, F.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.mish, torch.tanh, torch.sigmoid, F.hardtanh,
-    F.hardswish, F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, torch.sigmoid, F.softplus,
-}
-_CHANNELWISE_METHODS = {"relu", "relu_", "tanh", "sigmoid", "contiguous", "clone", "detach"}
-# f(0) != 0: a channel that is exactly zero before them is not zero after
-_NOT_ZERO_PRESERVING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.BatchNorm1d, nn.BatchNorm2d)
-_NOT_ZERO_PRESERVING_FUNCTIONS = {torch.sigmoid, F.softplus}
-_BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, operator.iadd, operator.imul}
-_BINARY_METHODS = {"add", "sub", "mul", "add_", "mul_"}
-
 _aten = torch.ops.aten
-# ATen ops of torch.export's graph that a module of these kinds makes from its input (see _exported_graph)
-_LINEAR_KINDS = (nn.Linear, L0Linear)
-_CONV_KINDS = (nn.modules.conv._ConvNd, L0Conv2d)
-_ATEN_MODULE_OPS = {_aten.linear.default: _LINEAR_KINDS, _aten.conv1d.default: _CONV_KINDS, _aten.conv2d.default: _CONV_KINDS,
-                    _aten.conv3d.default: _CONV_KINDS, _aten.batch_norm.default: (nn.BatchNorm1d, nn.BatchNorm2d)}
 # ATen ops read as the torch functions the analysis knows (same argument order)
 _ATEN_AS_TORCH = {
     _aten.relu.default: torch.relu, _aten.relu_.default: torch.relu, _aten.gelu.default: F.gelu, _aten.silu.default: F.silu,
@@ -77,7 +59,7 @@ _ATEN_AS_TORCH = {
     _aten.max_pool1d.default: F.max_pool1d, _aten.max_pool2d.default: F.max_pool2d,
     _aten.avg_pool1d.default: F.avg_pool1d, _aten.avg_pool2d.default: F.avg_pool2d,
     _aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d, _aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
-    _aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention,
+    _aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention, _aten.permute.default: torch.permute,
 }
 
 
@@ -101,6 +83,7 @@ class Space:
     locked: list[str] = field(default_factory=list)  # why channels cannot be removed
     is_input: bool = False  # the channels of a model input
     zero_preserving: bool = True  # a channel that a producer outputs as exactly 0 reaches every consumer as 0
+    granule: int = 1  # channels removed only together, in aligned runs of this many (a GroupNorm's groups)
 
     @property
     def removable(self) -> bool:
@@ -152,7 +135,7 @@ class ChannelGraph:
             self._modules = dict(self.graph_module.named_modules())
         modules = self._modules
         names = [*space.producers, *(consumer.name for consumer in space.consumers)]
-        return all(isinstance(modules.get(name), (nn.Linear, L0Linear)) for name in names)
+        return all(isinstance(module_rule(modules.get(name)), LinearRule) for name in names)
 
 
 class _UnionFind:
@@ -186,6 +169,7 @@ class _UnionFind:
         first.locked += second.locked
         first.is_input = first.is_input or second.is_input
         first.zero_preserving = first.zero_preserving and second.zero_preserving
+        first.granule = math.lcm(first.granule, second.granule)
         self.parent[b] = a
         return a
 
@@ -209,10 +193,6 @@ def _add_consumer(space: Space, consumer: Consumer) -> None:
 def _add_follower(space: Space, name: str) -> None:
     if name not in space.followers:
         space.followers.append(name)
-
-
-def _is_depthwise(conv: nn.Module) -> bool:
-    return isinstance(conv, nn.modules.conv._ConvNd) and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
 def check_example_batch(example_inputs: tuple) -> None:
@@ -249,192 +229,176 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     """
     check_example_batch(example_inputs)
     graph_module, tracer = _traced_graph(model, example_inputs)
-    modules = dict(graph_module.named_modules())
-    uf = _UnionFind()
-    channels: dict[fx.Node, _Channels] = {}
-    module_output: dict[str, int] = {}
-    module_input: dict[str, int] = {}
-    shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
-    calls: dict[str, list[tuple[torch.Size, torch.Size]]] = {}
-    attention_calls_by_module: dict[str, list[tuple]] = {}
-    # every space each module read and wrote, over all its calls: joined at the end so that one module's
-    # rows, columns and entries are sliced the same way for every call
-    spaces_read: dict[str, list[int]] = {}
-    spaces_written: dict[str, list[int]] = {}
-    read_unfollowed: set[str] = set()  # modules with a call whose input channels are not followed
-    attention_shapes: dict[str, tuple] = {}
-    removable_heads: set[str] = set()
-    inlined_encoders: set[str] = set()
-    attention_calls: list[tuple] = []
-    attention_call_modules: list[tuple[str, ...]] = []
-    other_macs = 0
-    model_modules = dict(model.named_modules())
+    trace = _Trace(graph_module, model)
+    for node in graph_module.graph.nodes:
+        trace.visit(node)
+    return trace.result(tracer)
 
-    def shape(node) -> torch.Size | None:
+
+class _Trace:
+    """One run of :func:`trace_channels`: the spaces found so far, and the moves an operation rule makes on them
+    (:class:`l0sparse.operations.Trace`). It walks the graph and hands each node to its rule."""
+
+    def __init__(self, graph_module: fx.GraphModule, model: nn.Module) -> None:
+        self.graph_module = graph_module
+        self.modules = dict(graph_module.named_modules())
+        self.model_modules = dict(model.named_modules())
+        self.uf = _UnionFind()
+        self.channels: dict[fx.Node, _Channels] = {}
+        self.module_output: dict[str, int] = {}
+        self.module_input: dict[str, int] = {}
+        self.shapes: dict[str, tuple[torch.Size, torch.Size]] = {}
+        self.calls: dict[str, list[tuple[torch.Size, torch.Size]]] = {}
+        # every space each module read and wrote, over all its calls: joined at the end so that one module's
+        # rows, columns and entries are sliced the same way for every call
+        self.spaces_read: dict[str, list[int]] = {}
+        self.spaces_written: dict[str, list[int]] = {}
+        self.unfollowed: set[str] = set()  # modules with a call whose input channels are not followed
+        self.attention_shapes: dict[str, tuple] = {}
+        self.attention_calls_by_module: dict[str, list[tuple]] = {}
+        self.removable_heads: set[str] = set()
+        self.inlined_encoders: set[str] = set()
+        self.attention_calls: list[tuple] = []
+        self.attention_call_modules: list[tuple[str, ...]] = []
+        self.other_macs = 0
+
+    # --- what rules read and do
+
+    def shape(self, node) -> torch.Size | None:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
         return getattr(meta, "shape", None)
 
-    def lock(node, why: str) -> None:
-        info = channels.get(node) if isinstance(node, fx.Node) else None
+    def space(self, info: _Channels) -> Space:
+        return self.uf.spaces[self.uf.find(info.space)]
+
+    def size_of(self, info: _Channels) -> int:
+        return self.space(info).size
+
+    def module_paths(self, node: fx.Node) -> tuple[str, ...]:
+        return _module_paths(node)
+
+    def lock(self, node, why: str) -> None:
+        info = self.channels.get(node) if isinstance(node, fx.Node) else None
         if info is not None:
-            uf.spaces[uf.find(info.space)].locked.append(why)
+            self.space(info).locked.append(why)
 
-    def lock_all(args, why: str) -> None:
-        for arg in _flatten_args(args):
-            lock(arg, why)
+    def lock_all(self, args, why: str) -> None:
+        for arg in node_inputs(args):
+            self.lock(arg, why)
 
-    def fresh(node, dim: int, why_locked: str | None = None, **kwargs) -> None:
-        out_shape = shape(node)
+    def mark(self, node: fx.Node, space: int, dim: int, block: int = 1) -> None:
+        self.channels[node] = _Channels(space, dim, block)
+
+    def pass_on(self, node: fx.Node, source: _Channels, dim: int | None = None, block: int | None = None) -> None:
+        """``node``'s output carries ``source``'s channels (at ``dim``, ``block`` features each, if given)."""
+        self.mark(node, source.space, source.dim if dim is None else dim, source.block if block is None else block)
+
+    def fresh(self, node: fx.Node, dim: int, why_locked: str | None = None, **kwargs) -> None:
+        out_shape = self.shape(node)
         if out_shape is None or len(out_shape) == 0:
             return
         dim = dim % len(out_shape)
-        index = uf.new(out_shape[dim], **kwargs)
+        index = self.uf.new(out_shape[dim], **kwargs)
         if why_locked:
-            uf.spaces[index].locked.append(why_locked)
-        channels[node] = _Channels(index, dim)
+            self.uf.spaces[index].locked.append(why_locked)
+        self.channels[node] = _Channels(index, dim)
 
-    for node in graph_module.graph.nodes:
+    def consume(self, name: str, source: _Channels, dim: int = 1) -> None:
+        """``name`` reads ``source``'s channels through its weight's dimension ``dim``."""
+        _add_consumer(self.space(source), Consumer(name, source.block, dim=dim))
+        self.module_input[name] = source.space
+        self.spaces_read.setdefault(name, []).append(source.space)
+
+    def produce(self, node: fx.Node, name: str, dim: int, why_locked: str | None = None) -> None:
+        """``node``'s output dimension ``dim`` holds new channels: the rows of ``name``."""
+        self.fresh(node, dim, why_locked=why_locked, producers=[name])
+        self.module_output[name] = self.channels[node].space
+        self.spaces_written.setdefault(name, []).append(self.channels[node].space)
+
+    def follow(self, node: fx.Node, name: str, source: _Channels, granule: int = 1, zero_preserving: bool = True) -> None:
+        """``name`` keeps one entry per channel of ``source`` (BatchNorm, depthwise conv, norms over the channels),
+        removable only ``granule`` at a time, and its output carries the same channels."""
+        space = self.space(source)
+        _add_follower(space, name)
+        space.zero_preserving &= zero_preserving
+        space.granule = math.lcm(space.granule, granule)
+        self.module_input[name] = self.module_output[name] = source.space
+        self.spaces_read.setdefault(name, []).append(source.space)
+        self.channels[node] = source
+
+    def not_zero_preserving(self, source: _Channels) -> None:
+        self.space(source).zero_preserving = False
+
+    def read_unfollowed(self, node: fx.Node, name: str, why: str, source: _Channels | None = None) -> None:
+        """``name`` reads its input in a way that cannot drop single channels: lock them."""
+        self.lock_all(node.args, why)
+        self.unfollowed.add(name)
+        if source is not None:
+            self.module_input[name] = source.space
+
+    def join(self, a: int, b: int, why: str) -> int:
+        return self.uf.union(a, b, why)
+
+    # --- the walk
+
+    def visit(self, node: fx.Node) -> None:
         if node.op == "placeholder":
-            node_shape = shape(node)
+            node_shape = self.shape(node)
             if node_shape is not None and len(node_shape) >= 2:
                 # an image-like input has its channels at dim 1, a feature vector at the last dim
-                fresh(node, 1 if len(node_shape) >= 3 else -1, is_input=True)
-            continue
+                self.fresh(node, 1 if len(node_shape) >= 3 else -1, is_input=True)
+            return
         if node.op == "output":
-            lock_all(node.args, "the model output reads it")
-            continue
+            self.lock_all(node.args, "the model output reads it")
+            return
         if node.op == "get_attr":
-            continue
-        tensor_args = [a for a in _flatten_args((node.args, node.kwargs)) if a in channels]
+            return
+        source = self.channels.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if node.op == "call_module":
-            module = modules[node.target]
-            name = node.target
-            source = channels.get(node.args[0]) if node.args else None
-            in_shape, out_shape = shape(node.args[0]) if node.args else None, shape(node)
+            name, module = node.target, self.modules[node.target]
+            in_shape, out_shape = self.shape(node.args[0]) if node.args else None, self.shape(node)
             if in_shape is not None and out_shape is not None:
-                shapes.setdefault(name, (in_shape, out_shape))
-                calls.setdefault(name, []).append((in_shape, out_shape))
-            if isinstance(module, (nn.Linear, L0Linear)):
-                if source is not None and source.dim == len(in_shape) - 1:
-                    _add_consumer(uf.spaces[uf.find(source.space)], Consumer(name, source.block, dim=1))
-                    module_input[name] = source.space
-                    spaces_read.setdefault(name, []).append(source.space)
-                else:
-                    lock_all(node.args, f"{name} reads it along a non-channel dimension")
-                    read_unfollowed.add(name)
-                fresh(node, -1, producers=[name])
-                module_output[name] = channels[node].space
-                spaces_written.setdefault(name, []).append(channels[node].space)
-                continue
-            if (isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)) or isinstance(module, L0Conv2d):
-                if _is_depthwise(module) and source is not None and source.dim == 1 and source.block == 1:
-                    _add_follower(uf.spaces[uf.find(source.space)], name)
-                    uf.spaces[uf.find(source.space)].zero_preserving &= module.bias is None
-                    channels[node] = source
-                    module_input[name] = module_output[name] = source.space
-                    spaces_read.setdefault(name, []).append(source.space)
-                    continue
-                if module.groups == 1 and source is not None and source.dim == 1 and source.block == 1:
-                    _add_consumer(uf.spaces[uf.find(source.space)], Consumer(name, 1, dim=1))
-                    module_input[name] = source.space
-                    spaces_read.setdefault(name, []).append(source.space)
-                else:
-                    lock_all(node.args, f"{name} (groups={module.groups}) cannot drop single input channels")
-                    read_unfollowed.add(name)
-                    if source is not None:
-                        module_input[name] = source.space
-                grouped = f"{name} is a grouped conv (groups={module.groups}): its channels go in groups" if module.groups > 1 else None
-                fresh(node, 1, why_locked=grouped, producers=[name])
-                module_output[name] = channels[node].space
-                spaces_written.setdefault(name, []).append(channels[node].space)
-                continue
-            if isinstance(module, _CHANNELWISE_MODULES) and source is not None:
-                if isinstance(module, _NOT_ZERO_PRESERVING):
-                    uf.spaces[uf.find(source.space)].zero_preserving = False
-                if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                    _add_follower(uf.spaces[uf.find(source.space)], name)
-                    module_input[name] = module_output[name] = source.space
-                    spaces_read.setdefault(name, []).append(source.space)
-                channels[node] = source
-                continue
-            if isinstance(module, nn.Flatten) and source is not None:
-                _flatten(node, source, module.start_dim, module.end_dim, shape, channels, lock)
-                continue
-            if isinstance(module, nn.MultiheadAttention) and len(node.args) >= 2:
-                attention_shapes.setdefault(name, (shape(node.args[0]), shape(node.args[1])))
-                attention_calls_by_module.setdefault(name, []).append((shape(node.args[0]), shape(node.args[1])))
-                if _plain_attention_call(node, module, shape):
-                    removable_heads.add(name)
-            if isinstance(module, nn.TransformerEncoderLayer) and _plain_encoder_call(node, module, shape):
-                removable_heads.add(f"{name}.self_attn")
-                inlined_encoders.add(name)
-            lock_all(node.args, f"{type(module).__name__} {name!r} reads it and cannot be sliced")
-            fresh(node, -1, why_locked=f"made by {type(module).__name__} {name!r}")
-            continue
-        # call_function / call_method
-        target = node.target
-        source = channels.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-        method = target if node.op == "call_method" else None
-        if (node.op == "call_function" and target in _CHANNELWISE_FUNCTIONS) or method in _CHANNELWISE_METHODS:
-            if source is not None:
-                channels[node] = source
-                if target in _NOT_ZERO_PRESERVING_FUNCTIONS or method == "sigmoid":
-                    uf.spaces[uf.find(source.space)].zero_preserving = False
-            continue
-        if (node.op == "call_function" and target in _BINARY) or method in _BINARY_METHODS:
-            _binary(node, tensor_args, channels, uf, shape, lock)
-            continue
-        if (node.op == "call_function" and target is torch.flatten) or method == "flatten":
-            if source is not None:
-                start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-                end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-                _flatten(node, source, start, end, shape, channels, lock)
-            continue
-        if (node.op == "call_function" and target in (torch.mean, torch.sum, torch.amax)) or method in ("mean", "sum", "amax"):
-            if source is not None and _reduces_other_dims(node, source, shape):
-                channels[node] = _Channels(source.space, source.dim, 1)
-                continue
-        if method in ("size", "dim") or (node.op == "call_function" and target in (getattr, operator.getitem) and source is None):
-            continue
-        if node.op == "call_function" and target is F.scaled_dot_product_attention:
-            attention_calls.append((shape(node.args[0]), shape(node.args[1])))
-            attention_call_modules.append(_module_paths(node))
-        if node.op == "call_function" and target is _aten.linear.default and shape(node) is not None and shape(node.args[1]) is not None:
-            other_macs += math.prod(shape(node)) * shape(node.args[1])[-1]
-        if node.op == "call_function" and target in (_aten.bmm.default, _aten.matmul.default) and shape(node) is not None and any(
-                isinstance(model_modules.get(path), (nn.MultiheadAttention, nn.TransformerEncoderLayer)) for path in _module_paths(node)):
-            other_macs += math.prod(shape(node)) * shape(node.args[0])[-1]
-        lock_all((node.args, node.kwargs), f"{getattr(target, '__name__', target)} reads it")
-        fresh(node, -1, why_locked=f"made by {getattr(target, '__name__', target)}")
+                self.shapes.setdefault(name, (in_shape, out_shape))
+                self.calls.setdefault(name, []).append((in_shape, out_shape))
+            rule = module_rule(module)
+            if rule is None or not rule.trace(self, node, name, module, source):
+                self.lock_all(node.args, f"{type(module).__name__} {name!r} reads it and cannot be sliced")
+                self.fresh(node, -1, why_locked=f"made by {type(module).__name__} {name!r}")
+            return
+        rule = function_rule(node)
+        if rule is None or not rule.trace(self, node, source):
+            what = getattr(node.target, "__name__", node.target)
+            self.lock_all((node.args, node.kwargs), f"{what} reads it")
+            self.fresh(node, -1, why_locked=f"made by {what}")
 
-    for name, read in spaces_read.items():  # a module called more than once: its calls share rows and columns
-        for other in read[1:]:
-            uf.union(read[0], other, f"{name} (called {len(read)} times)")
-        if name in read_unfollowed:
-            uf.spaces[uf.find(read[0])].locked.append(f"{name} is called on it and on a tensor whose channels are not followed")
-    for name, written in spaces_written.items():
-        for other in written[1:]:
-            uf.union(written[0], other, f"{name} (called {len(written)} times)")
-
-    roots = sorted({uf.find(i) for i in range(len(uf.parent))})
-    renumber = {root: position for position, root in enumerate(roots)}
-    spaces = [uf.spaces[root] for root in roots]
-    result = ChannelGraph(
-        graph_module,
-        spaces,
-        {name: renumber[uf.find(i)] for name, i in module_output.items()},
-        {name: renumber[uf.find(i)] for name, i in module_input.items()},
-        shapes,
-    )
-    result.calls = calls
-    result.attention_shapes = attention_shapes
-    result.attention_module_calls = attention_calls_by_module
-    result.removable_heads, result.inlined_encoders = removable_heads, inlined_encoders
-    result.attention_calls = attention_calls
-    result.attention_call_modules = attention_call_modules
-    result.other_macs = other_macs
-    result.tracer = tracer
-    return result
+    def result(self, tracer: str) -> ChannelGraph:
+        uf = self.uf
+        for name, read in self.spaces_read.items():  # a module called more than once: its calls share rows and columns
+            for other in read[1:]:
+                uf.union(read[0], other, f"{name} (called {len(read)} times)")
+            if name in self.unfollowed:
+                uf.spaces[uf.find(read[0])].locked.append(f"{name} is called on it and on a tensor whose channels are not followed")
+        for name, written in self.spaces_written.items():
+            for other in written[1:]:
+                uf.union(written[0], other, f"{name} (called {len(written)} times)")
+        roots = sorted({uf.find(i) for i in range(len(uf.parent))})
+        renumber = {root: position for position, root in enumerate(roots)}
+        result = ChannelGraph(
+            self.graph_module,
+            [uf.spaces[root] for root in roots],
+            {name: renumber[uf.find(i)] for name, i in self.module_output.items()},
+            {name: renumber[uf.find(i)] for name, i in self.module_input.items()},
+            self.shapes,
+        )
+        result.calls = self.calls
+        result.attention_shapes = self.attention_shapes
+        result.attention_module_calls = self.attention_calls_by_module
+        result.removable_heads, result.inlined_encoders = self.removable_heads, self.inlined_encoders
+        result.attention_calls = self.attention_calls
+        result.attention_call_modules = self.attention_call_modules
+        result.other_macs = self.other_macs
+        result.tracer = tracer
+        return result
 
 
 def _traced_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, str]:
@@ -481,6 +445,7 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
     held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
             **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
     modules = dict(model.named_modules())
+    module_ops = aten_owner_kinds()
     state = {**dict(exported.named_parameters()), **dict(exported.named_buffers()), **exported.constants}
     graph = fx.Graph()
     root: dict[str, object] = {}
@@ -490,8 +455,8 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
             target = held[node.name]
             root[target] = state.get(target, torch.empty(0))
             copied = graph.get_attr(target)
-        elif node.op == "call_function" and node.target in _ATEN_MODULE_OPS and node.args:
-            owner = _owning_module(node, modules, _ATEN_MODULE_OPS[node.target])
+        elif node.op == "call_function" and node.target in module_ops and node.args:
+            owner = _owning_module(node, modules, module_ops[node.target])
             if owner is None:
                 copied = graph.node_copy(node, lambda n: env[n])
             else:
@@ -582,34 +547,14 @@ def _first_line(error: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def _attention_module_is_plain(module: nn.MultiheadAttention) -> bool:
-    """Projections + scaled dot-product attention, nothing else: what prune can rebuild with fewer heads."""
-    return module._qkv_same_embed_dim and module.bias_k is None and not module.add_zero_attn
-
-
-def _plain_attention_call(node: fx.Node, module: nn.MultiheadAttention, shape) -> bool:
-    """``attention(q, k, v)`` on batched inputs, no masks, and only its output (not the weights) read."""
-    masks = [node.kwargs.get(key) for key in ("key_padding_mask", "attn_mask")]
-    only_output_read = all(user.op == "call_function" and user.target is operator.getitem and user.args[1] == 0 for user in node.users)
-    return (_attention_module_is_plain(module) and len(node.args) == 3 and all(m is None for m in masks)
-            and not node.kwargs.get("is_causal", False) and only_output_read and all(
-                shape(a) is not None and len(shape(a)) == 3 for a in node.args))
-
-
-def _plain_encoder_call(node: fx.Node, module: nn.TransformerEncoderLayer, shape) -> bool:
-    """``layer(src)`` on a batched input without masks, around an attention prune can rebuild."""
-    no_masks = len(node.args) == 1 and all(node.kwargs.get(k) is None for k in ("src_mask", "src_key_padding_mask"))
-    return (no_masks and not node.kwargs.get("is_causal", False) and _attention_module_is_plain(module.self_attn)
-            and shape(node.args[0]) is not None and len(shape(node.args[0])) == 3)
-
-
 def _expected_input(model: nn.Module, example_inputs: tuple) -> str:
     """What the first layer expects, for the error message."""
     got = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, L0Linear)):
+        rule = module_rule(module)
+        if isinstance(rule, LinearRule):
             return f" (got shape {got}; the first layer {name!r} expects {module.in_features} features in the last dimension)"
-        if isinstance(module, (nn.modules.conv._ConvNd, L0Conv2d)):
+        if isinstance(rule, ConvRule):
             return f" (got shape {got}; the first layer {name!r} expects {module.in_channels} channels in dimension 1)"
     return f" (got shape {got})"
 
@@ -618,7 +563,7 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer, with the paper's layers and gates kept as leaves."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (L0Linear, L0Conv2d, Gate)) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, (L0Layer, Gate)) or super().is_leaf_module(module, qualified_name)
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         graph = super().trace(root, concrete_args)
@@ -633,66 +578,3 @@ class _Tracer(fx.Tracer):
                 key = "return" if node.op == "output" else node.target.lstrip("*")
                 node.type = hints.get(key)
         return graph
-
-
-def _flatten_args(args) -> list:
-    found: list = []
-    fx.node.map_aggregate(args, lambda a: found.append(a) if isinstance(a, fx.Node) else None)
-    return found
-
-
-def _flatten(node, source: _Channels, start: int, end: int, shape, channels, lock) -> None:
-    in_shape = shape(node.args[0])
-    ndim = len(in_shape)
-    start, end = start % ndim, end % ndim
-    if source.block == 1 and start == source.dim and end == ndim - 1:
-        channels[node] = _Channels(source.space, start, math.prod(in_shape[start + 1:]))
-    elif source.dim < start or (source.dim > end):
-        channels[node] = _Channels(source.space, source.dim - (end - start if source.dim > end else 0), source.block)
-    else:
-        lock(node.args[0], "a flatten that splits its channels")
-
-
-def _binary(node, tensor_args, channels, uf, shape, lock) -> None:
-    out_shape = shape(node)
-    if out_shape is None:
-        return
-    infos = [(a, channels[a]) for a in tensor_args]
-    untracked = [a for a in _flatten_args(node.args) if a not in channels and shape(a) is not None and math.prod(shape(a)) > 1]
-    if untracked:  # mixed with a tensor whose channels are unknown: slicing ours would break the shapes
-        for arg, _ in infos:
-            lock(arg, f"{node.target} combines it with an untracked tensor")
-        return
-    additive = node.target in (operator.add, operator.sub, torch.add, torch.sub, operator.iadd, "add", "sub", "add_")
-    if additive and len(infos) < len([a for a in node.args if a is not None]):
-        for _, info in infos:  # x + constant: a zero channel becomes the constant
-            uf.spaces[uf.find(info.space)].zero_preserving = False
-    # operands whose channel dimension lines up with the result's join the same space
-    joined = None
-    for arg, info in infos:
-        arg_shape = shape(arg)
-        offset = len(out_shape) - len(arg_shape)
-        if info.block != 1 or arg_shape[info.dim] != out_shape[info.dim + offset]:
-            if arg_shape[info.dim] != 1:
-                lock(arg, f"{node.target} broadcasts it")
-            continue
-        if joined is None:
-            joined = _Channels(info.space, info.dim + offset)
-        elif joined.dim == info.dim + offset:
-            joined = _Channels(uf.union(joined.space, info.space, f"{node.target}"), joined.dim)
-        else:
-            lock(arg, f"{node.target} joins it along another dimension")
-    if joined is not None:
-        channels[node] = joined
-
-
-def _reduces_other_dims(node, source: _Channels, shape) -> bool:
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if dims is None or source.block != 1:
-        return False
-    ndim = len(shape(node.args[0]))
-    dims = [d % ndim for d in ((dims,) if isinstance(dims, int) else dims)]
-    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-    if source.dim in dims:
-        return False
-    return keepdim or all(d > source.dim for d in dims)

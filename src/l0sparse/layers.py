@@ -19,21 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .gates import Gate, is_positive_int
+from .gates import Gate, accumulation_dtype, check_lam, is_positive_int
 
-__all__ = ["L0Linear", "L0Conv2d", "conv2d_output_size"]
-
-
-def _check_lam(lam: float, weight_decay: float) -> None:
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half precisions (a sum of λ·weights overflows float16), the dtype itself when wider."""
-    return torch.promote_types(dtype, torch.float32)
+__all__ = ["L0Layer", "L0Linear", "L0Conv2d", "conv2d_output_size"]
 
 
 def _check_sizes(**sizes) -> None:
@@ -69,7 +57,25 @@ def conv2d_output_size(
     )
 
 
-class L0Linear(nn.Module):
+class L0Layer(nn.Module):
+    """What the paper's layers share: their own ``gate`` multiplies their own tensors along one dimension.
+
+    ``gated_dim`` is the weight dimension the gate indexes, ``gated_tensors`` the tensors it multiplies
+    (and pays λ for), ``ungated_l2`` those the penalty's L2 term covers with no gate (L0Linear's bias).
+    :mod:`l0sparse.sites` reads these; :meth:`plain` is the layer :func:`l0sparse.prune` leaves.
+    """
+
+    gate: Gate
+    gated_dim: int
+    gated_tensors: tuple[str, ...] = ("weight",)
+    ungated_l2: tuple[str, ...] = ()
+
+    def plain(self) -> nn.Module:
+        """The plain PyTorch layer this one computes in eval mode, the deterministic gates folded into its weights."""
+        raise NotImplementedError
+
+
+class L0Linear(L0Layer):
     """Fully connected layer with one Hard Concrete gate per input feature (the paper's choice).
 
     A closed input gate removes a whole column of the weight matrix, and with
@@ -109,6 +115,17 @@ class L0Linear(nn.Module):
         self.gate = Gate(in_features, **gate_kwargs).to(**factory)
         self.reset_parameters()
 
+    gated_dim = 1  # input columns
+    ungated_l2 = ("bias",)  # input gates do not remove the bias: the penalty charges it the L2 term alone
+
+    @torch.no_grad()
+    def plain(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None).to(self.weight)
+        linear.weight.copy_(self.weight * self.gate.deterministic())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
     def reset_parameters(self) -> None:
         # the same initialisation as nn.Linear, so a swap changes only the gates
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -142,8 +159,8 @@ class L0Linear(nn.Module):
         the per-example objective. The bias is not gated by input gates, so
         it carries only the L2 term.
         """
-        _check_lam(lam, weight_decay)
-        dtype = _accumulation_dtype(self.weight.dtype)
+        check_lam(lam, weight_decay)
+        dtype = accumulation_dtype(self.weight.dtype)
         per_gate = lam * self.group_size()
         if weight_decay:  # skip a pass over the weights (forward and backward) when there is no L2 term
             per_gate = per_gate + 0.5 * weight_decay * self.weight.to(dtype).pow(2).sum(0)
@@ -160,15 +177,17 @@ class L0Linear(nn.Module):
         positions = math.prod(input_shape[:-1])
         return positions * self.out_features * self.gate.expected_l0()
 
-    def active_units(self) -> int:
+    def open_units(self) -> int:
         """Input features whose deterministic gate is open."""
-        return int(self.gate.is_active().sum())
+        return int(self.gate.is_open().sum())
+
+    active_units = open_units  # the earlier name, kept for existing code
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class L0Conv2d(nn.Module):
+class L0Conv2d(L0Layer):
     """2-D convolution with one Hard Concrete gate per output channel.
 
     The bias is gated with its channel in training and in eval alike, so a
@@ -217,6 +236,19 @@ class L0Conv2d(nn.Module):
         self.gate = Gate(out_channels, **gate_kwargs).to(**factory)
         self.reset_parameters()
 
+    gated_dim = 0  # output channels: a filter and its bias
+    gated_tensors = ("weight", "bias")
+
+    @torch.no_grad()
+    def plain(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
+                         self.groups, bias=self.bias is not None).to(self.weight)
+        z_hat = self.gate.deterministic()
+        conv.weight.copy_(self.weight * z_hat[:, None, None, None])
+        if self.bias is not None:
+            conv.bias.copy_(self.bias * z_hat)
+        return conv
+
     def reset_parameters(self) -> None:
         # nn.Conv2d's initialisation
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
@@ -250,8 +282,8 @@ class L0Conv2d(nn.Module):
 
     def penalty(self, lam: float, weight_decay: float = 0.0) -> Tensor:
         """Σ_c P(z_c ≠ 0) · Σ_{j ∈ channel c, bias included} (λ + ½·wd·θ_j²); divide by N in the objective."""
-        _check_lam(lam, weight_decay)
-        dtype = _accumulation_dtype(self.weight.dtype)
+        check_lam(lam, weight_decay)
+        dtype = accumulation_dtype(self.weight.dtype)
         per_gate = lam * self.group_size()
         if weight_decay:
             squares = self.weight.to(dtype).pow(2).flatten(1).sum(1)
@@ -273,9 +305,11 @@ class L0Conv2d(nn.Module):
         per_channel = self.weight[0].numel() * height * width
         return per_channel * self.gate.expected_l0()
 
-    def active_units(self) -> int:
+    def open_units(self) -> int:
         """Output channels whose deterministic gate is open."""
-        return int(self.gate.is_active().sum())
+        return int(self.gate.is_open().sum())
+
+    active_units = open_units  # the earlier name, kept for existing code
 
     def extra_repr(self) -> str:
         return (

@@ -10,6 +10,7 @@ from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from .gates import check_positive_ints
 from .layers import L0Conv2d, L0Linear
+from .sites import ConditionalComputation
 
 __all__ = ["L0MLP", "L0LeNet5", "LeNet5", "mlp", "build_model"]
 
@@ -27,7 +28,7 @@ def _select(tensor: Tensor | None, dim: int, index: Tensor | None) -> Tensor | N
     return tensor if tensor is None or index is None else tensor.index_select(dim, index)
 
 
-class L0MLP(nn.Module):
+class L0MLP(ConditionalComputation, nn.Module):
     """MLP of :class:`L0Linear` layers with ReLU between them (the paper's 784-300-100 by default).
 
     Each layer gates its inputs, so the paper's architecture string lists the
@@ -83,7 +84,7 @@ class L0MLP(nn.Module):
         return [layer for layer in self.layers if isinstance(layer, L0Linear)]
 
     def kept_inputs(self) -> list[int]:
-        return [layer.active_units() for layer in self.l0_layers()]
+        return [layer.open_units() for layer in self.l0_layers()]
 
     def architecture(self) -> str:
         """The paper's notation, e.g. ``784-300-100 -> 219-214-100``."""
@@ -91,7 +92,7 @@ class L0MLP(nn.Module):
         return f"{before} -> {'-'.join(str(k) for k in self.kept_inputs())}"
 
 
-class L0LeNet5(nn.Module):
+class L0LeNet5(ConditionalComputation, nn.Module):
     """LeNet-5-Caffe (20-50-800-500) with the paper's gates: conv output channels, FC inputs.
 
     Args:
@@ -146,7 +147,7 @@ class L0LeNet5(nn.Module):
     def architecture(self) -> str:
         """The paper's notation, e.g. ``20-50-800-500 -> 20-25-45-462``."""
         before = f"20-50-{self.fc1.in_features}-500"
-        kept = [self.conv1.active_units(), self.conv2.active_units(), self.fc1.active_units(), self.fc2.active_units()]
+        kept = [self.conv1.open_units(), self.conv2.open_units(), self.fc1.open_units(), self.fc2.open_units()]
         return f"{before} -> {'-'.join(str(k) for k in kept)}"
 
 

@@ -56,60 +56,15 @@ from torch.nn.utils import parametrize
 
 from .gates import Gate
 from .graph import trace_channels
-from .layers import L0Conv2d, L0Linear
+from .layers import L0Layer
+from .operations import declared_head_count, head_layouts, query_key_value
+from .sites import GateMask, gate_masks, sum_per_gate
 
 __all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks", "sum_per_gate", "head_layouts"]
 
 GRANULARITIES = ("in", "out", "weight", "heads", "block", "in+block", "heads+block", "skip")
 _HEAD_RULES = ("heads", "heads+block")  # the granularities a tuple rule ("heads", n) may name
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
-
-
-class GateMask(nn.Module):
-    """Parametrization ``weight -> weight * z``, with z broadcast along ``dim`` (each gate covering ``block`` entries)."""
-
-    def __init__(self, gate: Gate, dim: int | None, block: int = 1) -> None:
-        super().__init__()
-        self.gate = gate
-        self.dim = dim  # None: one gate per weight
-        self.block = block
-
-    def mask(self, like: Tensor) -> Tensor:
-        z = self.gate().to(like.dtype)
-        if self.dim is None:
-            return z
-        if self.block > 1:
-            z = z.repeat_interleave(self.block)
-        shape = [1] * like.dim()
-        shape[self.dim] = -1
-        return z.view(shape)
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight * self.mask(weight)
-
-    def per_gate(self, values: Tensor) -> Tensor:
-        """Sum ``values`` (shaped like the weight) over the entries each gate covers."""
-        return sum_per_gate(values, self.dim, self.block)
-
-
-def sum_per_gate(values: Tensor, dim: int | None, block: int = 1) -> Tensor:
-    """Sum ``values`` over the entries that each gate covers: slices along ``dim`` in blocks of ``block``
-    (``dim=None``: one gate per entry, nothing to sum)."""
-    if dim is None:
-        return values
-    moved = values.movedim(dim, 0).reshape(values.shape[dim], -1).sum(1)
-    return moved.view(-1, block).sum(1) if block > 1 else moved
-
-
-def gate_masks(model: nn.Module):
-    """Yield ``(module_name, module, tensor_name, GateMask)`` for every gate parametrization in ``model``."""
-    for name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for tensor_name, parametrizations in module.parametrizations.items():
-            for parametrization in parametrizations:
-                if isinstance(parametrization, GateMask):
-                    yield name, module, tensor_name, parametrization
 
 
 def _rule_for(name: str, module: nn.Module, rules: Mapping) -> str | None:
@@ -150,84 +105,6 @@ def _check_rules(rules) -> dict:
             raise ValueError(f"rules[{key!r}] = {value!r}: the granularity must be one of {GRANULARITIES}, ('heads', number_of_heads) "
                              "or ('heads+block', number_of_heads)")
     return dict(rules)
-
-
-# where attention modules of other libraries (Hugging Face BERT-like encoders) keep their head count and
-# the width of all heads together: prune must update them when it removes heads
-_HEAD_COUNT_NAMES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
-_HEADS_WIDTH_NAMES = ("all_head_size", "dim", "inner_dim")
-# ... and the width of one head, which prune sets to 1 where every head is closed (a forward cannot run with none)
-_HEAD_DIM_NAMES = ("attention_head_size", "head_dim", "dim_per_head")
-
-
-def _head_count_holder(module: nn.Module) -> tuple[nn.Module, str] | None:
-    """The first submodule of ``module`` (itself included) with an int head-count attribute, and its name."""
-    for submodule in module.modules():
-        for attribute in _HEAD_COUNT_NAMES:
-            value = getattr(submodule, attribute, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return submodule, attribute
-    return None
-
-
-def declared_head_count(module: nn.Module) -> int | None:
-    """The head count an attention module of another library declares (``num_attention_heads``, ``n_heads``...), or None."""
-    holder = _head_count_holder(module)
-    return None if holder is None else getattr(*holder)
-
-
-def set_head_count(module: nn.Module, before: int, after: int, head_dim: int, new_head_dim: int | None = None) -> None:
-    """Update an attention module's head bookkeeping from ``before`` heads of ``head_dim`` each to ``after``
-    heads of ``new_head_dim`` (default: ``head_dim``) each."""
-    holder = _head_count_holder(module)
-    if holder is None:
-        return
-    submodule, attribute = holder
-    new_head_dim = head_dim if new_head_dim is None else new_head_dim
-    width_names = [name for name in _HEADS_WIDTH_NAMES if getattr(submodule, name, None) == before * head_dim]
-    dim_names = [name for name in _HEAD_DIM_NAMES if getattr(submodule, name, None) == head_dim] if new_head_dim != head_dim else []
-    setattr(submodule, attribute, after)
-    for width in width_names:  # only the width of all heads together, next to the count
-        setattr(submodule, width, after * new_head_dim)
-    for name in dim_names:
-        setattr(submodule, name, new_head_dim)
-
-
-def _smallest_width(module: nn.Module, head_dim: int) -> int:
-    """The fewest q/k/v rows an attention module whose heads are all closed can keep: 1 where the module
-    declares its head width (prune can narrow its one zero head), else one whole head."""
-    holder = _head_count_holder(module)
-    found = holder is not None and any(getattr(holder[0], name, None) == head_dim for name in _HEAD_DIM_NAMES)
-    return 1 if found else head_dim
-
-
-def head_layouts(model: nn.Module) -> dict[str, dict]:
-    """Per attention module of the user's own gated with ``("heads", n)`` or ``"block"`` whose heads prune
-    can remove: ``{"projection": name of its output projection, "qkv": names of its three other Linear
-    layers as wide as the projection's input (q, k, v), "heads": its head count, "head_dim": the width of
-    one head, "min_width": the q/k/v rows kept when every head is closed}`` (JSON-serialisable)."""
-    layouts = {}
-    modules = dict(model.named_modules())
-    for name, module, _, mask in gate_masks(model):
-        owner = getattr(mask.gate, "owner", None)
-        attention = modules.get(owner)
-        if getattr(mask.gate, "granularity", None) not in ("heads", "block") or attention is None or owner in layouts or isinstance(
-                attention, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Linear)):
-            continue
-        qkv = _query_key_value(attention, module)
-        heads = declared_head_count(attention) or (mask.gate.log_alpha.numel() if mask.gate.granularity == "heads" else None)
-        if len(qkv) != 3 or heads is None:  # a fused qkv layer, no output projection, no head count: no head can go
-            continue
-        head_dim = module.in_features // heads
-        layouts[owner] = {"projection": name, "qkv": [f"{owner}.{inner}" for inner in qkv], "heads": heads,
-                          "head_dim": head_dim, "min_width": _smallest_width(attention, head_dim)}
-    return layouts
-
-
-def _query_key_value(attention: nn.Module, projection: nn.Linear) -> list[str]:
-    """Names (inside ``attention``) of its Linear layers other than ``projection`` that make ``projection``'s input width."""
-    return [inner for inner, linear in attention.named_modules()
-            if isinstance(linear, nn.Linear) and linear is not projection and linear.out_features == projection.in_features]
 
 
 def _output_projection(module: nn.Module) -> nn.Linear | None:
@@ -283,7 +160,7 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             head_counts[name] = explicit[1]
             explicit = explicit[0]
         granularity = explicit or _default_rule(module)
-        if isinstance(module, (L0Linear, L0Conv2d)) or isinstance(module, Gate):
+        if isinstance(module, (L0Layer, Gate)):
             handled.add(name)
             continue  # already gated by the paper's layers
         if granularity is None:
@@ -419,7 +296,7 @@ def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: 
         if declared is not None and declared != num_heads:  # gates across head boundaries could not remove heads
             raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
                              f"{declared} heads")
-        if declared is not None and len(_query_key_value(module, projection)) != 3:
+        if declared is not None and len(query_key_value(module, projection)) != 3:
             warnings.warn(f"sparsify: ('heads', {num_heads}) on {name!r} ({type(module).__name__}): its last nn.Linear does not "
                           "follow three q/k/v Linear layers of its input width, so prune cannot remove whole heads; put the rule "
                           "on the module that holds q, k, v and the output projection (for BERT: 'encoder.layer.*.attention')",
