@@ -22,6 +22,7 @@ from torch.nn.utils import prune as torch_prune
 
 from .costs import CostModel, count_flops
 from .models import LeNet5
+from .sites import find_gates, gate_masks
 
 __all__ = ["hidden_layers", "pruned_flops", "magnitude_prune", "gate_importance", "importance_prune_"]
 
@@ -104,8 +105,6 @@ def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tenso
     held fully open while scoring; the model's log α and mode are left as
     they were, also when the loss fails.
     """
-    from .sparsify import gate_masks
-
     masks = list(gate_masks(model))
     if not masks:
         raise ValueError("gate_importance needs a model gated by l0sparse.sparsify (it has no gate parametrizations)")
@@ -160,9 +159,7 @@ def importance_prune_(model: nn.Module, target: float, example_inputs, scores: d
     """
     if not (0 < target <= 1):
         raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
-    from .costs import gates
-
-    model_gates = gates(model)
+    model_gates = find_gates(model)
     missing = [gate.owner for gate in model_gates if id(gate) not in scores]
     if missing:
         raise ValueError(f"scores has no entry for the gates of {missing[0]!r}: compute them with gate_importance on this model")

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .costs import gates
+from .sites import find_gates, gate_masks
 
 __all__ = ["model_for", "paper_init_", "ema"]
 
@@ -46,7 +46,7 @@ def model_for(config, data, initial: nn.Module | None = None) -> nn.Module:
                 model = sparsify(model, rules=encoder_rules(model), example_inputs=data.x_train[:2],
                                  droprate_init=config.droprate_init, clamp_log_alpha=clamp)
         if config.regularizer == "importance":  # the baseline's gates are set once, by importance, and never trained
-            for gate in gates(model):
+            for gate in find_gates(model):
                 gate.log_alpha.requires_grad_(False)
         return model
     if gated and config.gates == "weights":  # the plain model with one gate per weight, through sparsify
@@ -59,7 +59,7 @@ def model_for(config, data, initial: nn.Module | None = None) -> nn.Module:
                             droprate_init=0.5 if rates else config.droprate_init, per_example_noise=config.per_example_noise,
                             conditional=config.conditional, clamp_log_alpha=clamp)
         if rates:
-            layer_gates = gates(model)
+            layer_gates = find_gates(model)
             if len(rates) != len(layer_gates):
                 raise ValueError(f"config key 'droprate_init' lists {len(rates)} rates; the {config.model} has {len(layer_gates)} gated layers")
             for gate, rate in zip(layer_gates, rates):
@@ -73,8 +73,6 @@ def model_for(config, data, initial: nn.Module | None = None) -> nn.Module:
 @torch.no_grad()
 def paper_init_(model: nn.Module) -> nn.Module:
     """The paper's code's initialisation: Kaiming-normal weights over the fan-in (std √(2 / fan_in)), zero biases."""
-    from .sparsify import gate_masks
-
     parametrized = {id(module) for _, module, _, _ in gate_masks(model)}
     for module in model.modules():
         weight = getattr(module, "weight", None)

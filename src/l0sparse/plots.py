@@ -82,7 +82,7 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
             units = gate_units(model)
             names = [f"{owner}\n({what})" for owner, what, _ in units]
             totals = [g.log_alpha.numel() for _, _, g in units]
-            kept = [int(g.is_active().sum()) for _, _, g in units]
+            kept = [int(g.is_open().sum()) for _, _, g in units]
             axis = axes[0][column]
             axis.bar(names, totals, color="#d0d0d0", label="total")
             axis.bar(names, kept, color=color_of[run["name"]], label="kept")

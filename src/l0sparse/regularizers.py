@@ -19,8 +19,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .costs import CostModel, Penalty, count_flops, count_params, expected_l0, gates
+from .costs import CostModel, Penalty, count_flops, count_params, expected_l0
 from .prune import plain_copy
+from .sites import find_gates
 
 __all__ = ["Regularizer", "L0", "L0WithTarget", "LkPenalty", "MagnitudePruning", "ImportancePruning", "PrunedSize",
            "regularizer_for"]
@@ -97,7 +98,7 @@ class L0(Regularizer):
                  size: PrunedSize | None = None) -> None:
         self.evaluated = model if evaluated is None else evaluated
         self.size = size
-        self.gates = gates(model)
+        self.gates = find_gates(model)
         # the L2 under the gates (weight_decay) is in the penalty too, the paper's way
         self.penalty = Penalty(model, lam, weight_decay, N=N) if lam or weight_decay else None
 

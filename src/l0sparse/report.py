@@ -6,28 +6,31 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from .costs import count_flops, gates
+from .costs import count_flops
 from .gates import Gate
-from .layers import L0Conv2d, L0Linear
 from .prune import plain_copy, prune
+from .sites import find_gates, gate_sites
 
 __all__ = ["architecture", "summary", "Summary", "gate_units"]
 
 
+#: what one sparsify gate counts, by its granularity (the paper's layers' gates count inputs or channels)
+_COUNTED_BY_GRANULARITY = {"in": "inputs", "out": "outputs", "weight": "weights", "heads": "heads"}
+
+
 def gate_units(model: nn.Module) -> list[tuple[str, str, Gate]]:
-    """(owner, what its gates count, gate) in module order: the units of the paper's architecture string and the plots."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, L0Linear):
-            found.append((name, "inputs", module.gate))
-        elif isinstance(module, L0Conv2d):
-            found.append((name, "channels", module.gate))
-    paper_gates = {id(g) for _, _, g in found}
-    for gate in gates(model):
-        if id(gate) not in paper_gates:
-            what = {"in": "inputs", "out": "outputs", "weight": "weights", "heads": "heads"}.get(gate.granularity, "gates")
-            found.append((gate.owner or "?", what, gate))
-    return found
+    """(owner, what its gates count, gate) for each gate once: the units of the paper's architecture string and the plots.
+
+    The paper's layers' gates come first, in module order (an input-column gate counts inputs, an output-channel
+    gate channels), then sparsify's, in the order of :func:`~l0sparse.sites.find_gates`.
+    """
+    paper = {}
+    for site in gate_sites(model):
+        if site.gate.granularity is None and id(site.gate) not in paper:  # a paper layer's own gate (sparsify sets one)
+            paper[id(site.gate)] = (site.name, "inputs" if site.dim == 1 else "channels", site.gate)
+    others = [(gate.owner or "?", _COUNTED_BY_GRANULARITY.get(gate.granularity, "gates"), gate)
+              for gate in find_gates(model) if id(gate) not in paper]
+    return [*paper.values(), *others]
 
 
 def architecture(model: nn.Module) -> str:
@@ -41,7 +44,7 @@ def architecture(model: nn.Module) -> str:
     if not units:
         raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
     before = "-".join(str(gate.log_alpha.numel()) for _, _, gate in units)
-    after = "-".join(str(int(gate.is_active().sum())) for _, _, gate in units)
+    after = "-".join(str(int(gate.is_open().sum())) for _, _, gate in units)
     return f"{before} -> {after}"
 
 
@@ -102,7 +105,7 @@ def summary(model: nn.Module, example_inputs) -> Summary:
         rows.append({
             "layer": name,
             "gates_total": sum(g.log_alpha.numel() for g in owned),
-            "gates_kept": sum(int(g.is_active().sum()) for g in owned),
+            "gates_kept": sum(int(g.is_open().sum()) for g in owned),
             "expected_l0": float(sum(float(g.expected_l0().detach()) for g in owned)),
             "params": sum(p.numel() for p in module.parameters(recurse=False)),
             "params_kept": 0 if kept_module is None else sum(p.numel() for p in kept_module.parameters(recurse=False)),

@@ -267,7 +267,7 @@ class _L0Selector(SelectorMixin, BaseEstimator):
         batch = n if batch is None else min(batch, n)
         generator = torch.Generator().manual_seed(generator_seed)
         check_every, best, stall, steady = 10, math.inf, 0, 0
-        recent, last_active = 0.0, network.gate.is_active()
+        recent, last_active = 0.0, network.gate.is_open()
         penalty = network.feature_penalty(lam)
         network.train()
         # compute only with the features whose gates are still alive
@@ -285,7 +285,7 @@ class _L0Selector(SelectorMixin, BaseEstimator):
                 stall = stall + 1 if recent > best - self.tol * abs(best) else 0
                 best = min(best, recent)
                 recent = 0.0
-                active = network.gate.is_active()
+                active = network.gate.is_open()
                 steady = steady + 1 if torch.equal(active, last_active) else 0
                 last_active = active
                 # a linear stage only proposes a support (refitted later): stop once it has settled
@@ -328,7 +328,7 @@ class _L0Selector(SelectorMixin, BaseEstimator):
                 self._train_stage(network, x_torch[train_rows], targets[train_rows], 0.0, seed - 1)
             for stage, lam in enumerate(grid):
                 self._train_stage(network, x_torch[train_rows], targets[train_rows], float(lam), seed + stage)
-                support = np.flatnonzero(network.gate.is_active().numpy())
+                support = np.flatnonzero(network.gate.is_open().numpy())
                 stages.append({"lam": float(lam), "support": support, "log_alpha": network.gate.log_alpha.detach().numpy().copy(),
                                "state": copy.deepcopy(network.state_dict())})
                 if self.verbose:

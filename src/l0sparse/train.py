@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .build import ema as ema, model_for as model_for, paper_init_ as paper_init_
 from .control import param_groups
-from .costs import gates
+from .sites import find_gates
 from .distributed import RankGroup
 from .regularizers import L0, Regularizer, regularizer_for
 from .runs import RunFolder, StagedRunFolder, check_run_directory, load_state
@@ -200,7 +200,7 @@ def fit(
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)  # the gate noise and the batch order both come from here
-    gated = bool(gates(model))
+    gated = bool(find_gates(model))
     optimizer = torch.optim.Adam(param_groups(model, lr=lr, gate_lr=gate_lr, weight_decay=0.0 if gated else weight_decay))
     n_train = len(x)
     regularizer = L0(model, lam, weight_decay, N=n_train) if gated else Regularizer()
@@ -489,7 +489,7 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
                     record["test_accuracy_without_ema"] = accuracy(model, data.x_test, data.y_test, pad_id=pad_id)
                 if ranks.world_size > 1:  # the ranks compare their gates (and multipliers), which DDP should keep equal
                     shared = regularizer.shared_values()
-                    mine = ([g.log_alpha.detach().flatten().tolist() for g in gates(model)], shared)
+                    mine = ([g.log_alpha.detach().flatten().tolist() for g in find_gates(model)], shared)
                     everyone = ranks.gather(mine)
                     record.update({"world_size": ranks.world_size, "steps": totals.steps, "examples": int(seen),
                                    "gates_identical_on_ranks": all(other[0] == mine[0] for other in everyone)})
