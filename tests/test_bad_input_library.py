@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import l0sparse
-from l0sparse.costs import gates
+from l0sparse.sites import find_gates
 from l0sparse.distributions import EPS, _StretchedClampedSigmoid
 from l0sparse.prune import _check_same
 from l0sparse.sklearn import L0Classifier, L0Regressor
@@ -122,7 +122,7 @@ def test_a_second_sparsify_leaves_the_model_unchanged():
 def test_a_type_rule_for_an_absent_type_is_allowed():
     # the training command passes {nn.Linear: ..., nn.Conv2d: ...} for MLPs too
     model = l0sparse.sparsify(mlp(), {nn.Linear: "weight", nn.Conv2d: "weight"})
-    assert len(gates(model)) == 3
+    assert len(find_gates(model)) == 3
 
 
 def test_a_failed_explicit_out_rule_registers_no_gate():
@@ -170,7 +170,7 @@ def test_cost_model_counts_every_call_of_a_module():
     dense = l0sparse.count_flops(model, x)
     assert dense == 3 * 3 + 2 * 3 * 3 + 3 * 2  # p, a twice, b
     with torch.no_grad():
-        for gate in gates(model):
+        for gate in find_gates(model):
             gate.log_alpha.fill_(100.0)  # every gate open: the expected count is the dense one
     assert float(l0sparse.CostModel(model, x).flops(deterministic=True)) == dense
 
@@ -194,7 +194,7 @@ def test_a_module_called_twice_under_out_gates_prunes_exactly():
     x = torch.randn(5, 3)
     model = l0sparse.sparsify(Twice(), {"p": "out"}, example_inputs=x)
     with torch.no_grad():
-        for gate in gates(model):
+        for gate in find_gates(model):
             gate.log_alpha[0] = -10.0
     pruned = l0sparse.prune(model, x)
     model.eval()

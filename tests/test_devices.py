@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import l0sparse
-from l0sparse.costs import gates
+from l0sparse.sites import find_gates
 
 from models import TinyResNet, mlp
 
@@ -40,7 +40,7 @@ def meta_model(case: str):
 @pytest.mark.parametrize("case", list(MODELS))
 def test_costs_and_penalties_stay_on_the_model_device(case):
     model, x = meta_model(case)
-    assert {gate.log_alpha.device.type for gate in gates(model)} == {"meta"}
+    assert {gate.log_alpha.device.type for gate in find_gates(model)} == {"meta"}
     assert l0sparse.Penalty(model, 0.1, N=100)().device.type == "meta"
     cost_model = l0sparse.CostModel(model, x)
     for deterministic in (False, True):
@@ -54,7 +54,7 @@ def test_costs_and_penalties_stay_on_the_model_device(case):
     assert l0sparse.count_flops(model, x) > 0
     penalty = l0sparse.Penalty(model, 0.1, N=100)() + cost_model.flops()
     penalty.backward()  # gradients reach every log α on the device
-    assert {gate.log_alpha.grad.device.type for gate in gates(model)} == {"meta"}
+    assert {gate.log_alpha.grad.device.type for gate in find_gates(model)} == {"meta"}
 
 
 @pytest.mark.parametrize("metric", ["flops", "params"])

@@ -59,13 +59,23 @@ def test_training_samples_hit_zero_and_one_at_predicted_rates():
         assert torch.all((observed - closed_form).abs() <= 5 * torch.sqrt(closed_form * (1 - closed_form) / n))
 
 
-def test_expected_l0_and_is_active():
+def test_expected_l0_and_is_open():
     gate = Gate(4)
     with torch.no_grad():
         gate.log_alpha.copy_(torch.tensor([-10.0, -2.0, 0.0, 10.0]))
     assert float(gate.expected_l0().detach()) == pytest.approx(float(gate.prob_nonzero().sum().detach()))
     # Eq. 13 opens a gate when sigmoid(log α)·1.2 - 0.1 > 0, i.e. log α > log(1/11) ≈ -2.398
-    assert gate.is_active().tolist() == [False, True, True, True]
+    assert gate.is_open().tolist() == [False, True, True, True]
+    assert gate.is_active().tolist() == gate.is_open().tolist()  # the earlier name, kept as an alias
+
+
+def test_earlier_names_are_aliases():
+    """Renamed in #15 and kept for existing code: costs.gates, L0 layers' active_units."""
+    import l0sparse
+
+    assert l0sparse.costs.gates is l0sparse.sites.find_gates
+    layer = l0sparse.L0Linear(3, 2)
+    assert layer.active_units() == layer.open_units() == 3
 
 
 def test_open_reward_raises_log_alpha_and_penalty_lowers_it():

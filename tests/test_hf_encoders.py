@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import l0sparse
-from l0sparse.costs import gates
+from l0sparse.sites import find_gates
 from l0sparse.graph import trace_channels
 from l0sparse.sparsify import declared_head_count, gate_masks
 
@@ -82,7 +82,7 @@ def gated(family: str, seed: int = 0) -> nn.Module:
         l0sparse.sparsify(model, {attention: ("heads", HEADS), feed_forward: "in"}, example_inputs=input_ids())
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for gate in gates(model):
+        for gate in find_gates(model):
             closed = torch.rand(gate.log_alpha.shape, generator=generator) < 0.5
             gate.log_alpha.copy_(torch.where(closed, -10.0, 10.0))
     return model.eval()
@@ -122,13 +122,13 @@ def test_prune_removes_heads_and_feed_forward_units(family):
     with torch.no_grad():
         expected, got = model(x).last_hidden_state, pruned(x).last_hidden_state
     assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
-    assert l0sparse.count_params(pruned) < l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in gates(model))
+    assert l0sparse.count_params(pruned) < l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in find_gates(model))
     assert not any(type(m).__module__.startswith("l0sparse") for m in pruned.modules())
     assert not list(gate_masks(pruned))
     q, k, v, out = FAMILIES[family][3]
     for attention, original in zip(attention_modules(pruned, family), attention_modules(model, family)):
         head_gate = next(mask.gate for _, _, _, mask in gate_masks(original) if mask.gate.granularity == "heads")
-        kept = max(1, int(head_gate.is_active().sum()))
+        kept = max(1, int(head_gate.is_open().sum()))
         width = kept * (WIDTH // HEADS)
         for name in (q, k, v):  # physically smaller matrices, not masks
             assert attention.get_submodule(name).weight.shape == (width, WIDTH)
@@ -198,7 +198,7 @@ def test_out_gates_on_intermediate_units_through_export():
     masks = {name: mask for name, _, _, mask in gate_masks(model)}
     assert sorted(masks) == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]  # the consumers' columns
     with torch.no_grad():
-        for gate in gates(model):
+        for gate in find_gates(model):
             gate.log_alpha[: FFN // 2] = -10.0
     pruned = l0sparse.prune(model, input_ids())
     assert pruned.encoder.layer[0].intermediate.dense.out_features == FFN // 2
@@ -220,7 +220,7 @@ def test_heads_on_a_module_without_its_output_projection_warn_and_prune_keeps_th
     with pytest.warns(UserWarning, match="cannot remove whole heads"):
         l0sparse.sparsify(model, {"encoder.layer.*.attention.self": ("heads", HEADS), "encoder.layer.*": "skip", "pooler.dense": "skip"})
     with torch.no_grad():
-        for gate in gates(model):
+        for gate in find_gates(model):
             gate.log_alpha[:2] = -10.0
     pruned = l0sparse.prune(model, input_ids())  # the value layer's input columns close, as zeros; no head leaves
     assert pruned.encoder.layer[0].attention.self.num_attention_heads == HEADS
@@ -279,7 +279,7 @@ def test_cost_model_counts_what_prune_leaves(family):
     costs = cost_model.costs(deterministic=True)
     assert float(costs["params"]) == l0sparse.count_params(pruned)
     assert float(costs["flops"]) == pytest.approx(l0sparse.count_flops(pruned, x))  # attention scores included
-    dense = cost_model.costs(probabilities={id(g): torch.ones_like(g.log_alpha) for g in gates(model)})
+    dense = cost_model.costs(probabilities={id(g): torch.ones_like(g.log_alpha) for g in find_gates(model)})
     assert float(dense["flops"]) == pytest.approx(l0sparse.count_flops(model, x))
 
 
@@ -315,7 +315,7 @@ def test_a_cnn_torch_fx_cannot_follow_prunes_through_torch_export():
     assert residual.removable and sorted(residual.producers) == ["conv1", "conv2"] and sorted(residual.followers) == ["norm1", "norm2"]
     l0sparse.sparsify(model, {"conv1": "out", "conv3": "out", "fc": "skip"}, example_inputs=x)
     with torch.no_grad():
-        for gate in gates(model):
+        for gate in find_gates(model):
             gate.log_alpha.copy_(torch.where(torch.arange(gate.log_alpha.numel()) % 2 == 0, -10.0, 10.0))
     pruned = l0sparse.prune(model, x)
     assert (pruned.conv1.out_channels, pruned.norm2.num_features, pruned.conv3.out_channels, pruned.fc.in_features) == (4, 4, 8, 8)
@@ -360,7 +360,7 @@ def block_gated(family: str, rules: tuple[object, object], closed: set[str], see
         l0sparse.sparsify(model, {attention: rules[0], feed_forward: rules[1], "*": "skip"}, example_inputs=input_ids())
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for gate in gates(model):
+        for gate in find_gates(model):
             if gate.granularity == "block":
                 gate.log_alpha.fill_(-10.0 if gate.owner in closed else 10.0)
             else:
@@ -383,8 +383,8 @@ def projection_of(model: nn.Module, family: str, owner: str) -> nn.Linear:
 def test_a_closed_block_gives_the_module_without_its_heads_or_units_and_prune_removes_it(family):
     attention, feed_forward = closed_blocks(family)
     model = block_gated(family, ("block", "block"), {attention, feed_forward})
-    assert sorted(g.owner for g in gates(model)) == sorted(FAMILIES[family][k].replace("*", str(i)) for k in (1, 2) for i in range(2))
-    assert all(g.log_alpha.shape == (1,) for g in gates(model))
+    assert sorted(g.owner for g in find_gates(model)) == sorted(FAMILIES[family][k].replace("*", str(i)) for k in (1, 2) for i in range(2))
+    assert all(g.log_alpha.shape == (1,) for g in find_gates(model))
     # the oracle: the same random model with every head of the attention block and every unit of the
     # feed-forward block removed, i.e. their output projections reading nothing (their biases remain)
     torch.manual_seed(0)
@@ -413,7 +413,7 @@ def test_a_closed_block_gives_the_module_without_its_heads_or_units_and_prune_re
     full_attention = 4 * WIDTH * WIDTH + 3 * WIDTH  # q, k, v rows with biases, output projection columns
     full_ffn = 2 * WIDTH * FFN + FFN  # intermediate rows with biases, output projection columns
     narrow_head = 4 * WIDTH + 3
-    assert l0sparse.count_params(pruned) == l0sparse.count_params(model) - len(gates(model)) - full_attention - full_ffn + narrow_head
+    assert l0sparse.count_params(pruned) == l0sparse.count_params(model) - len(find_gates(model)) - full_attention - full_ffn + narrow_head
     costs = l0sparse.CostModel(model, x).costs(deterministic=True)
     assert float(costs["params"]) == l0sparse.count_params(pruned)
     assert float(costs["flops"]) == pytest.approx(l0sparse.count_flops(pruned, x))
@@ -426,7 +426,7 @@ def test_block_gates_with_head_and_unit_gates_prune_export_and_load_with_weights
     _, attentions, feed_forwards, (_, _, _, out) = FAMILIES[family]
     projections = [f"{attentions.replace('*', str(i))}.{out}" for i in range(2)] + [feed_forwards.replace("*", str(i)) for i in range(2)]
     kinds = [[mask.gate.granularity for mask in model.get_submodule(name).parametrizations.weight] for name in projections]
-    assert kinds == [["heads", "block"]] * 2 + [["in", "block"]] * 2 and len(gates(model)) == 2 * (2 + 2)
+    assert kinds == [["heads", "block"]] * 2 + [["in", "block"]] * 2 and len(find_gates(model)) == 2 * (2 + 2)
     x = input_ids()
     pruned, plan = l0sparse.prune(model, x, return_plan=True)
     with torch.no_grad():
@@ -453,18 +453,18 @@ def test_expected_costs_and_penalty_of_block_gates_are_linear_in_their_open_prob
     model = block_gated("bert", (("heads+block", HEADS), "in+block"), set())
     x = input_ids()
     cost_model = l0sparse.CostModel(model, x)
-    attention_block, ffn_block = (next(g for g in gates(model) if g.granularity == "block" and g.owner == owner)
+    attention_block, ffn_block = (next(g for g in find_gates(model) if g.granularity == "block" and g.owner == owner)
                                   for owner in ("encoder.layer.0.attention", "encoder.layer.1.output.dense"))
     tokens = x.shape[1]  # MACs per example (one sequence)
     attention_macs = 4 * tokens * WIDTH * WIDTH + 2 * tokens * tokens * WIDTH  # q, k, v, output projection; scores, values
     attention_params = 4 * WIDTH * WIDTH + 3 * WIDTH
     ffn_macs, ffn_params = 2 * tokens * WIDTH * FFN, 2 * WIDTH * FFN + FFN
     p_attention, p_ffn = 0.25, 0.5  # every other gate open
-    probabilities = {id(g): torch.ones_like(g.log_alpha) for g in gates(model)}
+    probabilities = {id(g): torch.ones_like(g.log_alpha) for g in find_gates(model)}
     probabilities[id(attention_block)] = torch.full((1,), p_attention)
     probabilities[id(ffn_block)] = torch.full((1,), p_ffn)
     expected = cost_model.costs(probabilities=probabilities)
-    dense_flops, dense_params = l0sparse.count_flops(model, x), l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in gates(model))
+    dense_flops, dense_params = l0sparse.count_flops(model, x), l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in find_gates(model))
     rel = 8 * torch.finfo(torch.float32).eps  # a few float32 sums of exact integers
     assert float(expected["flops"]) == pytest.approx(dense_flops - (1 - p_attention) * attention_macs - (1 - p_ffn) * ffn_macs, rel=rel)
     assert float(expected["params"]) == pytest.approx(dense_params - (1 - p_attention) * attention_params - (1 - p_ffn) * ffn_params, rel=rel)
@@ -475,7 +475,7 @@ def test_expected_costs_and_penalty_of_block_gates_are_linear_in_their_open_prob
     only = bert()
     l0sparse.sparsify(only, {"encoder.layer.0.output.dense": "block", "encoder.layer.1.output.dense": "block", "*": "skip"})
     paid = l0sparse.penalty(only, lam=1.0)
-    assert float(paid) == pytest.approx(float(sum(g.prob_nonzero().sum() for g in gates(only))) * WIDTH * FFN, rel=rel)
+    assert float(paid) == pytest.approx(float(sum(g.prob_nonzero().sum() for g in find_gates(only))) * WIDTH * FFN, rel=rel)
 
 
 @pytest.mark.filterwarnings("ignore:sparsify.*has weights but no gate")
@@ -511,7 +511,7 @@ def test_a_closed_block_on_nn_multihead_attention_prunes_through_fx_to_one_zero_
     x = torch.randn(2, 5, 8)
     l0sparse.sparsify(model, {"attention": "heads+block", "head": "skip"}, example_inputs=x)
     with torch.no_grad():
-        for gate in gates(model):
+        for gate in find_gates(model):
             gate.log_alpha.fill_(-10.0 if gate.granularity == "block" else 10.0)
         expected = model(x)
         assert torch.allclose(expected, model.head.bias.expand_as(expected))  # nothing but the biases is left

@@ -24,7 +24,7 @@ def test_linear_eval_is_eq13_on_input_columns(per_example_noise):
     expected = x @ (layer.weight * z_hat).T + layer.bias
     assert torch.allclose(layer(x), expected, atol=1e-6)
     assert torch.equal(layer(x), layer(x))
-    assert layer.active_units() == 5  # log α = -5 is below log(1/11)
+    assert layer.open_units() == 5  # log α = -5 is below log(1/11)
 
 
 @pytest.mark.parametrize("per_example_noise", [True, False])
@@ -108,7 +108,7 @@ def test_closed_conv_channel_is_exactly_zero_bias_included(per_example_noise):
         out = layer(x)
         assert torch.all(out[:, [1, 3]] == 0)
         assert torch.all(out[:, [0, 2]] != 0)
-    assert layer.active_units() == 2
+    assert layer.open_units() == 2
 
 
 def test_conv_eval_matches_conv2d_with_folded_gates():

@@ -118,7 +118,7 @@ def test_residual_channels_share_one_gate():
 def test_pruned_residual_model_is_smaller_everywhere():
     model, x = build("resnet")
     pruned = l0sparse.prune(model, x)
-    closed = int((~model.block.conv1.parametrizations.weight[0].gate.is_active()).sum())
+    closed = int((~model.block.conv1.parametrizations.weight[0].gate.is_open()).sum())
     assert closed > 0
     width = 8 - closed
     assert pruned.stem.out_channels == pruned.block.conv2.out_channels == pruned.bn.num_features == width
@@ -126,7 +126,7 @@ def test_pruned_residual_model_is_smaller_everywhere():
 
 
 def _kept_heads(attention) -> int:
-    return int(attention.out_proj.parametrizations.weight[0].gate.is_active().sum())
+    return int(attention.out_proj.parametrizations.weight[0].gate.is_open().sum())
 
 
 def test_transformer_heads_and_feed_forward_are_removed():
@@ -134,7 +134,7 @@ def test_transformer_heads_and_feed_forward_are_removed():
     pruned = l0sparse.prune(model, x)
     head_dim = 16 // 4
     ffn_gate = model.encoder.linear2.parametrizations.weight[0].gate
-    assert pruned.encoder.linear1.out_features == int(ffn_gate.is_active().sum()) < 32
+    assert pruned.encoder.linear1.out_features == int(ffn_gate.is_open().sum()) < 32
     for gated, rebuilt in ((model.attention, pruned.attention), (model.encoder.self_attn, pruned.encoder.self_attn)):
         kept = _kept_heads(gated)
         assert 0 < kept < 4  # randomise closed some heads and left some open
@@ -161,7 +161,7 @@ def test_heads_of_a_hand_written_attention_module():
     assert not parametrize.is_parametrized(model.attn.qkv)  # the rule's module gets no other gates
     with torch.no_grad():
         gates[0].log_alpha.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))  # heads 1 and 3 closed
-    kept = int(gates[0].is_active().sum())
+    kept = int(gates[0].is_open().sum())
     assert kept == 2
     pruned = l0sparse.prune(model, x)
     assert_same_outputs(model, pruned, x)
@@ -175,7 +175,7 @@ def test_heads_of_a_hand_written_attention_module():
 def test_input_gates_select_inputs():
     model, x = build("mlp")
     pruned = l0sparse.prune(model, x)
-    kept = int(model[0].parametrizations.weight[0].gate.is_active().sum())
+    kept = int(model[0].parametrizations.weight[0].gate.is_open().sum())
     assert pruned.get_submodule("0").in_features == kept < 20
     assert "index_select" in pruned.code
 
