@@ -23,14 +23,32 @@ import l0sparse  # noqa: E402
 STEPS = 20
 
 
-def run_path(name: str, model: torch.nn.Module, x: torch.Tensor, classes: int, device: torch.device) -> None:
+class BertLogits(torch.nn.Module):
+    """A tiny random BertModel whose mean hidden state serves as logits (heads and feed-forward units gated)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers
+
+        config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                         vocab_size=100, max_position_embeddings=32)
+        self.bert = transformers.BertModel(config)
+
+    def forward(self, input_ids):
+        return self.bert(input_ids).last_hidden_state.mean(1)
+
+
+BERT_RULES = {"bert.encoder.layer.*.attention": ("heads", 4), "bert.encoder.layer.*.output.dense": "in"}
+
+
+def run_path(name: str, model: torch.nn.Module, x: torch.Tensor, classes: int, device: torch.device, rules=None) -> None:
     """Gate, train a few steps with the penalty and the controller, prune, and check the result on ``device``."""
     torch.manual_seed(0)
     model, x = model.to(device), x.to(device)
     y = torch.randint(0, classes, (x.shape[0],), device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        l0sparse.sparsify(model, example_inputs=x)
+        l0sparse.sparsify(model, rules, example_inputs=x)
     cost_model = l0sparse.CostModel(model, x)
     penalty = l0sparse.Penalty(model, 0.1, N=1000, cost_weights=cost_model.gate_costs("flops"))
     controller = l0sparse.TargetController(model, 0.5, "flops", example_inputs=x, warmup_steps=STEPS // 2)
@@ -62,6 +80,12 @@ def main() -> int:
     device = torch.device("cuda")
     run_path("TinyResNet", TinyResNet(), torch.randn(8, 3, 8, 8), 5, device)
     run_path("MLP", mlp(), torch.randn(8, 20), 4, device)
+    try:
+        import transformers  # noqa: F401  (the 'hf' extra)
+    except ImportError:
+        print("cuda_path: transformers is not installed; the BERT path was not run")
+    else:
+        run_path("BERT", BertLogits(), torch.randint(0, 100, (8, 16)), 32, device, BERT_RULES)
     print("cuda_path: the whole path ran on CUDA")
     return 0
 

@@ -96,8 +96,8 @@ def plain_copy(model: nn.Module) -> nn.Module:
 
 
 def _column_open(weight: Tensor) -> Tensor:
-    """Per input column (dim 1): does any weight in it differ from zero?"""
-    return weight.ne(0).movedim(1, 0).reshape(weight.shape[1], -1).any(1)
+    """Per input column (dim 1): does any weight in it differ from zero? On the CPU, where plans are made."""
+    return weight.ne(0).movedim(1, 0).reshape(weight.shape[1], -1).any(1).cpu()
 
 
 def _round_up(is_open: Tensor, multiple: int, minimum: int = 1) -> Tensor:
@@ -148,9 +148,9 @@ def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset(), round_
                 produced = torch.zeros(space.size, dtype=torch.bool)
                 for producer in space.producers:
                     module = modules[producer]
-                    produced |= module.weight.ne(0).flatten(1).any(1)
+                    produced |= module.weight.ne(0).flatten(1).any(1).cpu()
                     if module.bias is not None:
-                        produced |= module.bias.ne(0)
+                        produced |= module.bias.ne(0).cpu()
                 is_open &= produced
             # a closed channel kept by rounding has zero columns in every consumer: the output is unchanged
             rounded = _round_up_granules(is_open, round_to, 0 if graph.can_empty(space) else 1, space.granule)
@@ -232,7 +232,8 @@ def _apply_plan(graph: ChannelGraph, plan: PrunePlan) -> fx.GraphModule:
         remove_heads(graph_module, name, kept)
     for number, selection in enumerate(plan.selections):
         buffer = f"kept_inputs_{number}"
-        graph_module.register_buffer(buffer, torch.as_tensor(selection.index, dtype=torch.long))
+        device = next(graph_module.parameters(), torch.empty(0)).device  # the index must live where the inputs do
+        graph_module.register_buffer(buffer, torch.as_tensor(selection.index, dtype=torch.long, device=device))
         for node in list(graph_module.graph.nodes):
             if node.op == "call_module" and node.target == selection.module:
                 with graph_module.graph.inserting_before(node):
