@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from l0sparse.files import atomic_write_text
+from l0sparse.sites import find_gates
 
 
 def save_json(payload, path: Path) -> None:
@@ -46,7 +47,7 @@ def median_step_seconds(models: dict, x, y, steps: int, warmup: int, fused_adam:
 
     optimizers = {name: torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused_adam or None) for name, model in models.items()}
     if penalties is None:
-        penalties = {name: l0sparse.Penalty(model, lam, N=n_train) for name, model in models.items() if l0sparse.costs.gates(model)}
+        penalties = {name: l0sparse.Penalty(model, lam, N=n_train) for name, model in models.items() if find_gates(model)}
     losses = {name: training_loss(model, penalties.get(name)) for name, model in models.items()}
     if compile:
         # the losses share one code object, which dynamo caches per guard set (8 by default, then runs eager):

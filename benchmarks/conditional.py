@@ -41,6 +41,7 @@ from common import median_step_seconds, reuse_freed_memory, save_json, timed_ste
 import l0sparse  # noqa: E402
 from l0sparse.data import load_dataset  # noqa: E402
 from l0sparse.models import LeNet5, mlp  # noqa: E402
+from l0sparse.sites import find_gates  # noqa: E402
 from l0sparse.train import accuracy, configure_torch  # noqa: E402
 
 BLOCK = 10  # batches each model runs in a row
@@ -94,10 +95,10 @@ def main():
         models[name] = gated_model(per_example_noise=per_example, conditional=conditional)
     optimizers, penalties = {}, {}
     for name, model in models.items():
-        gate_ids = {id(g.log_alpha) for g in l0sparse.costs.gates(model)}
+        gate_ids = {id(g.log_alpha) for g in find_gates(model)}
         groups = [{"params": [p for p in model.parameters() if id(p) not in gate_ids], "lr": 1e-3}]
         if gate_ids:
-            groups.append({"params": [g.log_alpha for g in l0sparse.costs.gates(model)], "lr": 1e-2})
+            groups.append({"params": [g.log_alpha for g in find_gates(model)], "lr": 1e-2})
             penalties[name] = l0sparse.Penalty(model, args.lam, N=n_train)
         optimizers[name] = torch.optim.Adam(groups, fused=args.fused_adam or None)
     losses = {name: training_loss(model, penalties.get(name)) for name, model in models.items()}

@@ -48,11 +48,11 @@ def _raw_first_layer(model) -> torch.Tensor:
 
     layer = next(m for m in model.modules() if isinstance(m, (torch.nn.Linear, L0Linear)))
     if isinstance(layer, L0Linear):
-        return (layer.weight * layer.gate.is_active()).detach()
+        return (layer.weight * layer.gate.is_open()).detach()
     weight = layer.parametrizations.weight.original if parametrize.is_parametrized(layer, "weight") else layer.weight
     mask = torch.ones_like(weight, dtype=torch.bool)
     for gate_mask in layer.parametrizations.weight:
-        mask &= gate_mask.gate.is_active() if gate_mask.dim is None else (gate_mask.mask(weight) > 0)
+        mask &= gate_mask.gate.is_open() if gate_mask.dim is None else (gate_mask.mask(weight) > 0)
     return (weight * mask).detach()
 
 

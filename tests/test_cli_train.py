@@ -11,6 +11,7 @@ import torch
 
 from l0sparse.cli import main
 from l0sparse.config import load_config
+from l0sparse.sites import find_gates
 from l0sparse.train import CHECKPOINT, load_pruned, load_run, prune_run, run_training
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -73,8 +74,6 @@ def test_resume_continues_the_exact_run(tmp_path, settings):
 def test_paper_settings_reach_the_model_and_the_ema_model_is_the_one_pruned(tmp_path):
     import math
 
-    import l0sparse
-
     config = quick_config(**PAPER_SETTINGS, epochs=2)
     history = run_training(config, tmp_path / "run", progress=False)
     assert {"test_accuracy", "test_accuracy_without_ema"} <= set(history[-1])
@@ -84,7 +83,7 @@ def test_paper_settings_reach_the_model_and_the_ema_model_is_the_one_pruned(tmp_
     assert torch.equal(model.layers[0].gate.log_alpha, averaged_log_alpha)  # load_run gives the moving average
     assert not torch.equal(state["model"]["layers.0.gate.log_alpha"], averaged_log_alpha)
     # the paper's clamp held through training
-    for gate in l0sparse.costs.gates(model):
+    for gate in find_gates(model):
         assert float(gate.log_alpha.min()) >= math.log(1e-2) - 1e-6 and float(gate.log_alpha.max()) <= math.log(1e2) + 1e-6
     pruned, _ = prune_run(tmp_path / "run")
     x = data.x_test[:50]

@@ -9,6 +9,7 @@ from torch import nn
 import l0sparse
 from l0sparse.control import TargetController
 from l0sparse.prune import plain_copy
+from l0sparse.sites import find_gates
 from l0sparse.data import load_digits_split
 from l0sparse.train import accuracy, configure_torch, recalibrate_batchnorm
 
@@ -142,7 +143,7 @@ def test_snap_to_target_lands_on_the_pruned_size(digits):
 
 def _closed_fraction_(model, fraction: float) -> None:
     """Close the gates of lowest log α (random order) until ``fraction`` of them are open."""
-    all_gates = l0sparse.costs.gates(model)
+    all_gates = find_gates(model)
     with torch.no_grad():
         for gate in all_gates:
             gate.log_alpha.normal_(0.0, 3.0)
@@ -193,15 +194,15 @@ def test_step_lands_the_pruned_size_back_in_the_band_keeping_the_gates_order(sta
     _closed_fraction_(model, start)
     if warmup:
         controller.start.fill_(0.5)  # the schedule is at the target already
-    before = torch.cat([g.log_alpha.detach().flatten().clone() for g in l0sparse.costs.gates(model)])
+    before = torch.cat([g.log_alpha.detach().flatten().clone() for g in find_gates(model)])
     controller.penalty()
     controller.step()
-    after_open = torch.cat([g.is_active().flatten() for g in l0sparse.costs.gates(model)])
+    after_open = torch.cat([g.is_open().flatten() for g in find_gates(model)])
     one_gate = 1 / before.numel()
     assert abs(controller.deterministic_fraction() - 0.5) <= 0.01 + one_gate
     assert controller.landings == 1
     assert float(before[after_open].min()) > float(before[~after_open].max())
-    after = torch.cat([g.log_alpha.detach().flatten() for g in l0sparse.costs.gates(model)])
+    after = torch.cat([g.log_alpha.detach().flatten() for g in find_gates(model)])
     threshold = math.log(0.1 / 1.1)
     crossed = (before > threshold) != after_open
     assert crossed.any() and torch.equal(after[~crossed], before[~crossed])
@@ -224,13 +225,13 @@ def test_a_ceiling_waits_for_the_warmup_then_lands_only_from_above():
     assert controller.current_target() == 0.5
     assert float(controller.penalty().detach()) > 0.0
     controller.step()
-    one_gate = 1 / sum(g.log_alpha.numel() for g in l0sparse.costs.gates(model))
+    one_gate = 1 / sum(g.log_alpha.numel() for g in find_gates(model))
     assert controller.landings == 1 and abs(controller.deterministic_fraction() - 0.5) <= 0.01 + one_gate
     _closed_fraction_(model, 0.2)  # far under the budget: an exact target would reopen gates here, a ceiling does not
-    before = torch.cat([g.log_alpha.detach().flatten().clone() for g in l0sparse.costs.gates(model)])
+    before = torch.cat([g.log_alpha.detach().flatten().clone() for g in find_gates(model)])
     controller.penalty()
     controller.step()
-    after = torch.cat([g.log_alpha.detach().flatten() for g in l0sparse.costs.gates(model)])
+    after = torch.cat([g.log_alpha.detach().flatten() for g in find_gates(model)])
     assert controller.landings == 1 and torch.equal(before, after)
 
 
@@ -252,7 +253,7 @@ def test_a_target_below_the_floor_is_refused_with_the_floor():
 def test_param_groups_give_the_gates_their_own_rate_and_no_weight_decay():
     model = l0sparse.L0MLP((6, 5, 3))
     groups = l0sparse.param_groups(model, lr=1e-3, gate_lr=1e-2, weight_decay=0.1)
-    gate_ids = {id(g.log_alpha) for g in l0sparse.costs.gates(model)}
+    gate_ids = {id(g.log_alpha) for g in find_gates(model)}
     assert {id(p) for p in groups[1]["params"]} == gate_ids
     assert groups[1]["lr"] == 1e-2 and groups[1]["weight_decay"] == 0.0
     assert groups[0]["lr"] == 1e-3 and groups[0]["weight_decay"] == 0.1

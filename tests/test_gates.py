@@ -66,16 +66,15 @@ def test_expected_l0_and_is_open():
     assert float(gate.expected_l0().detach()) == pytest.approx(float(gate.prob_nonzero().sum().detach()))
     # Eq. 13 opens a gate when sigmoid(log α)·1.2 - 0.1 > 0, i.e. log α > log(1/11) ≈ -2.398
     assert gate.is_open().tolist() == [False, True, True, True]
-    assert gate.is_active().tolist() == gate.is_open().tolist()  # the earlier name, kept as an alias
 
 
-def test_earlier_names_are_aliases():
-    """Renamed in #15 and kept for existing code: costs.gates, L0 layers' active_units."""
+def test_one_name_each_for_finding_gates_and_for_an_open_gate():
+    """#15: costs.gates (read like the module l0sparse.gates), is_active and active_units were renamed, not aliased."""
     import l0sparse
 
-    assert l0sparse.costs.gates is l0sparse.sites.find_gates
+    assert l0sparse.find_gates is l0sparse.sites.find_gates and not hasattr(l0sparse.costs, "gates")
     layer = l0sparse.L0Linear(3, 2)
-    assert layer.active_units() == layer.open_units() == 3
+    assert layer.open_units() == 3 and not hasattr(layer, "active_units") and not hasattr(layer.gate, "is_active")
 
 
 def test_open_reward_raises_log_alpha_and_penalty_lowers_it():

@@ -13,7 +13,8 @@ import l0sparse
 from l0sparse import hf
 from l0sparse.baselines import FIXED_OPEN, gate_importance, importance_prune_
 from l0sparse.config import config_from_dict
-from l0sparse.costs import CostModel, gates
+from l0sparse.costs import CostModel
+from l0sparse.sites import find_gates
 from l0sparse.data import DATASETS, Split, read_wordnet_glosses
 from l0sparse.train import distillation_loss, load_pruned, load_run, load_teacher, model_for, prune_run, run_training
 
@@ -105,12 +106,12 @@ def test_trimmed_padding_and_length_sorted_batches_give_the_same_logits():
 
 def test_encoder_rules_gate_every_layer_s_heads_and_units_and_prune_keeps_the_logits():
     model = gated_classifier()
-    shapes = sorted((gate.owner, tuple(gate.log_alpha.shape)) for gate in gates(model))
+    shapes = sorted((gate.owner, tuple(gate.log_alpha.shape)) for gate in find_gates(model))
     assert shapes == sorted([(f"encoder.encoder.layer.{i}.attention", (HEADS,)) for i in range(LAYERS)]
                             + [(f"encoder.encoder.layer.{i}.output.dense", (FFN,)) for i in range(LAYERS)])
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for gate in gates(model):
+        for gate in find_gates(model):
             gate.log_alpha.copy_(torch.where(torch.rand(gate.log_alpha.shape, generator=generator) < 0.5, -10.0, 10.0))
     model.eval()
     x = token_ids(6)
@@ -149,9 +150,9 @@ def test_head_scores_are_the_loss_gradient_of_a_head_mask():
     model = gated_classifier().double()
     x, y = token_ids(8, seed=4), torch.arange(8) % CLASSES
     scores = gate_importance(model, [(x, y)], F.cross_entropy)
-    head_gates = [g for g in gates(model) if g.granularity == "heads"]
+    head_gates = [g for g in find_gates(model) if g.granularity == "heads"]
     with torch.no_grad():  # the scores are those of the model with every gate open
-        for gate in gates(model):
+        for gate in find_gates(model):
             gate.log_alpha.fill_(FIXED_OPEN)
     masks, handles = [], []
     for layer in range(LAYERS):
@@ -173,18 +174,18 @@ def test_importance_prune_keeps_the_best_gates_within_the_flops_budget_and_freez
     model = gated_classifier()
     x = token_ids(2)
     generator = torch.Generator().manual_seed(5)
-    scores = {id(g): torch.rand(g.log_alpha.shape, generator=generator) for g in gates(model)}
+    scores = {id(g): torch.rand(g.log_alpha.shape, generator=generator) for g in find_gates(model)}
     dense = float(CostModel(model, x).costs(deterministic=True)["flops"])
     kept = importance_prune_(model, 0.5, x, scores)
     assert kept <= 0.5
     assert float(CostModel(model, x).costs(deterministic=True)["flops"]) / dense == pytest.approx(kept, rel=1e-6)
     for kind in ("heads", "in"):
-        members = [g for g in gates(model) if g.granularity == kind]
+        members = [g for g in find_gates(model) if g.granularity == kind]
         open_scores = torch.cat([scores[id(g)][g.log_alpha > 0] for g in members])
         shut_scores = torch.cat([scores[id(g)][g.log_alpha < 0] for g in members])
         assert len(shut_scores) > 0 and float(open_scores.min()) >= float(shut_scores.max())
     model.train()
-    for gate in gates(model):
+    for gate in find_gates(model):
         assert not gate.log_alpha.requires_grad
         assert torch.equal(gate(), gate.deterministic())  # fixed gates sample exactly 0 or 1 in training
 
@@ -261,13 +262,13 @@ def test_a_distilled_run_resumes_exactly_even_if_the_teacher_changed(teacher_dir
 
 def test_importance_scoring_leaves_the_gates_and_the_mode_as_they_were():
     model = gated_classifier()
-    before = [g.log_alpha.detach().clone() for g in gates(model)]
+    before = [g.log_alpha.detach().clone() for g in find_gates(model)]
     model.train()
     gate_importance(model, [(token_ids(4), torch.arange(4) % CLASSES)], F.cross_entropy)
-    assert model.training and all(torch.equal(g.log_alpha, b) for g, b in zip(gates(model), before))
+    assert model.training and all(torch.equal(g.log_alpha, b) for g, b in zip(find_gates(model), before))
     with pytest.raises(IndexError):  # a loss that fails half-way (a class past the last): still nothing changed
         gate_importance(model, [(token_ids(4), torch.arange(4) + 100)], F.cross_entropy)
-    assert model.training and all(torch.equal(g.log_alpha, b) for g, b in zip(gates(model), before))
+    assert model.training and all(torch.equal(g.log_alpha, b) for g, b in zip(find_gates(model), before))
     with pytest.raises(ValueError, match="batches is empty"):
         gate_importance(model, [], F.cross_entropy)
 
@@ -275,11 +276,11 @@ def test_importance_scoring_leaves_the_gates_and_the_mode_as_they_were():
 def test_tied_scores_still_meet_the_budget_and_an_unreachable_target_is_refused():
     model = gated_classifier()
     x = token_ids(2)
-    tied = {id(g): torch.ones(g.log_alpha.shape) for g in gates(model)}
+    tied = {id(g): torch.ones(g.log_alpha.shape) for g in find_gates(model)}
     assert importance_prune_(model, 0.5, x, tied) <= 0.5
     other = gated_classifier()
     with pytest.raises(ValueError, match="smallest model"):
-        importance_prune_(other, 0.01, x, {id(g): torch.ones(g.log_alpha.shape) for g in gates(other)})
+        importance_prune_(other, 0.01, x, {id(g): torch.ones(g.log_alpha.shape) for g in find_gates(other)})
 
 
 def test_a_pruned_spec_with_a_foreign_dtype_is_named(teacher_dir, tmp_path):

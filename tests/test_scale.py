@@ -105,7 +105,7 @@ def test_l0sparse_train_runs_under_torchrun(tmp_path):
 def _close_most_gates(model, generator):
     """Half the gates firmly closed (log α = -12: P(z ≠ 0) ≈ 1e-4), the rest spread over [-3, 3]."""
     with torch.no_grad():
-        for gate in l0sparse.costs.gates(model):
+        for gate in l0sparse.find_gates(model):
             values = torch.empty(gate.shape, dtype=gate.log_alpha.dtype).uniform_(-3, 3, generator=generator)
             closed = torch.rand(gate.shape, generator=generator) < 0.5
             gate.log_alpha.copy_(torch.where(closed, torch.full_like(values, -12.0), values))
@@ -139,7 +139,7 @@ def test_conditional_computation_is_exact(name, per_example_noise):
         for key, grad in grads_plain.items():
             torch.testing.assert_close(grads_conditional[key], grad, rtol=0, atol=800 * eps * max(1.0, float(grad.abs().max())))
     # the conditional path really skipped units: some gates were closed for the whole batch
-    assert any(float((g.deterministic() == 0).float().mean()) > 0.3 for g in l0sparse.costs.gates(plain))
+    assert any(float((g.deterministic() == 0).float().mean()) > 0.3 for g in l0sparse.find_gates(plain))
 
 
 def test_conditional_models_trace_for_costs_and_pruning(tmp_path):

@@ -45,16 +45,16 @@ def test_fit_clamps_log_alpha_where_the_gates_ask_and_gives_the_gates_their_lr()
     clamped = l0sparse.L0MLP((64, 16, 10), clamp_log_alpha=l0sparse.PAPER_LOG_ALPHA_RANGE)
     l0sparse.train.fit(clamped, data.x_train, data.y_train, epochs=1, lr=0.2, lam=5.0, progress=False)
     low, high = l0sparse.PAPER_LOG_ALPHA_RANGE
-    for gate in l0sparse.costs.gates(clamped):
+    for gate in l0sparse.find_gates(clamped):
         assert low - 1e-6 <= float(gate.log_alpha.detach().min()) and float(gate.log_alpha.detach().max()) <= high + 1e-6
     torch.manual_seed(0)
     model = l0sparse.L0MLP((64, 16, 10))
     weights_before = [p.detach().clone() for name, p in model.named_parameters() if "log_alpha" not in name]
-    log_alpha_before = [g.log_alpha.detach().clone() for g in l0sparse.costs.gates(model)]
+    log_alpha_before = [g.log_alpha.detach().clone() for g in l0sparse.find_gates(model)]
     l0sparse.train.fit(model, data.x_train, data.y_train, epochs=1, lr=1e-12, gate_lr=0.05, lam=1.0, progress=False)
     weights_after = [p.detach() for name, p in model.named_parameters() if "log_alpha" not in name]
     assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(weights_before, weights_after))
-    assert any(not torch.allclose(a, g.log_alpha.detach()) for a, g in zip(log_alpha_before, l0sparse.costs.gates(model)))
+    assert any(not torch.allclose(a, g.log_alpha.detach()) for a, g in zip(log_alpha_before, l0sparse.find_gates(model)))
 
 
 def test_fit_stops_at_a_non_finite_loss_naming_epoch_and_step():

@@ -6,8 +6,9 @@ from .distributions import HardConcrete
 from .gates import PAPER_LOG_ALPHA_RANGE, Gate
 from .layers import L0Conv2d, L0Linear
 from .models import L0LeNet5, L0MLP
-from .prune import prune, rebuild
+from .prune import PrunePlan, prune, rebuild
 from .report import architecture, summary
+from .sites import GateSite, find_gates, gate_sites
 from .sparsify import sparsify
 
 __all__ = [
@@ -19,6 +20,9 @@ __all__ = [
     "L0MLP",
     "L0LeNet5",
     "sparsify",
+    "find_gates",
+    "gate_sites",
+    "GateSite",
     "expected_l0",
     "expected_flops",
     "expected_params",
@@ -29,6 +33,7 @@ __all__ = [
     "count_params",
     "prune",
     "rebuild",
+    "PrunePlan",
     "architecture",
     "summary",
     "TargetController",

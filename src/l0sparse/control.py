@@ -26,7 +26,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .costs import CostModel, expected_l0, gates
+from .costs import CostModel, expected_l0
+from .sites import find_gates
 
 __all__ = ["TargetController", "METRICS", "param_groups"]
 
@@ -87,9 +88,9 @@ class TargetController(nn.Module):
             raise ValueError(f"tolerance must be a fraction in [0, 1), got {tolerance!r}")
         if not isinstance(ceiling, bool):
             raise ValueError(f"ceiling must be True or False, got {ceiling!r}")
-        if not gates(model):
+        if not find_gates(model):
             raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
-        device = gates(model)[0].log_alpha.device
+        device = find_gates(model)[0].log_alpha.device
         if device.type == "meta":
             raise ValueError("TargetController reads the model's size at every step, and the model is on the meta device, "
                              "which holds no values: build it on the device the model trains on")
@@ -100,7 +101,7 @@ class TargetController(nn.Module):
         self._model = [model]  # a list, so that the model is not registered as a submodule (state_dict stays small)
         if metric == "l0":
             self._cost_model = None
-            self._dense = float(sum(g.log_alpha.numel() for g in gates(model)))
+            self._dense = float(sum(g.log_alpha.numel() for g in find_gates(model)))
         else:
             self._cost_model = CostModel(model, example_inputs)
             self._dense = self._size_with_every_gate(open_=True)
@@ -120,11 +121,11 @@ class TargetController(nn.Module):
     def _size_with_every_gate(self, open_: bool) -> float:
         """The pruned size with every gate open (the dense size under this cost model) or every gate closed (the floor)."""
         with torch.no_grad():
-            saved = [g.log_alpha.detach().clone() for g in gates(self._model[0])]
-            for g in gates(self._model[0]):
+            saved = [g.log_alpha.detach().clone() for g in find_gates(self._model[0])]
+            for g in find_gates(self._model[0]):
                 g.log_alpha.fill_(100.0 if open_ else -100.0)
             size = float(self._cost_model.costs(deterministic=True)[self.metric])
-            for g, value in zip(gates(self._model[0]), saved):
+            for g, value in zip(find_gates(self._model[0]), saved):
                 g.log_alpha.copy_(value)
         return size
 
@@ -138,7 +139,7 @@ class TargetController(nn.Module):
     def deterministic_fraction(self) -> float:
         """The size that pruning would leave now (test-time gates), over the dense size."""
         if self._cost_model is None:
-            return float(sum(int(g.is_active().sum()) for g in gates(self._model[0]))) / self._dense
+            return float(sum(int(g.is_open().sum()) for g in find_gates(self._model[0]))) / self._dense
         return float(self._cost_model.costs(deterministic=True)[self.metric]) / self._dense
 
     def current_target(self) -> float:
@@ -212,7 +213,7 @@ class TargetController(nn.Module):
             if abs(fraction - target) <= self.tolerance:
                 self._residual = 0.0
             return
-        all_gates = gates(self._model[0])
+        all_gates = find_gates(self._model[0])
         originals = [g.log_alpha.detach().clone() for g in all_gates]
         thresholds = [math.log(-g.gamma / g.zeta) for g in all_gates]  # Eq. 13 opens a gate above log(−γ/ζ)
         growing = fraction < target
@@ -256,7 +257,7 @@ class TargetController(nn.Module):
         Returns the pruned fraction reached. Fine-tune afterwards if the
         change was large.
         """
-        all_gates = gates(self._model[0])
+        all_gates = find_gates(self._model[0])
         originals = [g.log_alpha.detach().clone() for g in all_gates]
         # Eq. 13 opens a gate when sigmoid(log α)(ζ − γ) + γ > 0
         thresholds = [math.log(-g.gamma / g.zeta) for g in all_gates]
@@ -306,7 +307,7 @@ def param_groups(model: nn.Module, lr: float, gate_lr: float | None = None, weig
     for name, value in (("lr", lr), ("gate_lr", lr if gate_lr is None else gate_lr), ("weight_decay", weight_decay)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (name != "weight_decay" and value == 0):
             raise ValueError(f"{name} must be a finite number {'>= 0' if name == 'weight_decay' else '> 0'}, got {value!r}")
-    gate_parameters = [g.log_alpha for g in gates(model)]
+    gate_parameters = [g.log_alpha for g in find_gates(model)]
     gate_ids = {id(p) for p in gate_parameters}
     others = [p for p in dict.fromkeys(model.parameters()) if id(p) not in gate_ids]
     groups = [{"params": others, "lr": lr, "weight_decay": weight_decay}]

@@ -25,11 +25,9 @@ from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attenti
                          scaled_dot_product_macs, weight_product)
 from .sites import Charge, GateSite, charges, find_gates, gate_sites, raw_tensor, ungated_l2_tensors
 
-__all__ = ["expected_l0", "penalty", "Penalty", "gates", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
+__all__ = ["expected_l0", "penalty", "Penalty", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
 
 
-#: the former name of :func:`l0sparse.sites.find_gates` (it reads like the module ``l0sparse.gates``)
-gates = find_gates
 
 
 def expected_l0(model: nn.Module) -> Tensor:

@@ -136,7 +136,6 @@ class Gate(nn.Module):
         """Boolean mask: the deterministic gate is > 0 (the gate is *open*: its unit survives pruning)."""
         return self.deterministic() > 0
 
-    is_active = is_open  # the earlier name, kept for existing code
 
     @torch.no_grad()
     def clamp_(self) -> Gate:

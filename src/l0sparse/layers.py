@@ -181,7 +181,6 @@ class L0Linear(L0Layer):
         """Input features whose deterministic gate is open."""
         return int(self.gate.is_open().sum())
 
-    active_units = open_units  # the earlier name, kept for existing code
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -309,7 +308,6 @@ class L0Conv2d(L0Layer):
         """Output channels whose deterministic gate is open."""
         return int(self.gate.is_open().sum())
 
-    active_units = open_units  # the earlier name, kept for existing code
 
     def extra_repr(self) -> str:
         return (
