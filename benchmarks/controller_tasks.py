@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
 
 import l0sparse  # noqa: E402
-from l0sparse.costs import gates  # noqa: E402
+from l0sparse.sites import find_gates  # noqa: E402
 from l0sparse.data import load_digits_split, load_mnist1d  # noqa: E402
 from l0sparse.prune import plain_copy  # noqa: E402
 from l0sparse.sparsify import gate_masks  # noqa: E402
@@ -139,7 +139,7 @@ WARMUP = 0.4  # of all steps: the target is reached by 40%, the landing settles 
 def gated(task: Task, seed: int, example) -> nn.Module:
     torch.manual_seed(seed)
     model = task.build()
-    if not gates(model):
+    if not find_gates(model):
         l0sparse.sparsify(model, example_inputs=example)
     return model
 
@@ -212,7 +212,7 @@ def unit_scores(model) -> dict[int, torch.Tensor]:
 def close_smallest(model, controller, target: float) -> None:
     """One global threshold over the normalised norms, bisected so that the pruned size is nearest ``target``."""
     scores = unit_scores(model)
-    all_gates = gates(model)
+    all_gates = find_gates(model)
 
     def apply(threshold: float) -> float:
         for gate in all_gates:
@@ -229,13 +229,13 @@ def close_smallest(model, controller, target: float) -> None:
     apply(best[0])
 
 
-def magnitude_run(task: Task, seed: int, data, example) -> dict:
+def magnitude_run(task: Task, seed: int, data, example, lr: float = 1e-3) -> dict:
     model = gated(task, seed, example)
     controller = l0sparse.TargetController(model, task.target, task.metric, example_inputs=example)  # for its size count
-    for gate in gates(model):
+    for gate in find_gates(model):
         gate.log_alpha.data.fill_(10.0)  # held open: P(z = 1) = 0.9998, a dense network with negligible noise
         gate.log_alpha.requires_grad_(False)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     start = time.perf_counter()
     run_epochs(model, optimizer, data, task.epochs // 2)
     close_smallest(model, controller, task.target)
@@ -249,6 +249,9 @@ def main():
     parser.add_argument("--setups", nargs="*", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--magnitude-lrs", nargs="*", type=float, default=[1e-3, 1e-2],
+                        help="Adam learning rates of the magnitude baseline: each L0 set-up is compared with it at its weights' rate")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of --out that this run does not redo")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "controller_tasks.json")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and stop")
@@ -258,7 +261,7 @@ def main():
         return
     configure_torch(args.threads)
     datasets = {"digits": load_digits_split(), "mnist1d": load_mnist1d()}
-    rows = []
+    rows = json.loads(args.out.read_text()) if args.merge and args.out.exists() else []
     for name in args.tasks:
         task = TASKS[name]
         data = datasets[task.data]
@@ -267,8 +270,9 @@ def main():
             # B023: each closure is called below, in the same iteration that defined it
             runs = [(setup, lambda setup=setup: l0_run(task, setup, seed, data, example)) for setup in args.setups]  # noqa: B023
             if not args.no_baseline:
-                runs.append(("magnitude", lambda: magnitude_run(task, seed, data, example)))  # noqa: B023
+                runs += [(magnitude_setup(lr), lambda lr=lr: magnitude_run(task, seed, data, example, lr)) for lr in args.magnitude_lrs]  # noqa: B023
             for setup, run in runs:
+                rows = [r for r in rows if (r["task"], r["setup"], r["seed"]) != (name, setup, seed)]
                 row = {"task": name, "metric": task.metric, "target": task.target, "setup": setup, "seed": seed, **run()}
                 row["within_2_points"] = abs(row["reached"] - task.target) <= 0.02
                 rows.append(row)
@@ -277,24 +281,36 @@ def main():
 
 
 
+def magnitude_setup(lr: float) -> str:
+    """The baseline's set-up name: "magnitude" at 1e-3 (the rows measured before other rates were added), else with its rate."""
+    return "magnitude" if lr == 1e-3 else f"magnitude-{lr:g}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Per task and set-up over the seeds: the pruned size reached, how many landed within ±2 points, and test
-    accuracy (mean ± standard deviation) beside magnitude pruning's."""
+    accuracy (mean ± standard deviation) beside magnitude pruning's at the set-up's weight learning rate, with the
+    difference and its standard error (seeds paired: the same seed builds the same model and split for both)."""
     import statistics
 
     def mean_sd(values):
         return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else f"{100 * values[0]:.2f}"
 
-    lines = ["| task | metric | target | set-up | seeds | reached (min–max) | within ±2 points | test accuracy % | magnitude % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | metric | target | set-up | seeds | reached (min–max) | within ±2 points | test accuracy % | magnitude, same lr % "
+             "| L0 − magnitude (± s.e.), points |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for task in dict.fromkeys(r["task"] for r in rows):
-        baseline = [r["test_accuracy"] for r in rows if r["task"] == task and r["setup"] == "magnitude"]
-        for setup in dict.fromkeys(r["setup"] for r in rows if r["task"] == task and r["setup"] != "magnitude"):
+        for setup in dict.fromkeys(r["setup"] for r in rows if r["task"] == task and not r["setup"].startswith("magnitude")):
             cell = [r for r in rows if r["task"] == task and r["setup"] == setup]
+            baseline = {r["seed"]: r["test_accuracy"] for r in rows
+                        if r["task"] == task and r["setup"] == magnitude_setup(SETUPS[setup][0])}
+            paired = [100 * (r["test_accuracy"] - baseline[r["seed"]]) for r in cell if r["seed"] in baseline]
+            difference = "-"
+            if len(paired) > 1:
+                difference = f"{statistics.mean(paired):+.2f} ± {statistics.stdev(paired) / len(paired) ** 0.5:.2f}"
             reached = [r["reached"] for r in cell]
             lines.append(f"| {task} | {cell[0]['metric']} | {100 * cell[0]['target']:.0f}% | {setup} | {len(cell)} | "
                          f"{100 * min(reached):.1f}–{100 * max(reached):.1f}% | {sum(r['within_2_points'] for r in cell)}/{len(cell)} | "
-                         f"{mean_sd([r['test_accuracy'] for r in cell])} | {mean_sd(baseline) if baseline else '-'} |")
+                         f"{mean_sd([r['test_accuracy'] for r in cell])} | {mean_sd(list(baseline.values())) if baseline else '-'} | {difference} |")
     return "\n".join(lines)
 
 
