@@ -13,7 +13,7 @@ RUNS = Path("runs/results")
 COMMANDS = {
     "dense": "--set regularizer='\"none\"'",
     "l0-lambda": "",
-    "l0-flops10": "--set target=0.1 --set gate_lr=0.01",
+    "l0-flops10": "--set target=0.1",
     "magnitude-flops10": "--set regularizer='\"magnitude\"' --set target=0.1",
 }
 
@@ -34,6 +34,8 @@ def main():
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
             last = metrics[-1]
             config, model, _ = load_run(run_dir)
+            if last["epoch"] < config.epochs * (2 if config.regularizer == "magnitude" else 1):
+                continue  # still training (or stopped): only finished runs go in the table
             architecture = l0sparse.architecture(model) if config.regularizer == "l0" else "-"
             params = last.get("params_kept")
             wall = walls.get(run_dir.name)

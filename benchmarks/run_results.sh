@@ -19,5 +19,5 @@ run() {  # name, then --set overrides
 mkdir -p runs/results
 run dense --set regularizer='"none"'
 run l0-lambda
-run l0-flops10 --set target=0.1 --set gate_lr=0.01
+run l0-flops10 --set target=0.1
 run magnitude-flops10 --set regularizer='"magnitude"' --set target=0.1
