@@ -88,6 +88,31 @@ def gated(family: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+def prune_checked(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, dict, torch.Tensor]:
+    """``prune(model, x)``, checked: the gated model's last_hidden_state (≤ 1e-4 relative) with fewer parameters.
+    Returns the pruned model, its plan and its last_hidden_state."""
+    pruned, plan = l0sparse.prune(model, x, return_plan=True)
+    with torch.no_grad():
+        expected, got = model(x).last_hidden_state, pruned(x).last_hidden_state
+    assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
+    assert l0sparse.count_params(pruned) < l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in find_gates(model))
+    return pruned, plan, got
+
+
+def assert_exports_and_loads(pruned: nn.Module, plan: dict, fresh: nn.Module, x: torch.Tensor, got: torch.Tensor) -> None:
+    """The pruned model runs under torch.export, and its state_dict, saved and loaded with weights_only=True, fills
+    ``l0sparse.rebuild`` of ``fresh`` (a new model of the original architecture) to the same outputs ``got``."""
+    exported = torch.export.export(pruned, (x,))
+    assert torch.allclose(exported.module()(x).last_hidden_state, got, atol=1e-6)
+    saved = io.BytesIO()
+    torch.save(pruned.state_dict(), saved)
+    saved.seek(0)
+    empty = l0sparse.rebuild(fresh, plan, x)
+    empty.load_state_dict(torch.load(saved, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(empty.eval()(x).last_hidden_state, got)
+
+
 def attention_modules(model: nn.Module, family: str) -> list[nn.Module]:
     pattern = FAMILIES[family][1].replace("*", "{}")
     return [model.get_submodule(pattern.format(i)) for i in range(2)]
@@ -117,12 +142,7 @@ def test_models_fx_follows_keep_the_fx_path():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_removes_heads_and_feed_forward_units(family):
     model = gated(family)
-    x = input_ids()
-    pruned, plan = l0sparse.prune(model, x, return_plan=True)
-    with torch.no_grad():
-        expected, got = model(x).last_hidden_state, pruned(x).last_hidden_state
-    assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
-    assert l0sparse.count_params(pruned) < l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in find_gates(model))
+    pruned, plan, _ = prune_checked(model, input_ids())
     assert not any(type(m).__module__.startswith("l0sparse") for m in pruned.modules())
     assert not list(gate_masks(pruned))
     q, k, v, out = FAMILIES[family][3]
@@ -144,20 +164,9 @@ def test_prune_removes_heads_and_feed_forward_units(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_pruned_model_exports_and_loads_with_weights_only(family):
-    model = gated(family, seed=1)
     x = input_ids()
-    pruned, plan = l0sparse.prune(model, x, return_plan=True)
-    with torch.no_grad():
-        expected = pruned(x).last_hidden_state
-    exported = torch.export.export(pruned, (x,))
-    assert torch.allclose(exported.module()(x).last_hidden_state, expected, atol=1e-6)
-    saved = io.BytesIO()
-    torch.save(pruned.state_dict(), saved)
-    saved.seek(0)
-    empty = l0sparse.rebuild(FAMILIES[family][0](), plan, x)  # a fresh, ungated model of the original architecture
-    empty.load_state_dict(torch.load(saved, weights_only=True))
-    with torch.no_grad():
-        assert torch.equal(empty.eval()(x).last_hidden_state, expected)
+    pruned, plan, got = prune_checked(gated(family, seed=1), x)
+    assert_exports_and_loads(pruned, plan, FAMILIES[family][0](), x, got)  # a fresh, ungated model of the original architecture
 
 
 def test_prune_with_an_attention_mask():
@@ -434,15 +443,7 @@ def test_block_gates_with_head_and_unit_gates_prune_export_and_load_with_weights
     assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
     assert pruned.get_submodule(feed_forward).in_features == 0
     assert plan["head_layouts"][attention]["kept"] == []  # the closed block takes its open heads with it
-    exported = torch.export.export(pruned, (x,))
-    assert torch.allclose(exported.module()(x).last_hidden_state, got, atol=1e-6)
-    saved = io.BytesIO()
-    torch.save(pruned.state_dict(), saved)
-    saved.seek(0)
-    empty = l0sparse.rebuild(FAMILIES[family][0](), plan, x)
-    empty.load_state_dict(torch.load(saved, weights_only=True))
-    with torch.no_grad():
-        assert torch.equal(empty.eval()(x).last_hidden_state, got)
+    assert_exports_and_loads(pruned, plan, FAMILIES[family][0](), x, got)
     costs = l0sparse.CostModel(model, x).costs(deterministic=True)
     assert float(costs["params"]) == l0sparse.count_params(pruned)
     assert float(costs["flops"]) == pytest.approx(l0sparse.count_flops(pruned, x))

@@ -74,27 +74,103 @@ def build_minilm(num_classes: int) -> SentenceClassifier:
     return SentenceClassifier(encoder, num_classes, pad_id=encoder.config.pad_token_id or 0)
 
 
-def encoder_rules(model: nn.Module) -> dict:
+def _linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, nn.Linear)]
+
+
+def _is_attention(linears: list[nn.Linear]) -> bool:
+    """Three q/k/v projections of one input and one output width, then an output projection back to the input width."""
+    if len(linears) != 4:
+        return False
+    *qkv, out = linears
+    width, inputs = qkv[0].out_features, qkv[0].in_features
+    return all((m.in_features, m.out_features) == (inputs, width) for m in qkv) and (out.in_features, out.out_features) == (width, inputs)
+
+
+def _head_count(module: nn.Module, config) -> int | None:
+    """The module's own head count (``num_attention_heads``, ``n_heads``, ``num_heads``...), else the config's."""
+    from .operations import declared_head_count
+
+    declared = declared_head_count(module)
+    if declared is not None:
+        return declared
+    for key in ("num_attention_heads", "n_heads", "num_heads", "n_head"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _feed_forward_outputs(model: nn.Module, attention: list[str]) -> list[str]:
+    """Per layer (the nearest module above an attention module holding other Linear layers), the second Linear of
+    each feed-forward pair: ``d → f`` then ``f → d``, ``d`` the attention's width, next to each other in the layer."""
+    modules = dict(model.named_modules())
+    in_attention = {id(m) for name in attention for m in _linears(modules[name])}
+    found: dict[str, None] = {}
+    for name in attention:
+        width = _linears(modules[name])[-1].out_features
+        parts = name.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            layer = ".".join(parts[:depth])
+            others = [(n, m) for n, m in modules[layer].named_modules() if isinstance(m, nn.Linear) and id(m) not in in_attention]
+            if others:
+                break
+        for (_, up), (down_name, down) in zip(others, others[1:]):
+            if up.in_features == down.out_features == width and up.out_features == down.in_features:
+                found[f"{layer}.{down_name}" if layer else down_name] = None
+    return list(found)
+
+
+def encoder_rules(model: nn.Module, heads: bool = True) -> dict:
     """``sparsify`` rules for every attention module (its heads) and feed-forward block (its units) of a BERT-like encoder.
 
-    Heads: ``("heads", num_attention_heads)`` on each ``…attention`` module;
-    feed-forward units: ``"in"`` on each layer's second feed-forward Linear
-    (``…output.dense``), whose input columns are the units. Every other
+    Found by structure, not by name: an attention module is the outermost
+    module whose only ``nn.Linear`` layers are three projections of one
+    width (query, key, value; its heads) followed by an output projection
+    back to the input width (BERT, RoBERTa, XLM-RoBERTa, CamemBERT, ELECTRA:
+    ``…attention``; DistilBERT: ``…attention`` with ``q_lin``…``out_lin``;
+    MPNet, DeBERTa-v2...). It gets ``("heads", n)``, ``n`` read from the
+    module (``num_attention_heads``, ``n_heads``, ``num_heads``) or else the
+    model's config. In the layer around it, each pair of Linear layers
+    ``d → f``, ``f → d`` (``d`` the attention's width) is a feed-forward
+    block: ``"in"`` on the second, whose input columns are the units
+    (BERT's ``…output.dense``, DistilBERT's ``ffn.lin2``). Every other
     Linear (the classifier included) gets no gate.
+
+    ``heads=False`` gives the feed-forward rules only. Raises ValueError
+    when no attention module is found, when a head count does not divide
+    its module's width, or when the model holds a per-head table outside
+    one layer (an ``nn.Embedding`` one column per head: MPNet's and T5's
+    relative-position bias, shared by every layer), whose columns could
+    not follow one layer's removed heads.
     """
-    config = getattr(model, "config", None) or getattr(getattr(model, "encoder", None), "config", None)
-    if config is None or not hasattr(config, "num_attention_heads"):
-        raise ValueError(f"encoder_rules needs a BERT-like Hugging Face model (a config with num_attention_heads); got {type(model).__name__}")
-    attention, feed_forward = [], []
+    config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    attention: list[str] = []
     for name, module in model.named_modules():
-        if name.endswith(".attention") and hasattr(module, "output") and hasattr(module, "self"):
+        if not isinstance(module, nn.Linear) and not any(name.startswith(f"{outer}.") for outer in attention) and _is_attention(_linears(module)):
             attention.append(name)
-        elif name.endswith(".output.dense") and isinstance(module, nn.Linear) and not name.endswith("attention.output.dense"):
-            feed_forward.append(name)
     if not attention:
-        raise ValueError(f"encoder_rules found no BERT-style attention module (…attention with .self and .output) in {type(model).__name__}")
-    rules: dict = {name: ("heads", int(config.num_attention_heads)) for name in attention}
-    rules.update({name: "in" for name in feed_forward})
+        raise ValueError(f"encoder_rules found no attention module in {type(model).__name__}: it looks for a module whose only nn.Linear "
+                         "layers are three query/key/value projections of one width and an output projection back to the input width "
+                         "(BERT's '…attention', DistilBERT's MultiHeadSelfAttention); a fused qkv projection is not supported")
+    rules: dict = {}
+    for name in attention if heads else ():
+        module = model.get_submodule(name)
+        count, width = _head_count(module, config), _linears(module)[0].out_features
+        if count is None:
+            raise ValueError(f"encoder_rules: the attention module {name!r} ({type(module).__name__}) declares no head count "
+                             "(num_attention_heads, n_heads or num_heads, on it or on the model's config)")
+        if count < 1 or width % count:
+            raise ValueError(f"encoder_rules: the attention module {name!r} ({type(module).__name__}) has {count} heads, which do "
+                             f"not divide its width {width}")
+        rules[name] = ("heads", count)
+    counts = {count for _, count in rules.values()}
+    per_head = next((name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim in counts), None)
+    if per_head is not None:
+        raise ValueError(f"encoder_rules: {per_head!r} in {type(model).__name__} is a table of one column per head (a relative-position "
+                         "bias every layer reads); its columns cannot follow the heads one layer loses, so heads cannot be gated: "
+                         "encoder_rules(model, heads=False) gates the feed-forward units only")
+    rules.update({name: "in" for name in _feed_forward_outputs(model, attention)})
     rules[nn.Linear] = "skip"
     return rules
 

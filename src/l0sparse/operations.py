@@ -33,7 +33,7 @@ __all__ = [
     "function_rule", "aten_owner_kinds", "node_inputs", "is_depthwise",
     # attention: counts, the rewrites that remove closed heads, and the head bookkeeping of other libraries' modules
     "attention_cost", "attention_layout", "scaled_dot_product_macs", "inline_encoder", "remove_heads", "set_submodule",
-    "head_layouts", "declared_head_count", "set_head_count", "query_key_value",
+    "head_layouts", "declared_head_count", "set_head_count", "record_pruned_heads", "query_key_value",
 ]
 
 _aten = torch.ops.aten
@@ -502,6 +502,37 @@ def set_head_count(module: nn.Module, before: int, after: int, head_dim: int, ne
         setattr(submodule, width, after * new_head_dim)
     for name in dim_names:
         setattr(submodule, name, new_head_dim)
+
+
+def record_pruned_heads(model: nn.Module, layouts: dict[str, dict]) -> None:
+    """Hugging Face's record of removed heads, kept as its own ``prune_heads`` keeps it: on the config of each
+    model inside ``model`` (a Hugging Face ``PreTrainedModel``), ``config.pruned_heads`` maps a layer index (the
+    first index in the attention module's name) to the sorted ORIGINAL indices of its removed heads, merged
+    with what it held (``config.num_attention_heads`` stays the original count), and an attention module's
+    own ``pruned_heads`` set, where it has one, says the same. ``layouts``: :func:`head_layouts`, each with ``"kept"``."""
+    configs = set()
+    for prefix, holder in model.named_modules():
+        config = getattr(holder, "config", None)
+        if config is None or id(config) in configs or not callable(getattr(config, "to_dict", None)):
+            continue
+        configs.add(id(config))  # an outer model (BertForSequenceClassification) shares its config with the inner one
+        start = f"{prefix}." if prefix else ""
+        recorded = {int(layer): set(heads) for layer, heads in (getattr(config, "pruned_heads", None) or {}).items()}
+        for owner, layout in layouts.items():
+            index = next((int(part) for part in owner.removeprefix(start).split(".") if part.isdigit()), None)
+            if not owner.startswith(start) or index is None or len(layout["kept"]) == layout["heads"]:
+                continue
+            before = recorded.get(index, set())
+            original = getattr(config, "num_attention_heads", layout["heads"] + len(before))
+            remaining = [head for head in range(original) if head not in before]  # the module's heads, by original index
+            if len(remaining) != layout["heads"]:  # not the count the record implies: nothing can be mapped
+                continue
+            recorded[index] = before | {head for position, head in enumerate(remaining) if position not in layout["kept"]}
+            for module in model.get_submodule(owner).modules():
+                if isinstance(getattr(module, "pruned_heads", None), set):
+                    module.pruned_heads = set(recorded[index])
+        if recorded:
+            config.pruned_heads = {layer: sorted(heads) for layer, heads in sorted(recorded.items())}
 
 
 def _smallest_width(module: nn.Module, head_dim: int) -> int:

@@ -28,7 +28,8 @@ from torch.nn.utils import parametrize
 
 from .graph import ChannelGraph, trace_channels
 from .layers import L0Layer
-from .operations import LinearRule, head_layouts, inline_encoder, module_rule, remove_heads, set_head_count, set_submodule
+from .operations import (LinearRule, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads, set_head_count,
+                         set_submodule)
 from .sites import find_gates, gate_sites, run_plainly
 
 __all__ = ["prune", "rebuild", "plain_copy", "PrunePlan", "Selection"]
@@ -262,7 +263,8 @@ def _apply_module_plan(work: nn.Module, plan: PrunePlan) -> nn.Module:
     """Slice ``work``'s own modules as ``plan`` says (rows, follower entries, columns, heads) and return it.
 
     Its forward is unchanged: an attention module's head bookkeeping (``num_attention_heads``,
-    ``all_head_size``, ...) is set to the kept heads so that its reshapes fit the smaller projections.
+    ``all_head_size``, ...) is set to the kept heads so that its reshapes fit the smaller projections,
+    and a Hugging Face model's ``config.pruned_heads`` records the removed ones (:func:`record_pruned_heads`).
     """
     modules = dict(work.named_modules())
     _slice_layers(modules, plan)
@@ -280,6 +282,7 @@ def _apply_module_plan(work: nn.Module, plan: PrunePlan) -> nn.Module:
             _slice(modules[name], name, rows=index)
         _slice(modules[layout["projection"]], layout["projection"], columns=index)
         set_head_count(modules[owner], layout["heads"], heads, head_dim, width)
+    record_pruned_heads(work, plan.head_layouts)  # a Hugging Face model's config.pruned_heads
     return work
 
 
