@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .distributions import log_ratio_zero
 from .gates import Gate, accumulation_dtype, check_lam
 from .graph import check_example_batch, trace_channels
+from .hidden import hidden_gate
 from .layers import L0Layer
 from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, head_layouts, module_rule,
                          scaled_dot_product_macs, weight_product)
@@ -269,6 +270,16 @@ class CostModel:
         self._head_layouts = head_layouts(model) if self.graph.tracer == "export" else {}
         self._head_of = {linear: owner for owner, layout in self._head_layouts.items()
                          for linear in (*layout["qkv"], layout["projection"])}
+        # a hidden gate (l0sparse.hidden): its stream's readers lose columns, its writers rows, and the embedding columns
+        # and LayerNorm entries of each closed dimension go
+        self._hidden = hidden_gate(model)
+        names = {id(module): name for name, module in self.modules.items()}
+        stream = self._hidden.stream if self._hidden is not None else None
+        self._hidden_readers = {names[id(m)] for m in stream.readers} if stream else set()
+        self._hidden_writers = {names[id(m)] for m in stream.writers} if stream else set()
+        per_dimension = {id(p): p for m in (stream.tables + stream.norms if stream else ()) for p in m.parameters() if id(p) not in gate_parameters}
+        handled |= set(per_dimension)
+        self._hidden_per_dimension = sum(p.numel() for p in per_dimension.values()) / stream.width if stream else 0
         self._fixed_params = sum(p.numel() for p in _unique_parameters(model) if id(p) not in handled and id(p) not in gate_parameters)
 
     def _attention(self, name: str, query_length: int, key_length: int, prob, deterministic: bool) -> tuple:
@@ -349,6 +360,9 @@ class CostModel:
         total_macs = torch.zeros((), device=self.device)
         params = torch.zeros((), device=self.device) + self._fixed_params
         total_macs = total_macs + self.graph.other_macs / self._batch  # attention no Linear module owns (export only)
+        hidden = None if self._hidden is None else prob(self._hidden)  # P(a residual-stream dimension is kept)
+        if hidden is not None:
+            params = params + self._hidden_per_dimension * (hidden.sum().clamp(min=1) if deterministic else hidden.sum())
         attention_modules = self.graph.attention_call_modules or [()] * len(self.graph.attention_calls)
         for (query, key), inside in zip(self.graph.attention_calls, attention_modules):
             macs = scaled_dot_product_macs(query, key) / self._batch  # written out: all its heads...
@@ -400,6 +414,10 @@ class CostModel:
                     p_in = per_row
                 else:
                     p_out = per_row
+            if hidden is not None and name in self._hidden_readers:
+                p_in = p_in * hidden
+            if hidden is not None and name in self._hidden_writers:
+                p_out = p_out * hidden
             space = self.graph.space_of_output(name)
             if space is not None and space.removable:
                 p_out = p_out * self._space_kept(space, prob, cache)

@@ -27,6 +27,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from .graph import ChannelGraph, trace_channels
+from .hidden import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
 from .operations import (LinearRule, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads, set_head_count,
                          set_submodule)
@@ -57,6 +58,7 @@ class PrunePlan:
     inline: list[str] = field(default_factory=list)  # nn.TransformerEncoderLayer calls rewritten step by step
     tracer: str = "fx"  # "export": the model's own modules sliced in place (its forward unchanged)
     head_layouts: dict[str, dict] = field(default_factory=dict)  # export only: sparsify.head_layouts, each with "kept"
+    hidden: dict = field(default_factory=dict)  # l0sparse.hidden.prune_hidden's plan, applied first; empty: no hidden gate
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict (the format plans have been saved in: "tracer" and "head_layouts" for export only)."""
@@ -64,6 +66,8 @@ class PrunePlan:
                 "selections": [asdict(selection) for selection in self.selections], "heads": self.heads, "inline": self.inline}
         if self.tracer != "fx":
             data.update(tracer=self.tracer, head_layouts=self.head_layouts)
+        if self.hidden:
+            data["hidden"] = self.hidden
         return data
 
     @classmethod
@@ -73,7 +77,8 @@ class PrunePlan:
             return data
         return cls(rows=dict(data["rows"]), followers=dict(data["followers"]), columns=dict(data["columns"]),
                    selections=[Selection(**selection) for selection in data["selections"]], heads=dict(data.get("heads", {})),
-                   inline=list(data.get("inline", [])), tracer=data.get("tracer", "fx"), head_layouts=dict(data.get("head_layouts", {})))
+                   inline=list(data.get("inline", [])), tracer=data.get("tracer", "fx"), head_layouts=dict(data.get("head_layouts", {})),
+                   hidden=dict(data.get("hidden", {})))
 
 
 @torch.no_grad()
@@ -341,6 +346,7 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     # Linear layers whose input columns carry gates (paper layers, "in" and "heads" rules)
     column_gated = {site.name for site in gate_sites(model) if isinstance(module_rule(site.module), LinearRule) and site.dim == 1}
     work = plain_copy(model)
+    hidden = prune_hidden(work)  # the closed dimensions of a hidden gate's residual stream (l0sparse.hidden), first
     graph = trace_channels(work, example_inputs)
     if graph.tracer == "export":  # no fx graph to rewrite: slice the copy's own modules, its forward unchanged
         plan = _make_plan(graph, column_gated, round_to, can_select=False)
@@ -349,6 +355,7 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     else:
         plan = _make_plan(graph, column_gated, round_to)
         pruned = _apply_plan(graph, plan)
+    plan.hidden = hidden or {}
     was_training = model.training
     model.eval()
     try:
@@ -356,15 +363,16 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
             expected, got = model(*example_inputs), pruned(*example_inputs)
     finally:  # the user's model leaves in the mode it came in, whatever happened
         model.train(was_training)
-    _check_same(expected, got)
+    _check_same(expected, got, hidden)
     return (pruned, plan.to_json()) if return_plan else pruned
 
 
-def _check_same(expected, got) -> None:
+def _check_same(expected, got, hidden: dict | None = None) -> None:
     expected_leaves, got_leaves = [], []
     fx.node.map_aggregate(expected, lambda t: expected_leaves.append(t) if isinstance(t, Tensor) else None)
     fx.node.map_aggregate(got, lambda t: got_leaves.append(t) if isinstance(t, Tensor) else None)
     for a, b in zip(expected_leaves, got_leaves):
+        a = compare_on_kept(a, b, hidden)  # a hidden gate's stream has its kept dimensions left
         if a.is_floating_point() and not bool(torch.isfinite(a).all()):  # NaN compares false: no check would be made
             raise ValueError("prune: the gated model's output on example_inputs is not finite (NaN or inf), so the pruned "
                              "model cannot be checked against it: look for an overflow in the model or its inputs")
@@ -390,7 +398,10 @@ def rebuild(model: nn.Module, plan: PrunePlan | Mapping, example_inputs) -> nn.M
         empty.load_state_dict(torch.load("pruned.pt", weights_only=True))
     """
     plan = PrunePlan.from_json(plan)
+    work = plain_copy(model)
+    if plan.hidden:
+        apply_hidden_plan(work, plan.hidden)
     if plan.tracer == "export":  # the model's own modules, sliced in place: nothing to trace
-        return _apply_module_plan(plain_copy(model), plan)
-    graph = trace_channels(plain_copy(model), _as_tuple(example_inputs))
+        return _apply_module_plan(work, plan)
+    graph = trace_channels(work, _as_tuple(example_inputs))
     return _apply_plan(graph, plan)

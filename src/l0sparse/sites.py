@@ -150,7 +150,9 @@ def charges(model: nn.Module) -> list[Charge]:
         gate, entry = site.gate, found.get(id(site.gate))
         producers = getattr(gate, "producers", ())
         if producers and entry is None:
-            paid = tuple(GateSite(names[id(producer)], producer, tensor, gate, 0, 1, site.owner) for producer in producers
+            # a producer's unit is a row (dim 0) of a Linear or conv, a column of an embedding table (a hidden gate's)
+            paid = tuple(GateSite(names[id(producer)], producer, tensor, gate, 1 if isinstance(producer, nn.Embedding) else 0, 1,
+                                  site.owner) for producer in producers
                          for tensor in ("weight", "bias") if getattr(producer, tensor, None) is not None)
             found[id(gate)] = Charge(gate, site.owner, paid)
         elif not producers:
