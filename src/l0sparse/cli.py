@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune = commands.add_parser("prune", help="write the physically pruned model of a run and print its summary")
     prune.add_argument("run_dir")
     prune.add_argument("--force", action="store_true", help="overwrite an existing pruned.pt")
-    prune.add_argument("--round-to", type=_positive_int, default=1,
-                       help="keep channel and unit counts at multiples of this (zero ones added; outputs unchanged)")
+    prune.add_argument("--round-to", type=_positive_int, default=None,
+                       help="keep channel and unit counts at multiples of this (zero ones added; outputs unchanged); "
+                            "default: the run's config key round_to (1 unless set)")
 
     report = commands.add_parser("report", help="plots and a Markdown table over one or more runs")
     report.add_argument("run_dirs", nargs="+")

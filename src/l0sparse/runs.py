@@ -177,10 +177,11 @@ class RunFolder:
             threshold_(model, config.regularizer, config.threshold_value)  # the usual last step of an L1 run
         return config, model.eval(), data
 
-    def prune(self, force: bool = False, round_to: int = 1) -> tuple[nn.Module, str]:
+    def prune(self, force: bool = False, round_to: int | None = None) -> tuple[nn.Module, str]:
         """Prune the checkpoint's model; write ``pruned.pt`` (state_dict) and ``pruned.json`` (plan and architecture).
 
-        ``round_to`` is :func:`l0sparse.prune`'s: kept counts rounded up to a multiple of it. Returns the pruned
+        ``round_to`` is :func:`l0sparse.prune`'s: kept counts rounded up to a multiple of it (None: the run's
+        config's ``round_to``, 1 unless the config sets it). Returns the pruned
         module and its summary table; :meth:`load_pruned` loads it back with ``weights_only=True``.
         """
         from .prune import prune
@@ -190,7 +191,7 @@ class RunFolder:
             raise FileExistsError(f"{self.pruned_weights_path} exists: pass --force to overwrite it")
         config, model, data = self.load()
         example = data.x_train[:2]
-        pruned, plan = prune(model, example, return_plan=True, round_to=round_to)
+        pruned, plan = prune(model, example, return_plan=True, round_to=config.round_to if round_to is None else round_to)
         table = summary(model, example)
         spec = {"config": config.to_dict(), "plan": plan, "example_shape": list(example.shape[1:]),
                 "example_dtype": str(example.dtype).removeprefix("torch."), "num_classes": data.num_classes,
@@ -276,7 +277,7 @@ def load_run(run_dir: str | os.PathLike, data=None) -> tuple:
     return RunFolder(run_dir).load(data)
 
 
-def prune_run(run_dir: str | os.PathLike, force: bool = False, round_to: int = 1) -> tuple[nn.Module, str]:
+def prune_run(run_dir: str | os.PathLike, force: bool = False, round_to: int | None = None) -> tuple[nn.Module, str]:
     """Prune a run's checkpoint and write ``pruned.pt`` and ``pruned.json``: :meth:`RunFolder.prune`."""
     return RunFolder(run_dir).prune(force=force, round_to=round_to)
 
