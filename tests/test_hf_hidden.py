@@ -256,3 +256,47 @@ def test_bad_input_is_refused_and_leaves_the_model_unchanged():
     gate_hidden(model, input_ids())
     with pytest.raises(ValueError, match="already has a hidden gate"):
         gate_hidden(model, input_ids())
+
+
+def test_report_counts_the_hidden_gate_in_dimensions():
+    from l0sparse.report import gate_units
+
+    model = gated(classifier)
+    x = input_ids()
+    gate = hidden_gate(model)
+    units = {owner: what for owner, what, _ in gate_units(model)}
+    assert units["encoder.hidden"] == "dimensions" and units["encoder.encoder.layer.0.attention"] == "heads"
+    table = l0sparse.summary(model, x)
+    rows = {row["layer"]: row for row in table.rows}
+    row = rows["encoder.hidden (dimensions)"]
+    assert (row["gates_kept"], row["gates_total"]) == (int(gate.is_open().sum()), WIDTH) and row["counted_in_layers"]
+    assert table.rows[0] is row  # before the layers it gates
+    heads = rows["encoder.encoder.layer.0.attention (heads)"]
+    assert heads["gates_total"] == HEADS
+    names = [r["layer"] for r in table.rows]
+    assert names.index("encoder.encoder.layer.0.attention (heads)") + 1 == names.index("encoder.encoder.layer.0.attention.self.query")
+    gate_rows = [r for r in table.rows if r.get("counted_in_layers")]
+    assert len(gate_rows) == 3 and all(r["params"] == r["flops"] == r["params_kept"] == r["flops_kept"] == 0 for r in gate_rows)
+    assert "encoder.hidden (dimensions)" in str(table) and "| encoder.hidden (dimensions) |" in table.to_markdown()
+    before, after = l0sparse.architecture(model).split(" -> ")
+    assert before.split("-")[0] == str(WIDTH) and after.split("-")[0] == str(int(gate.is_open().sum()))
+
+
+def test_config_hidden_size_keeps_the_original_width_and_the_saved_config_rebuilds():
+    """config.hidden_size is what a fresh model is built at (and, over num_attention_heads, the head width): the
+    plan slices that model to k dimensions, so the config must keep W. A config saying k would build a model
+    the plan cannot slice, or none at all when k is no multiple of the head count."""
+    model = gated(encoder)
+    x = input_ids()
+    pruned, plan = l0sparse.prune(model, x, return_plan=True)
+    k = len(plan["hidden"]["kept"])
+    assert pruned.config.hidden_size == WIDTH and pruned.embeddings.word_embeddings.embedding_dim == k < WIDTH
+    saved = pruned.config.to_dict()
+    fresh = transformers.BertModel(transformers.BertConfig.from_dict(saved))
+    rebuilt = l0sparse.rebuild(fresh, plan, x)
+    rebuilt.load_state_dict(pruned.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x).last_hidden_state, pruned(x).last_hidden_state)
+    if k % HEADS:
+        with pytest.raises(ValueError):
+            transformers.BertModel(transformers.BertConfig.from_dict({**saved, "hidden_size": k}))

@@ -15,14 +15,15 @@ __all__ = ["architecture", "summary", "Summary", "gate_units"]
 
 
 #: what one sparsify gate counts, by its granularity (the paper's layers' gates count inputs or channels)
-_COUNTED_BY_GRANULARITY = {"in": "inputs", "out": "outputs", "weight": "weights", "heads": "heads"}
+_COUNTED_BY_GRANULARITY = {"in": "inputs", "out": "outputs", "weight": "weights", "heads": "heads", "hidden": "dimensions"}
 
 
 def gate_units(model: nn.Module) -> list[tuple[str, str, Gate]]:
     """(owner, what its gates count, gate) for each gate once: the units of the paper's architecture string and the plots.
 
     The paper's layers' gates come first, in module order (an input-column gate counts inputs, an output-channel
-    gate channels), then sparsify's, in the order of :func:`~l0sparse.sites.find_gates`.
+    gate channels), then sparsify's, in the order of :func:`~l0sparse.sites.find_gates`; the hidden-size gate of
+    :func:`l0sparse.hidden.gate_hidden` counts the residual stream's dimensions.
     """
     paper = {}
     for site in gate_sites(model):
@@ -61,6 +62,9 @@ class Summary:
         for row in self.rows:
             gates_text = f"{row['gates_kept']}/{row['gates_total']}" if row["gates_total"] else "-"
             expected = f"{row['expected_l0']:.1f}" if row["gates_total"] else "-"
+            if row.get("counted_in_layers"):  # a gate over several layers: its parameters and MACs are in their rows
+                cells.append([row["layer"], gates_text, expected, "-", "-", "-", "-"])
+                continue
             cells.append([row["layer"], gates_text, expected, f"{row['params']:,}", f"{row['params_kept']:,}",
                           f"{row['flops']:,}", f"{row['flops_kept']:,}"])
         total = {k: sum(r[k] for r in self.rows) for k in ("params", "params_kept", "flops", "flops_kept")}
@@ -86,7 +90,12 @@ def _percent(part: int, whole: int) -> str:
 
 
 def summary(model: nn.Module, example_inputs) -> Summary:
-    """Per Linear/conv layer: gates kept/total, expected L0, parameters and MACs per example before and after pruning."""
+    """Per Linear/conv layer: gates kept/total, expected L0, parameters and MACs per example before and after pruning.
+
+    A gate whose owner is not one layer (the heads of an attention module, the hidden-size gate's dimensions)
+    gets a row of its own, ``"<owner> (heads)"`` / ``"<owner> (dimensions)"``, placed before the layers it
+    gates, with its gates and no parameters or MACs of its own (``counted_in_layers``: the layers' rows hold them).
+    """
     example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     dense = plain_copy(model)
     pruned = prune(model, example_inputs)
@@ -94,8 +103,10 @@ def summary(model: nn.Module, example_inputs) -> Summary:
     flops_after = count_flops(pruned, example_inputs, per_module=True)
     pruned_modules = dict(pruned.named_modules())
     gates_by_owner: dict[str, list[Gate]] = {}
-    for owner, _, gate in gate_units(model):
+    counted_as: dict[str, str] = {}
+    for owner, what, gate in gate_units(model):
         gates_by_owner.setdefault(owner, []).append(gate)
+        counted_as.setdefault(owner, what)
     rows = []
     for name, module in dense.named_modules():
         if name not in flops_before:
@@ -112,4 +123,18 @@ def summary(model: nn.Module, example_inputs) -> Summary:
             "flops": flops_before[name],
             "flops_kept": flops_after.get(name, 0),
         })
+    layers = {row["layer"] for row in rows}
+    for owner, owned in gates_by_owner.items():
+        if owner in layers:
+            continue
+        row = {"layer": f"{owner} ({counted_as[owner]})", "gates_total": sum(g.log_alpha.numel() for g in owned),
+               "gates_kept": sum(int(g.is_open().sum()) for g in owned),
+               "expected_l0": float(sum(float(g.expected_l0().detach()) for g in owned)),
+               "params": 0, "params_kept": 0, "flops": 0, "flops_kept": 0, "counted_in_layers": True}
+        # before the first layer inside the owner (an attention module), else inside the module holding it (the hidden
+        # gate "encoder.hidden": the encoder's layers), else at the end
+        scopes = [owner, owner.rpartition(".")[0]]
+        position = next((i for scope in scopes for i, r in enumerate(rows)
+                         if not r.get("counted_in_layers") and (not scope or r["layer"].startswith(f"{scope}."))), len(rows))
+        rows.insert(position, row)
     return Summary(rows)
