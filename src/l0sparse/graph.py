@@ -60,6 +60,12 @@ _ATEN_AS_TORCH = {
     _aten.avg_pool1d.default: F.avg_pool1d, _aten.avg_pool2d.default: F.avg_pool2d,
     _aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d, _aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
     _aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention, _aten.permute.default: torch.permute,
+    # element-wise functions of one tensor and numbers (ScalarFunctions): gelu_new's pow(x, 3), erf, roots, clamps
+    _aten.pow.Tensor_Scalar: torch.pow, _aten.erf.default: torch.erf, _aten.sqrt.default: torch.sqrt,
+    _aten.rsqrt.default: torch.rsqrt, _aten.reciprocal.default: torch.reciprocal, _aten.square.default: torch.square,
+    _aten.clamp.default: torch.clamp, _aten.clip.default: torch.clip, _aten.exp.default: torch.exp,
+    _aten.expm1.default: torch.expm1, _aten.neg.default: torch.neg, _aten.abs.default: torch.abs,
+    _aten.div.Tensor: operator.truediv,
 }
 
 

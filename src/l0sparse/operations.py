@@ -29,7 +29,7 @@ from .sites import gate_masks
 
 __all__ = [
     "Trace", "ModuleRule", "WeightProduct", "LinearRule", "ConvRule", "BatchNormRule", "GroupNormRule", "ChannelLayerNormRule",
-    "AttentionRule", "EncoderLayerRule", "FunctionRule", "MODULE_RULES", "FUNCTION_RULES", "module_rule", "weight_product",
+    "AttentionRule", "EncoderLayerRule", "FunctionRule", "ScalarFunctions", "MODULE_RULES", "FUNCTION_RULES", "module_rule", "weight_product",
     "function_rule", "aten_owner_kinds", "node_inputs", "is_depthwise",
     # attention: counts, the rewrites that remove closed heads, and the head bookkeeping of other libraries' modules
     "attention_cost", "attention_layout", "scaled_dot_product_macs", "inline_encoder", "remove_heads", "set_submodule",
@@ -628,6 +628,47 @@ class ChannelwiseFunctions(FunctionRule):
         return True
 
 
+class ScalarFunctions(FunctionRule):
+    """Element-wise functions of one tensor and scalar settings: a power, a root, erf, a clamp, a division by a
+    number (the pieces of GELU written out, as ``gelu_new``'s ``pow(x, 3)`` and tanh, ``gelu_python``'s erf).
+    A channel's values change, not its place: the channels pass on. Any other tensor among the arguments (a
+    tensor exponent or divisor) is not this rule's: the channels lock. Whether an exact 0 stays 0 depends on
+    the function (and for a power or a clamp on its settings)."""
+
+    functions = frozenset({
+        torch.pow, operator.pow, torch.erf, torch.sqrt, torch.rsqrt, torch.reciprocal, torch.square, torch.clamp,
+        torch.clip, torch.exp, torch.expm1, torch.neg, operator.neg, torch.abs, operator.truediv, torch.div,
+    })
+    methods = frozenset({"pow", "erf", "sqrt", "rsqrt", "reciprocal", "square", "clamp", "clip", "exp", "expm1", "neg",
+                         "abs", "div", "__truediv__"})
+    _never_zero_at_zero = frozenset({torch.rsqrt, torch.reciprocal, torch.exp, "rsqrt", "reciprocal", "exp"})
+
+    def trace(self, trace, node, source) -> bool:
+        if node_inputs((node.args[1:], node.kwargs)):  # another tensor takes part
+            return False
+        if source is None:
+            return True
+        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
+        settings = [*node.args[1:], *node.kwargs.values()]
+        if node.target in self._never_zero_at_zero:
+            keeps_zero = False
+        elif name in ("pow", "__pow__"):  # 0 ** p is 0 for p > 0 only
+            exponent = node.args[1] if len(node.args) > 1 else node.kwargs.get("exponent")
+            keeps_zero = isinstance(exponent, (int, float)) and exponent > 0
+        elif name in ("clamp", "clip"):  # 0 stays 0 when the range holds it
+            low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+            high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+            keeps_zero = (low is None or low <= 0) and (high is None or high >= 0)
+        elif name in ("truediv", "div", "__truediv__"):
+            keeps_zero = all(not isinstance(v, (int, float)) or v != 0 for v in settings)
+        else:
+            keeps_zero = True
+        trace.pass_on(node, source)
+        if not keeps_zero:
+            trace.not_zero_preserving(source)
+        return True
+
+
 class BinaryFunctions(FunctionRule):
     """Additions and products: operands whose channels line up join one space (a residual connection)."""
 
@@ -758,7 +799,7 @@ class AtenProducts(FunctionRule):
 
 
 FUNCTION_RULES: tuple[FunctionRule, ...] = (
-    ChannelwiseFunctions(), BinaryFunctions(), FlattenFunctions(), PermuteFunctions(), ReduceFunctions(), ShapeQueries(),
+    ChannelwiseFunctions(), ScalarFunctions(), BinaryFunctions(), FlattenFunctions(), PermuteFunctions(), ReduceFunctions(), ShapeQueries(),
     ScaledDotProductAttention(), AtenProducts(),
 )
 
