@@ -311,6 +311,10 @@ def test_a_pruned_spec_with_a_foreign_dtype_is_named(teacher_dir, tmp_path):
     ({"temperature": 0}, "temperature"),
     ({"train_examples": 0}, "train_examples"),
     ({"model": "mlp", "data": "digits", "teacher": "runs/x"}, "teacher"),
+    ({"regularizer": "l0", "hidden_gate": "yes"}, "hidden_gate"),
+    ({"regularizer": "l0", "hidden_gate": 1}, "hidden_gate"),
+    ({"regularizer": "none", "hidden_gate": True}, "hidden_gate"),  # nothing to train the gate
+    ({"model": "mlp", "data": "digits", "hidden_gate": True}, "hidden_gate"),
 ])
 def test_bad_text_config_names_the_key(keys, key):
     with pytest.raises(ValueError, match=key):
@@ -324,3 +328,59 @@ def test_a_teacher_that_is_missing_or_not_dense_is_refused(tiny_task, tmp_path):
     with pytest.raises(ValueError, match="config key 'teacher'"):
         run_training(config(regularizer="l0", teacher=str(tmp_path / "gated")), tmp_path / "student", progress=False)
     assert not (tmp_path / "student").exists()  # nothing half-written
+
+
+# --- the hidden-size gate from the command line (hidden_gate = true) ------------------------------------------
+
+def test_hidden_gate_from_the_recipe_trains_prunes_and_reports(teacher_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    from l0sparse.cli import main
+    from l0sparse.hidden import hidden_gate
+
+    recipe = Path(__file__).parents[1] / "recipes" / "minilm-wordnet-l0-flops50.toml"
+    run = tmp_path / "hidden"
+    overrides = ["hidden_gate=true", f"teacher='{teacher_dir}'", "epochs=2", "batch_size=16", "lr=1e-3", "gate_lr=0.05",
+                 "warmup=0.2", "round_to=1"]
+    assert main(["train", str(recipe), "--out", str(run), "--no-progress", *[a for o in overrides for a in ("--set", o)]]) == 0
+    config, gated_model, data = load_run(run)
+    assert config.hidden_gate and (gate := hidden_gate(gated_model)) is not None and gate.log_alpha.numel() == WIDTH
+    k = int(gate.is_open().sum())
+    assert main(["prune", str(run)]) == 0
+    assert "encoder.hidden (dimensions)" in capsys.readouterr().out
+    loaded = load_pruned(run)
+    assert loaded.encoder.embeddings.word_embeddings.embedding_dim == loaded.classifier.in_features == k
+    with torch.no_grad():
+        expected = gated_model(data.x_test)
+        assert float((loaded(data.x_test) - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert f"| {run.name} |" in (tmp_path / "report" / "report.md").read_text() and (tmp_path / "report" / "gates.png").stat().st_size
+
+
+def test_importance_ranks_hidden_dimensions_on_their_own(teacher_dir, tmp_path):
+    from l0sparse.hidden import gate_hidden
+
+    model = gated_classifier()
+    x = token_ids(2)
+    gate = gate_hidden(model, x)
+    scores = gate_importance(model, [(token_ids(8), torch.arange(8) % CLASSES)], F.cross_entropy)
+    # a hidden dimension scores the L2 norm of everything it multiplies: embedding columns and the writers' rows
+    weights = [model.encoder.embeddings.get_submodule(n).parametrizations.weight.original
+               for n in ("word_embeddings", "position_embeddings", "token_type_embeddings")]
+    writers = [m for m in gate.stream.writers]
+    squares = sum(w.detach().square().sum(0) for w in weights)
+    squares = squares + sum(m.parametrizations.weight.original.detach().square().sum(1) + m.parametrizations.bias.original.detach().square()
+                            for m in writers)
+    assert torch.allclose(scores[id(gate)], squares.sqrt() / squares.sqrt().norm(), rtol=1e-5)
+    kept = importance_prune_(model, 0.5, x, scores)
+    assert kept <= 0.5 and 0 < int(gate.is_open().sum()) < WIDTH
+    for kind in ("heads", "hidden", "in"):  # each kind ranked on its own: every open gate above every shut one
+        members = [g for g in find_gates(model) if g.granularity == kind]
+        open_scores = torch.cat([scores[id(g)][g.log_alpha > 0] for g in members])
+        shut_scores = torch.cat([scores[id(g)][g.log_alpha < 0] for g in members])
+        assert len(shut_scores) > 0 and float(open_scores.min()) >= float(shut_scores.max())
+    history = run_training(config(regularizer="importance", teacher=teacher_dir, target=0.5, hidden_gate=True),
+                           tmp_path / "importance", progress=False)
+    assert history[-1]["flops_kept"] <= 0.5
+    pruned, _ = prune_run(tmp_path / "importance")
+    assert pruned.encoder.embeddings.word_embeddings.embedding_dim < WIDTH

@@ -99,8 +99,10 @@ def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tenso
     taken per batch (as Michel et al.'s code does, so the ranking depends a
     little on the batch size) and summed over ``batches`` (``(inputs,
     targets)`` pairs; the loss is ``loss_fn(logits, targets)``). Any other
-    gate (a feed-forward unit) scores the L2 norm of the weights it
-    multiplies. Each gate tensor's scores are divided by their L2 norm, as
+    gate (a feed-forward unit; a hidden dimension of
+    :func:`l0sparse.hidden.gate_hidden`) scores the L2 norm of the weights it
+    multiplies (for a hidden dimension: its embedding columns and the rows of
+    every Linear that writes the stream, together). Each gate tensor's scores are divided by their L2 norm, as
     Michel et al. normalise per layer, so that layers compare. The gates are
     held fully open while scoring; the model's log α and mode are left as
     they were, also when the loss fails.
@@ -138,9 +140,12 @@ def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tenso
         model.train(was_training)
     if batch_count == 0 and any(mask.gate.granularity == "heads" for _, _, _, mask in masks):
         raise ValueError("gate_importance: batches is empty; head scores need at least one (inputs, targets) batch")
+    squares = {}  # the weights a gate multiplies, in every tensor it masks: one L2 norm over all of them
     for _, _, _, mask in masks:
         if mask.gate.granularity != "heads":
-            scores[id(mask.gate)] += mask.per_gate(raw[id(mask)].detach() ** 2).sqrt()
+            squares[id(mask.gate)] = squares.get(id(mask.gate), 0) + mask.per_gate(raw[id(mask)].detach() ** 2)
+    for key, value in squares.items():
+        scores[key] += value.sqrt()
     return {key: value / value.norm().clamp_min(torch.finfo(value.dtype).tiny) for key, value in scores.items()}
 
 
@@ -148,10 +153,11 @@ def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tenso
 def importance_prune_(model: nn.Module, target: float, example_inputs, scores: dict[int, torch.Tensor]) -> float:
     """Shut the least important gates of a ``sparsify``-gated model for good, down to ``target`` of its FLOPs.
 
-    Heads and the other gates (feed-forward units) are ranked separately,
-    each kind across all layers by ``scores`` (from :func:`gate_importance`;
-    ties go to the earlier gate), and every gate tensor keeps its best gate.
-    The same fraction of each kind is kept: the largest whose FLOPs stay
+    Heads, hidden dimensions (a gate of :func:`l0sparse.hidden.gate_hidden`)
+    and the other gates (feed-forward units) are ranked separately, each kind
+    across all layers by ``scores`` (from :func:`gate_importance`; ties go to
+    the earlier gate), and every gate tensor keeps its best gate. The same
+    fraction of each kind is kept: the largest whose FLOPs stay
     within the target (bisection). Kept gates get log α = +30, the rest -30
     (their samples are exactly 1 and 0), all frozen (``requires_grad =
     False``). Returns the fraction of the FLOPs kept; a target below the
@@ -163,7 +169,8 @@ def importance_prune_(model: nn.Module, target: float, example_inputs, scores: d
     missing = [gate.owner for gate in model_gates if id(gate) not in scores]
     if missing:
         raise ValueError(f"scores has no entry for the gates of {missing[0]!r}: compute them with gate_importance on this model")
-    kinds = [[g for g in model_gates if g.granularity == "heads"], [g for g in model_gates if g.granularity != "heads"]]
+    kinds = [[g for g in model_gates if g.granularity == "heads"], [g for g in model_gates if g.granularity == "hidden"],
+             [g for g in model_gates if g.granularity not in ("heads", "hidden")]]
     # each kind's gates in order of importance (a stable sort: ties in gate order), and where each gate sits
     rankings = []
     for members in kinds:

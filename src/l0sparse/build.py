@@ -36,7 +36,7 @@ def model_for(config, data, initial: nn.Module | None = None) -> nn.Module:
 
     gated = config.regularizer == "l0"
     clamp = PAPER_LOG_ALPHA_RANGE if config.clamp_log_alpha else None
-    if config.model == "minilm":  # pretrained: gated by heads and feed-forward units, or dense
+    if config.model == "minilm":  # pretrained: gated by heads and feed-forward units (and the hidden size), or dense
         from .hf import encoder_rules
 
         model = copy.deepcopy(initial) if initial is not None else build_model(config.model, 0, data.num_classes)
@@ -45,6 +45,10 @@ def model_for(config, data, initial: nn.Module | None = None) -> nn.Module:
                 warnings.filterwarnings("ignore", message="sparsify: .*(skipped by rule|no rule supports it)")
                 model = sparsify(model, rules=encoder_rules(model), example_inputs=data.x_train[:2],
                                  droprate_init=config.droprate_init, clamp_log_alpha=clamp)
+            if config.hidden_gate:  # and one gate over the residual stream's dimensions (classifier already in place)
+                from .hidden import gate_hidden
+
+                gate_hidden(model, data.x_train[:2], droprate_init=config.droprate_init, clamp_log_alpha=clamp)
         if config.regularizer == "importance":  # the baseline's gates are set once, by importance, and never trained
             for gate in find_gates(model):
                 gate.log_alpha.requires_grad_(False)

@@ -61,6 +61,12 @@ class TrainConfig:
     (distilled) for ``epochs``. ``train_examples`` / ``test_examples`` use
     the first that many examples of the (shuffled) dataset.
 
+    ``hidden_gate = true`` (model ``"minilm"``, regularizer ``"l0"`` or
+    ``"importance"``) also gates the encoder's hidden size, one gate per
+    dimension of the residual stream (:func:`l0sparse.hidden.gate_hidden`,
+    after the heads and feed-forward units; docs/hf.md, "The hidden-size
+    gate"). Off by default.
+
     ``round_to`` is what ``l0sparse prune`` rounds every kept width up to a
     multiple of (:func:`l0sparse.prune`'s ``round_to``; the command's ``--round-to``
     overrides it): 1, no rounding, by default; the MiniLM recipes set 8.
@@ -95,6 +101,7 @@ class TrainConfig:
     train_examples: int | None = None
     test_examples: int | None = None
     round_to: int = 1
+    hidden_gate: bool = False
     seed: int = 0
 
     def validate(self) -> TrainConfig:
@@ -128,6 +135,7 @@ class TrainConfig:
             ("train_examples", self.train_examples is None or (_int(self.train_examples) and self.train_examples >= 1), "an int >= 1, or none for all"),
             ("test_examples", self.test_examples is None or (_int(self.test_examples) and self.test_examples >= 1), "an int >= 1, or none for all"),
             ("round_to", _int(self.round_to) and self.round_to >= 1, "an int >= 1 (1: prune rounds no width)"),
+            ("hidden_gate", isinstance(self.hidden_gate, bool), "true or false (a gate on the encoder's hidden size)"),
             ("seed", _int(self.seed), "an int"),
         ]
         for key, ok, allowed in checks:
@@ -157,6 +165,9 @@ class TrainConfig:
         if self.model == "minilm" and (self.gates != "units" or self.conditional or isinstance(self.droprate_init, list) or self.init != "torch"):
             raise ValueError("model 'minilm' is pretrained and gated by heads and feed-forward units: gates = 'units', "
                              "init = 'torch', conditional = false and one droprate_init")
+        if self.hidden_gate and (self.model != "minilm" or self.regularizer not in ("l0", "importance")):
+            raise ValueError(f"config key 'hidden_gate' = true: gates the hidden size of model 'minilm' trained with regularizer "
+                             f"'l0' or 'importance' (got model = {self.model!r}, regularizer = {self.regularizer!r})")
         defaults = TrainConfig.__dataclass_fields__
         if self.teacher is None and (self.distill_weight, self.temperature) != (defaults["distill_weight"].default, defaults["temperature"].default):
             raise ValueError("config keys 'distill_weight' and 'temperature' weigh the distillation from a teacher: "
