@@ -208,6 +208,25 @@ def test_step_lands_the_pruned_size_back_in_the_band_keeping_the_gates_order(sta
     assert crossed.any() and torch.equal(after[~crossed], before[~crossed])
 
 
+def test_the_pruned_size_follows_the_schedule_through_the_warmup_even_when_the_gates_do_not_move():
+    """Gates that no optimizer moves (a learning rate too small for the schedule): the schedule starts at the
+    pruned size (every gate open here, though P(z ≠ 0) < 1), and each step's landing keeps the pruned size
+    within the tolerance of the target of that step, closing the gates of lowest log α first."""
+    torch.manual_seed(0)
+    model = l0sparse.L0MLP((300, 100, 10))
+    controller = TargetController(model, 0.2, "l0", warmup_steps=20, tolerance=0.01)
+    assert float(controller.start) == controller.deterministic_fraction() == 1.0
+    order = torch.cat([g.log_alpha.detach().flatten().clone() for g in find_gates(model)])
+    one_gate = 1 / order.numel()
+    for _ in range(25):
+        target = controller.current_target()
+        controller.penalty()
+        controller.step()
+        assert abs(controller.deterministic_fraction() - target) <= 0.01 + one_gate
+    open_now = torch.cat([g.is_open().flatten() for g in find_gates(model)])
+    assert float(order[open_now].min()) > float(order[~open_now].max())
+
+
 def test_a_ceiling_waits_for_the_warmup_then_lands_only_from_above():
     """target_mode "ceiling": no push and no landing during the warm-up, then the size is brought under the
     budget from above; a model already under the budget is left alone (no gate reopens)."""

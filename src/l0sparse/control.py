@@ -13,8 +13,9 @@ overshooting (closed gates rarely reopen, so an overshoot is paid in accuracy):
   while the model is below the target, never below 0) instead of
   integrating the gradient of a penalty that stopped: the integral windup
   that kept closing gates long after the target was reached;
-- ``step()`` lands the pruned size back in ``target ± tolerance`` when it
-  leaves it, closing or reopening only the gates nearest the threshold.
+- ``step()`` keeps the pruned size on the schedule, ``t ± tolerance`` at
+  every step, closing or reopening only the gates nearest the threshold: the
+  model shrinks gradually whatever the gates' learning rate.
 
 docs/control.md has the measurements behind these choices.
 """
@@ -40,9 +41,9 @@ class TargetController(nn.Module):
     :meth:`penalty` pushes the gates (through the model's optimizer) while the
     size that pruning would leave is above the current target, and is zero
     once it is not; :meth:`step` moves the multipliers and, when the pruned
-    size has left ``target ± tolerance`` (below it at any time, above it
-    after the warm-up), closes the open gates of lowest log α (or reopens
-    the closed gates of highest log α) to bring it back. The size lands in the band whatever the gates' learning rate;
+    size has left the band around the current target (above or below it,
+    at any step of the warm-up or after it), closes the open gates of lowest
+    log α (or reopens the closed gates of highest log α) to bring it back. The size lands in the band whatever the gates' learning rate;
     ``snap_to_target`` is not needed (docs/control.md).
 
     Args:
@@ -115,7 +116,8 @@ class TargetController(nn.Module):
         self.lambda_1 = nn.Parameter(torch.zeros((), device=device))
         self.lambda_2 = nn.Parameter(torch.zeros((), device=device))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer("start", torch.tensor(float(self.expected_fraction().detach()), device=device))
+        # the schedule starts from the size pruning would leave now, the size the landing and the penalty's gap read
+        self.register_buffer("start", torch.tensor(self.deterministic_fraction(), device=device))
         self.optimizer = torch.optim.Adam([self.lambda_1, self.lambda_2], lr=lr, maximize=True)
 
     def _size_with_every_gate(self, open_: bool) -> float:
@@ -193,10 +195,11 @@ class TargetController(nn.Module):
     def _land(self) -> None:
         """Close (or reopen) the gates nearest the threshold when the pruned size has left the band around the target.
 
-        Below ``target − tolerance`` at any time (the gates' momentum carried them past it, or the loss
-        closed them), or above ``target + tolerance`` once the warm-up is over (the gates' learning rate
-        was too small for the schedule): the open gates of lowest log α are closed (or the closed gates
-        of highest log α reopened) until the pruned size is nearest the target. Only the gates that
+        Below the current target's band (the gates' momentum carried them past it, or the loss closed
+        them) or above it (the gates' learning rate is too small to follow the schedule: at 1e-3 a gate
+        needs thousands of steps to close on its own), at any step: the open gates of lowest log α are
+        closed (or the closed gates of highest log α reopened) until the pruned size is nearest the
+        target of this step, so the model shrinks along the schedule instead of all at once at its end. Only the gates that
         cross move, so the kept units keep their test-time gate values (a common shift of every log α
         shrank them towards 0 and collapsed a digits MLP to 17% accuracy). A closed gate goes to
         threshold − 2 (P(z ≠ 0) = 0.06, so training sees it as closed too), a reopened one to
@@ -204,12 +207,11 @@ class TargetController(nn.Module):
         """
         fraction = self.deterministic_fraction()
         target = self.current_target()
-        warmed_up = int(self.steps) + 1 >= self.warmup_steps
         # a band no choice of gates can hit (one unit is worth more than it) widens to what the last landing reached
         band = max(self.tolerance, self._residual)
         if self.ceiling and fraction <= target + band:
             return  # a budget, not a size to reach: below it λ alone decides
-        if target - band <= fraction and (fraction <= target + band or not warmed_up):
+        if target - band <= fraction <= target + band:
             if abs(fraction - target) <= self.tolerance:
                 self._residual = 0.0
             return
