@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import l0sparse
 import l0sparse.hf
@@ -248,7 +249,7 @@ def test_bad_input_is_refused_and_leaves_the_model_unchanged():
         gate_hidden(plain, torch.randn(2, 4))
     model = classifier().train()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(Exception):  # noqa: B017 float ids: the probe forward fails inside the model
+    with pytest.raises(ValueError, match="example_inputs do not fit"):  # float ids: the probe forward fails inside the model
         gate_hidden(model, torch.randn(2, 8))
     assert model.training and hidden_gate(model) is None and not find_gates(model)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
@@ -256,6 +257,87 @@ def test_bad_input_is_refused_and_leaves_the_model_unchanged():
     gate_hidden(model, input_ids())
     with pytest.raises(ValueError, match="already has a hidden gate"):
         gate_hidden(model, input_ids())
+
+
+def model_state(model: nn.Module) -> tuple:
+    """What a failed call must leave as it was: values, module types and modes, parametrizations, hooks."""
+    return (model.training, {key: value.clone() for key, value in model.state_dict().items()},
+            [(name, type(m).__name__, m.training, parametrize.is_parametrized(m), bool(m._forward_hooks or m._forward_pre_hooks))
+             for name, m in model.named_modules()])
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    assert before[0] == after[0] and before[2] == after[2] and before[1].keys() == after[1].keys()
+    assert all(value.is_meta or torch.equal(value, after[1][key]) for key, value in before[1].items())
+
+
+def sparsified(build=classifier) -> nn.Module:
+    torch.manual_seed(0)
+    model = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embeddings and LayerNorms have weights but no gate of sparsify's
+        l0sparse.sparsify(model, l0sparse.hf.encoder_rules(model), example_inputs=input_ids())
+    return model.train()
+
+
+def on_meta() -> nn.Module:
+    with torch.device("meta"):
+        return sparsified()
+
+
+BAD_INPUTS = [  # (description, model builder, example_inputs, error, message)
+    ("no model", lambda: None, input_ids(), TypeError, "model must be an nn.Module.*got NoneType"),
+    ("a model name", lambda: "bert", input_ids(), TypeError, "model must be an nn.Module.*got str"),
+    ("not BERT-like", lambda: nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), torch.randn(2, 4), ValueError, "attention.self.query"),
+    ("no example inputs", sparsified, None, TypeError, "example_inputs must be a batch .*got NoneType"),
+    ("a dict of inputs", lambda: sparsified(encoder), {"input_ids": input_ids()}, TypeError, "example_inputs must be a batch .*got dict"),
+    ("float token ids", sparsified, torch.randn(2, 8), ValueError, r"example_inputs do not fit SentenceClassifier's forward \(got \(2, 8\) float32"),
+    ("one sequence, no batch", sparsified, input_ids()[0], ValueError, r"example_inputs do not fit .*got \(8,\) int64"),
+    ("ids beyond the vocabulary", sparsified, input_ids() + VOCAB, ValueError, "example_inputs do not fit .*IndexError"),
+    ("an empty batch", sparsified, input_ids()[:0], ValueError, r"example_inputs\[0\] has an empty batch"),
+    ("a model on the meta device", on_meta, input_ids(), ValueError, "'encoder.embeddings.word_embeddings.weight' is on the meta device"),
+    ("a bad gate setting", sparsified, input_ids(), ValueError, "droprate_init must be in the open interval"),
+]
+
+
+@pytest.mark.parametrize("description, build, example, error, message", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_gate_hidden_refuses_bad_input_by_name_and_changes_nothing(description, build, example, error, message):
+    model = build()
+    before = model_state(model) if isinstance(model, nn.Module) else None
+    settings = {"droprate_init": 2.0} if description == "a bad gate setting" else {}
+    with pytest.raises(error, match=message):
+        gate_hidden(model, example, **settings)
+    if before is not None:
+        assert_same_state(before, model_state(model))
+
+
+def test_a_second_gate_hidden_and_sparsify_after_it_are_refused_and_change_nothing():
+    model = sparsified()
+    gate_hidden(model, input_ids())
+    before = model_state(model)
+    with pytest.raises(ValueError, match="already has a hidden gate; attach it once"):
+        gate_hidden(model, input_ids())
+    with pytest.raises(ValueError, match="already has l0sparse gates .*sparsify a model once"):
+        l0sparse.sparsify(model, l0sparse.hf.encoder_rules(model), example_inputs=input_ids())
+    assert_same_state(before, model_state(model))
+    alone = classifier().train()  # gate_hidden without sparsify gates the hidden size only; sparsify must come first
+    gate_hidden(alone, input_ids())
+    before = model_state(alone)
+    with pytest.raises(ValueError, match="the hidden gate of l0sparse.hidden.gate_hidden: call sparsify first, then gate_hidden"):
+        l0sparse.sparsify(alone, l0sparse.hf.encoder_rules(alone), example_inputs=input_ids())
+    assert_same_state(before, model_state(alone))
+
+
+def test_a_fully_closed_hidden_gate_prunes_to_one_zero_dimension():
+    model = gated(classifier)
+    with torch.no_grad():
+        hidden_gate(model).log_alpha.fill_(-10.0)
+    x = input_ids()
+    pruned = l0sparse.prune(model, x)  # checks the logits: the classifier's bias alone
+    assert pruned.encoder.embeddings.word_embeddings.embedding_dim == 1
+    assert float(pruned.encoder.embeddings.word_embeddings.weight.abs().max()) == 0.0
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), pruned.classifier.bias.expand(len(x), -1))
 
 
 def test_report_counts_the_hidden_gate_in_dimensions():

@@ -22,6 +22,7 @@ will be pruned, task head included.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .gates import Gate
+from .graph import _placement_mismatch, check_example_batch
 from .layers import L0Layer
 from .operations import module_rule, set_submodule
 from .sites import GateMask
@@ -42,6 +44,8 @@ _LAYER_LAYOUTS = {
     "DistilBERT": (("attention.q_lin", "attention.k_lin", "attention.v_lin", "ffn.lin1"),
                    ("attention.out_lin", "ffn.lin2"), ("sa_layer_norm", "output_layer_norm")),
 }
+# the size of each kind of stream module that must equal the stream's width
+_STREAM_SIDE = {"tables": "embedding_dim", "writers": "out_features", "readers": "in_features"}
 _LOOKED_FOR = ("encoder layers with BERT's attention.self.query/key/value, attention.output.dense/LayerNorm, "
                "intermediate.dense, output.dense/LayerNorm (BERT, RoBERTa, ELECTRA, MiniLM) or DistilBERT's "
                "attention.q_lin/k_lin/v_lin/out_lin, sa_layer_norm, ffn.lin1/lin2, output_layer_norm, and an "
@@ -104,21 +108,21 @@ class OpenLayerNorm(nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}, statistics over the open dimensions of a hidden gate"
 
 
-def _sub(module: nn.Module, path: str) -> nn.Module | None:
+def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
     try:
         return module.get_submodule(path)
     except AttributeError:
         return None
 
 
-def _find_stream(model: nn.Module) -> tuple[dict, str]:
+def _find_stream(model: nn.Module) -> tuple[dict[str, list[str]], str]:
     """Names of the stream's tables, writers, norms and encoder readers; and the embeddings module's name."""
     if any(isinstance(m, OpenLayerNorm) for m in model.modules()):
         raise ValueError(f"gate_hidden: {type(model).__name__} already has a hidden gate; attach it once")
     names = {"tables": [], "writers": [], "norms": [], "readers": []}
     for name, module in model.named_modules():
         for readers, writers, norms in _LAYER_LAYOUTS.values():
-            parts = [_sub(module, path) for path in (*readers, *writers, *norms)]
+            parts = [_submodule_or_none(module, path) for path in (*readers, *writers, *norms)]
             if all(isinstance(p, nn.Linear) for p in parts[:len(readers) + len(writers)]) and all(
                     isinstance(p, nn.LayerNorm) for p in parts[len(readers) + len(writers):]):
                 prefix = f"{name}." if name else ""
@@ -155,24 +159,38 @@ def _find_stream(model: nn.Module) -> tuple[dict, str]:
     for kind in ("tables", "writers", "norms", "readers"):
         for name in names[kind]:
             module = modules[name]
-            size = {"tables": lambda m: m.embedding_dim, "writers": lambda m: m.out_features,
-                    "norms": lambda m: m.normalized_shape[-1], "readers": lambda m: m.in_features}[kind](module)
+            size = module.normalized_shape[-1] if kind == "norms" else getattr(module, _STREAM_SIDE[kind])
             if size != width or isinstance(module, L0Layer):
                 raise ValueError(f"gate_hidden: {name!r} ({type(module).__name__}) does not fit a residual stream of width {width}")
     return names, embeddings[0][0]
 
 
-def _as_tuple(example_inputs) -> tuple:
-    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+def _probe_inputs(model: nn.Module, example_inputs: Tensor | tuple | list) -> tuple:
+    """``example_inputs`` as the probe forward's positional arguments, refused before it runs where it cannot."""
+    if not isinstance(example_inputs, (Tensor, tuple, list)):  # a dict would pass its keys, None nothing
+        raise TypeError(f"gate_hidden: example_inputs must be a batch (a tensor, or a tuple or list of the forward's "
+                        f"positional arguments), got {type(example_inputs).__name__}")
+    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    check_example_batch(example_inputs)
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers(),
+                              ((f"example_inputs[{i}]", t) for i, t in enumerate(example_inputs) if isinstance(t, Tensor)))
+    on_meta = next((name for name, tensor in tensors if tensor.is_meta), None)
+    if on_meta is not None:  # the probe reads which inputs are zero: a meta tensor has no values
+        raise ValueError(f"gate_hidden finds the stream's readers by a probe forward, but {on_meta!r} is on the meta device, "
+                         "which holds no values: materialise the model first (model.to_empty(device=...) and load_state_dict)")
+    mismatch = _placement_mismatch(model, example_inputs)
+    if mismatch is not None:
+        raise ValueError(f"gate_hidden: {mismatch}")
+    return example_inputs
 
 
 @torch.no_grad()
-def _probe_readers(model: nn.Module, names: dict, width: int, example_inputs: tuple) -> list[str]:
+def _probe_readers(model: nn.Module, names: dict[str, list[str]], width: int, example_inputs: tuple) -> list[str]:
     """The Linear layers that read the stream: one eval forward with every stream module's output zeroed on the odd
     dimensions; a Linear of ``width`` inputs whose every input is zero there (and not everywhere) reads it."""
     modules = dict(model.named_modules())
     closed = torch.arange(width) % 2 == 1
-    seen: dict[str, bool] = {}
+    reads_stream: dict[str, bool] = {}  # per Linear: every call's input had the probe's pattern
 
     def close(module, args, output):
         return output.masked_fill(closed.to(output.device), 0.0)
@@ -181,7 +199,7 @@ def _probe_readers(model: nn.Module, names: dict, width: int, example_inputs: tu
         def hook(module, args):
             x = args[0]
             reads = bool((x[..., closed.to(x.device)] == 0).all()) and bool((x[..., ~closed.to(x.device)] != 0).any())
-            seen[name] = seen.get(name, True) and reads
+            reads_stream[name] = reads_stream.get(name, True) and reads
         return hook
 
     stream = {*names["tables"], *names["writers"], *names["norms"]}
@@ -192,11 +210,15 @@ def _probe_readers(model: nn.Module, names: dict, width: int, example_inputs: tu
     model.eval()
     try:
         model(*example_inputs)
+    except Exception as error:  # the model's own forward refused the batch: say which argument is at fault
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in example_inputs if isinstance(t, Tensor))
+        raise ValueError(f"gate_hidden: example_inputs do not fit {type(model).__name__}'s forward (got {shapes or 'no tensor'}; "
+                         f"a batch the model takes, such as (batch, length) token ids): {type(error).__name__}: {error}") from error
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    found = [name for name, reads in seen.items() if reads]
+    found = [name for name, reads in reads_stream.items() if reads]
     missing = [name for name in names["readers"] if name not in found]
     if missing:
         raise ValueError(f"gate_hidden: {missing[:3]} should read the residual stream of {type(model).__name__} but the probe "
@@ -204,7 +226,7 @@ def _probe_readers(model: nn.Module, names: dict, width: int, example_inputs: tu
     return found
 
 
-def gate_hidden(model: nn.Module, example_inputs, **gate_kwargs) -> Gate:
+def gate_hidden(model: nn.Module, example_inputs: Tensor | tuple | list, **gate_kwargs) -> Gate:
     """Attach one hidden-size gate to the residual stream of a BERT-like encoder in ``model``, in place; return it.
 
     Call it after :func:`l0sparse.sparsify` (which refuses an already gated model), on the whole model that
@@ -219,13 +241,17 @@ def gate_hidden(model: nn.Module, example_inputs, **gate_kwargs) -> Gate:
     readers' columns); :class:`l0sparse.CostModel` counts the MACs and parameters it removes.
 
     Raises:
-        ValueError: no recognisable residual stream (what was looked for is named), one already gated, or a
-            probe forward that contradicts the structure. The model is unchanged then.
+        TypeError: ``model`` is no ``nn.Module``, or ``example_inputs`` no tensor, tuple or list.
+        ValueError: no recognisable residual stream (what was looked for is named), one already gated,
+            ``example_inputs`` that the model's forward refuses (an empty batch, another device or dtype, a meta
+            model included), or a probe forward that contradicts the structure. The model is unchanged then.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gate_hidden: model must be an nn.Module (a BERT-like encoder or a model around one), got {type(model).__name__}")
     names, embeddings = _find_stream(model)
     modules = dict(model.named_modules())
     width = modules[names["norms"][0]].normalized_shape[-1]
-    names["readers"] = _probe_readers(model, names, width, _as_tuple(example_inputs))
+    names["readers"] = _probe_readers(model, names, width, _probe_inputs(model, example_inputs))
     reference = next(model.parameters())
     gate = Gate(width, **gate_kwargs).to(device=reference.device)
     encoder = embeddings.rpartition(".")[0]  # the model that holds the embeddings: "encoder.hidden", "bert.hidden", "hidden"
@@ -255,7 +281,8 @@ def hidden_gate(model: nn.Module) -> Gate | None:
     return next((m.gate for m in model.modules() if isinstance(m, OpenLayerNorm)), None)
 
 
-def _names(model: nn.Module, stream: HiddenStream) -> dict:
+def _stream_names(model: nn.Module, stream: HiddenStream) -> dict[str, list[str]]:
+    """The names in ``model`` of the stream's modules, by kind: a plan names modules, a copy has its own objects."""
     ids = {id(m): name for name, m in model.named_modules()}
     return {kind: [ids[id(m)] for m in getattr(stream, kind)] for kind in ("tables", "writers", "readers", "norms")}
 
@@ -271,7 +298,7 @@ def prune_hidden(work: nn.Module) -> dict | None:
         return None
     is_open = gate.is_open().cpu()
     kept = torch.nonzero(is_open).flatten().tolist() or [0]
-    plan = {"width": gate.stream.width, "kept": kept, **_names(work, gate.stream)}
+    plan = {"width": gate.stream.width, "kept": kept, **_stream_names(work, gate.stream)}
     apply_hidden_plan(work, plan)
     return plan
 

@@ -56,6 +56,7 @@ from torch.nn.utils import parametrize
 
 from .gates import Gate
 from .graph import trace_channels
+from .hidden import hidden_gate
 from .layers import L0Layer
 from .operations import declared_head_count, head_layouts, query_key_value
 from .sites import GateMask, gate_masks, sum_per_gate
@@ -235,7 +236,13 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
 
 def _check_not_gated(model: nn.Module) -> None:
     """A second sparsify would stack a second gate on every weight (and double the penalty): refuse it."""
-    gated = sorted({name or type(model).__name__ for name, *_ in gate_masks(model)})
+    masks = list(gate_masks(model))
+    gated = sorted({name or type(model).__name__ for name, *_ in masks})
+    hidden = hidden_gate(model)
+    only_hidden = hidden is not None and all(mask.gate is hidden for *_, mask in masks)
+    if gated and only_hidden:  # gate_hidden alone: the user meant to sparsify first
+        raise ValueError(f"sparsify: the model already has l0sparse gates (on {gated[:3]}), the hidden gate of "
+                         "l0sparse.hidden.gate_hidden: call sparsify first, then gate_hidden; for a fresh start, build the model again")
     if gated:
         raise ValueError(f"sparsify: the model already has l0sparse gates (on {gated[:3]}): sparsify a model once, with "
                          "every rule in one call; for a fresh start, build the model again")
