@@ -103,6 +103,19 @@ def test_encoder_rules_name_what_they_looked_for_and_a_bad_head_count():
         l0hf.encoder_rules(model)
 
 
+@pytest.mark.parametrize("model, heads, message", [
+    (None, True, "model must be an nn.Module .*got NoneType"),
+    ("bert", True, "model must be an nn.Module .*got str"),
+    ("bert-model", "no", "heads must be True .* or False .*got 'no'"),  # a non-empty string would read as True
+    ("bert-model", 0, "heads must be True .* or False .*got 0"),
+    ("bert-model", None, "heads must be True .* or False .*got None"),
+], ids=["None", "a name", "heads 'no'", "heads 0", "heads None"])
+def test_encoder_rules_refuse_a_wrong_type_by_name(model, heads, message):
+    model = BUILDERS["bert"]() if model == "bert-model" else model
+    with pytest.raises(TypeError, match=message):
+        l0hf.encoder_rules(model, heads=heads)
+
+
 def test_a_per_head_table_every_layer_reads_refuses_heads_and_heads_false_gates_the_units():
     model = mpnet()  # MPNet's relative-position bias: one column per head, shared by the layers
     with pytest.raises(ValueError, match=r"'encoder.relative_attention_bias' in MPNetModel .* one column per head.*heads=False"):

@@ -142,8 +142,13 @@ def encoder_rules(model: nn.Module, heads: bool = True) -> dict:
     its module's width, or when the model holds a per-head table outside
     one layer (an ``nn.Embedding`` one column per head: MPNet's and T5's
     relative-position bias, shared by every layer), whose columns could
-    not follow one layer's removed heads.
+    not follow one layer's removed heads; TypeError when ``model`` is no
+    ``nn.Module`` or ``heads`` no bool.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"encoder_rules: model must be an nn.Module (a BERT-like encoder or a model around one), got {type(model).__name__}")
+    if not isinstance(heads, bool):  # "no" or 0 would read as true or false silently
+        raise TypeError(f"encoder_rules: heads must be True (gate heads and feed-forward units) or False (units only), got {heads!r}")
     config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
     attention: list[str] = []
     for name, module in model.named_modules():
