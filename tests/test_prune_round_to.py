@@ -40,3 +40,11 @@ def test_l0sparse_prune_rounds_as_the_run_s_config_says_unless_round_to_is_given
     assert main(["prune", str(tmp_path / "run")]) == 0
     assert main(["prune", str(tmp_path / "run"), "--force", "--round-to", "1"]) == 0
     assert asked == [3, 1]
+
+
+@pytest.mark.parametrize("value, shown", [("0", "0"), ("-1", "-1"), ("true", "'true'"), ("2.5", "'2.5'")])
+def test_a_bad_round_to_option_names_the_option_and_what_it_must_be(value, shown, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prune", str(tmp_path / "run"), "--round-to", value])
+    assert exit_info.value.code == 2
+    assert f"argument --round-to: must be an int >= 1, got {shown}" in capsys.readouterr().err

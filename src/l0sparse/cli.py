@@ -66,9 +66,12 @@ def run_demo(epochs: int = 100, lam: float = 0.2, lr: float = 1e-2, seed: int = 
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:  # argparse would name this function ("invalid _positive_int value"), not what is allowed
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
     return value
 
 
