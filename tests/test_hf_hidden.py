@@ -340,6 +340,16 @@ def test_a_fully_closed_hidden_gate_prunes_to_one_zero_dimension():
         assert torch.allclose(pruned(x), pruned.classifier.bias.expand(len(x), -1))
 
 
+def test_round_to_rounds_the_units_but_not_the_kept_hidden_dimensions():
+    """A closed dimension kept to round k up would enter the LayerNorms' statistics: k stays as the gate says."""
+    model = gated(classifier)
+    pruned, plan = l0sparse.prune(model, input_ids(), return_plan=True, round_to=8)
+    kept = len(plan["hidden"]["kept"])
+    assert kept % 8 and kept == int(hidden_gate(model).is_open().sum()) == pruned.encoder.embeddings.word_embeddings.embedding_dim
+    assert all(layer.intermediate.dense.out_features % 8 == 0 or layer.intermediate.dense.out_features == FFN
+               for layer in pruned.encoder.encoder.layer)
+
+
 def test_report_counts_the_hidden_gate_in_dimensions():
     from l0sparse.report import gate_units
 

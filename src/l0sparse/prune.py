@@ -327,7 +327,9 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
             keeping some closed ones, whose weights are zero, so the outputs do
             not change. Convolutions on CPUs with 16-float SIMD registers
             (AVX-512) run fastest with channel counts that are multiples of 16
-            (docs/sparsify.md, "Latency benchmark"). Heads are not rounded.
+            (docs/sparsify.md, "Latency benchmark"). Heads are not rounded, nor
+            the kept dimensions of a hidden gate (l0sparse.hidden): a closed
+            dimension kept would enter the LayerNorms' statistics.
 
     Returns:
         A ``torch.fx.GraphModule`` (or ``(module, plan)``); for a model that
