@@ -328,6 +328,16 @@ def test_a_second_gate_hidden_and_sparsify_after_it_are_refused_and_change_nothi
     assert_same_state(before, model_state(alone))
 
 
+def test_prune_on_float_ids_names_the_embedding_not_the_pruned_width():
+    """The message was '...query' expects 13 features': the first Linear of the copy prune had narrowed to k."""
+    model = gated(classifier).train()
+    before = model_state(model)
+    with pytest.raises(ValueError, match=r"got shape \(2, 8\), dtype float32; the first layer 'encoder.embeddings.word_embeddings' "
+                                         "is an nn.Embedding: it takes integer ids"):
+        l0sparse.prune(model, torch.randn(2, 8))
+    assert_same_state(before, model_state(model))
+
+
 def test_a_fully_closed_hidden_gate_prunes_to_one_zero_dimension():
     model = gated(classifier)
     with torch.no_grad():

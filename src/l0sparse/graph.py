@@ -558,6 +558,9 @@ def _expected_input(model: nn.Module, example_inputs: tuple) -> str:
     got = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
     for name, module in model.named_modules():
         rule = module_rule(module)
+        if isinstance(module, nn.Embedding):  # a token model: its Linear layers' widths say nothing of its inputs
+            got_dtypes = ", ".join(str(t.dtype).removeprefix("torch.") for t in example_inputs if isinstance(t, torch.Tensor))
+            return f" (got shape {got}, dtype {got_dtypes}; the first layer {name!r} is an nn.Embedding: it takes integer ids)"
         if isinstance(rule, LinearRule):
             return f" (got shape {got}; the first layer {name!r} expects {module.in_features} features in the last dimension)"
         if isinstance(rule, ConvRule):
