@@ -159,7 +159,7 @@ def encoder_rules(model: nn.Module, heads: bool = True) -> dict:
                          "layers are three query/key/value projections of one width and an output projection back to the input width "
                          "(BERT's '…attention', DistilBERT's MultiHeadSelfAttention); a fused qkv projection is not supported")
     rules: dict = {}
-    for name in attention if heads else ():
+    for name in attention if heads else []:  # heads=False: no head rules, the feed-forward ones below
         module = model.get_submodule(name)
         count, width = _head_count(module, config), _linears(module)[0].out_features
         if count is None:

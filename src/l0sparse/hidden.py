@@ -80,7 +80,7 @@ class OpenLayerNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = self.gate().to(x.dtype)
         is_open = (z > 0).to(x.dtype)
-        count = is_open.sum().clamp_min(1.0)
+        count = is_open.sum().clamp_min(1.0)  # every dimension closed: y · z is 0, not 0/0
         mean = (x * is_open).sum(-1, keepdim=True) / count
         centred = x - mean
         variance = (centred.square() * is_open).sum(-1, keepdim=True) / count
@@ -312,7 +312,7 @@ def apply_hidden_plan(work: nn.Module, plan: dict) -> nn.Module:
     index = torch.as_tensor(kept, dtype=torch.long)
     for name in plan["tables"]:
         table = modules[name]
-        table.weight.data = table.weight.data.index_select(1, index.to(table.weight.device)).clone()
+        table.weight.data = table.weight.data.index_select(1, index.to(table.weight.device))
         table.embedding_dim = len(kept)
     for name in plan["writers"]:
         module_rule(modules[name]).slice(modules[name], rows=kept)
