@@ -356,3 +356,19 @@ def test_selecting_nothing_warns():
     rng = np.random.default_rng(0)
     with pytest.warns(UserWarning, match="selected no feature"):
         L0Regressor(lam=1.0, random_state=0, max_iter=60).fit(rng.standard_normal((40, 3)), rng.standard_normal(40))
+
+
+@pytest.mark.parametrize("call", ["sparsify", "prune", "CostModel", "count_flops", "summary"])
+def test_a_model_that_is_not_a_module_is_refused_by_name(call):
+    function = getattr(l0sparse, call)
+    with pytest.raises(TypeError, match=rf"{call}: model must be a torch.nn.Module, got dict"):
+        function({"weight": torch.zeros(2)}, torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("call", ["prune", "CostModel", "count_flops", "summary"])
+def test_example_inputs_as_a_dict_are_refused_not_read_as_their_keys(call):
+    model = l0sparse.sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), example_inputs=torch.zeros(2, 4))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(TypeError, match=rf"{call}: example_inputs must be a batch .* got dict"):
+        getattr(l0sparse, call)(model, {"input": torch.zeros(2, 4)})
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())

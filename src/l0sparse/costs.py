@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .distributions import log_ratio_zero
 from .gates import Gate, accumulation_dtype, check_lam
-from .graph import check_example_batch, trace_channels
+from .graph import check_example_batch, check_module, example_tuple, trace_channels
 from .hidden import hidden_gate
 from .layers import L0Layer
 from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, head_layouts, module_rule,
@@ -233,7 +233,8 @@ class CostModel:
     """
 
     def __init__(self, model: nn.Module, example_inputs) -> None:
-        example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+        check_module(model, "CostModel")
+        example_inputs = example_tuple(example_inputs, "CostModel")
         was_training = model.training
         model.eval()
         try:
@@ -504,7 +505,8 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     outside attention modules (a pruned model's attention) are counted under
     ``"scaled_dot_product_attention"``.
     """
-    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    check_module(model, "count_flops")
+    example_inputs = example_tuple(example_inputs, "count_flops")
     check_example_batch(example_inputs)
     batch = example_inputs[0].shape[0]
     counted: dict[str, int] = {}

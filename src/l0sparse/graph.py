@@ -44,7 +44,7 @@ from .gates import Gate
 from .layers import L0Layer
 from .operations import ConvRule, LinearRule, aten_owner_kinds, function_rule, module_rule, node_inputs
 
-__all__ = ["Space", "Consumer", "ChannelGraph", "trace_channels", "check_example_batch"]
+__all__ = ["Space", "Consumer", "ChannelGraph", "trace_channels", "check_example_batch", "example_tuple", "check_module"]
 
 _aten = torch.ops.aten
 # ATen ops read as the torch functions the analysis knows (same argument order)
@@ -199,6 +199,23 @@ def _add_consumer(space: Space, consumer: Consumer) -> None:
 def _add_follower(space: Space, name: str) -> None:
     if name not in space.followers:
         space.followers.append(name)
+
+
+def example_tuple(example_inputs, caller: str) -> tuple:
+    """``example_inputs`` as the forward's positional arguments: a tensor alone is one; a tuple or list holds them."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    # a dict would pass its keys as inputs, None nothing
+    raise TypeError(f"{caller}: example_inputs must be a batch (a tensor, or a tuple or list of the forward's "
+                    f"positional arguments), got {type(example_inputs).__name__}")
+
+
+def check_module(model, caller: str) -> None:
+    """Refuse a ``model`` that is not an ``nn.Module`` with its type, before anything reads it."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be a torch.nn.Module, got {type(model).__name__}")
 
 
 def check_example_batch(example_inputs: tuple) -> None:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .gates import Gate
-from .graph import _placement_mismatch, check_example_batch
+from .graph import _placement_mismatch, check_example_batch, example_tuple
 from .layers import L0Layer
 from .operations import module_rule, set_submodule
 from .sites import GateMask
@@ -167,10 +167,7 @@ def _find_stream(model: nn.Module) -> tuple[dict[str, list[str]], str]:
 
 def _probe_inputs(model: nn.Module, example_inputs: Tensor | tuple | list) -> tuple:
     """``example_inputs`` as the probe forward's positional arguments, refused before it runs where it cannot."""
-    if not isinstance(example_inputs, (Tensor, tuple, list)):  # a dict would pass its keys, None nothing
-        raise TypeError(f"gate_hidden: example_inputs must be a batch (a tensor, or a tuple or list of the forward's "
-                        f"positional arguments), got {type(example_inputs).__name__}")
-    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    example_inputs = example_tuple(example_inputs, "gate_hidden")
     check_example_batch(example_inputs)
     tensors = itertools.chain(model.named_parameters(), model.named_buffers(),
                               ((f"example_inputs[{i}]", t) for i, t in enumerate(example_inputs) if isinstance(t, Tensor)))

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
-from .graph import ChannelGraph, trace_channels
+from .graph import ChannelGraph, check_module, example_tuple, trace_channels
 from .hidden import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
 from .operations import (LinearRule, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads, set_head_count,
@@ -291,10 +291,6 @@ def _apply_module_plan(work: nn.Module, plan: PrunePlan) -> nn.Module:
     return work
 
 
-def _as_tuple(example_inputs) -> tuple:
-    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
-
-
 def _check_values(model: nn.Module, example_inputs: tuple) -> None:
     """Refuse what prune cannot fold exactly: tensors without data (meta) and NaN or infinite values."""
     tensors = itertools.chain(model.named_parameters(), model.named_buffers())
@@ -337,7 +333,8 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
         layers sliced (``plan["tracer"] == "export"``). A model without
         gates gives an unchanged copy, with a warning.
     """
-    example_inputs = _as_tuple(example_inputs)
+    check_module(model, "prune")
+    example_inputs = example_tuple(example_inputs, "prune")
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive int (1: no rounding), got {round_to!r}")
     _check_values(model, example_inputs)
@@ -405,5 +402,5 @@ def rebuild(model: nn.Module, plan: PrunePlan | Mapping, example_inputs) -> nn.M
         apply_hidden_plan(work, plan.hidden)
     if plan.tracer == "export":  # the model's own modules, sliced in place: nothing to trace
         return _apply_module_plan(work, plan)
-    graph = trace_channels(work, _as_tuple(example_inputs))
+    graph = trace_channels(work, example_tuple(example_inputs, "prune"))
     return _apply_plan(graph, plan)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
 
 from .costs import count_flops
 from .gates import Gate
+from .graph import check_module, example_tuple
 from .prune import plain_copy, prune
 from .sites import find_gates, gate_sites
 
@@ -96,7 +97,8 @@ def summary(model: nn.Module, example_inputs) -> Summary:
     gets a row of its own, ``"<owner> (heads)"`` / ``"<owner> (dimensions)"``, placed before the layers it
     gates, with its gates and no parameters or MACs of its own (``counted_in_layers``: the layers' rows hold them).
     """
-    example_inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    check_module(model, "summary")
+    example_inputs = example_tuple(example_inputs, "summary")
     dense = plain_copy(model)
     pruned = prune(model, example_inputs)
     flops_before = count_flops(dense, example_inputs, per_module=True)

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .gates import Gate
-from .graph import trace_channels
+from .graph import check_module, example_tuple, trace_channels
 from .hidden import hidden_gate
 from .layers import L0Layer
 from .operations import declared_head_count, head_layouts, query_key_value
@@ -145,11 +145,12 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
         ValueError: a rule names a module it cannot gate, a granularity is
             unknown, or ``"out"`` gates are asked for without example inputs.
     """
+    check_module(model, "sparsify")
     rules = _check_rules(rules)
     _check_not_gated(model)
     _check_rules_match(model, rules)
-    if isinstance(example_inputs, Tensor):
-        example_inputs = (example_inputs,)
+    if example_inputs is not None:
+        example_inputs = example_tuple(example_inputs, "sparsify")
     plan: list[tuple[str, nn.Module, str, bool]] = []  # (name, module, granularity, explicit)
     handled: set[str] = set()
     head_counts: dict[str, int] = {}
