@@ -304,3 +304,13 @@ def test_declared_lower_bounds_cover_what_the_code_uses():
     assert "torch>=2.4" in project["dependencies"]  # fused Adam on the CPU
     sklearn_pins = [pin for extra in project["optional-dependencies"].values() for pin in extra if pin.startswith("scikit-learn")]
     assert sklearn_pins and set(sklearn_pins) == {"scikit-learn>=1.6"}  # sklearn.utils.validation.validate_data
+
+
+@pytest.mark.parametrize("option, value, shown", [("--lr", "fast", "a number > 0, got 'fast'"), ("--lr", "0", "a number > 0, got 0"),
+                                                  ("--lam", "much", "a number >= 0, got 'much'"), ("--lam", "-1", "a number >= 0, got -1")])
+def test_a_bad_number_option_names_the_option_and_what_it_must_be(option, value, shown, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", option, value, "--no-progress"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}: must be {shown}" in error and "invalid" not in error

@@ -65,27 +65,31 @@ def run_demo(epochs: int = 100, lam: float = 0.2, lr: float = 1e-2, seed: int = 
     return result
 
 
-def _positive_int(text: str) -> int:
+def _read_number(text: str, convert, allowed: str):
     try:
-        value = int(text)
-    except ValueError:  # argparse would name this function ("invalid _positive_int value"), not what is allowed
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+        return convert(text)
+    except ValueError:  # argparse would name the converting function ("invalid _positive_float value"), not what is allowed
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    value = _read_number(text, int, "an int >= 1")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
     return value
 
 
 def _nonnegative_float(text: str) -> float:
-    value = float(text)
+    value = _read_number(text, float, "a number >= 0")
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _read_number(text, float, "a number > 0")
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
     return value
 
 
