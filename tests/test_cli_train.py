@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import l0sparse
 from l0sparse.cli import main
+from l0sparse.prune import plain_copy
 from l0sparse.config import load_config
 from l0sparse.sites import find_gates
 from l0sparse.train import CHECKPOINT, load_pruned, load_run, prune_run, run_training
@@ -142,6 +144,18 @@ def test_target_run_prune_and_report(tmp_path, capsys):
     assert len(widths) == 2 and all(w % 3 == 0 or w == full for w, full in widths), widths
     with torch.no_grad():
         torch.testing.assert_close(rounded(data.x_test), model(data.x_test))
+
+
+def test_a_delayed_target_run_keeps_every_unit_during_the_delay_then_lands(tmp_path):
+    """config key delay: the controller holds the target at the whole model for that part of the run."""
+    history = run_training(quick_config(target=0.5, epochs=4, delay=0.5, warmup=0.25), tmp_path / "run", progress=False)
+    assert [round(row["flops_kept"], 12) for row in history[:2]] == [1.0, 1.0]
+    _, model, data = load_run(tmp_path / "run")
+    example = data.x_test[:2]
+    # the landing stops within the controller's tolerance (0.005) or, when no set of gates gets that close, within one gate's cost
+    dense = l0sparse.count_flops(plain_copy(model), example)
+    largest_gate = max(float(c.max()) for c in l0sparse.CostModel(model, example).gate_costs("flops").values()) / dense
+    assert abs(history[-1]["flops_kept"] - 0.5) <= max(0.005, largest_gate)
 
 
 def test_ceiling_run_keeps_lambda_and_caps_the_size_after_the_warmup(tmp_path):

@@ -116,10 +116,43 @@ def test_target_moves_linearly_over_the_warmup():
         controller.step()
 
 
+def test_the_target_waits_for_the_delay_then_moves_linearly_and_no_gate_closes_before():
+    """delay_steps: the target stays at the starting size (every unit kept) while the loss alone moves the gates;
+    the warm-up then runs from there, and the target is reached at delay + warm-up."""
+    torch.manual_seed(0)
+    model = l0sparse.L0MLP((40, 30, 3))
+    controller = TargetController(model, 0.3, "l0", warmup_steps=8, delay_steps=5, tolerance=0.0)
+    start = float(controller.start)
+    assert start == 1.0
+    with torch.no_grad():
+        controller.lambda_1.fill_(5.0)
+    for step in range(16):
+        expected = start if step < 5 else start + min(1.0, (step - 5) / 8) * (0.3 - start)
+        assert controller.current_target() == pytest.approx(expected, abs=1e-12)
+        if step < 5:  # nothing pushes, and nothing is closed
+            assert float(controller.penalty().detach()) == 0.0
+            assert controller.deterministic_fraction() == 1.0
+        controller.step()
+    one_gate = 1 / sum(g.log_alpha.numel() for g in find_gates(model))
+    assert abs(controller.deterministic_fraction() - 0.3) <= one_gate
+    assert "delay_steps=5" in repr(controller)
+
+
+def test_a_ceiling_waits_for_the_delay_and_the_warmup():
+    model = l0sparse.L0MLP((10, 8, 3))
+    controller = TargetController(model, 0.5, "l0", warmup_steps=3, delay_steps=2, ceiling=True)
+    for _ in range(5):
+        assert controller.current_target() == 1.0
+        controller.step()
+    assert controller.current_target() == 0.5
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"target": 0.0}, "target"), ({"target": 1.5}, "target"), ({"target": float("nan")}, "target"),
     ({"target": 0.5, "metric": "latency"}, "metric"), ({"target": 0.5, "metric": "flops"}, "example_inputs"),
     ({"target": 0.5, "metric": "l0", "warmup_steps": -1}, "warmup_steps"),
+    ({"target": 0.5, "metric": "l0", "delay_steps": -1}, "delay_steps"), ({"target": 0.5, "metric": "l0", "delay_steps": 2.5}, "delay_steps"),
+    ({"target": 0.5, "metric": "l0", "delay_steps": True}, "delay_steps"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

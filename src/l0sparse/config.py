@@ -28,7 +28,9 @@ class TrainConfig:
     fraction in (0, 1] of ``metric``) instead to let a TargetController
     choose λ; with ``target_mode = "ceiling"`` λ stays ``lam`` and the
     target is a budget: from ``warmup`` of the run on, the controller keeps
-    the pruned size at or under it. ``regularizer = "none"`` trains the same architecture dense;
+    the pruned size at or under it. ``delay`` (a fraction of the run) holds
+    the target at the starting size before the ``warmup`` begins: the units
+    are chosen on a network that has trained for that long. ``regularizer = "none"`` trains the same architecture dense;
     ``"magnitude"`` trains it dense for ``epochs``, removes the units and
     channels of smallest L1 norm down to ``target`` of the FLOPs, and
     fine-tunes for ``epochs`` more (the baseline). ``"l1"``, ``"group_l1"``
@@ -85,6 +87,7 @@ class TrainConfig:
     target_mode: str = "exact"
     metric: str = "flops"
     warmup: float = 0.5
+    delay: float = 0.0
     controller_lr: float = 0.01
     weight_decay: float = 0.0
     droprate_init: float | list[float] = 0.5
@@ -120,6 +123,7 @@ class TrainConfig:
             ("target_mode", self.target_mode in TARGET_MODES, f"one of {TARGET_MODES}"),
             ("metric", self.metric in METRICS, f"one of {METRICS}"),
             ("warmup", _number(self.warmup) and 0 <= self.warmup <= 1, "a fraction of the training steps in [0, 1]"),
+            ("delay", _number(self.delay) and 0 <= self.delay <= 1, "a fraction of the training steps in [0, 1]"),
             ("controller_lr", _number(self.controller_lr) and self.controller_lr > 0, "a number > 0"),
             ("weight_decay", _number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
             ("droprate_init", _droprates_ok(self.droprate_init), "a number in (0, 1), or a list of them (one per gated layer, in order)"),
@@ -141,6 +145,9 @@ class TrainConfig:
         for key, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: must be {allowed}")
+        if self.delay + self.warmup > 1:
+            raise ValueError(f"config keys 'delay' = {self.delay!r} and 'warmup' = {self.warmup!r}: the target is reached after "
+                             "both, so together they must be at most 1 (the whole run)")
         if self.target_mode == "ceiling" and (self.target is None or self.regularizer != "l0"):
             raise ValueError("config key 'target_mode' = 'ceiling': a ceiling caps an L0 run's size at 'target' while 'lam' "
                              "chooses the model: needs regularizer = 'l0' and a target (target = 0.13)")
@@ -242,7 +249,7 @@ def config_from_dict(values: dict, source: str | Path | None = None) -> TrainCon
     for key in ("target", "threshold", "gate_lr", "teacher", "train_examples", "test_examples"):
         if isinstance(values.get(key), str) and values[key].lower() == "none":
             values[key] = None
-    for key in ("lr", "gate_lr", "lam", "target", "warmup", "controller_lr", "weight_decay", "droprate_init", "threshold", "ema",
+    for key in ("lr", "gate_lr", "lam", "target", "warmup", "delay", "controller_lr", "weight_decay", "droprate_init", "threshold", "ema",
                 "distill_weight", "temperature"):
         if _int(values.get(key)):
             values[key] = float(values[key])  # TOML writes 1 for 1.0

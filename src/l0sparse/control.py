@@ -54,6 +54,13 @@ class TargetController(nn.Module):
         example_inputs: a batch, for the cost model.
         warmup_steps: steps over which the target moves linearly from the
             starting size to ``target`` (0: the target applies at once).
+        delay_steps: steps before the warm-up starts, during which the target
+            stays at the starting size: no gate is closed and nothing pushes,
+            while the weights train and the loss alone ranks the gates. The
+            target is reached at ``delay_steps + warmup_steps``. Closing
+            units from the first step chooses them on a network that has not
+            learned yet (docs/control.md measures a delay of a fifth of the
+            run against none).
         lr: learning rate of the multipliers' optimizer (Adam, maximising).
         tolerance: half-width of the band around the target that :meth:`step`
             keeps the pruned size in (a fraction of the dense size).
@@ -73,7 +80,8 @@ class TargetController(nn.Module):
     """
 
     def __init__(self, model: nn.Module, target: float, metric: str = "params", example_inputs=None,
-                 warmup_steps: int = 0, lr: float = 0.01, tolerance: float = 0.005, ceiling: bool = False) -> None:
+                 warmup_steps: int = 0, lr: float = 0.01, tolerance: float = 0.005, ceiling: bool = False,
+                 delay_steps: int = 0) -> None:
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0 < target <= 1) or math.isnan(target):
             raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
@@ -81,8 +89,9 @@ class TargetController(nn.Module):
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if metric in ("params", "flops") and example_inputs is None:
             raise ValueError(f"metric={metric!r} needs example_inputs: a batch to trace the model's layer sizes with")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        for name, value in (("warmup_steps", warmup_steps), ("delay_steps", delay_steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0 <= tolerance < 1):
@@ -96,6 +105,7 @@ class TargetController(nn.Module):
             raise ValueError("TargetController reads the model's size at every step, and the model is on the meta device, "
                              "which holds no values: build it on the device the model trains on")
         self.target, self.metric, self.warmup_steps, self.tolerance = float(target), metric, warmup_steps, float(tolerance)
+        self.delay_steps = delay_steps
         self.ceiling = ceiling
         self.landings = 0  # how often step() had to shift the gates back into the band (a diagnostic)
         self._residual = 0.0
@@ -145,12 +155,16 @@ class TargetController(nn.Module):
         return float(self._cost_model.costs(deterministic=True)[self.metric]) / self._dense
 
     def current_target(self) -> float:
-        """t at this step: linear from the starting size to ``target`` over the warm-up (a ceiling: 1, then ``target``)."""
+        """t at this step: the starting size during the delay, then linear to ``target`` over the warm-up (a ceiling:
+        1 until both have passed, then ``target``)."""
+        steps = int(self.steps)
+        if self.ceiling:
+            return 1.0 if steps < self.delay_steps + self.warmup_steps else self.target
+        if steps < self.delay_steps:
+            return float(self.start)
         if self.warmup_steps == 0:
             return self.target
-        if self.ceiling:
-            return 1.0 if int(self.steps) < self.warmup_steps else self.target
-        progress = min(1.0, float(self.steps) / self.warmup_steps)
+        progress = min(1.0, (steps - self.delay_steps) / self.warmup_steps)
         return float(self.start) + progress * (self.target - float(self.start))
 
     def penalty(self) -> Tensor:
@@ -297,7 +311,8 @@ class TargetController(nn.Module):
         return result
 
     def extra_repr(self) -> str:
-        return f"target={self.target:g}, metric={self.metric!r}, warmup_steps={self.warmup_steps}" + (", ceiling=True" if self.ceiling else "")
+        return (f"target={self.target:g}, metric={self.metric!r}, warmup_steps={self.warmup_steps}"
+                + (f", delay_steps={self.delay_steps}" if self.delay_steps else "") + (", ceiling=True" if self.ceiling else ""))
 
 
 def param_groups(model: nn.Module, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:
