@@ -2,8 +2,9 @@
 
 The penalty is λ1·(ŝ − t) + λ2·(ŝ − t)² (Wang et al. 2020; CoFi, Xia et al.
 2022), where ŝ is the size as a fraction of the dense model (parameters,
-FLOPs, or open gates) and t the target; the target moves linearly from the
-starting size to ``target`` over ``warmup_steps``. Three things keep it from
+FLOPs, or open gates) and t the target; the target stays at the starting
+size for ``delay_steps``, then moves linearly to ``target`` over
+``warmup_steps``. Three things keep it from
 overshooting (closed gates rarely reopen, so an overshoot is paid in accuracy):
 
 - it pushes only while the size that pruning would leave now (the test-time
@@ -74,7 +75,7 @@ class TargetController(nn.Module):
 
     Use::
 
-        controller = TargetController(model, 0.25, "flops", example_inputs=x, warmup_steps=1000)
+        controller = TargetController(model, 0.25, "flops", example_inputs=x, delay_steps=1000, warmup_steps=1000)
         loss = criterion(model(x), y) + controller.penalty()
         loss.backward(); optimizer.step(); controller.step()
     """
