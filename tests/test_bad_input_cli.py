@@ -120,6 +120,7 @@ CASES = [
     ("--out inside a file", write_file, ["train", DIGITS, *QUICK, "--out", "{tmp}/file/run"], "file is a file, not a folder"),
     ("delay and warmup past the run", None, ["train", DIGITS, *QUICK, "--set", "target=0.5", "--set", "delay=0.6", "--set", "warmup=0.5",
                                              "--out", "{tmp}/out"], "'delay' = 0.6 and 'warmup' = 0.5"),
+    ("delay without a target", None, ["train", DIGITS, *QUICK, "--set", "delay=0.2", "--out", "{tmp}/out"], "'delay' = 0.2: delays the target"),
     ("delay not a fraction", None, ["train", DIGITS, *QUICK, "--set", "delay=-0.1", "--out", "{tmp}/out"], "'delay' = -0.1: must be a fraction"),
     ("TOML syntax error", bad_toml, ["train", "{tmp}/bad.toml", "--out", "{tmp}/out"], "bad.toml is not valid TOML"),
     ("empty checkpoint, resume", empty_checkpoint, ["train", "--resume", "--out", "{run}", "--no-progress"], "checkpoint.pt cannot be loaded"),

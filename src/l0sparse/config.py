@@ -27,7 +27,7 @@ class TrainConfig:
     training-set size ("λ = 0.1/N" is ``lam = 0.1``). Give ``target`` (a
     fraction in (0, 1] of ``metric``) instead to let a TargetController
     choose λ; with ``target_mode = "ceiling"`` λ stays ``lam`` and the
-    target is a budget: from ``warmup`` of the run on, the controller keeps
+    target is a budget: from ``delay + warmup`` of the run on, the controller keeps
     the pruned size at or under it. ``delay`` (a fraction of the run) holds
     the target at the starting size before the ``warmup`` begins: the units
     are chosen on a network that has trained for that long. ``regularizer = "none"`` trains the same architecture dense;
@@ -145,6 +145,9 @@ class TrainConfig:
         for key, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: must be {allowed}")
+        if self.delay and (self.target is None or self.regularizer != "l0"):
+            raise ValueError(f"config key 'delay' = {self.delay!r}: delays the target controller's schedule, so it needs "
+                             "regularizer = 'l0' and a target (target = 0.25)")
         if self.delay + self.warmup > 1:
             raise ValueError(f"config keys 'delay' = {self.delay!r} and 'warmup' = {self.warmup!r}: the target is reached after "
                              "both, so together they must be at most 1 (the whole run)")
