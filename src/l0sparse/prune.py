@@ -402,5 +402,5 @@ def rebuild(model: nn.Module, plan: PrunePlan | Mapping, example_inputs) -> nn.M
         apply_hidden_plan(work, plan.hidden)
     if plan.tracer == "export":  # the model's own modules, sliced in place: nothing to trace
         return _apply_module_plan(work, plan)
-    graph = trace_channels(work, example_tuple(example_inputs, "prune"))
+    graph = trace_channels(work, example_tuple(example_inputs, "rebuild"))
     return _apply_plan(graph, plan)
