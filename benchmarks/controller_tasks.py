@@ -24,6 +24,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -145,7 +146,10 @@ def gated(task: Task, seed: int, example, droprate_init: float = 0.5) -> nn.Modu
     return model
 
 
-def run_epochs(model, optimizer, data, epochs, controller=None):
+def run_epochs(model, optimizer, data, epochs, controller=None, schedule: str = "constant"):
+    """``schedule="cosine"`` decays the optimizer's learning rates to zero over these epochs (a fine-tune's usual end)."""
+    steps = epochs * math.ceil(len(data.x_train) / BATCH)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if schedule == "cosine" else None
     for _ in range(epochs):
         model.train()
         for index in torch.randperm(len(data.x_train)).split(BATCH):
@@ -157,6 +161,8 @@ def run_epochs(model, optimizer, data, epochs, controller=None):
             optimizer.step()
             if controller is not None:
                 controller.step()
+            if scheduler is not None:
+                scheduler.step()
 
 
 def measure(task: Task, model, data, example) -> dict:
@@ -173,7 +179,8 @@ def measure(task: Task, model, data, example) -> dict:
             "train_accuracy": accuracy(pruned, data.x_train, data.y_train)}
 
 
-def l0_run(task: Task, setup: str, seed: int, data, example, droprate_init: float, delay: float = DELAY) -> dict:
+def l0_run(task: Task, setup: str, seed: int, data, example, droprate_init: float, delay: float = DELAY,
+           schedule: str = "constant") -> dict:
     model = gated(task, seed, example, droprate_init)
     lr, gate_lr = SETUPS[setup]
     steps = task.epochs * math.ceil(len(data.x_train) / BATCH)
@@ -188,7 +195,7 @@ def l0_run(task: Task, setup: str, seed: int, data, example, droprate_init: floa
     measured = measure(task, model, data, example)
     if gated_epochs < task.epochs:  # the pruned plain model, fine-tuned with the gates' test-time values folded in
         pruned = l0sparse.prune(model, example)
-        run_epochs(pruned, torch.optim.Adam(pruned.parameters(), lr=lr), data, task.epochs - gated_epochs)
+        run_epochs(pruned, torch.optim.Adam(pruned.parameters(), lr=lr), data, task.epochs - gated_epochs, schedule=schedule)
         pruned.eval()
         measured |= {"test_accuracy_before_fine_tune": measured["test_accuracy"],
                      "test_accuracy": accuracy(pruned, data.x_test, data.y_test),
@@ -231,7 +238,7 @@ def close_smallest(model, controller, target: float) -> None:
     apply(best[0])
 
 
-def magnitude_run(task: Task, seed: int, data, example, lr: float = 1e-3) -> dict:
+def magnitude_run(task: Task, seed: int, data, example, lr: float = 1e-3, schedule: str = "constant") -> dict:
     model = gated(task, seed, example)
     controller = l0sparse.TargetController(model, task.target, task.metric, example_inputs=example)  # for its size count
     for gate in find_gates(model):
@@ -241,7 +248,7 @@ def magnitude_run(task: Task, seed: int, data, example, lr: float = 1e-3) -> dic
     start = time.perf_counter()
     run_epochs(model, optimizer, data, task.epochs // 2)
     close_smallest(model, controller, task.target)
-    run_epochs(model, optimizer, data, task.epochs - task.epochs // 2)
+    run_epochs(model, optimizer, data, task.epochs - task.epochs // 2, schedule=schedule)
     return {"seconds": time.perf_counter() - start, **measure(task, model, data, example)}
 
 
@@ -259,6 +266,8 @@ def main():
                              "(the paper's 0.5 puts every unit under heavy noise from the first step)")
     parser.add_argument("--delay", type=float, default=DELAY,
                         help=f"fraction of all steps before the controller's schedule starts (0 to {WARMUP}; 0: from the first step)")
+    parser.add_argument("--fine-tune-schedule", choices=["constant", "cosine"], default="constant",
+                        help="the learning rate over the fine-tune of both methods: held, or decayed to zero by a cosine")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "controller_tasks.json")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and stop")
@@ -276,11 +285,11 @@ def main():
         data = datasets[task.data]
         example = data.x_train[:2]
         for seed in args.seeds:
-            # B023: each closure is called below, in the same iteration that defined it
-            runs = [(setup, lambda setup=setup: l0_run(task, setup, seed, data, example, args.droprate_init, args.delay))  # noqa: B023
+            runs = [(setup, partial(l0_run, task, setup, seed, data, example, args.droprate_init, args.delay, args.fine_tune_schedule))
                     for setup in args.setups]
             if not args.no_baseline:
-                runs += [(magnitude_setup(lr), lambda lr=lr: magnitude_run(task, seed, data, example, lr)) for lr in args.magnitude_lrs]  # noqa: B023
+                runs += [(magnitude_setup(lr), partial(magnitude_run, task, seed, data, example, lr, args.fine_tune_schedule))
+                         for lr in args.magnitude_lrs]
             for setup, run in runs:
                 rows = [r for r in rows if (r["task"], r["setup"], r["seed"]) != (name, setup, seed)]
                 row = {"task": name, "metric": task.metric, "target": task.target, "setup": setup, "seed": seed, **run()}

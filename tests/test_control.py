@@ -260,6 +260,36 @@ def test_the_pruned_size_follows_the_schedule_through_the_warmup_even_when_the_g
     assert float(order[open_now].min()) > float(order[~open_now].max())
 
 
+@pytest.mark.parametrize("growing", [False, True])
+def test_a_landing_steps_past_a_unit_larger_than_the_band(growing):
+    """The unit next to the cut in log α order is worth more than the band (an input of the first layer carries
+    up to 100 weights, one of the second about 14): the landing leaves it as it is and moves the small units
+    behind it instead, so the pruned size ends in the band, not one large unit away from it."""
+    model = l0sparse.L0MLP((4, 100, 10))
+    first, second = model.l0_layers()
+    with torch.no_grad():
+        first.gate.log_alpha.fill_(5.0)
+        second.gate.log_alpha.copy_(torch.linspace(1.0, 4.0, 100))
+        if growing:  # the large unit is the closed one nearest the threshold; 40 small units are closed further down
+            first.gate.log_alpha[0] = -3.0
+            second.gate.log_alpha[60:] = torch.linspace(-6.0, -3.5, 40)
+        else:  # the large unit is the open one nearest the threshold
+            first.gate.log_alpha[0] = 0.5
+    controller = TargetController(model, 0.5, "params", example_inputs=torch.randn(2, 4))
+    start = controller.deterministic_fraction()
+    with torch.no_grad():  # the premise: moving the large unit alone jumps over the whole band
+        saved = float(first.gate.log_alpha[0])
+        first.gate.log_alpha[0] = 5.0 if growing else -3.0
+        assert abs(controller.deterministic_fraction() - start) > 4 * controller.tolerance
+        first.gate.log_alpha[0] = saved
+    controller.target = start + 2 * controller.tolerance if growing else start - 2 * controller.tolerance
+    controller.penalty()
+    controller.step()
+    assert controller.landings == 1
+    assert abs(controller.deterministic_fraction() - controller.target) <= controller.tolerance
+    assert bool(first.gate.is_open()[0]) is not growing  # the large unit stayed as it was
+
+
 def test_a_ceiling_waits_for_the_warmup_then_lands_only_from_above():
     """target_mode "ceiling": no push and no landing during the warm-up, then the size is brought under the
     budget from above; a model already under the budget is left alone (no gate reopens)."""

@@ -218,7 +218,9 @@ class TargetController(nn.Module):
         cross move, so the kept units keep their test-time gate values (a common shift of every log α
         shrank them towards 0 and collapsed a digits MLP to 17% accuracy). A closed gate goes to
         threshold − 2 (P(z ≠ 0) = 0.06, so training sees it as closed too), a reopened one to
-        threshold + 1. Costs one size count per step, and a bisection only on the steps that need it.
+        threshold + 1. When no cut hits the band (the unit next to it is worth more than the band),
+        :meth:`_step_past_large_units` moves the units behind that one instead. Costs one size count per
+        step, and a bisection only on the steps that need it.
         """
         fraction = self.deterministic_fraction()
         target = self.current_target()
@@ -254,13 +256,46 @@ class TargetController(nn.Module):
             if abs(reached - target) < best[1]:
                 best = (cut, abs(reached - target))
             low, high = (cut, high) if reached > target else (low, cut)
+        if best[1] > self.tolerance:
+            # no cut hits the band: one unit next to it is worth more than the band. Step past it from the cut on
+            # the near side of the target (above it when shrinking, below when growing), unit by unit.
+            moved(high if growing else low)
+            error = self._step_past_large_units(all_gates, originals, thresholds, high if growing else low, growing, target)
+            if error < best[1]:
+                best = (math.nan, error)  # keep the state just reached
         if best[0] is None:
             for gate, original in zip(all_gates, originals):
                 gate.log_alpha.copy_(original)
-        else:
+        elif not math.isnan(best[0]):
             moved(best[0])
         self._residual = best[1] * (1 + 1e-6)
         self.landings += 1
+
+    def _step_past_large_units(self, all_gates, originals, thresholds, cut: float, growing: bool, target: float,
+                               trials: int = 64) -> float:
+        """From the gates as the cut left them (the pruned size on the near side of the target), close (or
+        reopen) the next units in log α order one at a time, skipping any that would carry the size past the
+        band, until it is in the band or ``trials`` units were tried. Returns the distance to the target."""
+        candidates = []
+        for index, (original, threshold) in enumerate(zip(originals, thresholds)):
+            flat = original.flatten()
+            free = (flat < cut) & (flat <= threshold) if growing else (flat >= cut) & (flat > threshold)
+            candidates += [(float(flat[i]), index, int(i)) for i in free.nonzero().flatten()]
+        # reopen the highest closed gates first, close the lowest open ones first: the order the cut would take
+        candidates.sort(reverse=growing)
+        reached = self.deterministic_fraction()
+        for _, index, position in candidates[:trials]:
+            if abs(reached - target) <= self.tolerance:
+                break
+            values = all_gates[index].log_alpha.data.view(-1)
+            previous = float(values[position])
+            values[position] = thresholds[index] + 1.0 if growing else thresholds[index] - 2.0
+            size = self.deterministic_fraction()
+            if (size > target + self.tolerance) if growing else (size < target - self.tolerance):
+                values[position] = previous  # this unit alone passes the band: leave it, try the next
+            else:
+                reached = size
+        return abs(reached - target)
 
     @torch.no_grad()
     def snap_to_target(self, tolerance: float = 0.005) -> float:
