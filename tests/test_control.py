@@ -290,6 +290,37 @@ def test_a_landing_steps_past_a_unit_larger_than_the_band(growing):
     assert bool(first.gate.is_open()[0]) is not growing  # the large unit stayed as it was
 
 
+def test_on_the_way_to_the_target_a_landing_keeps_the_log_alpha_order_and_steps_past_only_at_the_target():
+    """During the warm-up, a large unit next to the cut is not skipped: the band widens to the nearest cut
+    instead (the next steps' cuts take the unit in its order). When the schedule reaches the target the band
+    is the tolerance again, and the landing steps past the unit. The widened band is a buffer: it is in
+    ``state_dict``, and a state saved before it existed still loads."""
+    model = l0sparse.L0MLP((4, 100, 10))
+    first, second = model.l0_layers()
+    with torch.no_grad():
+        first.gate.log_alpha.fill_(5.0)
+        first.gate.log_alpha[0] = 0.5  # the open unit nearest the threshold, worth about 7% of the parameters
+        second.gate.log_alpha.copy_(torch.linspace(1.0, 4.0, 100))
+    controller = TargetController(model, 0.5, "params", example_inputs=torch.randn(2, 4), warmup_steps=4)
+    start = controller.deterministic_fraction()
+    controller.target = start - 4 * controller.tolerance  # 0.5 points a step, reached at step 4
+    order = torch.cat([g.log_alpha.detach().flatten().clone() for g in find_gates(model)])
+    with torch.no_grad():
+        controller.steps.fill_(2)
+    for _ in range(2):  # steps 2 and 3: the nearest cut is to close nothing, 1 and 1.5 points above the target
+        controller.penalty()
+        controller.step()
+    assert torch.equal(torch.cat([g.log_alpha.detach().flatten() for g in find_gates(model)]), order)
+    assert float(controller.residual) == pytest.approx(3 * controller.tolerance, rel=1e-5)
+    assert "residual" in controller.state_dict()
+    old_state = {key: value for key, value in controller.state_dict().items() if key != "residual"}
+    TargetController(model, 0.5, "params", example_inputs=torch.randn(2, 4)).load_state_dict(old_state)
+    controller.penalty()
+    controller.step()  # step 4: the target itself
+    assert abs(controller.deterministic_fraction() - controller.target) <= controller.tolerance
+    assert bool(first.gate.is_open()[0])  # the large unit stayed open; small ones behind it closed instead
+
+
 def test_a_ceiling_waits_for_the_warmup_then_lands_only_from_above():
     """target_mode "ceiling": no push and no landing during the warm-up, then the size is brought under the
     budget from above; a model already under the budget is left alone (no gate reopens)."""

@@ -109,7 +109,6 @@ class TargetController(nn.Module):
         self.delay_steps = delay_steps
         self.ceiling = ceiling
         self.landings = 0  # how often step() had to shift the gates back into the band (a diagnostic)
-        self._residual = 0.0
         self._model = [model]  # a list, so that the model is not registered as a submodule (state_dict stays small)
         if metric == "l0":
             self._cost_model = None
@@ -127,6 +126,9 @@ class TargetController(nn.Module):
         self.lambda_1 = nn.Parameter(torch.zeros((), device=device))
         self.lambda_2 = nn.Parameter(torch.zeros((), device=device))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long, device=device))
+        # how far the last landing had to stay from its target (one unit worth more than the band): the band
+        # widens to it; a buffer, so that a resumed run lands exactly as the uninterrupted one
+        self.register_buffer("residual", torch.zeros((), device=device))
         # the schedule starts from the size pruning would leave now, the size the landing and the penalty's gap read
         self.register_buffer("start", torch.tensor(self.deterministic_fraction(), device=device))
         self.optimizer = torch.optim.Adam([self.lambda_1, self.lambda_2], lr=lr, maximize=True)
@@ -224,13 +226,16 @@ class TargetController(nn.Module):
         """
         fraction = self.deterministic_fraction()
         target = self.current_target()
+        scheduled = int(self.steps) >= self.delay_steps + self.warmup_steps  # the target itself, not a point on the way
+        if int(self.steps) == self.delay_steps + self.warmup_steps:
+            self.residual.zero_()  # the schedule just reached the target: land on it within the tolerance
         # a band no choice of gates can hit (one unit is worth more than it) widens to what the last landing reached
-        band = max(self.tolerance, self._residual)
+        band = max(self.tolerance, float(self.residual))
         if self.ceiling and fraction <= target + band:
             return  # a budget, not a size to reach: below it λ alone decides
         if target - band <= fraction <= target + band:
             if abs(fraction - target) <= self.tolerance:
-                self._residual = 0.0
+                self.residual.zero_()
             return
         all_gates = find_gates(self._model[0])
         originals = [g.log_alpha.detach().clone() for g in all_gates]
@@ -256,9 +261,10 @@ class TargetController(nn.Module):
             if abs(reached - target) < best[1]:
                 best = (cut, abs(reached - target))
             low, high = (cut, high) if reached > target else (low, cut)
-        if best[1] > self.tolerance:
+        if best[1] > self.tolerance and scheduled:
             # no cut hits the band: one unit next to it is worth more than the band. Step past it from the cut on
-            # the near side of the target (above it when shrinking, below when growing), unit by unit.
+            # the near side of the target (above it when shrinking, below when growing), unit by unit. Only at
+            # the target itself: on the way there the next steps' cuts take the large unit in its log α order.
             moved(high if growing else low)
             error = self._step_past_large_units(all_gates, originals, thresholds, high if growing else low, growing, target)
             if error < best[1]:
@@ -268,7 +274,7 @@ class TargetController(nn.Module):
                 gate.log_alpha.copy_(original)
         elif not math.isnan(best[0]):
             moved(best[0])
-        self._residual = best[1] * (1 + 1e-6)
+        self.residual.fill_(best[1] * (1 + 1e-6))
         self.landings += 1
 
     def _step_past_large_units(self, all_gates, originals, thresholds, cut: float, growing: bool, target: float,
@@ -341,6 +347,7 @@ class TargetController(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True):
         state_dict = dict(state_dict)
         optimizer_state = state_dict.pop("optimizer", None)
+        state_dict.setdefault("residual", torch.zeros_like(self.residual))  # saved before the band's residual was kept
         result = super().load_state_dict(state_dict, strict=strict)
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
