@@ -272,8 +272,8 @@ def test_run_folder_owns_the_file_names_and_loads_what_run_training_wrote(tmp_pa
     run_training(quick_config(epochs=1), tmp_path / "run", progress=False)
     run = RunFolder(tmp_path / "run")
     assert [p.name for p in (run.config_path, run.metrics_path, run.checkpoint_path, run.pruned_weights_path, run.pruned_spec_path,
-                             run.teacher_logits_path, run.report_path)] == \
-        ["config.json", "metrics.jsonl", "checkpoint.pt", "pruned.pt", "pruned.json", "teacher_logits.pt", "report"]
+                             run.teacher_logits_path, run.teacher_weights_path, run.report_path)] == \
+        ["config.json", "metrics.jsonl", "checkpoint.pt", "pruned.pt", "pruned.json", "teacher_logits.pt", "teacher.pt", "report"]
     assert run.read_config() == quick_config(epochs=1)
     assert [record["epoch"] for record in run.read_metrics()] == [1] and run.read_checkpoint()["epoch"] == 1
     config, model, data = run.load()

@@ -2,6 +2,7 @@
 importance baseline, and the command's runs. The real all-MiniLM-L6-v2 and WordNet are only in the benchmark
 (benchmarks/hf_minilm.py): here a small random BERT and synthetic data stand in for them; nothing is downloaded."""
 
+import copy
 import warnings
 
 import pytest
@@ -145,6 +146,36 @@ def test_distillation_loss_mixes_the_soft_and_the_hard_term():
 
 # --- the importance baseline -----------------------------------------------------------------------------------
 
+def test_layer_distillation_is_the_masked_mean_squared_difference_of_every_layer_s_hidden_states():
+    torch.manual_seed(0)
+    teacher, student = tiny_classifier().eval(), gated_classifier(seed=1).eval()  # eval: the same gates in both forwards
+    ids = token_ids(8, seed=3)
+    term = hf.LayerDistillation(student, teacher, pad_id=0)
+    assert term.layers == [f"encoder.encoder.layer.{i}" for i in range(LAYERS)]
+    student(ids)
+    value = term(ids)
+    # the same number from transformers' own hidden states (output_hidden_states), layers 1..L, real tokens only
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        ours = student.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+        theirs = teacher.encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+    real = mask.bool()
+    expected = sum(((s - t)[real] ** 2).mean() for s, t in zip(ours, theirs)) / LAYERS
+    assert abs(value.item() - expected.item()) <= 1e3 * torch.finfo(torch.float32).eps * expected.item()
+    value.backward()  # it trains the student's weights and gates, and leaves the teacher alone
+    assert student.encoder.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    same = hf.LayerDistillation(teacher, copy.deepcopy(teacher), pad_id=0)
+    teacher(ids)
+    assert float(same(ids)) == 0.0
+    with pytest.raises(RuntimeError, match="after the student's forward"):
+        same(ids)  # the student's states are used once
+    term.remove()
+    student(ids)
+    with pytest.raises(RuntimeError, match="after the student's forward"):
+        term(ids)  # no hooks: nothing kept
+
+
 def test_head_scores_are_the_loss_gradient_of_a_head_mask():
     """Independently: scale each head's slice of the output projection's input by ξ (a hook) and differentiate."""
     model = gated_classifier().double()
@@ -244,8 +275,9 @@ def interrupt_after(epochs: int):
     return stop
 
 
-@pytest.mark.parametrize("keys", [{"regularizer": "importance", "target": 0.5}, {"regularizer": "l0", "target": 0.5, "gate_lr": 0.05}],
-                         ids=["importance", "l0"])
+@pytest.mark.parametrize("keys", [{"regularizer": "importance", "target": 0.5}, {"regularizer": "l0", "target": 0.5, "gate_lr": 0.05},
+                                  {"regularizer": "l0", "target": 0.5, "gate_lr": 0.05, "distill_hidden": 1.0}],
+                         ids=["importance", "l0", "l0-hidden-states"])
 def test_a_distilled_run_resumes_exactly_even_if_the_teacher_changed(teacher_dir, tmp_path, keys):
     settings = config(teacher=teacher_dir, epochs=3, **keys)
     straight = run_training(settings, tmp_path / "straight", progress=False)
@@ -315,6 +347,10 @@ def test_a_pruned_spec_with_a_foreign_dtype_is_named(teacher_dir, tmp_path):
     ({"regularizer": "l0", "hidden_gate": 1}, "hidden_gate"),
     ({"regularizer": "none", "hidden_gate": True}, "hidden_gate"),  # nothing to train the gate
     ({"model": "mlp", "data": "digits", "hidden_gate": True}, "hidden_gate"),
+    ({"regularizer": "l0", "distill_hidden": 1.0}, "distill_hidden"),  # no teacher
+    ({"regularizer": "l0", "teacher": "runs/t", "distill_hidden": -1.0}, "distill_hidden"),
+    ({"regularizer": "l0", "teacher": "runs/t", "distill_hidden": "much"}, "distill_hidden"),
+    ({"regularizer": "l0", "teacher": "runs/t", "distill_hidden": 1.0, "hidden_gate": True}, "distill_hidden"),
 ])
 def test_bad_text_config_names_the_key(keys, key):
     with pytest.raises(ValueError, match=key):

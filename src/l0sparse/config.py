@@ -60,7 +60,11 @@ class TrainConfig:
     importance-pruning baseline for it: heads ranked by the loss gradient of
     a head mask (Michel et al., 2019), feed-forward units by weight norm,
     removed down to ``target`` of the FLOPs before training, then trained
-    (distilled) for ``epochs``. ``train_examples`` / ``test_examples`` use
+    (distilled) for ``epochs``. ``distill_hidden`` > 0 adds CoFi's layer-wise
+    term, that weight times the mean squared difference of the student's and
+    the teacher's hidden states after every encoder layer
+    (:class:`l0sparse.hf.LayerDistillation`; 0, logits only, by default; not
+    with ``hidden_gate``). ``train_examples`` / ``test_examples`` use
     the first that many examples of the (shuffled) dataset.
 
     ``hidden_gate = true`` (model ``"minilm"``, regularizer ``"l0"`` or
@@ -101,6 +105,7 @@ class TrainConfig:
     teacher: str | None = None
     distill_weight: float = 0.5
     temperature: float = 2.0
+    distill_hidden: float = 0.0
     train_examples: int | None = None
     test_examples: int | None = None
     round_to: int = 1
@@ -136,6 +141,8 @@ class TrainConfig:
             ("teacher", self.teacher is None or (isinstance(self.teacher, str) and bool(self.teacher)), "a run directory, or none"),
             ("distill_weight", _number(self.distill_weight) and 0 <= self.distill_weight <= 1, "a number in [0, 1]"),
             ("temperature", _number(self.temperature) and self.temperature > 0, "a number > 0"),
+            ("distill_hidden", _number(self.distill_hidden) and self.distill_hidden >= 0,
+             "a number >= 0 (the weight of the layer-wise hidden-state loss; 0: logits only)"),
             ("train_examples", self.train_examples is None or (_int(self.train_examples) and self.train_examples >= 1), "an int >= 1, or none for all"),
             ("test_examples", self.test_examples is None or (_int(self.test_examples) and self.test_examples >= 1), "an int >= 1, or none for all"),
             ("round_to", _int(self.round_to) and self.round_to >= 1, "an int >= 1 (1: prune rounds no width)"),
@@ -179,9 +186,14 @@ class TrainConfig:
             raise ValueError(f"config key 'hidden_gate' = true: gates the hidden size of model 'minilm' trained with regularizer "
                              f"'l0' or 'importance' (got model = {self.model!r}, regularizer = {self.regularizer!r})")
         defaults = TrainConfig.__dataclass_fields__
-        if self.teacher is None and (self.distill_weight, self.temperature) != (defaults["distill_weight"].default, defaults["temperature"].default):
-            raise ValueError("config keys 'distill_weight' and 'temperature' weigh the distillation from a teacher: "
-                             "set teacher = 'runs/...' (a dense run) or leave them out")
+        distillation = ("distill_weight", "temperature", "distill_hidden")
+        if self.teacher is None and any(getattr(self, key) != defaults[key].default for key in distillation):
+            raise ValueError("config keys 'distill_weight', 'temperature' and 'distill_hidden' weigh the distillation from a "
+                             "teacher: set teacher = 'runs/...' (a dense run) or leave them out")
+        if self.distill_hidden and self.hidden_gate:
+            raise ValueError(f"config key 'distill_hidden' = {self.distill_hidden!r}: matches the student's hidden states with the "
+                             "teacher's, dimension by dimension, which a gated hidden size cannot follow: set hidden_gate = false "
+                             "or distill_hidden = 0")
         if self.teacher is not None and self.model != "minilm":
             raise ValueError(f"config key 'teacher': distillation is built for model = 'minilm', not {self.model!r}")
         if self.model == "lenet5" and self.data not in ("fashion-mnist", "mnist-5k"):
@@ -253,7 +265,7 @@ def config_from_dict(values: dict, source: str | Path | None = None) -> TrainCon
         if isinstance(values.get(key), str) and values[key].lower() == "none":
             values[key] = None
     for key in ("lr", "gate_lr", "lam", "target", "warmup", "delay", "controller_lr", "weight_decay", "droprate_init", "threshold", "ema",
-                "distill_weight", "temperature"):
+                "distill_weight", "temperature", "distill_hidden"):
         if _int(values.get(key)):
             values[key] = float(values[key])  # TOML writes 1 for 1.0
     try:

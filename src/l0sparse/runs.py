@@ -1,7 +1,7 @@
 """The run folder that `l0sparse train` writes, and what `prune` and `report` read from it and add to it.
 
 One type owns the file names: ``RunFolder(path)`` reads and writes the
-config, the metrics, the checkpoint and the teacher's logits, loads the
+config, the metrics, the checkpoint and the teacher's logits (and weights), loads the
 trained model, prunes it and loads the pruned one. ``StagedRunFolder`` is
 where a new run writes until its first checkpoint is in place.
 """
@@ -29,8 +29,9 @@ PRUNED_WEIGHTS = "pruned.pt"
 PRUNED_SPEC = "pruned.json"
 REPORT_DIR = "report"
 TEACHER_LOGITS = "teacher_logits.pt"
+TEACHER_WEIGHTS = "teacher.pt"
 #: What `train --force` replaces in a run directory: the run's own files and what `prune` and `report` derived from them.
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT, TEACHER_LOGITS, PRUNED_WEIGHTS, PRUNED_SPEC, REPORT_DIR)
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, CHECKPOINT, TEACHER_LOGITS, TEACHER_WEIGHTS, PRUNED_WEIGHTS, PRUNED_SPEC, REPORT_DIR)
 #: A new run writes here, inside the run directory, until its first checkpoint; then it takes the old run's place.
 STAGING_DIR = ".l0sparse-new"
 REPLACED_DIR = ".l0sparse-old"
@@ -93,7 +94,8 @@ def _named_file(name: str) -> property:
 
 class RunFolder:
     """A run directory: ``config.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``teacher_logits.pt`` (a distilled
-    run), and what ``prune`` (``pruned.pt``, ``pruned.json``) and ``report`` (``report/``) derive from them."""
+    run), ``teacher.pt`` (one that distils hidden states too), and what ``prune`` (``pruned.pt``, ``pruned.json``)
+    and ``report`` (``report/``) derive from them."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -105,6 +107,7 @@ class RunFolder:
     metrics_path = _named_file(METRICS_FILE)
     checkpoint_path = _named_file(CHECKPOINT)
     teacher_logits_path = _named_file(TEACHER_LOGITS)
+    teacher_weights_path = _named_file(TEACHER_WEIGHTS)
     pruned_weights_path = _named_file(PRUNED_WEIGHTS)
     pruned_spec_path = _named_file(PRUNED_SPEC)
     report_path = _named_file(REPORT_DIR)
@@ -145,6 +148,17 @@ class RunFolder:
 
     def write_teacher_logits(self, logits: Tensor) -> None:
         atomic_save(logits, self.teacher_logits_path)
+
+    def read_teacher_weights(self, teacher: nn.Module) -> nn.Module:
+        """``teacher`` (a plain model of the teacher's architecture) with the weights this run learns from, in eval mode."""
+        path = self.teacher_weights_path
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: {path} is missing (the teacher's weights this run learns from); start a new run")
+        load_state(teacher, torch_load(path), path)
+        return teacher.eval()
+
+    def write_teacher_weights(self, teacher: nn.Module) -> None:
+        atomic_save(teacher.state_dict(), self.teacher_weights_path)
 
     # -- what prune and report read ---------------------------------------------------------------------------
     def load(self, data=None) -> tuple:

@@ -366,9 +366,15 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
 
     # 1. data, model (from the teacher's weights, if one is named), optimizer, moving average, regularizer
     data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
-    teacher = load_teacher(config, data) if config.teacher is not None and not resume else None
+    teacher = None
+    if config.teacher is not None and not resume:
+        teacher = load_teacher(config, data)
+    elif config.teacher is not None and config.distill_hidden:  # resumed: the teacher's weights as this run stored them
+        from .models import build_model
+
+        teacher = run_dir.folder.read_teacher_weights(build_model(config.model, 0, data.num_classes, gated=False))
     torch.manual_seed(config.seed)
-    model = model_for(config, data, initial=teacher)
+    model = model_for(config, data, initial=None if resume else teacher)
     example = data.x_train[:2]
     pad_id = data.pad_id
     optimizer = _optimizer_for(model, config)
@@ -424,8 +430,9 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
             torch.manual_seed(config.seed + ranks.rank)  # the same initial model everywhere, then each rank its own noise
 
     # 3. the teacher's logits for every training example, once (it is fixed, and deterministic in eval mode), kept in the
-    # run directory: a resumed run learns from the same numbers even if the teacher's run was changed since
-    teacher_logits = None
+    # run directory: a resumed run learns from the same numbers even if the teacher's run was changed since; the
+    # hidden-state term runs the teacher on every batch, so then its weights are kept there too
+    teacher_logits, layer_distillation = None, None
     if config.teacher is not None:
         if resume:
             teacher_logits = folder.read_teacher_logits(n_train, data.num_classes)
@@ -435,12 +442,21 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
             teacher_logits = predict_logits(teacher, data.x_train, pad_id)
             if ranks.is_main:
                 folder.write_teacher_logits(teacher_logits)
-            del teacher
+                if config.distill_hidden:
+                    folder.write_teacher_weights(teacher)
+        if config.distill_hidden:
+            from .hf import LayerDistillation
+
+            layer_distillation = LayerDistillation(model, teacher, pad_id)
+        del teacher
 
     def task_loss(logits: Tensor, targets: Tensor, index: Tensor) -> Tensor:
         if teacher_logits is None:
             return F.cross_entropy(logits, targets)
-        return distillation_loss(logits, targets, teacher_logits[index], config.distill_weight, config.temperature)
+        loss = distillation_loss(logits, targets, teacher_logits[index], config.distill_weight, config.temperature)
+        if layer_distillation is not None:  # the student's hidden states are those of the forward that gave ``logits``
+            loss = loss + config.distill_hidden * layer_distillation(batch_of(index)[0])
+        return loss
 
     def diverged(epoch: int, step: int | str, what: str) -> TrainingDiverged:
         done = history[-1]["epoch"] if history else start_epoch
