@@ -292,6 +292,66 @@ def test_a_distilled_run_resumes_exactly_even_if_the_teacher_changed(teacher_dir
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+def test_the_hidden_state_term_enters_the_loss_with_its_weight(teacher_dir, tmp_path, monkeypatch):
+    import l0sparse.train as train_module
+
+    terms = []  # (value, batch size) of every step's term
+    measured = hf.LayerDistillation.__call__
+
+    def spy(self, input_ids):
+        value = measured(self, input_ids)
+        terms.append((value.item(), len(input_ids)))
+        return value
+
+    def moved_from_the_teacher(*args, **keys):  # else the student starts at the teacher's states, where the term is 0
+        student = model_for(*args, **keys)
+        with torch.no_grad():
+            for parameter in student.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        return student
+
+    monkeypatch.setattr(hf.LayerDistillation, "__call__", spy)
+    monkeypatch.setattr(train_module, "model_for", moved_from_the_teacher)
+    # the logits' part set to zero: what is left of the loss is distill_hidden times the term
+    monkeypatch.setattr(train_module, "distillation_loss", lambda logits, *rest: logits.sum() * 0)
+    weight = 2.5
+    history = run_training(config(regularizer="none", teacher=teacher_dir, distill_hidden=weight), tmp_path / "run", progress=False)
+    assert len(terms) == -(-len(fake_wordnet().x_train) // 16) and all(value > 0 for value, _ in terms)
+    expected = weight * sum(value * size for value, size in terms) / sum(size for _, size in terms)
+    assert abs(history[0]["train_loss"] - expected) <= 8 * torch.finfo(torch.float32).eps * expected
+
+
+def test_a_hidden_state_run_that_stops_before_its_checkpoint_leaves_nothing_and_one_that_lost_its_teacher_is_named(
+        teacher_dir, tmp_path, monkeypatch):
+    settings = config(regularizer="l0", teacher=teacher_dir, target=0.5, gate_lr=0.05, epochs=2, distill_hidden=1.0)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(settings, tmp_path / "split", progress=False, on_epoch_end=interrupt_after(1))
+    assert (tmp_path / "split" / "teacher.pt").exists()
+    (tmp_path / "split" / "teacher.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="teacher.pt"):
+        run_training(settings, tmp_path / "split", resume=True, progress=False)
+
+    def stop(self, input_ids):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf.LayerDistillation, "__call__", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(settings, tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists()  # its config, the teacher's logits and weights: all gone
+
+
+def test_layer_distillation_refuses_what_it_cannot_match():
+    with pytest.raises(ValueError, match="no attention module"):
+        hf.encoder_layers(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    teacher = tiny_classifier()
+    deeper = tiny_classifier()
+    deeper.encoder.encoder.layer.append(copy.deepcopy(deeper.encoder.encoder.layer[0]))
+    with pytest.raises(ValueError, match="layer i is matched with layer i"):
+        hf.LayerDistillation(deeper, teacher, pad_id=0)
+    with pytest.raises(TypeError, match="pad_id"):
+        hf.LayerDistillation(teacher, copy.deepcopy(teacher), pad_id=None)
+
+
 def test_importance_scoring_leaves_the_gates_and_the_mode_as_they_were():
     model = gated_classifier()
     before = [g.log_alpha.detach().clone() for g in find_gates(model)]

@@ -60,7 +60,7 @@ class TrainConfig:
     importance-pruning baseline for it: heads ranked by the loss gradient of
     a head mask (Michel et al., 2019), feed-forward units by weight norm,
     removed down to ``target`` of the FLOPs before training, then trained
-    (distilled) for ``epochs``. ``distill_hidden`` > 0 adds CoFi's layer-wise
+    (distilled) for ``epochs``. ``distill_hidden`` > 0 adds a CoFi-style layer-wise
     term, that weight times the mean squared difference of the student's and
     the teacher's hidden states after every encoder layer
     (:class:`l0sparse.hf.LayerDistillation`; 0, logits only, by default; not

@@ -249,30 +249,36 @@ class LayerDistillation:
     hidden states after every encoder layer, over the real (non-padding) tokens.
 
     Forward hooks on the student's layers keep the hidden states of its last
-    forward; calling this object with that forward's ``input_ids`` runs the
-    teacher (eval mode, no gradients) and returns the mean over layers of
-    Σ (h_student − h_teacher)² / (tokens × width). Layer ``i`` of the student is
-    matched with layer ``i`` of the teacher, so both must have the same layers
-    and the same hidden width (no hidden-size gate). :meth:`remove` takes the
-    hooks off.
+    forward with gradients (evaluations under ``torch.no_grad`` are not
+    kept); calling this object with that forward's ``input_ids`` runs the
+    teacher (put in eval mode here; no gradients) and returns the mean over
+    layers of Σ (h_student − h_teacher)² / (tokens × width). Layer ``i`` of
+    the student is matched with layer ``i`` of the teacher, and dimension
+    with dimension: both must have the same layers and the same hidden width
+    (no hidden-size gate). CoFi matches layers dynamically and learns a
+    projection of the student's states; neither is built here.
+    :meth:`remove` takes the hooks off.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, pad_id: int) -> None:
+        if not isinstance(pad_id, int) or isinstance(pad_id, bool):
+            raise TypeError(f"LayerDistillation: pad_id must be the padding token's id (an int), got {pad_id!r}")
         names = encoder_layers(teacher)
         if encoder_layers(student) != names:
             raise ValueError(f"LayerDistillation: the student's encoder layers {encoder_layers(student)} are not the "
                              f"teacher's {names}: layer i is matched with layer i")
-        self.teacher, self.pad_id = teacher, pad_id
+        self.teacher, self.pad_id = teacher.eval(), pad_id  # a fixed target: no dropout
         self._student_states: dict[str, Tensor] = {}
         self._teacher_states: dict[str, Tensor] = {}
-        self._hooks = [module.get_submodule(name).register_forward_hook(self._keeper(states, name))
+        self._hooks = [module.get_submodule(name).register_forward_hook(self._keeper(states, name, module is student))
                        for module, states in ((student, self._student_states), (teacher, self._teacher_states)) for name in names]
         self.layers = names
 
     @staticmethod
-    def _keeper(states: dict[str, Tensor], name: str):
+    def _keeper(states: dict[str, Tensor], name: str, only_with_grad: bool):
         def keep(module, inputs, output) -> None:
-            states[name] = _first_tensor(output)
+            if torch.is_grad_enabled() or not only_with_grad:  # the student's evaluations (no_grad) are not kept
+                states[name] = _first_tensor(output)
         return keep
 
     def __call__(self, input_ids: Tensor) -> Tensor:

@@ -280,7 +280,7 @@ class StagedRunFolder:
         if self.staged:
             shutil.rmtree(self.folder.path, ignore_errors=True)
             return
-        for name in (CONFIG_FILE, METRICS_FILE):
+        for name in (CONFIG_FILE, METRICS_FILE, TEACHER_LOGITS, TEACHER_WEIGHTS):  # all a run writes before its checkpoint
             (self.out_dir / name).unlink(missing_ok=True)
         if self.created and self.out_dir.is_dir() and not any(self.out_dir.iterdir()):
             self.out_dir.rmdir()

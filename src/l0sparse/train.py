@@ -34,6 +34,7 @@ from .runs import RunFolder, StagedRunFolder, check_run_directory, load_state
 from .runs import CHECKPOINT as CHECKPOINT, CONFIG_FILE as CONFIG_FILE, METRICS_FILE as METRICS_FILE
 from .runs import PRUNED_SPEC as PRUNED_SPEC, PRUNED_WEIGHTS as PRUNED_WEIGHTS, REPORT_DIR as REPORT_DIR
 from .runs import REPLACED_DIR as REPLACED_DIR, RUN_FILES as RUN_FILES, STAGING_DIR as STAGING_DIR, TEACHER_LOGITS as TEACHER_LOGITS
+from .runs import TEACHER_WEIGHTS as TEACHER_WEIGHTS
 from .runs import load_checkpoint as load_checkpoint, load_pruned as load_pruned, load_run as load_run
 from .runs import prune_run as prune_run, read_metrics as read_metrics
 
@@ -535,4 +536,7 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
             else:
                 print("interrupted before the first checkpoint: nothing of this run was kept", file=sys.stderr)
             raise
+        finally:
+            if layer_distillation is not None:
+                layer_distillation.remove()
     return history
