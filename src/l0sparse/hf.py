@@ -245,7 +245,7 @@ def _first_tensor(output) -> Tensor:
 
 
 class LayerDistillation:
-    """CoFi's layer-wise distillation term: the mean squared difference between the student's and the teacher's
+    """A CoFi-style layer-wise distillation term: the mean squared difference between the student's and the teacher's
     hidden states after every encoder layer, over the real (non-padding) tokens.
 
     Forward hooks on the student's layers keep the hidden states of its last
