@@ -158,6 +158,23 @@ def test_a_delayed_target_run_keeps_every_unit_during_the_delay_then_lands(tmp_p
     assert abs(history[-1]["flops_kept"] - 0.5) <= max(0.005, largest_gate)
 
 
+def test_landing_at_the_target_keeps_every_unit_through_the_warmup_when_the_gates_do_not_move(tmp_path):
+    """config key landing = "target" reaches the controller: with gates too slow to move (gate_lr 1e-9) the
+    schedule's landing would have shrunk the model by the end of the first epoch; this one waits for the target."""
+    sizes = {}
+    for landing in ("schedule", "target"):
+        config = quick_config(target=0.5, epochs=4, warmup=0.5, gate_lr=1e-9, landing=landing)
+        history = run_training(config, tmp_path / landing, progress=False)
+        sizes[landing] = [row["flops_kept"] for row in history]
+    assert sizes["target"][0] == 1.0 and sizes["schedule"][0] < 0.9
+    _, model, data = load_run(tmp_path / "target")
+    example = data.x_test[:2]
+    # landed at the target: within the tolerance (0.005) or, when no set of gates gets that close, one gate's cost
+    dense = l0sparse.count_flops(plain_copy(model), example)
+    largest_gate = max(float(c.max()) for c in l0sparse.CostModel(model, example).gate_costs("flops").values()) / dense
+    assert abs(sizes["target"][-1] - 0.5) <= max(0.005, largest_gate)
+
+
 def test_ceiling_run_keeps_lambda_and_caps_the_size_after_the_warmup(tmp_path):
     """target_mode = "ceiling": λ is charged from the first step (a larger λ closes more gates during the
     warm-up), the controller is idle until the warm-up ends, and the run ends within the budget."""

@@ -153,6 +153,7 @@ def test_a_ceiling_waits_for_the_delay_and_the_warmup():
     ({"target": 0.5, "metric": "l0", "warmup_steps": -1}, "warmup_steps"),
     ({"target": 0.5, "metric": "l0", "delay_steps": -1}, "delay_steps"), ({"target": 0.5, "metric": "l0", "delay_steps": 2.5}, "delay_steps"),
     ({"target": 0.5, "metric": "l0", "delay_steps": True}, "delay_steps"),
+    ({"target": 0.5, "metric": "l0", "landing": "always"}, "landing must be one of"),
 ])
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -258,6 +259,39 @@ def test_the_pruned_size_follows_the_schedule_through_the_warmup_even_when_the_g
         assert abs(controller.deterministic_fraction() - target) <= 0.01 + one_gate
     open_now = torch.cat([g.is_open().flatten() for g in find_gates(model)])
     assert float(order[open_now].min()) > float(order[~open_now].max())
+
+
+def test_landing_at_the_target_leaves_the_warmup_to_the_penalty_then_lands():
+    """landing="target": gates that no optimizer moves stay open through the warm-up (on the schedule they
+    would be closed step by step), the penalty pushes all the while, and the step that reaches the target
+    lands the pruned size in its band."""
+    torch.manual_seed(0)
+    model = l0sparse.L0MLP((300, 100, 10))
+    controller = TargetController(model, 0.2, "l0", warmup_steps=20, tolerance=0.01, landing="target")
+    assert "landing='target'" in repr(controller)
+    with torch.no_grad():
+        controller.lambda_1.fill_(1.0)
+    for _ in range(20):
+        assert float(controller.penalty().detach()) > 0.0 or controller.current_target() == 1.0
+        controller.step()
+    assert controller.landings == 0 and controller.deterministic_fraction() == 1.0
+    controller.penalty()
+    controller.step()
+    one_gate = 1 / sum(g.log_alpha.numel() for g in find_gates(model))
+    assert controller.landings == 1 and abs(controller.deterministic_fraction() - 0.2) <= 0.01 + one_gate
+
+
+def test_landing_at_the_target_still_reopens_gates_below_the_band_during_the_warmup():
+    torch.manual_seed(0)
+    model = l0sparse.L0MLP((300, 100, 10))
+    controller = TargetController(model, 0.2, "l0", warmup_steps=20, tolerance=0.01, landing="target")
+    for _ in range(5):
+        controller.step()
+    target = controller.current_target()  # 0.8 of the way from 1.0 to 0.2 after 5 of 20 steps
+    _closed_fraction_(model, 0.3)  # the loss closed far more than the schedule asks for
+    controller.step()
+    one_gate = 1 / sum(g.log_alpha.numel() for g in find_gates(model))
+    assert controller.landings == 1 and abs(controller.deterministic_fraction() - target) <= 0.01 + one_gate
 
 
 @pytest.mark.parametrize("growing", [False, True])

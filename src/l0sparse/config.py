@@ -7,7 +7,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .control import METRICS
+from .control import LANDINGS, METRICS
 from .data import DATASETS
 from .files import read_json
 
@@ -30,7 +30,10 @@ class TrainConfig:
     target is a budget: from ``delay + warmup`` of the run on, the controller keeps
     the pruned size at or under it. ``delay`` (a fraction of the run) holds
     the target at the starting size before the ``warmup`` begins: the units
-    are chosen on a network that has trained for that long. ``regularizer = "none"`` trains the same architecture dense;
+    are chosen on a network that has trained for that long. ``landing``
+    (``"schedule"`` or ``"target"``) is the controller's: whether it closes
+    gates to follow the schedule at every step or only once the target is
+    reached, leaving the warm-up to the penalty. ``regularizer = "none"`` trains the same architecture dense;
     ``"magnitude"`` trains it dense for ``epochs``, removes the units and
     channels of smallest L1 norm down to ``target`` of the FLOPs, and
     fine-tunes for ``epochs`` more (the baseline). ``"l1"``, ``"group_l1"``
@@ -92,6 +95,7 @@ class TrainConfig:
     metric: str = "flops"
     warmup: float = 0.5
     delay: float = 0.0
+    landing: str = "schedule"
     controller_lr: float = 0.01
     weight_decay: float = 0.0
     droprate_init: float | list[float] = 0.5
@@ -129,6 +133,7 @@ class TrainConfig:
             ("metric", self.metric in METRICS, f"one of {METRICS}"),
             ("warmup", _number(self.warmup) and 0 <= self.warmup <= 1, "a fraction of the training steps in [0, 1]"),
             ("delay", _number(self.delay) and 0 <= self.delay <= 1, "a fraction of the training steps in [0, 1]"),
+            ("landing", self.landing in LANDINGS, f"one of {LANDINGS}"),
             ("controller_lr", _number(self.controller_lr) and self.controller_lr > 0, "a number > 0"),
             ("weight_decay", _number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
             ("droprate_init", _droprates_ok(self.droprate_init), "a number in (0, 1), or a list of them (one per gated layer, in order)"),
@@ -155,6 +160,9 @@ class TrainConfig:
         if self.delay and (self.target is None or self.regularizer != "l0"):
             raise ValueError(f"config key 'delay' = {self.delay!r}: delays the target controller's schedule, so it needs "
                              "regularizer = 'l0' and a target (target = 0.25)")
+        if self.landing != "schedule" and (self.target is None or self.regularizer != "l0"):
+            raise ValueError(f"config key 'landing' = {self.landing!r}: says when the target controller closes gates, so it "
+                             "needs regularizer = 'l0' and a target (target = 0.25)")
         if self.delay + self.warmup > 1:
             raise ValueError(f"config keys 'delay' = {self.delay!r} and 'warmup' = {self.warmup!r}: the target is reached after "
                              "both, so together they must be at most 1 (the whole run)")

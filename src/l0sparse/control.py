@@ -31,9 +31,11 @@ from torch import Tensor, nn
 from .costs import CostModel, expected_l0
 from .sites import find_gates
 
-__all__ = ["TargetController", "METRICS", "param_groups"]
+__all__ = ["TargetController", "METRICS", "LANDINGS", "param_groups"]
 
 METRICS = ("params", "flops", "l0")
+# when step() closes gates: on the schedule at every step, or only once the schedule has reached the target
+LANDINGS = ("schedule", "target")
 
 
 class TargetController(nn.Module):
@@ -72,6 +74,15 @@ class TargetController(nn.Module):
             λ chooses the model while it fits the budget; a schedule from
             the start would push while test-time gates are all still open
             and hold every gate low (docs/control.md).
+        landing: when :meth:`step` closes gates to bring the pruned size down.
+            ``"schedule"`` (the default): at every step, so the pruned size
+            follows the schedule whatever the gates' learning rate.
+            ``"target"``: only once the schedule has reached ``target``;
+            during the warm-up the penalty alone shrinks the model, and
+            gates are only reopened (when the size falls below the band).
+            The gates then close in the order the loss and the penalty give
+            them, not at the pace of the schedule (docs/hf.md measures both
+            on a pretrained transformer).
 
     Use::
 
@@ -82,7 +93,7 @@ class TargetController(nn.Module):
 
     def __init__(self, model: nn.Module, target: float, metric: str = "params", example_inputs=None,
                  warmup_steps: int = 0, lr: float = 0.01, tolerance: float = 0.005, ceiling: bool = False,
-                 delay_steps: int = 0) -> None:
+                 delay_steps: int = 0, landing: str = "schedule") -> None:
         super().__init__()
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0 < target <= 1) or math.isnan(target):
             raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
@@ -99,6 +110,8 @@ class TargetController(nn.Module):
             raise ValueError(f"tolerance must be a fraction in [0, 1), got {tolerance!r}")
         if not isinstance(ceiling, bool):
             raise ValueError(f"ceiling must be True or False, got {ceiling!r}")
+        if landing not in LANDINGS:
+            raise ValueError(f"landing must be one of {LANDINGS}, got {landing!r}")
         if not find_gates(model):
             raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
         device = find_gates(model)[0].log_alpha.device
@@ -107,7 +120,7 @@ class TargetController(nn.Module):
                              "which holds no values: build it on the device the model trains on")
         self.target, self.metric, self.warmup_steps, self.tolerance = float(target), metric, warmup_steps, float(tolerance)
         self.delay_steps = delay_steps
-        self.ceiling = ceiling
+        self.ceiling, self.landing = ceiling, landing
         self.landings = 0  # how often step() had to shift the gates back into the band (a diagnostic)
         self._model = [model]  # a list, so that the model is not registered as a submodule (state_dict stays small)
         if metric == "l0":
@@ -233,6 +246,8 @@ class TargetController(nn.Module):
         band = max(self.tolerance, float(self.residual))
         if self.ceiling and fraction <= target + band:
             return  # a budget, not a size to reach: below it λ alone decides
+        if self.landing == "target" and not scheduled and fraction > target + band:
+            return  # on the way to the target only the penalty closes gates
         if target - band <= fraction <= target + band:
             if abs(fraction - target) <= self.tolerance:
                 self.residual.zero_()
@@ -355,7 +370,8 @@ class TargetController(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"target={self.target:g}, metric={self.metric!r}, warmup_steps={self.warmup_steps}"
-                + (f", delay_steps={self.delay_steps}" if self.delay_steps else "") + (", ceiling=True" if self.ceiling else ""))
+                + (f", delay_steps={self.delay_steps}" if self.delay_steps else "") + (", ceiling=True" if self.ceiling else "")
+                + (f", landing={self.landing!r}" if self.landing != "schedule" else ""))
 
 
 def param_groups(model: nn.Module, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:

@@ -240,7 +240,7 @@ def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inpu
         steps = config.epochs * steps_per_epoch
         controller = TargetController(model, config.target, config.metric, example_inputs=example_inputs,
                                       warmup_steps=int(config.warmup * steps), delay_steps=int(config.delay * steps),
-                                      lr=config.controller_lr, ceiling=config.target_mode == "ceiling")
+                                      lr=config.controller_lr, ceiling=config.target_mode == "ceiling", landing=config.landing)
         return L0WithTarget(model, controller, config.lam, config.weight_decay, n_train, evaluated, size)
     if kind in ("l1", "group_l1", "l2"):
         return LkPenalty(model, kind, config.lam, n_train, config.threshold_value)
