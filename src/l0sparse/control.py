@@ -16,7 +16,9 @@ overshooting (closed gates rarely reopen, so an overshoot is paid in accuracy):
   that kept closing gates long after the target was reached;
 - ``step()`` keeps the pruned size on the schedule, ``t ± tolerance`` at
   every step, closing or reopening only the gates nearest the threshold: the
-  model shrinks gradually whatever the gates' learning rate.
+  model shrinks gradually whatever the gates' learning rate (with
+  ``landing="target"`` it closes gates only once the schedule is at the
+  target, for gates fast enough to follow the penalty).
 
 docs/control.md has the measurements behind these choices.
 """
