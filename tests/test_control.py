@@ -287,7 +287,7 @@ def test_landing_at_the_target_still_reopens_gates_below_the_band_during_the_war
     controller = TargetController(model, 0.2, "l0", warmup_steps=20, tolerance=0.01, landing="target")
     for _ in range(5):
         controller.step()
-    target = controller.current_target()  # 0.8 of the way from 1.0 to 0.2 after 5 of 20 steps
+    target = controller.current_target()  # 0.8: a quarter of the way from 1.0 to 0.2 after 5 of 20 steps
     _closed_fraction_(model, 0.3)  # the loss closed far more than the schedule asks for
     controller.step()
     one_gate = 1 / sum(g.log_alpha.numel() for g in find_gates(model))
