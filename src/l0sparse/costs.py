@@ -19,11 +19,11 @@ from torch import Tensor, nn
 
 from .distributions import log_ratio_zero
 from .gates import Gate, accumulation_dtype, check_lam
-from .graph import check_example_batch, check_module, example_tuple, trace_channels
+from .graph import check_example_batch, check_module, example_tuple, run_batch, trace_channels
 from .hidden import hidden_gate
 from .layers import L0Layer
-from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, head_layouts, module_rule,
-                         scaled_dot_product_macs, weight_product)
+from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, grouped_heads_kept, head_layouts,
+                         module_rule, scaled_dot_product_macs, weight_product)
 from .sites import Charge, GateSite, charges, find_gates, gate_sites, raw_tensor, ungated_l2_tensors
 
 __all__ = ["expected_l0", "penalty", "Penalty", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
@@ -243,10 +243,10 @@ class CostModel:
         finally:  # a failed trace leaves the model in the mode it was in
             model.train(was_training)
         self.model = model
-        self._batch = example_inputs[0].shape[0]  # counts are per entry of the first input dimension, as count_flops's
+        self._batch = example_inputs.first_tensor().shape[0]  # counts are per entry of the first input dimension, as count_flops's
         self.modules = dict(model.named_modules())
         # the counts' tensors are made where the gates live, so that the model may sit on any device
-        self.device = next((p.device for p in model.parameters()), example_inputs[0].device)
+        self.device = next((p.device for p in model.parameters()), example_inputs.first_tensor().device)
         # per attention module, per call: (sequences over the batch, query length, key length)
         self._attention_lengths = {
             name: [(sequences / self._batch, query_length, attention_layout(self.modules[name], key)[1])
@@ -270,7 +270,7 @@ class CostModel:
         # libraries leave with their q/k/v rows, and no column is dropped that its producer still makes
         self._head_layouts = head_layouts(model) if self.graph.tracer == "export" else {}
         self._head_of = {linear: owner for owner, layout in self._head_layouts.items()
-                         for linear in (*layout["qkv"], layout["projection"])}
+                         for linear in (*layout["qkv"], *layout.get("kv", ()), layout["projection"])}
         # a hidden gate (l0sparse.hidden): its stream's readers lose columns, its writers rows, and the embedding columns
         # and LayerNorm entries of each closed dimension go
         self._hidden = hidden_gate(model)
@@ -295,18 +295,39 @@ class CostModel:
                     heads = heads.clamp(min=1)
         return attention_cost(attention, query_length, key_length, heads)
 
-    def _kept_rows(self, owner: str, prob, deterministic: bool) -> Tensor:
+    def _kept_rows(self, owner: str, prob, deterministic: bool, keys_values: bool = False) -> Tensor:
         """Per q/k/v row of the attention module ``owner`` (an export-traced one): P(kept), from its head and
-        block gates together; where every head is closed prune keeps one zero head of ``min_width`` rows."""
+        block gates together; where every head is closed prune keeps one zero head of ``min_width`` rows.
+        Under grouped-query attention, per query row, or per key/value row with ``keys_values``."""
         layout = self._head_layouts[owner]
         heads, head_dim = layout["heads"], layout["head_dim"]
         columns = _column_probabilities(self._sites_of(self.modules[layout["projection"]]), prob)
-        kept = columns.view(heads, head_dim).mean(1).repeat_interleave(head_dim)  # a head's columns share its gates
+        per_head = columns.view(heads, head_dim).mean(1)  # a head's columns share its gates
+        if "kv" in layout:
+            return self._kept_grouped_rows(layout, per_head, deterministic, keys_values)
+        kept = per_head.repeat_interleave(head_dim)
         if deterministic:
             narrow = torch.zeros_like(kept)
             narrow[: layout["min_width"]] = 1
             kept = torch.where(kept.sum() > 0, kept, narrow)
         return kept
+
+    @staticmethod
+    def _kept_grouped_rows(layout: dict, per_head: Tensor, deterministic: bool, keys_values: bool) -> Tensor:
+        """:meth:`_kept_rows` of a grouped-query attention module. A key/value head is kept while any query head of its
+        group is (P = 1 − Π(1 − p_h), heads independent); deterministic counts are what prune keeps
+        (:func:`grouped_heads_kept`: each kept group as full as the fullest). The expected query rows do not count
+        the closed heads that fill the groups: they vanish once the groups keep equal counts (a target shape)."""
+        head_dim, kv_heads = layout["head_dim"], layout["kv_heads"]
+        if deterministic:
+            query_heads, groups = grouped_heads_kept(torch.nonzero(per_head > 0).flatten().tolist(), layout["heads"], kv_heads)
+            kept = torch.zeros(kv_heads if keys_values else layout["heads"], device=per_head.device)
+            kept[groups if keys_values else query_heads] = 1
+        elif keys_values:
+            kept = 1 - (1 - per_head.view(kv_heads, -1)).prod(1)
+        else:
+            kept = per_head
+        return kept.repeat_interleave(head_dim)
 
     def _sites_of(self, module: nn.Module) -> list[GateSite]:
         return self._sites.get(id(module), [])
@@ -410,7 +431,7 @@ class CostModel:
                 p_in = self._space_kept(source, prob, cache).repeat_interleave(n_in // source.size) if removable else torch.ones_like(p_in)
             if name in self._head_of:  # q/k/v rows and output projection columns go with their head
                 layout = self._head_layouts[self._head_of[name]]
-                per_row = self._kept_rows(self._head_of[name], prob, deterministic)
+                per_row = self._kept_rows(self._head_of[name], prob, deterministic, keys_values=name in layout.get("kv", ()))
                 if name == layout["projection"]:
                     p_in = per_row
                 else:
@@ -508,7 +529,7 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     check_module(model, "count_flops")
     example_inputs = example_tuple(example_inputs, "count_flops")
     check_example_batch(example_inputs)
-    batch = example_inputs[0].shape[0]
+    batch = example_inputs.first_tensor().shape[0]
     counted: dict[str, int] = {}
     names = {module: name for name, module in model.named_modules()}
 
@@ -531,7 +552,7 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     model.eval()
     try:
         with torch.no_grad(), counter:
-            model(*example_inputs)
+            run_batch(model, example_inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -24,6 +24,7 @@ hands each node to its rule.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import math
@@ -44,7 +45,8 @@ from .gates import Gate
 from .layers import L0Layer
 from .operations import ConvRule, LinearRule, aten_owner_kinds, function_rule, module_rule, node_inputs
 
-__all__ = ["Space", "Consumer", "ChannelGraph", "trace_channels", "check_example_batch", "example_tuple", "check_module"]
+__all__ = ["Space", "Consumer", "ChannelGraph", "Batch", "trace_channels", "check_example_batch", "example_tuple", "check_module",
+           "run_batch"]
 
 _aten = torch.ops.aten
 # ATen ops read as the torch functions the analysis knows (same argument order)
@@ -201,15 +203,53 @@ def _add_follower(space: Space, name: str) -> None:
         space.followers.append(name)
 
 
-def example_tuple(example_inputs, caller: str) -> tuple:
-    """``example_inputs`` as the forward's positional arguments: a tensor alone is one; a tuple or list holds them."""
+class Batch(tuple):
+    """Example inputs: the forward's positional arguments (the tuple itself) and its keyword arguments (``kwargs``)."""
+
+    kwargs: dict
+
+    def __new__(cls, args=(), kwargs: typing.Mapping | None = None) -> Batch:
+        batch = super().__new__(cls, args)
+        batch.kwargs = dict(kwargs or {})
+        return batch
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """Every tensor of the batch with the name an error message gives it (``example_inputs[0]``, ``example_inputs['ids']``)."""
+        named = [(f"example_inputs[{i}]", t) for i, t in enumerate(self)]
+        named += [(f"example_inputs[{key!r}]", t) for key, t in self.kwargs.items()]
+        return [(name, t) for name, t in named if isinstance(t, torch.Tensor)]
+
+    def first_tensor(self) -> torch.Tensor:
+        """The tensor whose first dimension counts the examples (the first positional one, else the first keyword one)."""
+        tensors = self.named_tensors()
+        if not tensors:
+            raise ValueError("example_inputs hold no tensor: pass a batch (a tensor, a tuple of the forward's arguments, "
+                             "or a dict of its keyword arguments)")
+        return tensors[0][1]
+
+
+def example_tuple(example_inputs, caller: str) -> Batch:
+    """``example_inputs`` as a :class:`Batch`: a tensor alone is one positional argument; a tuple or list holds the
+    positional arguments; a dict (``{"input_ids": ids, "attention_mask": mask}``) the keyword arguments."""
+    if isinstance(example_inputs, Batch):
+        return example_inputs
     if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
+        return Batch((example_inputs,))
     if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    # a dict would pass its keys as inputs, None nothing
-    raise TypeError(f"{caller}: example_inputs must be a batch (a tensor, or a tuple or list of the forward's "
-                    f"positional arguments), got {type(example_inputs).__name__}")
+        return Batch(tuple(example_inputs))
+    if isinstance(example_inputs, typing.Mapping):
+        bad = [key for key in example_inputs if not isinstance(key, str)]
+        if bad:
+            raise TypeError(f"{caller}: example_inputs as a dict maps the forward's argument names to values; "
+                            f"got the key {bad[0]!r}")
+        return Batch((), example_inputs)
+    raise TypeError(f"{caller}: example_inputs must be a batch (a tensor, a tuple or list of the forward's "
+                    f"positional arguments, or a dict of its keyword arguments), got {type(example_inputs).__name__}")
+
+
+def run_batch(model: nn.Module, batch: Batch):
+    """``model`` called on ``batch``: its positional and keyword arguments."""
+    return model(*batch, **getattr(batch, "kwargs", {}))
 
 
 def check_module(model, caller: str) -> None:
@@ -220,9 +260,9 @@ def check_module(model, caller: str) -> None:
 
 def check_example_batch(example_inputs: tuple) -> None:
     """Refuse example inputs whose batch is empty: every count is per example, and nothing can be traced on none."""
-    for position, tensor in enumerate(example_inputs):
-        if isinstance(tensor, torch.Tensor) and tensor.dim() >= 1 and tensor.shape[0] == 0:
-            raise ValueError(f"example_inputs[{position}] has an empty batch (shape {tuple(tensor.shape)}): "
+    for name, tensor in example_tuple(example_inputs, "example_inputs").named_tensors():
+        if tensor.dim() >= 1 and tensor.shape[0] == 0:
+            raise ValueError(f"{name} has an empty batch (shape {tuple(tensor.shape)}): "
                              "pass at least one example")
 
 
@@ -231,14 +271,12 @@ def _placement_mismatch(model: nn.Module, example_inputs: tuple) -> str | None:
     parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
     if parameter is None:
         return None
-    for position, tensor in enumerate(example_inputs):
-        if not isinstance(tensor, torch.Tensor):
-            continue
+    for name, tensor in example_tuple(example_inputs, "example_inputs").named_tensors():
         if tensor.device != parameter.device:
-            return (f"example_inputs[{position}] is on {tensor.device} but the model's parameters are on {parameter.device}: "
+            return (f"{name} is on {tensor.device} but the model's parameters are on {parameter.device}: "
                     "move the inputs or the model so that both are on one device")
         if tensor.is_floating_point() and tensor.dtype != parameter.dtype:
-            return (f"example_inputs[{position}] is {tensor.dtype} but the model's parameters are {parameter.dtype}: "
+            return (f"{name} is {tensor.dtype} but the model's parameters are {parameter.dtype}: "
                     f"cast the inputs (x.to({parameter.dtype})) or the model")
     return None
 
@@ -426,7 +464,10 @@ class _Trace:
 
 def _traced_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModule, str]:
     """A module-level graph of ``model`` with shapes in every node's ``tensor_meta``, and the tracer that made it."""
+    example_inputs = example_tuple(example_inputs, "trace")
     try:
+        if example_inputs.kwargs:  # fx's graph takes positional arguments only
+            raise TypeError("keyword example_inputs are traced with torch.export")
         graph_module = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as fx_error:  # torch.fx raises many kinds: fall back on torch.export
         return _exported_graph(model, example_inputs, fx_error), "export"
@@ -456,10 +497,10 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
         with warnings.catch_warnings(), _quiet_logger("torch.fx.experimental.symbolic_shapes"), \
                 contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            exported = torch.export.export(model, tuple(example_inputs))
+            exported = torch.export.export(_tensor_outputs(model), tuple(example_inputs), kwargs=example_inputs.kwargs)
     except Exception as export_error:
         try:  # the model's own forward fails too: the inputs are at fault, not the tracers
-            model(*example_inputs)
+            run_batch(model, example_inputs)
         except Exception as error:
             raise ValueError(f"example_inputs do not fit the model{_expected_input(model, example_inputs)}: "
                              f"{type(error).__name__}: {error}") from error
@@ -495,6 +536,21 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
             copied.meta["tensor_meta"] = _Shape(value.shape)
         env[node] = copied
     return fx.GraphModule(root, graph)
+
+
+def _tensor_outputs(model: nn.Module) -> nn.Module:
+    """A view of ``model`` (the same submodules, parameters and names) whose forward returns only the tensors of
+    ``model``'s output: what the analysis reads. Objects torch.export cannot return (a language model's KV cache)
+    are left out, so the user's model and its config stay untouched."""
+    view = copy.copy(model)  # shallow: the module dicts are shared, so every name and parameter is the model's own
+    forward = model.forward
+
+    def tensors_only(*args, **kwargs):
+        leaves = torch.utils._pytree.tree_leaves(forward(*args, **kwargs))
+        return tuple(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+    view.forward = tensors_only
+    return view
 
 
 @contextlib.contextmanager
@@ -572,11 +628,12 @@ def _first_line(error: BaseException) -> str:
 
 def _expected_input(model: nn.Module, example_inputs: tuple) -> str:
     """What the first layer expects, for the error message."""
-    got = ", ".join(str(tuple(t.shape)) for t in example_inputs if isinstance(t, torch.Tensor))
+    tensors = [t for _, t in example_tuple(example_inputs, "example_inputs").named_tensors()]
+    got = ", ".join(str(tuple(t.shape)) for t in tensors)
     for name, module in model.named_modules():
         rule = module_rule(module)
         if isinstance(module, nn.Embedding):  # a token model: its Linear layers' widths say nothing of its inputs
-            got_dtypes = ", ".join(str(t.dtype).removeprefix("torch.") for t in example_inputs if isinstance(t, torch.Tensor))
+            got_dtypes = ", ".join(str(t.dtype).removeprefix("torch.") for t in tensors)
             return f" (got shape {got}, dtype {got_dtypes}; the first layer {name!r} is an nn.Embedding: it takes integer ids)"
         if isinstance(rule, LinearRule):
             return f" (got shape {got}; the first layer {name!r} expects {module.in_features} features in the last dimension)"

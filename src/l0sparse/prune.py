@@ -26,11 +26,11 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
-from .graph import ChannelGraph, check_module, example_tuple, trace_channels
+from .graph import ChannelGraph, check_module, example_tuple, run_batch, trace_channels
 from .hidden import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
-from .operations import (LinearRule, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads, set_head_count,
-                         set_submodule)
+from .operations import (LinearRule, grouped_heads_kept, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads,
+                         set_head_count, set_kv_groups, set_submodule)
 from .sites import find_gates, gate_sites, run_plainly
 
 __all__ = ["prune", "rebuild", "plain_copy", "PrunePlan", "Selection"]
@@ -277,6 +277,9 @@ def _apply_module_plan(work: nn.Module, plan: PrunePlan) -> nn.Module:
         kept, head_dim = layout["kept"], layout["head_dim"]
         if len(kept) == layout["heads"]:
             continue
+        if "kv" in layout:  # grouped-query attention
+            _remove_grouped_heads(modules, owner, layout)
+            continue
         if kept:
             index = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in kept]).tolist()
             heads, width = len(kept), head_dim
@@ -291,11 +294,25 @@ def _apply_module_plan(work: nn.Module, plan: PrunePlan) -> nn.Module:
     return work
 
 
+def _remove_grouped_heads(modules: dict[str, nn.Module], owner: str, layout: dict) -> None:
+    """Slice a grouped-query attention module to the query heads and key/value heads that
+    :func:`grouped_heads_kept` keeps, and set its query heads per key/value head."""
+    head_dim = layout["head_dim"]
+    query_heads, groups = grouped_heads_kept(layout["kept"], layout["heads"], layout["kv_heads"])
+    rows = lambda heads: [h * head_dim + i for h in heads for i in range(head_dim)]  # noqa: E731
+    for name in layout["qkv"]:
+        _slice(modules[name], name, rows=rows(query_heads))
+    for name in layout["kv"]:
+        _slice(modules[name], name, rows=rows(groups))
+    _slice(modules[layout["projection"]], layout["projection"], columns=rows(query_heads))
+    set_kv_groups(modules[owner], len(query_heads) // len(groups))
+
+
 def _check_values(model: nn.Module, example_inputs: tuple) -> None:
     """Refuse what prune cannot fold exactly: tensors without data (meta) and NaN or infinite values."""
     tensors = itertools.chain(model.named_parameters(), model.named_buffers())
     named = [(name, t) for name, t in tensors if t.is_floating_point()]
-    inputs = [(f"example_inputs[{i}]", t) for i, t in enumerate(example_inputs) if isinstance(t, Tensor)]
+    inputs = example_tuple(example_inputs, "prune").named_tensors()
     on_meta = [name for name, t in named + inputs if t.is_meta]
     if on_meta:
         raise ValueError(f"prune reads the weights' values to find the closed units, but {on_meta[0]!r} is on the meta device, "
@@ -359,7 +376,7 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     model.eval()
     try:
         with torch.no_grad():
-            expected, got = model(*example_inputs), pruned(*example_inputs)
+            expected, got = run_batch(model, example_inputs), run_batch(pruned, example_inputs)
     finally:  # the user's model leaves in the mode it came in, whatever happened
         model.train(was_training)
     _check_same(expected, got, hidden)

@@ -58,7 +58,7 @@ from .gates import Gate
 from .graph import check_module, example_tuple, trace_channels
 from .hidden import hidden_gate
 from .layers import L0Layer
-from .operations import declared_head_count, head_layouts, query_key_value
+from .operations import declared_head_count, grouped_projections, head_layouts, query_key_value
 from .sites import GateMask, gate_masks, sum_per_gate
 
 __all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks", "sum_per_gate", "head_layouts"]
@@ -192,7 +192,7 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
         model.eval()
         try:
             with torch.no_grad():
-                graph = trace_channels(model, tuple(example_inputs))
+                graph = trace_channels(model, example_inputs)
         finally:  # a failed trace leaves the model in the mode it was in
             model.train(was_training)
         _check_out_rules(graph, plan)
@@ -300,6 +300,13 @@ def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: 
             found = "it has no nn.Linear" if projection is None else f"its last Linear has {projection.in_features} inputs"
             raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the output projection "
                              f"must be its last nn.Linear with inputs divisible by {num_heads}; {found}")
+        grouped = grouped_projections(module, projection)
+        if grouped is not None and num_heads not in (grouped["heads"], grouped["kv_heads"]):  # a gate across heads removes none
+            raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
+                             f"{grouped['heads']} query heads in {grouped['kv_heads']} key/value groups; give ('heads', "
+                             f"{grouped['heads']}) for a gate per query head or ('heads', {grouped['kv_heads']}) for one per group")
+        if grouped is not None:
+            return
         declared = declared_head_count(module)
         if declared is not None and declared != num_heads:  # gates across head boundaries could not remove heads
             raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
