@@ -366,17 +366,25 @@ def test_a_model_that_is_not_a_module_is_refused_by_name(call):
 
 
 @pytest.mark.parametrize("call", ["prune", "CostModel", "count_flops", "summary"])
-def test_example_inputs_as_a_dict_are_refused_not_read_as_their_keys(call):
+def test_example_inputs_as_a_dict_are_keyword_arguments_and_a_wrong_name_is_refused(call):
+    """A dict is the forward's keyword arguments (issue #25), never read as its keys; one the forward does not take
+    is refused, with its name, and the model is left as it was."""
     model = l0sparse.sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), example_inputs=torch.zeros(2, 4))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with pytest.raises(TypeError, match=rf"{call}: example_inputs must be a batch .* got dict"):
-        getattr(l0sparse, call)(model, {"input": torch.zeros(2, 4)})
+    x = torch.randn(2, 4)
+    as_dict, positional = getattr(l0sparse, call)(model, {"input": x}), getattr(l0sparse, call)(model, x)
+    if call == "count_flops":
+        assert as_dict == positional
+    with pytest.raises(ValueError, match=r"example_inputs do not fit the model.*unexpected keyword argument 'x'"):
+        getattr(l0sparse, call)(model, {"x": x})
+    with pytest.raises(TypeError, match=rf"{call}: example_inputs as a dict maps the forward's argument names to values; got the key 0"):
+        getattr(l0sparse, call)(model, {0: x})
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
 
 
-def test_rebuild_names_itself_when_example_inputs_are_a_dict():
+def test_rebuild_names_itself_when_example_inputs_are_not_a_batch():
     model = l0sparse.sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), example_inputs=torch.zeros(2, 4))
     _, plan = l0sparse.prune(model, torch.zeros(2, 4), return_plan=True)
     assert "tracer" not in plan  # the fx plan, whose rebuild traces example_inputs
-    with pytest.raises(TypeError, match=r"rebuild: example_inputs must be a batch .* got dict"):
-        l0sparse.rebuild(model, plan, {"input": torch.zeros(2, 4)})
+    with pytest.raises(TypeError, match=r"rebuild: example_inputs must be a batch .* got str"):
+        l0sparse.rebuild(model, plan, "input")

@@ -552,7 +552,10 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     model.eval()
     try:
         with torch.no_grad(), counter:
-            run_batch(model, example_inputs)
+            try:
+                run_batch(model, example_inputs)
+            except TypeError as error:  # arguments the forward does not take (a dict's wrong name)
+                raise ValueError(f"count_flops: example_inputs do not fit the model: TypeError: {error}") from error
     finally:
         for handle in handles:
             handle.remove()

@@ -1,0 +1,210 @@
+"""Hugging Face decoder language models gated by ``l0hf.decoder_rules`` (heads, key/value groups, gated-MLP units,
+whole blocks), pruned with the KV cache on and keyword example inputs, to plain, smaller models that give the
+gated model's logits and greedy tokens. Small random configs built from transformers' config classes: nothing is
+downloaded."""
+
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import l0sparse
+from l0sparse import hf as l0hf
+from l0sparse.costs import CostModel
+from l0sparse.operations import grouped_heads_kept
+from l0sparse.sites import find_gates
+
+from test_hf_encoders import hf, torch_export_loaded  # noqa: F401 (a fixture)
+
+VOCAB, WIDTH, FFN, LENGTH = 64, 32, 48, 8
+COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=FFN, num_hidden_layers=2, max_position_embeddings=64)
+
+
+def llama(**extra) -> nn.Module:  # grouped-query attention: 8 query heads of 4 in 2 key/value groups
+    return hf().LlamaForCausalLM(hf().LlamaConfig(num_attention_heads=8, num_key_value_heads=2, head_dim=4, **COMMON, **extra))
+
+
+FAMILIES = {
+    "llama-gqa": llama,
+    "llama-gqa-tied": lambda: llama(tie_word_embeddings=True),
+    "llama-mha": lambda: hf().LlamaForCausalLM(hf().LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **COMMON)),
+    "mistral": lambda: hf().MistralForCausalLM(hf().MistralConfig(num_attention_heads=4, num_key_value_heads=2, **COMMON)),
+    "qwen2": lambda: hf().Qwen2ForCausalLM(hf().Qwen2Config(num_attention_heads=4, num_key_value_heads=2, **COMMON)),
+    # per-head RMSNorms on the queries and keys
+    "qwen3": lambda: hf().Qwen3ForCausalLM(hf().Qwen3Config(num_attention_heads=4, num_key_value_heads=2, head_dim=8, **COMMON)),
+    # multi-query: one key/value head
+    "gemma-mqa": lambda: hf().GemmaForCausalLM(hf().GemmaConfig(num_attention_heads=4, num_key_value_heads=1, head_dim=8, **COMMON)),
+    "opt": lambda: hf().OPTForCausalLM(hf().OPTConfig(vocab_size=VOCAB, hidden_size=WIDTH, ffn_dim=FFN, num_hidden_layers=2,
+                                                      num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=WIDTH)),
+    "gpt-neo": lambda: hf().GPTNeoForCausalLM(hf().GPTNeoConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_layers=2, num_heads=4,
+                                                                intermediate_size=FFN, attention_types=[[["global", "local"], 1]],
+                                                                max_position_embeddings=64, window_size=4, bos_token_id=1,
+                                                                eos_token_id=2)),
+}
+VARIANTS = {"heads": {}, "groups": {"groups": True}, "blocks": {"blocks": True}}
+
+
+def batch(length: int = LENGTH, padded: bool = True, seed: int = 0) -> dict:
+    """Keyword inputs: two sequences, the first left-padded by three tokens when ``padded``."""
+    ids = torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def gated(family: str, seed: int = 0, **rule_options) -> nn.Module:
+    """A random decoder of ``family`` gated by decoder_rules, about half of every gate closed (log α = ±10)."""
+    torch.manual_seed(seed)
+    model = FAMILIES[family]().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embeddings and norms have weights but no gate
+        l0sparse.sparsify(model, l0hf.decoder_rules(model, **rule_options), example_inputs=batch())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in find_gates(model):
+            gate.log_alpha.copy_(torch.where(torch.rand(gate.log_alpha.shape, generator=generator) < 0.5, -10.0, 10.0))
+    return model.eval()
+
+
+def assert_same_logits(expected: nn.Module, got: nn.Module, inputs: dict) -> None:
+    """Equal logits within 1e-4 of their scale: float32 sums of the same terms in another order, nothing more."""
+    with torch.no_grad():
+        a, b = expected(**inputs).logits, got(**inputs).logits
+    assert a.shape == b.shape
+    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+
+
+def test_decoder_rules_name_heads_groups_units_and_blocks():
+    model = llama()
+    attention = {f"model.layers.{i}.self_attn" for i in range(2)}
+    units = {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    assert l0hf.decoder_rules(model) == {**{a: ("heads", 8) for a in attention}, **{u: "in" for u in units}, nn.Linear: "skip"}
+    assert l0hf.decoder_rules(model, groups=True) == {**{a: ("heads", 2) for a in attention}, **{u: "in" for u in units}, nn.Linear: "skip"}
+    assert l0hf.decoder_rules(model, blocks=True, heads=False) == {**{u: "in+block" for u in units}, nn.Linear: "skip"}
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_prunes_exactly_with_the_cache_on_and_generates_the_same_tokens(family, variant):
+    model = gated(family, **VARIANTS[variant])
+    dense_params = l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in find_gates(model))
+    expected_macs = float(l0sparse.expected_flops(model, batch(), deterministic=True))
+    pruned = l0sparse.prune(model, batch())
+    assert model.config.use_cache is not False  # the user's config is left as it was
+    assert l0sparse.count_params(pruned) < dense_params
+    assert not find_gates(pruned)
+    assert_same_logits(model, pruned, batch())
+    assert_same_logits(model, pruned, batch(length=5, padded=False, seed=1))  # another length, no padding
+    assert l0sparse.count_flops(pruned, batch()) == expected_macs  # the cost model counts what prune leaves
+    prompt = batch(padded=False)["input_ids"][:1]
+    with torch.no_grad():
+        tokens = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        assert torch.equal(pruned.generate(prompt, max_new_tokens=6, do_sample=False), tokens)
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+@pytest.mark.parametrize("family", ["llama-gqa", "llama-gqa-tied"])
+def test_the_pruned_decoder_exports_and_reloads_with_weights_only(family):
+    model = gated(family)
+    pruned, plan = l0sparse.prune(model, batch(), return_plan=True)
+    inputs = batch()
+    with torch.no_grad():
+        got = pruned(**inputs).logits
+    exported = torch.export.export(pruned, (), kwargs={**inputs, "use_cache": False})
+    assert torch.allclose(exported.module()(**inputs, use_cache=False).logits, got, atol=1e-6)
+    saved = io.BytesIO()
+    torch.save(pruned.state_dict(), saved)
+    saved.seek(0)
+    torch.manual_seed(1)  # another init: every value must come from the file
+    empty = l0sparse.rebuild(FAMILIES[family](), plan, batch())
+    empty.load_state_dict(torch.load(saved, weights_only=True))
+    if family.endswith("tied"):
+        assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(empty.eval()(**inputs).logits, got)
+
+
+@pytest.mark.parametrize(("kept", "expected"), [
+    ([0, 1, 2, 3, 4, 5, 6, 7], ([0, 1, 2, 3, 4, 5, 6, 7], [0, 1])),
+    ([1, 2, 5], ([1, 2, 4, 5], [0, 1])),  # group 1 keeps a closed head so both groups keep two
+    ([4, 6], ([4, 6], [1])),  # group 0 goes with its key and value rows
+    ([], ([0], [0])),  # the forward needs one head
+])
+def test_grouped_heads_kept_gives_every_group_the_same_count(kept, expected):
+    assert grouped_heads_kept(kept, heads=8, kv_heads=2) == expected
+
+
+def test_closed_query_heads_of_one_group_remove_the_group_and_set_the_repeat():
+    model = llama()
+    l0sparse.sparsify(model, {"model.layers.*.self_attn": ("heads", 8), nn.Linear: "skip"})
+    with torch.no_grad():
+        for gate in find_gates(model):
+            gate.log_alpha.copy_(torch.tensor([10.0, -10.0, 10.0, -10.0, -10.0, -10.0, -10.0, -10.0]))
+    pruned = l0sparse.prune(model.eval(), batch())
+    attention = pruned.model.layers[0].self_attn
+    assert attention.q_proj.out_features == 2 * 4 and attention.o_proj.in_features == 2 * 4
+    assert attention.k_proj.out_features == attention.v_proj.out_features == 4  # group 1 is gone
+    assert attention.num_key_value_groups == 2
+    assert_same_logits(model, pruned, batch())
+
+
+def test_expected_key_value_rows_are_kept_while_any_query_head_of_their_group_is():
+    """Closed form: a query head's q rows and o columns cost P(h open); a key/value head's k and v rows cost
+    1 − Π over its group's heads of (1 − P(h open)), the heads' gates being independent."""
+    model = llama()
+    l0sparse.sparsify(model, {"model.layers.*.self_attn": ("heads", 8), nn.Linear: "skip"})
+    costs = CostModel(model.eval(), batch())
+    gates = find_gates(model)
+    probabilities = torch.tensor([0.9, 0.2, 0.5, 0.7, 0.1, 0.3, 0.6, 0.05])
+    everything = float(costs.costs(probabilities={id(g): torch.ones(8) for g in gates})["params"])
+    expected = float(costs.costs(probabilities={id(g): probabilities for g in gates})["params"])
+    head_dim, per_head_row = 4, WIDTH
+    query = 2 * head_dim * per_head_row * (probabilities - 1).sum()  # q rows and o columns
+    groups = 1 - (1 - probabilities.view(2, 4)).prod(1)
+    key_value = 2 * head_dim * per_head_row * (groups - 1).sum()
+    layers = 2
+    closed_form = everything + layers * float(query + key_value)
+    assert abs(expected - closed_form) <= 1e-6 * everything  # float32 sums
+
+
+def test_a_head_rule_across_groups_and_fused_projections_are_refused_by_name():
+    model = llama()
+    with pytest.raises(ValueError, match=r"8 query heads in 2 key/value groups.*\('heads', 8\).*\('heads', 2\)"):
+        l0sparse.sparsify(model, {"model.layers.*.self_attn": ("heads", 4), nn.Linear: "skip"})
+    phi3 = hf().Phi3ForCausalLM(hf().Phi3Config(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **COMMON))
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn' \(Phi3Attention\).*fused projections"):
+        l0hf.decoder_rules(phi3)
+    gpt2 = hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64))
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn' \(GPT2Attention\)"):
+        l0hf.decoder_rules(gpt2)
+    with pytest.raises(TypeError, match="groups must be True or False"):
+        l0hf.decoder_rules(model, groups="yes")
+
+
+def test_keyword_example_inputs_for_a_model_of_the_users_own():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up, self.down = nn.Linear(6, 10), nn.Linear(10, 3)
+
+        def forward(self, x, scale=None):
+            hidden = torch.relu(self.up(x))
+            return self.down(hidden if scale is None else hidden * scale)
+
+    torch.manual_seed(0)
+    model = l0sparse.sparsify(Scaled(), {"down": "in", "up": "skip"})
+    with torch.no_grad():
+        find_gates(model)[0].log_alpha.copy_(torch.tensor([10.0, -10.0] * 5))
+    inputs = {"x": torch.randn(4, 6), "scale": 2.0}  # a number: a tensor of channels would lock them
+    pruned = l0sparse.prune(model.eval(), inputs)
+    with torch.no_grad():
+        assert torch.allclose(pruned(**inputs), model(**inputs), atol=1e-6)
+    # per example: 6 inputs to the 5 open units, 5 units to 3 outputs
+    assert l0sparse.count_flops(pruned, inputs) == float(l0sparse.expected_flops(model, inputs, deterministic=True)) == 6 * 5 + 5 * 3
+    assert pruned.up.out_features == 5
+    with pytest.raises(TypeError, match="example_inputs as a dict maps the forward's argument names"):
+        l0sparse.prune(model, {0: inputs["x"]})
