@@ -208,3 +208,95 @@ def test_keyword_example_inputs_for_a_model_of_the_users_own():
     assert pruned.up.out_features == 5
     with pytest.raises(TypeError, match="example_inputs as a dict maps the forward's argument names"):
         l0sparse.prune(model, {0: inputs["x"]})
+
+
+def open_exactly(model: nn.Module, heads: list[int], units: int) -> None:
+    """Open the query heads ``heads`` and the first ``units`` units of every layer (log α = +10), close the rest (−10)."""
+    with torch.no_grad():
+        for layer in l0hf._shaped_layers(model):
+            keep = torch.zeros(layer.gate.log_alpha.numel(), dtype=torch.bool)
+            keep[heads if layer.kind == "heads" else slice(0, units)] = True
+            layer.gate.log_alpha.copy_(torch.where(keep, 10.0, -10.0))
+
+
+def test_shape_controller_lands_every_layer_on_the_shape():
+    """Trained on its penalty alone, the expected counts of every layer settle on the shape: each rounds to the
+    target (the shape is whole heads and units), in every layer and dimension."""
+    torch.manual_seed(0)
+    model = llama().eval()
+    l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch(), droprate_init=0.02)
+    shape = l0hf.DecoderShape(heads=4, kv_heads=1, intermediate_size=24)
+    controller = l0hf.ShapeController(model, shape, warmup_steps=100, lr=0.05)
+    optimizer = torch.optim.Adam([gate.log_alpha for gate in find_gates(model)], lr=0.05)
+    for _ in range(800):
+        optimizer.zero_grad()
+        controller.penalty().backward()
+        optimizer.step()
+        controller.step()
+    targets = {"heads": 4, "kv_heads": 1, "units": 24}
+    counts = controller.expected_counts()
+    assert len(counts) == 4  # two attention modules, two feed-forward blocks
+    for count in counts:
+        for dimension, value in count.items():
+            assert abs(float(value) - targets[dimension]) < 0.5, (dimension, float(value))
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+def test_prune_to_shape_writes_a_stock_config_that_plain_from_pretrained_loads(tmp_path):
+    model = llama().eval()
+    l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
+    open_exactly(model, heads=[5, 6, 7, 4], units=24)  # four heads of group 1
+    before = [gate.log_alpha.clone() for gate in find_gates(model)]
+    pruned = l0hf.prune_to_shape(model, batch(), l0hf.DecoderShape(heads=4, kv_heads=1, intermediate_size=24))
+    assert all(torch.equal(a, gate.log_alpha) for a, gate in zip(before, find_gates(model)))  # the user's model as it was
+    config = pruned.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size) == (4, 1, 4, 24)
+    assert_same_logits(model, pruned, batch())  # the open set was the shape: nothing else changed
+    pruned.save_pretrained(tmp_path)
+    loaded = hf().AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # no l0sparse involved
+    assert type(loaded) is type(pruned) and l0sparse.count_params(loaded) == l0sparse.count_params(pruned)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch()).logits, pruned(**batch()).logits)
+        prompt = batch(padded=False)["input_ids"][:1]
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False),
+                           model.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+def test_prune_to_shape_keeps_the_largest_log_alpha_and_opens_a_closed_one_it_keeps():
+    model = llama().eval()
+    l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
+    open_exactly(model, heads=[0, 1, 2, 5], units=10)  # fewer units open than the shape keeps; heads spread over both groups
+    pruned = l0hf.prune_to_shape(model, batch(), l0hf.DecoderShape(heads=4, intermediate_size=12))
+    for layer in pruned.model.layers:
+        assert layer.self_attn.q_proj.out_features == 16 and layer.self_attn.k_proj.out_features == 8  # 2 groups of 2
+        assert layer.mlp.down_proj.in_features == layer.mlp.up_proj.out_features == 12
+    assert pruned.config.num_key_value_heads == 2 and pruned.config.intermediate_size == 12
+
+
+def test_bad_shapes_are_refused_by_name():
+    model = llama().eval()
+    l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
+    cases = [
+        (l0hf.DecoderShape(heads=16), ValueError, r"larger than 'model.layers.0.self_attn' \(8 heads, 2 key/value heads\)"),
+        (l0hf.DecoderShape(heads=3), ValueError, "3 heads cannot be shared equally by 2 key/value heads"),
+        (l0hf.DecoderShape(intermediate_size=0), ValueError, "DecoderShape.intermediate_size must be a positive int"),
+        (l0hf.DecoderShape(intermediate_size=49), ValueError, "more than the 48 units"),
+        (l0hf.DecoderShape(), ValueError, "names nothing to prune"),
+        ({"heads": 4}, TypeError, "shape must be an l0sparse.hf.DecoderShape"),
+    ]
+    for shape, error, message in cases:
+        with pytest.raises(error, match=message):
+            l0hf.ShapeController(model, shape)
+        with pytest.raises(error, match=message):
+            l0hf.prune_to_shape(model, batch(), shape)
+    with pytest.raises(ValueError, match="warmup_steps must be an int >= 0"):
+        l0hf.ShapeController(model, l0hf.DecoderShape(heads=4), warmup_steps=-1)
+    grouped = llama().eval()
+    l0sparse.sparsify(grouped, l0hf.decoder_rules(grouped, groups=True), example_inputs=batch())
+    with pytest.raises(ValueError, match="one gate per key/value group of 4 query heads, so 1 groups keep 4 heads, not 2"):
+        l0hf.ShapeController(grouped, l0hf.DecoderShape(heads=2, kv_heads=1))
+    opt = FAMILIES["opt"]().eval()
+    l0sparse.sparsify(opt, l0hf.decoder_rules(opt), example_inputs=batch())
+    with pytest.raises(ValueError, match="OPTConfig has no head_dim"):
+        l0hf.prune_to_shape(opt, batch(), l0hf.DecoderShape(heads=2))
