@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import math
+import shutil
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["Split", "load_digits_split", "load_fashion_mnist", "load_mnist_5k", "load_mnist1d", "load_wordnet", "load_dataset",
-           "DATASETS", "FASHION_MNIST_DIR", "WORDNET_DIR"]
+           "load_bible_bytes", "DATASETS", "FASHION_MNIST_DIR", "WORDNET_DIR"]
 
 #: Where Debian's package dataset-fashion-mnist puts the files.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -199,6 +201,28 @@ DATASETS = {
     "mnist1d": load_mnist1d,
     "wordnet": load_wordnet,
 }
+
+
+def load_bible_bytes(held_out_every: int = 20, block: int = 100) -> tuple[Tensor, Tensor]:
+    """The King James Bible as bytes (uint8 tensors: train, held-out), for a byte-level language model.
+
+    Read from Debian's ``bible-kjv`` (``bible -f Gen1:1-Rev22:21``: 31,102 verses, a verse a line, each line's
+    reference such as ``Ge1:1`` removed). The verses go in blocks of ``block``; every ``held_out_every``-th block is
+    held out (5% by default), so held-out text is spread over the whole book and never split from its block.
+    """
+    if shutil.which("bible") is None:
+        raise FileNotFoundError("the King James Bible comes from Debian's package bible-kjv: `apt-get install bible-kjv` "
+                                "(the `bible` command)")
+    text = subprocess.run(["bible", "-f", "Gen1:1-Rev22:21"], capture_output=True, text=True, check=True).stdout
+    verses = [line.split(" ", 1)[1] for line in text.splitlines() if " " in line and ":" in line.split(" ", 1)[0]]
+    if len(verses) < block * held_out_every:
+        raise ValueError(f"bible printed {len(verses)} verses, fewer than expected: reinstall it with "
+                         "`apt-get install --reinstall bible-kjv`")
+    train, held_out = [], []
+    for start in range(0, len(verses), block):
+        (held_out if (start // block) % held_out_every == held_out_every - 1 else train).extend(verses[start:start + block])
+    as_bytes = lambda lines: torch.tensor(list("\n".join(lines).encode("utf-8")), dtype=torch.uint8)  # noqa: E731
+    return as_bytes(train), as_bytes(held_out)
 
 
 def load_dataset(name: str) -> Split:

@@ -12,6 +12,7 @@ al. prune: attention heads and feed-forward units of every layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -588,10 +589,10 @@ def _opening(gate) -> float:
 
 
 @torch.no_grad()
-def _select(layer: _ShapedLayer, targets: dict[str, int]) -> Tensor:
-    """Which gates of ``layer`` stay open for the shape: the top units by log α; the top key/value groups (by the
-    summed log α of the query heads they would keep), and in each the top query heads."""
-    log_alpha = layer.gate.log_alpha.detach()
+def _select(layer: _ShapedLayer, targets: dict[str, int], scores: Tensor | None = None) -> Tensor:
+    """Which gates of ``layer`` stay open for the shape: the top units by log α (or ``scores``); the top key/value
+    groups (by the summed log α of the query heads they would keep), and in each the top query heads."""
+    log_alpha = layer.gate.log_alpha.detach() if scores is None else scores.detach().to(layer.gate.log_alpha.device).float()
     keep = torch.zeros(log_alpha.numel(), dtype=torch.bool, device=log_alpha.device)
     if layer.kind == "units":
         keep[torch.topk(log_alpha, targets["units"]).indices] = True
@@ -608,7 +609,7 @@ def _select(layer: _ShapedLayer, targets: dict[str, int]) -> Tensor:
     return keep
 
 
-def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape) -> nn.Module:
+def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape, scores: Mapping[str, Tensor] | None = None) -> nn.Module:
     """``model`` (gated by :func:`decoder_rules`) pruned to exactly ``shape`` in every layer, with a stock config.
 
     In each layer the gates with the largest log α are kept (:class:`ShapeController` trains them to the shape first)
@@ -617,6 +618,10 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape) -> nn.
     with the selection's gates, and its config holds the shape (``num_attention_heads``, ``num_key_value_heads``,
     ``head_dim``, ``intermediate_size``): ``save_pretrained`` writes it and ``AutoModelForCausalLM.from_pretrained``
     loads it without l0sparse. ``model`` is left as it was.
+
+    ``scores`` ranks by other numbers than log α (an importance baseline): per shaped module (an attention module's
+    name: one score per query head, or per group under ``decoder_rules(groups=True)``; a down projection's name: one
+    per unit), the larger kept.
     """
     import copy
 
@@ -624,6 +629,16 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape) -> nn.
 
     layers = _shaped_layers(model)
     targets = _check_shape(layers, shape)
+    scores = dict(scores or {})
+    for layer in layers:
+        given = scores.get(layer.name)
+        if given is not None and (not isinstance(given, Tensor) or given.shape != layer.gate.log_alpha.shape):
+            raise ValueError(f"scores[{layer.name!r}] must be a tensor of shape {tuple(layer.gate.log_alpha.shape)} (one per gate), "
+                             f"got {getattr(given, 'shape', type(given).__name__)}")
+    unknown = sorted(set(scores) - {layer.name for layer in layers})
+    if unknown:
+        raise ValueError(f"scores names {unknown[0]!r}, which is no gated attention module or down projection; "
+                         f"they are {[layer.name for layer in layers]}")
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(config, "to_dict", None)):
         raise TypeError(f"prune_to_shape writes the shape into a Hugging Face config; {type(model).__name__} has none")
@@ -632,7 +647,7 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape) -> nn.
     for layer, copied in zip(layers, _shaped_layers(work)):
         if not any(dimension in targets for dimension in ShapeController._full(layer)):
             continue
-        keep = _select(layer, targets)
+        keep = _select(layer, targets, scores.get(layer.name))
         log_alpha = copied.gate.log_alpha.data
         log_alpha.copy_(torch.where(keep, log_alpha.clamp(min=_opening(copied.gate)), torch.full_like(log_alpha, -30.0)))
     pruned = prune(work.eval(), example_inputs)
