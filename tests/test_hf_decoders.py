@@ -300,3 +300,61 @@ def test_bad_shapes_are_refused_by_name():
     l0sparse.sparsify(opt, l0hf.decoder_rules(opt), example_inputs=batch())
     with pytest.raises(ValueError, match="OPTConfig has no head_dim"):
         l0hf.prune_to_shape(opt, batch(), l0hf.DecoderShape(heads=2))
+
+
+class Windows(torch.utils.data.Dataset):
+    """Random token windows as a causal language model's training examples (the labels are the inputs)."""
+
+    def __init__(self, count: int = 64) -> None:
+        self.ids = torch.randint(3, VOCAB, (count, LENGTH), generator=torch.Generator().manual_seed(2))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"input_ids": self.ids[index], "labels": self.ids[index]}
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+def test_the_trainer_callback_trains_steers_prunes_and_saves_with_the_real_trainer(tmp_path):
+    transformers = hf()
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the 'hf' and 'dev' extras install it)")
+    torch.manual_seed(0)
+    model = llama()
+    l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch(), droprate_init=0.02)
+    shape = l0hf.DecoderShape(heads=4, kv_heads=1, intermediate_size=24)
+    controller = l0hf.ShapeController(model, shape, warmup_steps=10, lr=0.05)
+    callback = l0hf.L0Callback(controller, example_inputs=batch(), shape=shape, output_dir=tmp_path / "pruned")
+    before = [gate.log_alpha.detach().clone() for gate in find_gates(model)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), max_steps=20, per_device_train_batch_size=8,
+                                          learning_rate=0.05, weight_decay=0.1, logging_steps=10, save_strategy="no",
+                                          report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Windows(), callbacks=[callback])
+    trainer.train()
+    assert int(controller.steps) == 20  # one controller step per optimizer step
+    assert all(not torch.equal(a, gate.log_alpha) for a, gate in zip(before, find_gates(model)))  # the gates trained
+    gates = {id(gate.log_alpha) for gate in find_gates(model)}
+    for group in trainer.optimizer.param_groups:  # every log α in the no-decay group, none left in the decayed one
+        assert sum(id(p) in gates for p in group["params"]) == (len(gates) if group["weight_decay"] == 0 else 0)
+    logged = [entry for entry in trainer.state.log_history if "l0_expected_heads" in entry]
+    assert len(logged) == 3 and all(0 < entry["l0_expected_units"] <= 48 for entry in logged)  # steps 10, 20 and the summary
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert (loaded.config.num_attention_heads, loaded.config.num_key_value_heads, loaded.config.intermediate_size) == (4, 1, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch()).logits, callback.pruned_.eval()(**batch()).logits)
+
+
+def test_the_trainer_callback_refuses_fp16_and_a_model_without_gates():
+    transformers = hf()
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (the 'hf' and 'dev' extras install it)")
+    with pytest.raises(TypeError, match="regularizer must have a penalty"):
+        l0hf.L0Callback(object())
+    with pytest.raises(ValueError, match="output_dir needs example_inputs"):
+        l0hf.L0Callback(lambda: torch.zeros(()), output_dir="somewhere")
+    args = transformers.TrainingArguments(output_dir="unused", report_to=[], use_cpu=True)
+    callback = l0hf.L0Callback(lambda: torch.zeros(()))
+    with pytest.raises(ValueError, match="no l0sparse gates"):
+        callback.on_train_begin(args, None, None, model=llama(), optimizer=None)
+    args.fp16 = True
+    with pytest.raises(ValueError, match="fp16=True scales the loss's gradients"):
+        callback.on_train_begin(args, None, None, model=llama(), optimizer=None)
