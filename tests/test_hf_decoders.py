@@ -358,3 +358,44 @@ def test_the_trainer_callback_refuses_fp16_and_a_model_without_gates():
     args.fp16 = True
     with pytest.raises(ValueError, match="fp16=True scales the loss's gradients"):
         callback.on_train_begin(args, None, None, model=llama(), optimizer=None)
+
+
+def bart() -> nn.Module:
+    return hf().BartForConditionalGeneration(hf().BartConfig(vocab_size=VOCAB, d_model=WIDTH, encoder_layers=1, decoder_layers=1,
+                                                             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=FFN,
+                                                             decoder_ffn_dim=FFN, max_position_embeddings=64))
+
+
+def t5() -> nn.Module:
+    return hf().T5ForConditionalGeneration(hf().T5Config(vocab_size=VOCAB, d_model=WIDTH, d_kv=8, d_ff=FFN, num_layers=1, num_decoder_layers=1,
+                                                         num_heads=4, decoder_start_token_id=0))
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+@pytest.mark.parametrize(("build", "options"), [(bart, {}), (bart, {"blocks": True}), (t5, {"heads": False}), (t5, {"heads": False, "blocks": True})],
+                         ids=["bart-heads", "bart-blocks", "t5-units", "t5-units-blocks"])
+def test_encoder_decoders_prune_exactly_and_generate_the_same_tokens(build, options):
+    """BART: self-attention, cross-attention (its keys and values read the encoder) and feed-forward blocks; T5's heads
+    are refused (its relative-position bias is one column per head, shared by the layers), its units are not."""
+    torch.manual_seed(0)
+    model = build().eval()
+    inputs = {**batch(), "decoder_input_ids": batch()["input_ids"][:, :5]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0sparse.sparsify(model, l0hf.decoder_rules(model, **options), example_inputs=inputs)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for gate in find_gates(model):
+            gate.log_alpha.copy_(torch.where(torch.rand(gate.log_alpha.shape, generator=generator) < 0.5, -10.0, 10.0))
+    model.eval()
+    expected_macs = float(l0sparse.expected_flops(model, inputs, deterministic=True))
+    pruned = l0sparse.prune(model, inputs)
+    assert l0sparse.count_params(pruned) < l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in find_gates(model))
+    assert_same_logits(model, pruned, inputs)
+    assert l0sparse.count_flops(pruned, inputs) == expected_macs
+    prompt = batch(padded=False)["input_ids"][:1]
+    with torch.no_grad():
+        assert torch.equal(pruned.generate(prompt, max_new_tokens=5, do_sample=False), model.generate(prompt, max_new_tokens=5, do_sample=False))
+    if build is t5:
+        with pytest.raises(ValueError, match="relative_attention_bias.*one column per head.*heads=False"):
+            l0hf.decoder_rules(build())

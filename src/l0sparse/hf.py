@@ -188,12 +188,7 @@ def encoder_rules(model: nn.Module, heads: bool = True) -> dict:
             raise ValueError(f"encoder_rules: the attention module {name!r} ({type(module).__name__}) has {count} heads, which do "
                              f"not divide its width {width}")
         rules[name] = ("heads", count)
-    counts = {count for _, count in rules.values()}
-    per_head = next((name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim in counts), None)
-    if per_head is not None:
-        raise ValueError(f"encoder_rules: {per_head!r} in {type(model).__name__} is a table of one column per head (a relative-position "
-                         "bias every layer reads); its columns cannot follow the heads one layer loses, so heads cannot be gated: "
-                         "encoder_rules(model, heads=False) gates the feed-forward units only")
+    _refuse_per_head_tables(model, rules, "encoder_rules")
     rules.update({name: "in" for name in _feed_forward_outputs(model, attention)})
     rules[nn.Linear] = "skip"
     return rules
@@ -289,10 +284,22 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
         kv_width = next(m.out_features for m in _linears(module) if m is not queries and m is not projection)
         count = kv_width // head_dim if groups else queries.out_features // head_dim
         rules[name] = ("heads+block" if blocks else "heads", count)
+    _refuse_per_head_tables(model, rules, "decoder_rules")
     units = "in+block" if blocks else "in"
     rules.update({name: units for name in _feed_forward_outputs(model, attention)})
     rules[nn.Linear] = "skip"
     return rules
+
+
+def _refuse_per_head_tables(model: nn.Module, rules: dict, caller: str) -> None:
+    """Refuse head rules where the model holds a table of one column per head outside one layer (an ``nn.Embedding``:
+    MPNet's and T5's relative-position bias, read by every layer): its columns cannot follow one layer's heads."""
+    counts = {count for _, count in rules.values()}
+    per_head = next((name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim in counts), None)
+    if per_head is not None:
+        raise ValueError(f"{caller}: {per_head!r} in {type(model).__name__} is a table of one column per head (a relative-position "
+                         "bias every layer reads); its columns cannot follow the heads one layer loses, so heads cannot be gated: "
+                         f"{caller}(model, heads=False) gates the feed-forward units only")
 
 
 def trim_padding(input_ids: Tensor, pad_id: int) -> Tensor:
