@@ -399,3 +399,21 @@ def test_encoder_decoders_prune_exactly_and_generate_the_same_tokens(build, opti
     if build is t5:
         with pytest.raises(ValueError, match="relative_attention_bias.*one column per head.*heads=False"):
             l0hf.decoder_rules(build())
+
+
+def test_prune_warns_by_name_where_closed_columns_stay_as_zeros():
+    """An 'in' rule on an output projection closes columns whose q rows nothing removes (their space is locked by the
+    reshape into heads): prune stays exact and says so, naming the layer; decoder_rules' own gates leave no such zeros."""
+    model = llama().eval()
+    l0sparse.sparsify(model, {"model.layers.0.self_attn.o_proj": "in", nn.Linear: "skip"})
+    with torch.no_grad():
+        find_gates(model)[0].log_alpha.copy_(torch.tensor([10.0, -10.0] * 16))
+    with pytest.warns(UserWarning, match=r"closed input columns stay as zeros in 'model.layers.0.self_attn.o_proj' \(16 of 32\)"):
+        pruned = l0sparse.prune(model, batch())
+    assert_same_logits(model, pruned, batch())
+    shaped = llama().eval()
+    l0sparse.sparsify(shaped, l0hf.decoder_rules(shaped), example_inputs=batch())
+    open_exactly(shaped, heads=[0, 1, 4, 5], units=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        l0sparse.prune(shaped, batch())

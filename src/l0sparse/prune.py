@@ -31,7 +31,7 @@ from .hidden import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
 from .operations import (LinearRule, grouped_heads_kept, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads,
                          set_head_count, set_kv_groups, set_submodule)
-from .sites import find_gates, gate_sites, run_plainly
+from .sites import find_gates, gate_masks, gate_sites, run_plainly
 
 __all__ = ["prune", "rebuild", "plain_copy", "PrunePlan", "Selection"]
 
@@ -380,7 +380,29 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     finally:  # the user's model leaves in the mode it came in, whatever happened
         model.train(was_training)
     _check_same(expected, got, hidden)
+    _warn_kept_closed(model, pruned)
     return (pruned, plan.to_json()) if return_plan else pruned
+
+
+@torch.no_grad()
+def _warn_kept_closed(gated: nn.Module, pruned: nn.Module) -> None:
+    """Warn, naming the layers, where closed input columns of a gated Linear all stayed: zeros prune could not remove
+    (a space something locks, heads kept to give key/value groups equal counts, a rule placed where nothing follows)."""
+    pruned_modules = dict(pruned.named_modules())
+    closed: dict[str, tuple[int, int]] = {}
+    for name, module, tensor_name, mask in gate_masks(gated):
+        after = pruned_modules.get(name)
+        if tensor_name != "weight" or mask.dim != 1 or not isinstance(module, nn.Linear) or not isinstance(after, nn.Linear):
+            continue
+        shut = int((mask.gate.deterministic() == 0).sum()) * mask.block
+        if shut and after.in_features == module.in_features:
+            count, width = closed.get(name, (0, module.in_features))
+            closed[name] = (count + shut, width)
+    if closed:
+        listed = ", ".join(f"{name!r} ({count} of {width})" for name, (count, width) in list(closed.items())[:5])
+        more = f" and {len(closed) - 5} more" if len(closed) > 5 else ""
+        warnings.warn(f"prune: closed input columns stay as zeros in {listed}{more}: the outputs are exact, but nothing of "
+                      "these layers was removed (their channels are locked, or kept for key/value groups of equal size)", stacklevel=3)
 
 
 def _check_same(expected, got, hidden: dict | None = None) -> None:
