@@ -4,6 +4,7 @@ gated model's logits and greedy tokens. Small random configs built from transfor
 downloaded."""
 
 import io
+import tempfile
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import l0sparse
+import l0sparse.hidden
 from l0sparse import hf as l0hf
 from l0sparse.costs import CostModel
 from l0sparse.operations import grouped_heads_kept
@@ -417,3 +419,86 @@ def test_prune_warns_by_name_where_closed_columns_stay_as_zeros():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         l0sparse.prune(shaped, batch())
+
+
+HIDDEN_FAMILIES = ["llama-gqa", "llama-gqa-tied", "mistral", "qwen2", "qwen3"]
+
+
+def gated_with_hidden(family: str, seed: int = 0) -> nn.Module:
+    """:func:`gated` with a hidden-size gate too, about half of its dimensions closed."""
+    model = gated(family, seed)
+    l0hf.gate_decoder_hidden(model, batch())
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        gate = l0sparse.hidden.hidden_gate(model)
+        gate.log_alpha.copy_(torch.where(torch.rand(gate.log_alpha.shape, generator=generator) < 0.5, -10.0, 10.0))
+    return model.eval()
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+@pytest.mark.parametrize("family", HIDDEN_FAMILIES)
+def test_the_hidden_size_of_an_rmsnorm_stream_prunes_exactly(family):
+    model = gated_with_hidden(family)
+    kept = int(l0sparse.hidden.hidden_gate(model).is_open().sum())
+    costs = CostModel(model, batch()).costs(deterministic=True)
+    pruned = l0sparse.prune(model, batch())
+    embedding = pruned.get_input_embeddings()
+    assert embedding.embedding_dim == kept < WIDTH
+    assert pruned.lm_head.in_features == kept and pruned.model.norm.weight.shape == (kept,)
+    assert (pruned.lm_head.weight is embedding.weight) == family.endswith("tied")  # a tied head stays tied
+    assert_same_logits(model, pruned, batch())
+    assert_same_logits(model, pruned, batch(length=5, padded=False, seed=1))
+    assert l0sparse.count_flops(pruned, batch()) == float(costs["flops"])
+    assert l0sparse.count_params(pruned) == float(costs["params"])
+    prompt = batch(padded=False)["input_ids"][:1]
+    with torch.no_grad():
+        assert torch.equal(pruned.generate(prompt, max_new_tokens=6, do_sample=False), model.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+def test_a_hidden_pruned_decoder_reloads_through_rebuild_and_the_gate_trains():
+    model = gated_with_hidden("llama-gqa-tied")
+    pruned, plan = l0sparse.prune(model, batch(), return_plan=True)
+    saved = io.BytesIO()
+    torch.save(pruned.state_dict(), saved)
+    saved.seek(0)
+    empty = l0sparse.rebuild(FAMILIES["llama-gqa-tied"](), plan, batch())
+    empty.load_state_dict(torch.load(saved, weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(empty.eval()(**batch()).logits, pruned(**batch()).logits)
+    gate = l0sparse.hidden.hidden_gate(model)
+    model.train()
+    loss = model(**batch(), labels=batch()["input_ids"]).loss + l0sparse.penalty(model, lam=0.1, N=100)
+    loss.backward()
+    assert gate.log_alpha.grad is not None and bool(gate.log_alpha.grad.ne(0).any())
+
+
+def test_the_hidden_size_in_a_shape_and_a_stock_config():
+    torch.manual_seed(0)
+    model = llama(tie_word_embeddings=True).eval()
+    l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
+    l0hf.gate_decoder_hidden(model, batch())
+    shape = l0hf.DecoderShape(heads=4, kv_heads=1, intermediate_size=24, hidden_size=24)
+    pruned = l0hf.prune_to_shape(model, batch(), shape)
+    assert (pruned.config.hidden_size, pruned.config.head_dim) == (24, 4)
+    with tempfile.TemporaryDirectory() as folder:
+        pruned.save_pretrained(folder)
+        loaded = hf().AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch()).logits, pruned(**batch()).logits)
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+
+
+def test_streams_the_hidden_gate_cannot_make_exact_are_refused_by_name():
+    gemma = FAMILIES["gemma-mqa"]().eval()
+    with pytest.raises(ValueError, match=r"'model.layers.0.input_layernorm' \(GemmaRMSNorm\) does not compute .*1 \+ weight"):
+        l0hf.gate_decoder_hidden(gemma, batch())
+    opt = FAMILIES["opt"]().eval()
+    with pytest.raises(ValueError, match="has no RMSNorm of width 32.*LayerNorm decoders"):
+        l0hf.gate_decoder_hidden(opt, batch())
+    model = llama().eval()
+    l0hf.gate_decoder_hidden(model, batch())
+    with pytest.raises(ValueError, match="already has a hidden gate"):
+        l0hf.gate_decoder_hidden(model, batch())
+    with pytest.raises(ValueError, match="no hidden gate: attach one with l0sparse.hf.gate_decoder_hidden"):
+        l0hf.ShapeController(llama(), l0hf.DecoderShape(hidden_size=8))

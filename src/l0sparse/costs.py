@@ -278,7 +278,9 @@ class CostModel:
         stream = self._hidden.stream if self._hidden is not None else None
         self._hidden_readers = {names[id(m)] for m in stream.readers} if stream else set()
         self._hidden_writers = {names[id(m)] for m in stream.writers} if stream else set()
-        per_dimension = {id(p): p for m in (stream.tables + stream.norms if stream else ()) for p in m.parameters() if id(p) not in gate_parameters}
+        read = {id(p) for m in (stream.readers if stream else ()) for p in m.parameters()}  # a head tied to the table: counted as a reader
+        per_dimension = {id(p): p for m in (stream.tables + stream.norms if stream else ()) for p in m.parameters()
+                         if id(p) not in gate_parameters and id(p) not in read}
         handled |= set(per_dimension)
         self._hidden_per_dimension = sum(p.numel() for p in per_dimension.values()) / stream.width if stream else 0
         self._fixed_params = sum(p.numel() for p in _unique_parameters(model) if id(p) not in handled and id(p) not in gate_parameters)

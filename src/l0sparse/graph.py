@@ -575,7 +575,12 @@ class _Shape:
 def _module_paths(node: fx.Node) -> tuple[str, ...]:
     """The names of the modules whose calls made ``node``, outermost first (from torch.export's ``nn_module_stack``)."""
     stack = node.meta.get("nn_module_stack") or {}
-    return tuple(re.sub(r"@\d+$", "", path) for path, _ in stack.values())
+    # a ModuleList sliced from its start (Hugging Face's `self.layers[: config.num_hidden_layers]`) can be recorded as
+    # "layers.slice(None, 2, None).0": its items keep their indices, so the path is "layers.0"
+    return tuple(_FROM_START.sub("", re.sub(r"@\d+$", "", path)) for path, _ in stack.values())
+
+
+_FROM_START = re.compile(r"\.slice\((?:None|0), [^,()]*, (?:None|1)\)")
 
 
 def _owning_module(node: fx.Node, modules: dict[str, nn.Module], kinds: tuple) -> str | None:

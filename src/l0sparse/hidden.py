@@ -35,7 +35,8 @@ from .layers import L0Layer
 from .operations import module_rule, set_submodule
 from .sites import GateMask
 
-__all__ = ["gate_hidden", "OpenLayerNorm", "HiddenStream", "hidden_gate", "prune_hidden", "apply_hidden_plan", "compare_on_kept"]
+__all__ = ["gate_hidden", "OpenLayerNorm", "OpenRMSNorm", "OPEN_NORMS", "attach_rms_hidden_gate",
+           "HiddenStream", "hidden_gate", "prune_hidden", "apply_hidden_plan", "compare_on_kept"]
 
 # the modules of one encoder layer, per family: (q, k, v, first feed-forward Linear), (writers), (norms)
 _LAYER_LAYOUTS = {
@@ -108,6 +109,42 @@ class OpenLayerNorm(nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}, statistics over the open dimensions of a hidden gate"
 
 
+class OpenRMSNorm(nn.Module):
+    """An RMSNorm over the last dimension (a pre-norm decoder's: Llama, Mistral, Qwen) whose statistic runs over the
+    open dimensions of a hidden gate only: ``y = x · rsqrt(Σ_open x² / n_open + eps) · w``, the mean square taken in
+    float32 as Hugging Face's RMSNorms take it. ``norm`` (the model's own module) is kept inside: its weight carries
+    the gate's :class:`~l0sparse.sites.GateMask` (``w · z``), so the closed dimensions of every normalised output are
+    zero, and the open set is where that gated weight is non-zero (the same sample of z as the output's).
+    :meth:`plain` gives the model's module back, sliced: the pruned model's RMSNorm over the kept dimensions
+    computes the same numbers.
+    """
+
+    def __init__(self, norm: nn.Module, gate: Gate, eps: float) -> None:
+        super().__init__()
+        self.norm, self.gate, self.eps = norm, gate, float(eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.norm.weight
+        is_open = (weight != 0).to(torch.float32)
+        count = is_open.sum().clamp_min(1.0)  # every dimension closed: the output is 0·w, not 0/0
+        x32 = x.to(torch.float32)
+        mean_square = (x32.square() * is_open).sum(-1, keepdim=True) / count
+        return weight * (x32 * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
+
+    @torch.no_grad()
+    def plain(self, kept: list[int]) -> nn.Module:
+        """The model's own RMSNorm over the ``kept`` dimensions (its gate already folded into the weight)."""
+        index = torch.as_tensor(kept, dtype=torch.long, device=self.norm.weight.device)
+        self.norm.weight = nn.Parameter(self.norm.weight.detach().index_select(0, index))
+        return self.norm
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, statistic over the open dimensions of a hidden gate"
+
+
+OPEN_NORMS = (OpenLayerNorm, OpenRMSNorm)
+
+
 def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
     try:
         return module.get_submodule(path)
@@ -117,7 +154,7 @@ def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
 
 def _find_stream(model: nn.Module) -> tuple[dict[str, list[str]], str]:
     """Names of the stream's tables, writers, norms and encoder readers; and the embeddings module's name."""
-    if any(isinstance(m, OpenLayerNorm) for m in model.modules()):
+    if any(isinstance(m, OPEN_NORMS) for m in model.modules()):
         raise ValueError(f"gate_hidden: {type(model).__name__} already has a hidden gate; attach it once")
     names = {"tables": [], "writers": [], "norms": [], "readers": []}
     for name, module in model.named_modules():
@@ -273,9 +310,40 @@ def gate_hidden(model: nn.Module, example_inputs: Tensor | tuple | list, **gate_
     return gate
 
 
+def attach_rms_hidden_gate(model: nn.Module, names: dict[str, list[str]], eps: dict[str, float], example_inputs, owner: str,
+                           **gate_kwargs) -> Gate:
+    """Attach one hidden-size gate to a pre-norm residual stream whose norms are RMSNorms (an adapter names its
+    modules: ``names`` with ``"tables"``, ``"writers"`` and ``"norms"``, ``eps`` per norm); return it.
+
+    Unlike a post-norm encoder's (:func:`gate_hidden`), nothing that writes the stream is gated: every reader reads a
+    norm's output, so the gate multiplies the norms' weights alone (an :class:`OpenRMSNorm` each, the mean square
+    over the open dimensions) and the closed dimensions of the stream, which no reader sees, go with their
+    embedding columns and writer rows when pruned. The embedding table stays whole until then, so a language-model
+    head tied to it stays tied. The readers are found by a probe forward (every Linear that reads a norm's output).
+    """
+    modules = dict(model.named_modules())
+    width = modules[names["norms"][0]].weight.shape[0]
+    names = {**names, "readers": []}
+    names["readers"] = _probe_readers(model, names, width, _probe_inputs(model, example_inputs))
+    reference = next(model.parameters())
+    gate = Gate(width, **gate_kwargs).to(device=reference.device)
+    gate.owner, gate.granularity = owner, "hidden"
+    tables = tuple(modules[n] for n in names["tables"])
+    writers = tuple(modules[n] for n in names["writers"])
+    gate.producers = tables + writers  # the penalty's charge: the weights that make the stream
+    norms = []
+    for name in names["norms"]:
+        parametrize.register_parametrization(modules[name], "weight", GateMask(gate, dim=0))
+        norm = OpenRMSNorm(modules[name], gate, eps[name])
+        set_submodule(model, name, norm)
+        norms.append(norm)
+    gate.stream = HiddenStream(tables, writers, tuple(modules[n] for n in names["readers"]), tuple(norms), width)
+    return gate
+
+
 def hidden_gate(model: nn.Module) -> Gate | None:
     """The hidden gate of ``model`` (from :func:`gate_hidden`), or None."""
-    return next((m.gate for m in model.modules() if isinstance(m, OpenLayerNorm)), None)
+    return next((m.gate for m in model.modules() if isinstance(m, OPEN_NORMS)), None)
 
 
 def _stream_names(model: nn.Module, stream: HiddenStream) -> dict[str, list[str]]:
@@ -313,14 +381,20 @@ def apply_hidden_plan(work: nn.Module, plan: dict) -> nn.Module:
         table.embedding_dim = len(kept)
     for name in plan["writers"]:
         module_rule(modules[name]).slice(modules[name], rows=kept)
+    tables = [modules[name].weight for name in plan["tables"]]
     for name in plan["readers"]:
+        if any(modules[name].weight is table for table in tables):  # a head tied to the table: sliced with it, still tied
+            modules[name].in_features = len(kept)
+            continue
         module_rule(modules[name]).slice(modules[name], columns=kept)
     for name in plan["norms"]:
         norm = modules[name]
-        if isinstance(norm, OpenLayerNorm):
+        if isinstance(norm, OPEN_NORMS):
             set_submodule(work, name, norm.plain(kept))
-        else:
+        elif module_rule(norm) is not None:
             module_rule(norm).slice(norm, entries=kept)
+        else:  # a fresh model's RMSNorm (rebuild): one weight entry per dimension
+            norm.weight = nn.Parameter(norm.weight.detach().index_select(0, index.to(norm.weight.device)))
     return work
 
 
