@@ -6,8 +6,8 @@ reached three ways with the same number of training tokens after the teacher:
 
 - l0: the teacher gated by decoder_rules, trained with ShapeController (the shape's Lagrangian) and distillation
   for the pruning phase, pruned with prune_to_shape, then trained on (distillation) for the rest;
-- importance: Minitron's activation-importance width pruning (each head's output and each unit's activation,
-  root mean square over calibration tokens) to the same shape, then the same continued training;
+- importance: Minitron's activation-importance width pruning (each key/value group's output and each unit's
+  activation, root mean square over calibration tokens) to the same shape, then the same continued training;
 - scratch: the same shape from a random init, trained on the language-modelling loss for all the tokens.
 
 Held-out perplexity is per byte. Writes benchmarks/results/decoder_shear.json and docs/img/decoder_shear.png.
@@ -64,8 +64,10 @@ transformers.logging.set_verbosity_error()
 # ---- the teacher's architecture and the two target shapes (about 50% and 25% of its non-embedding parameters)
 TEACHER = dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                head_dim=16, intermediate_size=384, max_position_embeddings=args.context, tie_word_embeddings=True)
+# whole key/value groups (4 query heads each) and SwiGLU units: 50.0% and 25.5% of the non-embedding parameters
 SHAPES = {"50%": hf.DecoderShape(heads=4, kv_heads=1, intermediate_size=192),
-          "25%": hf.DecoderShape(heads=2, kv_heads=1, intermediate_size=96)}
+          "25%": hf.DecoderShape(heads=4, kv_heads=1, intermediate_size=72)}
+RULES = {"groups": True}  # one gate per key/value group: a shape of whole groups is one constraint per layer, not two
 
 
 def llama(shape: hf.DecoderShape | None = None):
@@ -137,9 +139,9 @@ def train(model, steps: int, seed: int, lr: float, teacher=None, extra_loss=None
 
 
 def calibration_importance(model, batches: int = 8) -> dict[str, torch.Tensor]:
-    """Minitron's activation importance: per attention module, each query head's output (the output projection's input
-    columns of that head) and per feed-forward block, each unit's activation (the down projection's input), as the
-    root mean square over every calibration token."""
+    """Minitron's activation importance: per attention module, each key/value group's output (the output projection's
+    input columns of its query heads) and per feed-forward block, each unit's activation (the down projection's
+    input), as the root mean square over every calibration token."""
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for name, module in model.named_modules():
@@ -157,8 +159,8 @@ def calibration_importance(model, batches: int = 8) -> dict[str, torch.Tensor]:
     scores = {}
     for name, total in sums.items():
         rms = (total / batches).sqrt()
-        if name.endswith("o_proj"):  # a head's score: the norm of its columns' activations
-            scores[name.removesuffix(".o_proj")] = rms.view(TEACHER["num_attention_heads"], -1).norm(dim=1)
+        if name.endswith("o_proj"):  # a key/value group's score: the norm of its query heads' output activations
+            scores[name.removesuffix(".o_proj")] = rms.view(TEACHER["num_key_value_heads"], -1).norm(dim=1)
         else:
             scores[name] = rms
     return scores
@@ -193,7 +195,7 @@ for size, shape in SHAPES.items():
         start, curve = time.perf_counter(), []
         torch.manual_seed(seed)
         student = copy.deepcopy(teacher).train()
-        l0sparse.sparsify(student, hf.decoder_rules(student), example_inputs=example, droprate_init=0.02)
+        l0sparse.sparsify(student, hf.decoder_rules(student, **RULES), example_inputs=example, droprate_init=0.02)
         prune_steps = int(args.steps * args.prune_fraction)
         controller = hf.ShapeController(student, shape, warmup_steps=prune_steps // 2, lr=0.05)
         train(student, prune_steps, seed=100 + seed, lr=1e-3, teacher=teacher, extra_loss=controller.penalty, after_step=controller.step,
@@ -208,7 +210,7 @@ for size, shape in SHAPES.items():
         torch.manual_seed(seed)
         student = copy.deepcopy(teacher).eval()
         scores = calibration_importance(student)
-        l0sparse.sparsify(student, hf.decoder_rules(student), example_inputs=example, droprate_init=0.02)  # every gate at 1
+        l0sparse.sparsify(student, hf.decoder_rules(student, **RULES), example_inputs=example, droprate_init=0.02)  # every gate at 1
         pruned = hf.prune_to_shape(student.eval(), example, shape, scores=scores)
         curve.append((0, perplexity(pruned)))
         train(pruned, args.steps, seed=200 + seed, lr=1e-3, teacher=teacher, curve=curve)

@@ -605,7 +605,9 @@ class ShapeController(nn.Module):
     ``penalty()`` is Σ λ1·(ŝ − t) + λ2·(ŝ − t)² over layers and dimensions, ŝ the layer's expected count and t the
     target (both as fractions of the layer's full count), the target moving linearly from the full count to the shape
     over ``warmup_steps``; ``step()`` moves the multipliers by gradient ascent (Adam, ``lr``), so λ1 takes either sign:
-    the constraint is an equality, as in Sheared-LLaMA. Add ``penalty()`` to the loss and call ``step()`` after the
+    the constraint is an equality, as in Sheared-LLaMA. A λ1 whose sign is against its gap (it integrated while the
+    count was on the other side, and now pushes it further past the target) is reset to 0: without this anti-windup
+    the counts swung from 8 heads to 0.2 and back for a target of 2 (docs/decoders.md). Add ``penalty()`` to the loss and call ``step()`` after the
     model's optimizer step; :func:`prune_to_shape` then keeps exactly the shape, by log α.
     """
 
@@ -662,6 +664,12 @@ class ShapeController(nn.Module):
             self.optimizer.zero_grad(set_to_none=True)
             self.lambda_1.grad, self.lambda_2.grad = gaps.clone(), gaps * gaps
             self.optimizer.step()
+            with torch.no_grad():  # anti-windup: a λ1 that pushes past the target (its sign against the gap's) restarts at 0
+                past = self.lambda_1 * gaps < 0
+                self.lambda_1[past] = 0.0
+                state = self.optimizer.state.get(self.lambda_1, {})
+                if "exp_avg" in state:
+                    state["exp_avg"][past] = 0.0
         self.steps += 1
 
 
