@@ -502,3 +502,20 @@ def test_streams_the_hidden_gate_cannot_make_exact_are_refused_by_name():
         l0hf.gate_decoder_hidden(model, batch())
     with pytest.raises(ValueError, match="no hidden gate: attach one with l0sparse.hf.gate_decoder_hidden"):
         l0hf.ShapeController(llama(), l0hf.DecoderShape(hidden_size=8))
+
+
+def test_a_heads_rule_on_phi3_lands_on_its_output_projection_and_prune_says_it_kept_the_heads():
+    """Phi-3 registers o_proj before its fused qkv_proj: the head gates go on o_proj's columns (not on qkv_proj's
+    input columns, residual-stream features), and prune, which cannot slice the fused projection per head yet, keeps
+    the closed heads as zeros and names the layer."""
+    torch.manual_seed(0)
+    phi3 = hf().Phi3ForCausalLM(hf().Phi3Config(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **COMMON)).eval()
+    l0sparse.sparsify(phi3, {"model.layers.*.self_attn": ("heads", 4), nn.Linear: "skip"})
+    gated_modules = {site.name for site in l0sparse.gate_sites(phi3)}
+    assert gated_modules == {f"model.layers.{i}.self_attn.o_proj" for i in range(2)}
+    with torch.no_grad():
+        for gate in find_gates(phi3):
+            gate.log_alpha.copy_(torch.tensor([10.0, -10.0, 10.0, -10.0]))
+    with pytest.warns(UserWarning, match=r"closed input columns stay as zeros in 'model.layers.0.self_attn.o_proj' \(16 of 32\)"):
+        pruned = l0sparse.prune(phi3, batch())
+    assert_same_logits(phi3, pruned, batch())

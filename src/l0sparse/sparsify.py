@@ -109,9 +109,11 @@ def _check_rules(rules) -> dict:
 
 
 def _output_projection(module: nn.Module) -> nn.Linear | None:
-    """A user attention module's output projection: its last nn.Linear."""
+    """A user attention module's output projection: its last nn.Linear that maps back to the width the others read
+    (Phi-3 registers ``o_proj`` before its fused ``qkv_proj``); the last nn.Linear where none does."""
     linears = [m for m in module.modules() if isinstance(m, nn.Linear) and m is not module]
-    return linears[-1] if linears else None
+    back = [m for m in linears if all(other.in_features == m.out_features for other in linears if other is not m)]
+    return (back or linears)[-1] if linears else None
 
 
 def _block_projection(module: nn.Module) -> nn.Linear | None:
