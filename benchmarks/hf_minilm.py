@@ -14,7 +14,7 @@ Encoder FLOPs are MACs per example at sequence length 64 (attention's two matrix
 classification layer. A run that already holds this config finished is reused, and one interrupted is resumed;
 --fresh retrains them.
 
-Needs: pip install -e '.[hf]' and apt-get install wordnet-base. Run:
+Needs: make hf and apt-get install wordnet-base. Run:
   .venv/bin/python benchmarks/hf_minilm.py [--targets 0.5 0.25] [--epochs 1] [--train-examples 20000] [--threads 2]
 """
 

