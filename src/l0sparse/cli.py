@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     train.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bars and lines")
+    train.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
+                       help="without a terminal (a log file), a progress line every N steps instead of a bar (default 50)")
 
     prune = commands.add_parser("prune", help="write the physically pruned model of a run and print its summary")
     prune.add_argument("run_dir")
@@ -144,8 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             configure_torch(args.threads)
             run = RunFolder(args.run_dir)
-            pruned, table = run.prune(force=args.force, round_to=args.round_to, latency=not args.no_latency,
-                                      say=lambda line: print(f"{line} ...", file=sys.stderr, flush=True))
+            # the steps on a terminal only: in a log, a bad file's error stays the one line on stderr (docs/cli.md)
+            say = (lambda line: print(f"{line} ...", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
+            pruned, table = run.prune(force=args.force, round_to=args.round_to, latency=not args.no_latency, say=say)
             print(table)
             print(f"wrote {run.pruned_weights_path} and {run.pruned_spec_path.name} (load with l0sparse.runs.load_pruned)")
         elif args.command == "report":
@@ -190,7 +193,8 @@ def _train(parser, args) -> int:
             parser.error("the config file is required (or --resume with --out)")
         config = load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / Path(args.config).stem)
-    run_training(config, out, resume=args.resume, force=args.force, threads=args.threads, progress=not args.no_progress)
+    run_training(config, out, resume=args.resume, force=args.force, threads=args.threads, progress=not args.no_progress,
+                 log_every=args.log_every)
     print(f"run written to {out}")
     return 0
 

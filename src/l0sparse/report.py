@@ -79,13 +79,18 @@ class Summary:
                       f"{total['flops']:,}", f"{total['flops_kept']:,} ({_percent(total['flops_kept'], total['flops'])})"])
         return cells
 
+    def widths(self) -> list[dict]:
+        """Per gated layer, in :func:`architecture`'s order: ``layer`` (the gates' owner), ``counts`` (what a gate
+        counts: inputs, channels, heads...), ``total``, ``open`` (open gates) and ``saved`` (what the pruned model holds)."""
+        gated = sorted((row for row in self.rows if row["gates_total"]), key=lambda row: row["unit_order"])
+        return [{"layer": row["owner"], "counts": row["counts"], "total": row["gates_total"], "open": row["gates_kept"],
+                 "saved": row["gates_kept"] if row.get("width_saved") is None else row["width_saved"]} for row in gated]
+
     def saved_architecture(self) -> str:
         """Gated units per layer before and as saved, in :func:`architecture`'s order, e.g. ``784-300-100 -> 224-216-104``
         (rounded up where ``round_to`` kept zero units; the open gates are :func:`architecture`'s)."""
-        gated = sorted((row for row in self.rows if row["gates_total"]), key=lambda row: row["unit_order"])
-        before = "-".join(str(row["gates_total"]) for row in gated)
-        after = "-".join(str(row["gates_kept"] if row.get("width_saved") is None else row["width_saved"]) for row in gated)
-        return f"{before} -> {after}"
+        widths = self.widths()
+        return f"{'-'.join(str(w['total']) for w in widths)} -> {'-'.join(str(w['saved']) for w in widths)}"
 
     def __str__(self) -> str:
         cells = [list(self._COLUMNS)] + self._cells()
@@ -163,6 +168,7 @@ def summary(model: nn.Module, example_inputs, round_to: int = 1, pruned: tuple[n
         rows.append({
             "layer": name,
             "owner": name,
+            "counts": counted_as.get(name),
             "unit_order": unit_order.get(name),
             "width_saved": width(name),
             "gates_total": sum(g.log_alpha.numel() for g in owned),
@@ -177,7 +183,8 @@ def summary(model: nn.Module, example_inputs, round_to: int = 1, pruned: tuple[n
     for owner, owned in gates_by_owner.items():
         if owner in layers:
             continue
-        row = {"layer": f"{owner} ({counted_as[owner]})", "owner": owner, "unit_order": unit_order[owner], "width_saved": width(owner),
+        row = {"layer": f"{owner} ({counted_as[owner]})", "owner": owner, "counts": counted_as[owner], "unit_order": unit_order[owner],
+               "width_saved": width(owner),
                "gates_total": sum(g.log_alpha.numel() for g in owned),
                "gates_kept": sum(int(g.is_open().sum()) for g in owned),
                "expected_l0": float(sum(float(g.expected_l0().detach()) for g in owned)),
@@ -191,6 +198,6 @@ def summary(model: nn.Module, example_inputs, round_to: int = 1, pruned: tuple[n
     # count_flops keeps the products of attention outside modules (a Hugging Face or a pruned model's) under this name
     before, after = flops_before.get("scaled_dot_product_attention", 0), flops_after.get("scaled_dot_product_attention", 0)
     if before or after:
-        rows.append({"layer": ATTENTION_PRODUCTS, "owner": None, "unit_order": None, "width_saved": None, "gates_total": 0,
+        rows.append({"layer": ATTENTION_PRODUCTS, "owner": None, "counts": None, "unit_order": None, "width_saved": None, "gates_total": 0,
                      "gates_kept": 0, "expected_l0": 0.0, "params": 0, "params_kept": 0, "flops": before, "flops_kept": after})
     return Summary(rows)

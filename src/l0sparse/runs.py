@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .files import atomic_save, atomic_write_text, read_json, torch_load
 
 __all__ = ["RunFolder", "StagedRunFolder", "load_run", "prune_run", "load_pruned", "read_metrics", "load_checkpoint",
-           "check_run_directory", "prune_result", "format_prune_result"]
+           "check_run_directory", "prune_result", "format_prune_result", "accuracy"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -56,6 +56,23 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path} line {number} is not a metrics record: the file is damaged; delete that line and try again")
         records.append(record)
     return records
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024, pad_id: int | None = None) -> float:
+    """Classification accuracy in eval mode (deterministic gates); restores the model's mode.
+
+    ``pad_id``: ``x`` holds token ids padded with it, computed in batches of similar length without their padding.
+    """
+    if pad_id is not None:
+        from .hf import predict_logits
+
+        return float((predict_logits(model, x, pad_id, batch_size=batch_size).argmax(-1) == y).float().mean())
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    model.train(was_training)
+    return correct / len(y)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -267,7 +284,6 @@ def prune_result(model: nn.Module, pruned: nn.Module, table, config, data, laten
     from .hf import SentenceClassifier, encoder_flops
     from .prune import plain_copy
     from .report import architecture
-    from .train import accuracy
 
     say = say or (lambda line: None)
     dense = plain_copy(model)
@@ -280,6 +296,7 @@ def prune_result(model: nn.Module, pruned: nn.Module, table, config, data, laten
     result = {
         "architecture_open_gates": architecture(model),
         "architecture_saved": table.saved_architecture(),
+        "widths": table.widths(),
         "flops": {"counted": "encoder MACs per example (attention products included, classifier excluded)" if encoder_only
                   else "MACs per example", "example_shape": list(example.shape[1:]), "tokens": data.pad_id is not None,
                   "unpruned": flops_before, "pruned": flops_after,
