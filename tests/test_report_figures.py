@@ -62,12 +62,13 @@ def test_a_one_epoch_run_is_drawn_with_markers_and_its_gates_one_panel_per_kind(
 def test_report_md_has_prune_s_accuracy_and_latency_once_the_run_is_pruned(one_epoch_run, tmp_path):
     assert main(["report", str(one_epoch_run), "--out", str(tmp_path / "before")]) == 0
     before = (tmp_path / "before" / "report.md").read_text()
-    assert "| accuracy after prune | latency pruned / unpruned | speed-up |" in before and "| not pruned | - | - |" in before
+    assert "| accuracy after prune | % FLOPs after prune | latency pruned / unpruned | speed-up |" in before
+    assert "| not pruned | - | - | - |" in before
 
     assert main(["prune", str(one_epoch_run), "--force"]) == 0
     assert main(["report", str(one_epoch_run), "--out", str(tmp_path / "after")]) == 0
     row = (tmp_path / "after" / "report.md").read_text().splitlines()[2]  # the header, the rule, this run
     result = json.loads(RunFolder(one_epoch_run).pruned_spec_path.read_text())["result"]
     cells = row.strip("| ").split(" | ")
-    assert cells[-3] == f"{100 * result['test_accuracy']:.2f}%"
+    assert cells[-4] == f"{100 * result['test_accuracy']:.2f}%" and cells[-3] == f"{100 * result['flops']['kept']:.1f}%"
     assert cells[-2].endswith(" ms") and " ms / " in cells[-2] and cells[-1] == f"{result['latency']['speedup']:.2f}×"

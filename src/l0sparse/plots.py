@@ -130,6 +130,7 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
     # 1. expected L0 and % FLOPs kept over training; a marker on every epoch of a short run (one epoch: one point,
     # which a line alone does not draw)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
+    last_epoch = max(run["metrics"][-1]["epoch"] for run in runs)
     for run in runs:
         color = color_of[run["name"]]
         records = run["metrics"]
@@ -139,6 +140,8 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
             left.plot(epochs, [m["expected_l0"] for m in records], color=color, lw=2, label=run["name"], **marker)
         if records[0].get("flops_kept") is not None:
             right.plot(epochs, [100 * m["flops_kept"] for m in records], color=color, lw=2, label=f"{run['name']} (pruned)", **marker)
+        elif run["config"].get("regularizer") == "none":  # a dense run (a teacher) keeps everything: the reference line
+            right.plot(epochs, [100.0] * len(epochs), color=color, lw=2, label=f"{run['name']} (dense)", **marker)
         if "expected_flops_kept" in records[0]:
             right.plot(epochs, [100 * m["expected_flops_kept"] for m in records], color=color, lw=1.2, ls="--",
                        label=f"{run['name']} (expected)", **{**marker, "marker": "x"} if marker else {})
@@ -148,14 +151,19 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=8, frameon=False)
-        axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        if last_epoch <= FEW_EPOCHS:  # whole epochs only, and room around one point (else the ticks read 0.96, 0.98...)
+            axis.set_xticks(range(1, last_epoch + 1))
+            axis.set_xlim(0.5, last_epoch + 0.5)
+        else:
+            axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     written["training"] = out_dir / "training.png"
     fig.savefig(written["training"], dpi=120)
     plt.close(fig)
 
     # 2. the fraction kept per layer, one panel per kind of gate (heads, inputs, channels...: counts of different
     # sizes), and 3. the histogram of P(z != 0), from each run's final checkpoint
-    gated_runs = [run for run in runs if run["config"].get("regularizer", "l0") == "l0"]
+    # the importance baseline's gates are set once and frozen: what it kept reads beside what L0 kept
+    gated_runs = [run for run in runs if run["config"].get("regularizer", "l0") in ("l0", "importance")]
     if gated_runs:
         panels = []
         for run in gated_runs:
@@ -177,6 +185,7 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
             axis = axes[row][len(kinds)]
             axis.hist(probabilities, bins=40, range=(0, 1), color=color)
             axis.set(title=f"{run['name']}: P(z ≠ 0) at the end", xlabel="P(z ≠ 0)", ylabel="gates")
+            axis.title.set_fontsize(10)
             for column in range(len(kinds) + 1, columns):
                 axes[row][column].axis("off")
         written["gates"] = out_dir / "gates.png"
@@ -192,7 +201,9 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
             continue
         flops = 100 * _kept(run, "flops_kept")
         axis.scatter(flops, 100 * last["test_accuracy"], s=60, color=color, zorder=3)
-        axis.annotate(run["name"], (flops, 100 * last["test_accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        right_side = flops > 70  # the name to the left of a point near the right edge, where it would be cut off
+        axis.annotate(run["name"], (flops, 100 * last["test_accuracy"]), textcoords="offset points", xytext=(-6 if right_side else 6, 4),
+                      ha="right" if right_side else "left", fontsize=8)
     axis.set(xlabel="% of dense FLOPs kept", ylabel="test accuracy (%)", title="Accuracy against FLOPs kept", xlim=(0, 105))
     axis.grid(alpha=0.3)
     written["pareto"] = out_dir / "pareto.png"
@@ -200,8 +211,8 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
     plt.close(fig)
 
     lines = ["| run | data | model | regularizer | λ / target | epochs | test accuracy | % params kept | % FLOPs kept "
-             "| accuracy after prune | latency pruned / unpruned | speed-up |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| accuracy after prune | % FLOPs after prune | latency pruned / unpruned | speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in runs:
         config, last = run["config"], run["metrics"][-1]
         strength = "-" if config.get("regularizer") == "none" else (
@@ -209,13 +220,16 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
         pruned = _prune_result(run["run"]) or {}
         timing = pruned.get("latency")
         after = "not pruned" if not pruned else f"{100 * pruned['test_accuracy']:.2f}%"
+        flops_after = "-" if not pruned else _percent_or_unknown(pruned["flops"]["kept"])
         latency = "-" if not timing else f"{_milliseconds(timing['pruned_s'])} / {_milliseconds(timing['unpruned_s'])}"
         speedup = "-" if not timing else f"{timing['speedup']:.2f}×"
         lines.append(f"| {run['name']} | {config['data']} | {config['model']} | {config['regularizer']} | {strength} | {last['epoch']} | "
                      f"{100 * last['test_accuracy']:.2f}% | {_percent_or_unknown(_kept(run, 'params_kept'))} | "
-                     f"{_percent_or_unknown(_kept(run, 'flops_kept'))} | {after} | {latency} | {speedup} |")
-    lines += ["", "Accuracy after prune, latency (batch of `batch_size` test examples, median of the turns `l0sparse prune` "
-              "timed) and speed-up are `l0sparse prune`'s (pruned.json); a run not pruned has none."]
+                     f"{_percent_or_unknown(_kept(run, 'flops_kept'))} | {after} | {flops_after} | {latency} | {speedup} |")
+    lines += ["", "% FLOPs kept: what training recorded, the whole model as the run's target counts it. After prune: `l0sparse prune`'s figures "
+              "(pruned.json): the pruned model's accuracy, its FLOPs with attention's products (a text classifier's encoder "
+              "only, without the classification layer: docs/hf.md's count), its latency beside the unpruned model's (a "
+              "batch of `batch_size` test examples, the median of the turns) and the speed-up; a run not pruned has none."]
     lines += ["", *[f"![{key}]({path.name})" for key, path in written.items()]]
     written["markdown"] = out_dir / "report.md"
     written["markdown"].write_text("\n".join(lines) + "\n")
