@@ -106,6 +106,8 @@ def _kept_panel(axis, run_name: str, kind: str, widths: list[dict], color, round
     how = "as saved" if round_to is None or round_to <= 1 else f"as saved, round_to {round_to}"
     if round_to is None:
         how = "open gates; not pruned"
+    pad = max(0.0, (3 - len(widths)) / 2)  # one or two bars keep the width of three, not the whole panel
+    axis.set_xlim(-0.5 - pad, len(widths) - 0.5 + pad)
     axis.set(ylim=(0, 118), ylabel="% kept", title=f"{run_name}: {kind} kept per layer\n({how})",
              xlabel=pattern if len(pattern) <= 48 else f"…{pattern[-47:]}")
     axis.title.set_fontsize(10)
