@@ -57,7 +57,7 @@ def _saved_widths(run: RunFolder) -> list[dict] | None:
 
 
 def _rounding(run: RunFolder) -> int | None:
-    """The round_to the run was pruned with; None when it was not pruned."""
+    """The round_to the run was pruned with; None when pruned.json holds no result (not pruned, or pruned before #29)."""
     result = _prune_result(run)
     return None if not result else result.get("round_to", {}).get("value", 1)
 
@@ -103,9 +103,10 @@ def _kept_panel(axis, run_name: str, kind: str, widths: list[dict], color, round
         axis.text(position, 101, f"{k}/{w['total']}", ha="center", va="bottom", fontsize=size, rotation=90 if len(widths) > 12 else 0)
     long_labels = len(widths) > 12 or max(len(label) for label in labels) > 6
     axis.set_xticks(list(positions), labels, rotation=45 if long_labels else 0, ha="right" if long_labels else "center", fontsize=8)
-    how = "as saved" if round_to is None or round_to <= 1 else f"as saved, round_to {round_to}"
-    if round_to is None:
-        how = "open gates; not pruned"
+    if round_to is None:  # no prune result to read: what the gates say
+        how = "open gates"
+    else:
+        how = "as saved" if round_to <= 1 else f"as saved, round_to {round_to}"
     pad = max(0.0, (3 - len(widths)) / 2)  # one or two bars keep the width of three, not the whole panel
     axis.set_xlim(-0.5 - pad, len(widths) - 0.5 + pad)
     axis.set(ylim=(0, 118), ylabel="% kept", title=f"{run_name}: {kind} kept per layer\n({how})",

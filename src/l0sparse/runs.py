@@ -14,11 +14,17 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .files import atomic_save, atomic_write_text, read_json, torch_load
+
+if TYPE_CHECKING:  # annotations only: importing them here would make runs import config, data and report at start-up
+    from .config import TrainConfig
+    from .data import Split
+    from .report import Summary
 
 __all__ = ["RunFolder", "StagedRunFolder", "load_run", "prune_run", "load_pruned", "read_metrics", "load_checkpoint",
            "check_run_directory", "prune_result", "format_prune_result", "accuracy"]
@@ -38,6 +44,10 @@ STAGING_DIR = ".l0sparse-new"
 REPLACED_DIR = ".l0sparse-old"
 #: the example inputs' dtypes a pruned.json may name: images and features, or token ids
 _EXAMPLE_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+
+
+def _say_nothing(line: str) -> None:
+    """The default of every ``say``: the library is quiet unless its caller shows the steps (the command does)."""
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -193,7 +203,7 @@ class RunFolder:
             raise FileNotFoundError(f"{self.path} is not a run directory: it has no {CHECKPOINT}")
         config = self.read_config()
         state = self.read_checkpoint()
-        say = say or (lambda line: None)
+        say = say or _say_nothing
         if data is None:
             say(f"loading the data ({config.data})")
             data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
@@ -228,7 +238,7 @@ class RunFolder:
         from .prune import prune
         from .report import architecture, summary
 
-        say = say or (lambda line: None)
+        say = say or _say_nothing
         if self.pruned_weights_path.exists() and not force:
             raise FileExistsError(f"{self.pruned_weights_path} exists: pass --force to overwrite it")
         config, model, data = self.load(say=say)
@@ -271,8 +281,8 @@ class RunFolder:
         return module.eval()
 
 
-def prune_result(model: nn.Module, pruned: nn.Module, table, config, data, latency: bool = True, repeats: int = 10,
-                 say: Callable[[str], None] | None = None) -> dict:
+def prune_result(model: nn.Module, pruned: nn.Module, table: Summary, config: TrainConfig, data: Split, latency: bool = True,
+                 repeats: int = 10, say: Callable[[str], None] | None = None) -> dict:
     """What ``l0sparse prune`` reports and keeps in ``pruned.json`` under ``result``: the kept architecture (open gates
     and as saved), FLOPs, parameters, the pruned model's test accuracy and its latency beside the unpruned model's.
 
@@ -285,7 +295,7 @@ def prune_result(model: nn.Module, pruned: nn.Module, table, config, data, laten
     from .prune import plain_copy
     from .report import architecture
 
-    say = say or (lambda line: None)
+    say = say or _say_nothing
     dense = plain_copy(model)
     example = data.x_train[:2]
     encoder_only = isinstance(dense, SentenceClassifier)
@@ -329,6 +339,7 @@ def format_prune_result(result: dict) -> str:
     """The lines ``l0sparse prune`` prints under its table, from :func:`prune_result`'s dict (as in ``pruned.json``)."""
     rounding = result.get("round_to", {"value": 1})
     flops, params = result["flops"], result["params"]
+    flops_kept = "-" if flops["kept"] is None else f"{100 * flops['kept']:.1f}%"  # None: a model without counted layers
     lines = []
     if rounding["value"] > 1:
         lines.append(f"rounded: every kept width up to a multiple of {rounding['value']} with zero units, the outputs unchanged "
@@ -337,7 +348,7 @@ def format_prune_result(result: dict) -> str:
         f"kept, as saved:      {result['architecture_saved']}",
         f"kept, open gates:    {result['architecture_open_gates']}",
         f"{flops['counted']}, input {_shape(flops['example_shape'], flops.get('tokens', False))}: {_millions(flops['unpruned'])} -> "
-        f"{_millions(flops['pruned'])} ({100 * flops['kept']:.1f}%)",
+        f"{_millions(flops['pruned'])} ({flops_kept})",
         f"parameters (all of them): {_millions(params['unpruned'])} -> {_millions(params['pruned'])} ({100 * params['kept']:.1f}%)",
         f"test accuracy of the pruned model: {100 * result['test_accuracy']:.2f}% ({result['test_examples']:,} test examples"
         + (f"; the gated model at the run's end: {100 * result['test_accuracy_gated']:.2f}%)" if result.get("test_accuracy_gated") is not None
