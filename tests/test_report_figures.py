@@ -72,3 +72,20 @@ def test_report_md_has_prune_s_accuracy_and_latency_once_the_run_is_pruned(one_e
     cells = row.strip("| ").split(" | ")
     assert cells[-4] == f"{100 * result['test_accuracy']:.2f}%" and cells[-3] == f"{100 * result['flops']['kept']:.1f}%"
     assert cells[-2].endswith(" ms") and " ms / " in cells[-2] and cells[-1] == f"{result['latency']['speedup']:.2f}×"
+
+
+def test_runs_on_the_same_data_share_one_load_and_each_slow_step_is_announced(one_epoch_run, tmp_path, monkeypatch):
+    import shutil
+
+    import l0sparse.data
+    from l0sparse.plots import report_runs
+
+    second = tmp_path / "second"
+    shutil.copytree(one_epoch_run, second)
+    loads, real = [], l0sparse.data.load_dataset
+    monkeypatch.setattr(l0sparse.data, "load_dataset", lambda name: loads.append(name) or real(name))
+    said = []
+    report_runs([one_epoch_run, second], tmp_path / "report", say=said.append)
+    assert loads == ["digits"]  # MiniLM's runs would tokenize WordNet once, not once per run
+    assert said[0] == f"{one_epoch_run.name}: its gates (the model and its data)" and said[1].startswith("loading the data")
+    assert "second: its gates (the model and its data)" in said and sum(line.startswith("loading the data") for line in said) == 1

@@ -141,21 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(parser, args)
         elif args.command == "prune":
             from .runs import RunFolder
-
             from .train import configure_torch
 
             configure_torch(args.threads)
             run = RunFolder(args.run_dir)
-            # the steps on a terminal only: in a log, a bad file's error stays the one line on stderr (docs/cli.md)
-            say = (lambda line: print(f"{line} ...", file=sys.stderr, flush=True)) if sys.stderr.isatty() else None
-            pruned, table = run.prune(force=args.force, round_to=args.round_to, latency=not args.no_latency, say=say)
+            pruned, table = run.prune(force=args.force, round_to=args.round_to, latency=not args.no_latency, say=_steps_on_a_terminal())
             print(table)
             print(f"wrote {run.pruned_weights_path} and {run.pruned_spec_path.name} (load with l0sparse.runs.load_pruned)")
         elif args.command == "report":
             from .plots import report_runs
             from .runs import RunFolder
 
-            written = report_runs(args.run_dirs, args.out or RunFolder(args.run_dirs[0]).report_path)
+            written = report_runs(args.run_dirs, args.out or RunFolder(args.run_dirs[0]).report_path, say=_steps_on_a_terminal())
             for path in written.values():
                 print(f"wrote {path}")
     except (ValueError, OSError, ImportError, FloatingPointError) as error:  # bad input: one line, no traceback
@@ -164,6 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _steps_on_a_terminal():
+    """What announces a slow step of prune and report: a line on stderr on a terminal, else nothing, so that in a log
+    a bad file's error stays the one line on stderr (docs/cli.md)."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda line: print(f"{line} ...", file=sys.stderr, flush=True)
 
 
 def _one_line(error: BaseException) -> str:

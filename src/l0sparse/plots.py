@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -115,8 +115,12 @@ def _kept_panel(axis, run_name: str, kind: str, widths: list[dict], color, round
     axis.yaxis.set_major_locator(matplotlib.ticker.FixedLocator([0, 25, 50, 75, 100]))
 
 
-def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write PNG plots and ``report.md`` for one or more run directories into ``out_dir``; return the paths."""
+def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
+                say: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Write PNG plots and ``report.md`` for one or more run directories into ``out_dir``; return the paths.
+
+    ``say``: called with a line before each slow step (a run's data and model, loaded for gates.png).
+    """
     import matplotlib
     import matplotlib.ticker
 
@@ -169,8 +173,13 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
     gated_runs = [run for run in runs if run["config"].get("regularizer", "l0") in ("l0", "importance")]
     if gated_runs:
         panels = []
+        datasets = {}  # runs on the same data share one load (MiniLM's: tokenizing WordNet)
         for run in gated_runs:
-            _, model, _ = run["run"].load()
+            config = run["config"]
+            key = (config["data"], config.get("train_examples"), config.get("test_examples"))
+            if say is not None:
+                say(f"{run['name']}: its gates (the model and its data)")
+            _, model, datasets[key] = run["run"].load(data=datasets.get(key), say=say)
             units = gate_units(model)
             widths = _saved_widths(run["run"]) or [{"layer": owner, "counts": what, "total": gate.log_alpha.numel(),
                                                      "open": int(gate.is_open().sum()), "saved": None} for owner, what, gate in units]
