@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     models = {"teacher": teacher}
     rounded = {}
     for name, run_dir in runs.items():
-        prune_run(run_dir, force=True)
+        prune_run(run_dir, force=True, latency=False)  # timed below, all models in turns in one process
         pruned = load_pruned(run_dir)
         models[name] = pruned
         if args.round_to > 1:  # the same outputs (prune checks them): only its FLOPs and time differ
