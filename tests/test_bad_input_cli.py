@@ -270,10 +270,14 @@ def test_report_does_not_invent_params_kept(tmp_path):
                             "dense": dict(regularizer="none")}.items():
         run_training(quick_config(**overrides), tmp_path / name, progress=False)
     assert main(["report", *(str(tmp_path / name) for name in ("magnitude", "l1", "dense")), "--out", str(tmp_path / "report")]) == 0
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in (tmp_path / "report" / "report.md").read_text().splitlines()}
-    assert rows["magnitude"][-2] == "unknown" and rows["magnitude"][-1] != "unknown |"  # it records FLOPs, not parameters
-    assert rows["l1"][-2:] == ["unknown", "unknown |"]
-    assert rows["dense"][-2:] == ["100.0%", "100.0% |"]
+    table = [line.strip("| ").split(" | ") for line in (tmp_path / "report" / "report.md").read_text().splitlines() if line.startswith("|")]
+    header = table[0]
+    rows = {cells[0]: dict(zip(header, cells)) for cells in table[2:]}
+    kept = ("% params kept", "% FLOPs kept")
+    assert rows["magnitude"]["% params kept"] == "unknown" and rows["magnitude"]["% FLOPs kept"] != "unknown"  # it records FLOPs only
+    assert [rows["l1"][column] for column in kept] == ["unknown", "unknown"]
+    assert [rows["dense"][column] for column in kept] == ["100.0%", "100.0%"]
+    assert rows["dense"]["accuracy after prune"] == "not pruned" and rows["dense"]["speed-up"] == "-"
 
 
 # --- item 15: a partial last line of metrics.jsonl does not block resume or report ------------------------------

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -301,3 +302,17 @@ def test_run_folder_owns_the_file_names_and_loads_what_run_training_wrote(tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(run.load_pruned()(data.x_test), model(data.x_test))
     assert RunFolder(tmp_path / "new").read_metrics() == []  # no epoch finished yet
+
+
+def test_a_recipe_named_flops_n_targets_n_percent_of_the_flops_and_the_readme_s_recipes_exist():
+    named = {recipe.stem: recipe for recipe in RECIPES.glob("*-flops*.toml")}
+    # one recipe per figure the README claims for MiniLM: L0 and the baseline at 25% and 50%
+    assert {f"minilm-wordnet-{method}-flops{n}" for method in ("l0", "importance") for n in (25, 50)} <= set(named)
+    for stem, recipe in named.items():
+        percent = int(re.search(r"-flops(\d+)", stem).group(1))
+        config = load_config(recipe)
+        assert (config.target, config.metric) == (percent / 100, "flops"), stem
+    readme = (RECIPES.parent / "README.md").read_text()
+    mentioned = set(re.findall(r"recipes/([\w.-]+\.toml)", readme))
+    assert {"minilm-wordnet-l0-flops25.toml", "minilm-wordnet-l0-flops50.toml"} <= mentioned
+    assert all((RECIPES / name).exists() for name in mentioned), mentioned

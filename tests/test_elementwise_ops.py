@@ -16,7 +16,7 @@ from l0sparse.sites import find_gates
 
 from test_sparsify_prune import assert_plain
 
-transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (pip install -e '.[hf]')")
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
 import l0sparse.hf  # noqa: E402 (after the skip: it needs transformers)
 
 VOCAB, WIDTH, HEADS, FFN = 100, 32, 4, 37

@@ -20,7 +20,7 @@ from test_sparsify_prune import CASES, assert_plain, build
 
 def hf():
     """transformers, or a skip: the Hugging Face tests need the 'hf' extra (CI installs it with 'dev')."""
-    return pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (pip install -e '.[hf]')")
+    return pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
 
 VOCAB, WIDTH, HEADS, FFN = 100, 32, 4, 64
 

@@ -18,7 +18,7 @@ from l0sparse.sites import find_gates
 
 from test_sparsify_prune import assert_plain
 
-transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (pip install -e '.[hf]')")
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
 
 VOCAB, WIDTH, HEADS, FFN, CLASSES = 100, 32, 4, 37, 3
 

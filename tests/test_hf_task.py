@@ -19,7 +19,7 @@ from l0sparse.sites import find_gates
 from l0sparse.data import DATASETS, Split, read_wordnet_glosses
 from l0sparse.train import distillation_loss, load_pruned, load_run, load_teacher, model_for, prune_run, run_training
 
-transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (pip install -e '.[hf]')")
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
 
 VOCAB, WIDTH, HEADS, FFN, LAYERS, CLASSES, LENGTH = 60, 16, 4, 32, 2, 5, 10
 EPS64 = torch.finfo(torch.float64).eps

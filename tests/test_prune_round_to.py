@@ -16,7 +16,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 def test_round_to_defaults_to_1_and_the_minilm_recipes_set_8():
     assert load_config(RECIPES / "mlp-digits.toml").round_to == 1
     assert load_config(RECIPES / "mlp-digits.toml", ["round_to=16"]).round_to == 16
-    for name in ("minilm-wordnet-l0-flops50", "minilm-wordnet-importance-flops50"):
+    for name in ("minilm-wordnet-l0-flops50", "minilm-wordnet-importance-flops50", "minilm-wordnet-l0-flops25",
+                 "minilm-wordnet-importance-flops25"):
         assert load_config(RECIPES / f"{name}.toml").round_to == 8
 
 

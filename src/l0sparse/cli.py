@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     train.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bars and lines")
+    train.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
+                       help="without a terminal (a log file), a progress line every N steps instead of a bar (default 50)")
 
     prune = commands.add_parser("prune", help="write the physically pruned model of a run and print its summary")
     prune.add_argument("run_dir")
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--round-to", type=_positive_int, default=None,
                        help="keep channel and unit counts at multiples of this (zero ones added; outputs unchanged); "
                             "default: the run's config key round_to (1 unless set)")
+    prune.add_argument("--no-latency", action="store_true", help="skip timing the pruned model against the unpruned one")
+    prune.add_argument("--threads", type=_positive_int, default=1, help="torch threads, the latency's included (default 1)")
 
     report = commands.add_parser("report", help="plots and a Markdown table over one or more runs")
     report.add_argument("run_dirs", nargs="+")
@@ -137,16 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(parser, args)
         elif args.command == "prune":
             from .runs import RunFolder
+            from .train import configure_torch
 
+            configure_torch(args.threads)
             run = RunFolder(args.run_dir)
-            pruned, table = run.prune(force=args.force, round_to=args.round_to)
+            pruned, table = run.prune(force=args.force, round_to=args.round_to, latency=not args.no_latency, say=_steps_on_a_terminal())
             print(table)
             print(f"wrote {run.pruned_weights_path} and {run.pruned_spec_path.name} (load with l0sparse.runs.load_pruned)")
         elif args.command == "report":
             from .plots import report_runs
             from .runs import RunFolder
 
-            written = report_runs(args.run_dirs, args.out or RunFolder(args.run_dirs[0]).report_path)
+            written = report_runs(args.run_dirs, args.out or RunFolder(args.run_dirs[0]).report_path, say=_steps_on_a_terminal())
             for path in written.values():
                 print(f"wrote {path}")
     except (ValueError, OSError, ImportError, FloatingPointError) as error:  # bad input: one line, no traceback
@@ -155,6 +161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _steps_on_a_terminal():
+    """What announces a slow step of prune and report: a line on stderr on a terminal, else nothing, so that in a log
+    a bad file's error stays the one line on stderr (docs/cli.md)."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda line: print(f"{line} ...", file=sys.stderr, flush=True)
 
 
 def _one_line(error: BaseException) -> str:
@@ -184,7 +198,8 @@ def _train(parser, args) -> int:
             parser.error("the config file is required (or --resume with --out)")
         config = load_config(args.config, args.overrides)
     out = args.out or str(Path("runs") / Path(args.config).stem)
-    run_training(config, out, resume=args.resume, force=args.force, threads=args.threads, progress=not args.no_progress)
+    run_training(config, out, resume=args.resume, force=args.force, threads=args.threads, progress=not args.no_progress,
+                 log_every=args.log_every)
     print(f"run written to {out}")
     return 0
 

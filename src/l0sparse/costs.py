@@ -26,7 +26,8 @@ from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attenti
                          module_rule, scaled_dot_product_macs, weight_product)
 from .sites import Charge, GateSite, charges, find_gates, gate_sites, raw_tensor, ungated_l2_tensors
 
-__all__ = ["expected_l0", "penalty", "Penalty", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params"]
+__all__ = ["expected_l0", "penalty", "Penalty", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params",
+           "median_latency"]
 
 
 
@@ -570,3 +571,25 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
 def count_params(model: nn.Module) -> int:
     """Parameters of ``model`` (each shared tensor once, gates' log α included if any)."""
     return sum(p.numel() for p in _unique_parameters(model))
+
+
+@torch.no_grad()
+def median_latency(models: Mapping[str, nn.Module], batch: Tensor, repeats: int = 10) -> dict[str, float]:
+    """Median seconds of one forward of ``batch`` per model, the models taking turns (one untimed call each turn first).
+
+    Taking turns spreads a shared machine's slow moments over every model rather than onto one; the untimed
+    call brings the model's weights back into the caches after the other model's turn.
+    """
+    import statistics
+    import time
+
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            model(batch)
+            started = time.perf_counter()
+            model(batch)
+            times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}

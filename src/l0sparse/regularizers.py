@@ -74,6 +74,11 @@ class Regularizer:
         """This regularizer's entries of the epoch's metrics record."""
         return {}
 
+    def progress(self) -> dict[str, str]:
+        """What to show beside the task loss while an epoch trains (the bar's or the log line's), by name; called
+        every second or so, not every step: it may cost a pass over the gates."""
+        return {}
+
     def shared_values(self) -> dict[str, list[float]]:
         """Values DDP should keep equal on every rank, by name (compared at each epoch's end)."""
         return {}
@@ -116,6 +121,11 @@ class L0(Regularizer):
             record["expected_flops_kept"] = self.size.expected_flops_kept()
         return record
 
+    def progress(self) -> dict[str, str]:
+        if self.size is None:
+            return {"expected_l0": f"{float(expected_l0(self.evaluated).detach()):.1f}"}
+        return {"flops_kept": _percent(self.size.kept()["flops_kept"])}
+
 
 class L0WithTarget(L0):
     """L0 with a :class:`~l0sparse.TargetController`: its multipliers' term and step beside the gates' penalty.
@@ -141,6 +151,11 @@ class L0WithTarget(L0):
         record.update({"lambda_1": float(self.controller.lambda_1.detach()), "lambda_2": float(self.controller.lambda_2.detach()),
                        "target_now": self.controller.current_target()})
         return record
+
+    def progress(self) -> dict[str, str]:
+        # the controller's own measure (its metric, as pruning would leave the model now) against its target of the moment
+        controller = self.controller
+        return {f"{controller.metric}_kept": _percent(controller.deterministic_fraction()), "target": _percent(controller.current_target())}
 
     def shared_values(self) -> dict[str, list[float]]:
         return {"multipliers": [float(self.controller.lambda_1.detach()), float(self.controller.lambda_2.detach())]}
@@ -201,6 +216,9 @@ class MagnitudePruning(Regularizer):
     def metrics(self) -> dict[str, float]:
         return {"flops_kept": self.flops_kept}
 
+    def progress(self) -> dict[str, str]:
+        return {"flops_kept": _percent(self.flops_kept)}
+
 
 class ImportancePruning(Regularizer):
     """The importance baseline of a gated encoder: heads and units ranked once, at the start, from the starting
@@ -221,6 +239,13 @@ class ImportancePruning(Regularizer):
 
     def metrics(self) -> dict[str, float]:
         return self.size.kept()
+
+    def progress(self) -> dict[str, str]:
+        return {"flops_kept": _percent(self.size.kept()["flops_kept"])}
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%"
 
 
 def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inputs: Tensor, n_train: int, steps_per_epoch: int,

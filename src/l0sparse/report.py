@@ -12,7 +12,11 @@ from .graph import check_module, example_tuple
 from .prune import plain_copy, prune
 from .sites import find_gates, gate_sites
 
-__all__ = ["architecture", "summary", "Summary", "gate_units"]
+__all__ = ["architecture", "summary", "Summary", "gate_units", "saved_width", "ATTENTION_PRODUCTS"]
+
+#: the summary's row for the MACs of attention's two matrix products (scores and the weighted values), which no
+#: Linear or conv holds: count_flops counts them under the name of the function that computes them
+ATTENTION_PRODUCTS = "attention products (QKᵀ, AV)"
 
 
 #: what one sparsify gate counts, by its granularity (the paper's layers' gates count inputs or channels)
@@ -56,22 +60,37 @@ class Summary:
 
     rows: list[dict]
 
-    _COLUMNS = ("layer", "gates kept/total", "expected L0", "params", "params kept", "MACs", "MACs kept")
+    _COLUMNS = ("layer", "gates kept/total", "width saved", "expected L0", "params", "params kept", "MACs", "MACs kept")
 
     def _cells(self) -> list[list[str]]:
         cells = []
         for row in self.rows:
             gates_text = f"{row['gates_kept']}/{row['gates_total']}" if row["gates_total"] else "-"
             expected = f"{row['expected_l0']:.1f}" if row["gates_total"] else "-"
+            # what the pruned model holds: more than the open gates where round_to kept zero units
+            width = "-" if row.get("width_saved") is None else str(row["width_saved"])
             if row.get("counted_in_layers"):  # a gate over several layers: its parameters and MACs are in their rows
-                cells.append([row["layer"], gates_text, expected, "-", "-", "-", "-"])
+                cells.append([row["layer"], gates_text, width, expected, "-", "-", "-", "-"])
                 continue
-            cells.append([row["layer"], gates_text, expected, f"{row['params']:,}", f"{row['params_kept']:,}",
+            cells.append([row["layer"], gates_text, width, expected, f"{row['params']:,}", f"{row['params_kept']:,}",
                           f"{row['flops']:,}", f"{row['flops_kept']:,}"])
         total = {k: sum(r[k] for r in self.rows) for k in ("params", "params_kept", "flops", "flops_kept")}
-        cells.append(["total", "", "", f"{total['params']:,}", f"{total['params_kept']:,} ({_percent(total['params_kept'], total['params'])})",
+        cells.append(["total", "", "", "", f"{total['params']:,}", f"{total['params_kept']:,} ({_percent(total['params_kept'], total['params'])})",
                       f"{total['flops']:,}", f"{total['flops_kept']:,} ({_percent(total['flops_kept'], total['flops'])})"])
         return cells
+
+    def widths(self) -> list[dict]:
+        """Per gated layer, in :func:`architecture`'s order: ``layer`` (the gates' owner), ``counts`` (what a gate
+        counts: inputs, channels, heads...), ``total``, ``open`` (open gates) and ``saved`` (what the pruned model holds)."""
+        gated = sorted((row for row in self.rows if row["gates_total"]), key=lambda row: row["unit_order"])
+        return [{"layer": row["owner"], "counts": row["counts"], "total": row["gates_total"], "open": row["gates_kept"],
+                 "saved": row["gates_kept"] if row.get("width_saved") is None else row["width_saved"]} for row in gated]
+
+    def saved_architecture(self) -> str:
+        """Gated units per layer before and as saved, in :func:`architecture`'s order, e.g. ``784-300-100 -> 224-216-104``
+        (rounded up where ``round_to`` kept zero units; the open gates are :func:`architecture`'s)."""
+        widths = self.widths()
+        return f"{'-'.join(str(w['total']) for w in widths)} -> {'-'.join(str(w['saved']) for w in widths)}"
 
     def __str__(self) -> str:
         cells = [list(self._COLUMNS)] + self._cells()
@@ -90,25 +109,56 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
 
-def summary(model: nn.Module, example_inputs) -> Summary:
-    """Per Linear/conv layer: gates kept/total, expected L0, parameters and MACs per example before and after pruning.
+def saved_width(what: str, module: nn.Module | None, hidden_plan: dict | None = None) -> int | None:
+    """How many of what a layer's gates count (:func:`gate_units`) the pruned ``module`` holds; None where it cannot tell.
+
+    With ``round_to`` this is more than the open gates: the zero units kept to round the width up.
+    """
+    if what == "dimensions":  # the hidden-size gate: no one module, the plan says
+        return len(hidden_plan["kept"]) if hidden_plan else None
+    if module is None:
+        return None
+    if what == "heads":
+        from .operations import declared_head_count
+
+        return getattr(module, "num_heads", None) if isinstance(module, nn.MultiheadAttention) else declared_head_count(module)
+    if what == "weights":
+        return int(module.weight.ne(0).sum())
+    inputs = what == "inputs"
+    for attribute in (("in_features", "in_channels") if inputs else ("out_features", "out_channels")):
+        if isinstance(getattr(module, attribute, None), int):
+            return getattr(module, attribute)
+    return None
+
+
+def summary(model: nn.Module, example_inputs, round_to: int = 1, pruned: tuple[nn.Module, dict] | None = None) -> Summary:
+    """Per Linear/conv layer: gates kept/total, the width saved, expected L0, parameters and MACs per example before
+    and after pruning with ``round_to`` (:func:`l0sparse.prune`'s).
 
     A gate whose owner is not one layer (the heads of an attention module, the hidden-size gate's dimensions)
     gets a row of its own, ``"<owner> (heads)"`` / ``"<owner> (dimensions)"``, placed before the layers it
     gates, with its gates and no parameters or MACs of its own (``counted_in_layers``: the layers' rows hold them).
+    The MACs of attention's matrix products, which no layer holds, are the row :data:`ATTENTION_PRODUCTS`, so that
+    the total is :func:`l0sparse.count_flops`'s. ``pruned``: ``prune(model, example_inputs, return_plan=True,
+    round_to=round_to)`` if already computed (it is not computed again).
     """
     check_module(model, "summary")
     example_inputs = example_tuple(example_inputs, "summary")
     dense = plain_copy(model)
-    pruned = prune(model, example_inputs)
+    pruned_model, plan = pruned if pruned is not None else prune(model, example_inputs, return_plan=True, round_to=round_to)
     flops_before = count_flops(dense, example_inputs, per_module=True)
-    flops_after = count_flops(pruned, example_inputs, per_module=True)
-    pruned_modules = dict(pruned.named_modules())
+    flops_after = count_flops(pruned_model, example_inputs, per_module=True)
+    pruned_modules = dict(pruned_model.named_modules())
     gates_by_owner: dict[str, list[Gate]] = {}
     counted_as: dict[str, str] = {}
+    unit_order: dict[str, int] = {}
     for owner, what, gate in gate_units(model):
         gates_by_owner.setdefault(owner, []).append(gate)
         counted_as.setdefault(owner, what)
+        unit_order.setdefault(owner, len(unit_order))
+
+    def width(owner: str) -> int | None:
+        return saved_width(counted_as[owner], pruned_modules.get(owner), plan.get("hidden")) if owner in counted_as else None
     rows = []
     for name, module in dense.named_modules():
         if name not in flops_before:
@@ -117,6 +167,10 @@ def summary(model: nn.Module, example_inputs) -> Summary:
         kept_module = pruned_modules.get(name)
         rows.append({
             "layer": name,
+            "owner": name,
+            "counts": counted_as.get(name),
+            "unit_order": unit_order.get(name),
+            "width_saved": width(name),
             "gates_total": sum(g.log_alpha.numel() for g in owned),
             "gates_kept": sum(int(g.is_open().sum()) for g in owned),
             "expected_l0": float(sum(float(g.expected_l0().detach()) for g in owned)),
@@ -129,7 +183,9 @@ def summary(model: nn.Module, example_inputs) -> Summary:
     for owner, owned in gates_by_owner.items():
         if owner in layers:
             continue
-        row = {"layer": f"{owner} ({counted_as[owner]})", "gates_total": sum(g.log_alpha.numel() for g in owned),
+        row = {"layer": f"{owner} ({counted_as[owner]})", "owner": owner, "counts": counted_as[owner], "unit_order": unit_order[owner],
+               "width_saved": width(owner),
+               "gates_total": sum(g.log_alpha.numel() for g in owned),
                "gates_kept": sum(int(g.is_open().sum()) for g in owned),
                "expected_l0": float(sum(float(g.expected_l0().detach()) for g in owned)),
                "params": 0, "params_kept": 0, "flops": 0, "flops_kept": 0, "counted_in_layers": True}
@@ -139,4 +195,9 @@ def summary(model: nn.Module, example_inputs) -> Summary:
         position = next((i for scope in scopes for i, r in enumerate(rows)
                          if not r.get("counted_in_layers") and (not scope or r["layer"].startswith(f"{scope}."))), len(rows))
         rows.insert(position, row)
+    # count_flops keeps the products of attention outside modules (a Hugging Face or a pruned model's) under this name
+    before, after = flops_before.get("scaled_dot_product_attention", 0), flops_after.get("scaled_dot_product_attention", 0)
+    if before or after:
+        rows.append({"layer": ATTENTION_PRODUCTS, "owner": None, "counts": None, "unit_order": None, "width_saved": None, "gates_total": 0,
+                     "gates_kept": 0, "expected_l0": 0.0, "params": 0, "params_kept": 0, "flops": before, "flops_kept": after})
     return Summary(rows)

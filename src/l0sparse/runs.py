@@ -12,15 +12,22 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .files import atomic_save, atomic_write_text, read_json, torch_load
 
+if TYPE_CHECKING:  # annotations only: importing them here would make runs import config, data and report at start-up
+    from .config import TrainConfig
+    from .data import Split
+    from .report import Summary
+
 __all__ = ["RunFolder", "StagedRunFolder", "load_run", "prune_run", "load_pruned", "read_metrics", "load_checkpoint",
-           "check_run_directory"]
+           "check_run_directory", "prune_result", "format_prune_result", "accuracy"]
 
 CHECKPOINT = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -39,6 +46,10 @@ REPLACED_DIR = ".l0sparse-old"
 _EXAMPLE_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 
+def _say_nothing(line: str) -> None:
+    """The default of every ``say``: the library is quiet unless its caller shows the steps (the command does)."""
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a ``metrics.jsonl``; a partial last line (a write cut short by kill -9 or a full disk) is dropped."""
     path = Path(path)
@@ -55,6 +66,23 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
             raise ValueError(f"{path} line {number} is not a metrics record: the file is damaged; delete that line and try again")
         records.append(record)
     return records
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024, pad_id: int | None = None) -> float:
+    """Classification accuracy in eval mode (deterministic gates); restores the model's mode.
+
+    ``pad_id``: ``x`` holds token ids padded with it, computed in batches of similar length without their padding.
+    """
+    if pad_id is not None:
+        from .hf import predict_logits
+
+        return float((predict_logits(model, x, pad_id, batch_size=batch_size).argmax(-1) == y).float().mean())
+    was_training = model.training
+    model.eval()
+    correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
+    model.train(was_training)
+    return correct / len(y)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -161,10 +189,12 @@ class RunFolder:
         atomic_save(teacher.state_dict(), self.teacher_weights_path)
 
     # -- what prune and report read ---------------------------------------------------------------------------
-    def load(self, data=None) -> tuple:
+    def load(self, data=None, say: Callable[[str], None] | None = None) -> tuple:
         """(config, model with the checkpoint's weights in eval mode, dataset).
 
-        ``data``: the run's dataset, if already loaded (it is not loaded again).
+        ``data``: the run's dataset, if already loaded (it is not loaded again). ``say``: called with a line
+        before the slow steps (the data, the model), once the config and the checkpoint have been read: a bad
+        file is then the only line printed.
         """
         from .build import ema, model_for
         from .data import load_dataset
@@ -173,8 +203,11 @@ class RunFolder:
             raise FileNotFoundError(f"{self.path} is not a run directory: it has no {CHECKPOINT}")
         config = self.read_config()
         state = self.read_checkpoint()
+        say = say or _say_nothing
         if data is None:
+            say(f"loading the data ({config.data})")
             data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
+        say(f"building the model ({config.model}) with the weights of {self.checkpoint_path.name}")
         model = model_for(config, data)
         if config.regularizer == "magnitude" and state["epoch"] >= config.epochs:
             from .baselines import magnitude_prune
@@ -191,28 +224,40 @@ class RunFolder:
             threshold_(model, config.regularizer, config.threshold_value)  # the usual last step of an L1 run
         return config, model.eval(), data
 
-    def prune(self, force: bool = False, round_to: int | None = None) -> tuple[nn.Module, str]:
-        """Prune the checkpoint's model; write ``pruned.pt`` (state_dict) and ``pruned.json`` (plan and architecture).
+    def prune(self, force: bool = False, round_to: int | None = None, latency: bool = True, repeats: int = 10,
+              say: Callable[[str], None] | None = None) -> tuple[nn.Module, str]:
+        """Prune the checkpoint's model; write ``pruned.pt`` (state_dict) and ``pruned.json`` (plan, architecture,
+        summary and ``result``: what :func:`prune_result` measured).
 
         ``round_to`` is :func:`l0sparse.prune`'s: kept counts rounded up to a multiple of it (None: the run's
-        config's ``round_to``, 1 unless the config sets it). Returns the pruned
-        module and its summary table; :meth:`load_pruned` loads it back with ``weights_only=True``.
+        config's ``round_to``, 1 unless the config sets it). ``latency``: time the pruned model against the
+        unpruned one (``repeats`` turns each). ``say``: called with a line before each slow step (loading,
+        pruning, evaluating, timing). Returns the pruned module and the text :func:`format_prune_result` makes
+        of the summary table and the result; :meth:`load_pruned` loads the module back with ``weights_only=True``.
         """
         from .prune import prune
         from .report import architecture, summary
 
+        say = say or _say_nothing
         if self.pruned_weights_path.exists() and not force:
             raise FileExistsError(f"{self.pruned_weights_path} exists: pass --force to overwrite it")
-        config, model, data = self.load()
+        config, model, data = self.load(say=say)
         example = data.x_train[:2]
-        pruned, plan = prune(model, example, return_plan=True, round_to=config.round_to if round_to is None else round_to)
-        table = summary(model, example)
+        rounding = config.round_to if round_to is None else round_to
+        say(f"pruning (widths rounded up to multiples of {rounding})" if rounding > 1 else "pruning")
+        pruned, plan = prune(model, example, return_plan=True, round_to=rounding)
+        table = summary(model, example, pruned=(pruned, plan))
+        result = prune_result(model, pruned.eval(), table, config, data, latency=latency, repeats=repeats, say=say)
+        result["round_to"] = {"value": rounding, "from": "the run's config key round_to" if round_to is None else "--round-to"}
+        history = self.read_metrics()
+        # prune keeps the gated model's outputs: the accuracy it measured at the run's end is the one to compare with
+        result["test_accuracy_gated"] = history[-1].get("test_accuracy") if history else None
         spec = {"config": config.to_dict(), "plan": plan, "example_shape": list(example.shape[1:]),
                 "example_dtype": str(example.dtype).removeprefix("torch."), "num_classes": data.num_classes,
-                "architecture": architecture(model), "summary": table.to_markdown()}
+                "architecture": architecture(model), "summary": table.to_markdown(), "result": result}
         atomic_save(pruned.state_dict(), self.pruned_weights_path)
         atomic_write_text(json.dumps(spec, indent=1), self.pruned_spec_path)
-        return pruned, str(table)
+        return pruned, f"{table}\n\n{format_prune_result(result)}"
 
     def load_pruned(self) -> nn.Module:
         """The pruned model, rebuilt from ``pruned.json`` and loaded with ``weights_only=True``; in eval mode."""
@@ -234,6 +279,87 @@ class RunFolder:
         module = rebuild(fresh, spec["plan"], example)
         load_state(module, torch_load(self.pruned_weights_path), self.pruned_weights_path, described_by=PRUNED_SPEC)
         return module.eval()
+
+
+def prune_result(model: nn.Module, pruned: nn.Module, table: Summary, config: TrainConfig, data: Split, latency: bool = True,
+                 repeats: int = 10, say: Callable[[str], None] | None = None) -> dict:
+    """What ``l0sparse prune`` reports and keeps in ``pruned.json`` under ``result``: the kept architecture (open gates
+    and as saved), FLOPs, parameters, the pruned model's test accuracy and its latency beside the unpruned model's.
+
+    FLOPs are MACs per example at the example's shape, attention's products included; for a text classifier the
+    encoder's only (without the classification layer), docs/hf.md's count. The unpruned model is the gated one with
+    its gates folded into the weights (:func:`l0sparse.prune.plain_copy`): every unit kept.
+    """
+    from .costs import count_flops, median_latency
+    from .hf import SentenceClassifier, encoder_flops
+    from .prune import plain_copy
+    from .report import architecture
+
+    say = say or _say_nothing
+    dense = plain_copy(model)
+    example = data.x_train[:2]
+    encoder_only = isinstance(dense, SentenceClassifier)
+    flops = encoder_flops if encoder_only else count_flops
+    flops_before, flops_after = flops(dense, example), flops(pruned, example)
+    params_before, params_after = (sum(p.numel() for p in m.parameters()) for m in (dense, pruned))
+    say(f"test accuracy of the pruned model on the run's {len(data.y_test):,} test examples")
+    result = {
+        "architecture_open_gates": architecture(model),
+        "architecture_saved": table.saved_architecture(),
+        "widths": table.widths(),
+        "flops": {"counted": "encoder MACs per example (attention products included, classifier excluded)" if encoder_only
+                  else "MACs per example", "example_shape": list(example.shape[1:]), "tokens": data.pad_id is not None,
+                  "unpruned": flops_before, "pruned": flops_after,
+                  "kept": flops_after / flops_before if flops_before else None},
+        "params": {"unpruned": params_before, "pruned": params_after, "kept": params_after / params_before},
+        "test_accuracy": accuracy(pruned, data.x_test, data.y_test, pad_id=data.pad_id),
+        "test_examples": len(data.y_test),
+        "latency": None,
+    }
+    if latency:
+        batch = data.x_test[:config.batch_size]
+        say(f"timing the pruned and the unpruned model in turns: batch {tuple(batch.shape)}, {repeats} turns, "
+            f"{torch.get_num_threads()} thread(s)")
+        seconds = median_latency({"unpruned": dense.eval(), "pruned": pruned}, batch, repeats)
+        result["latency"] = {"batch_shape": list(batch.shape), "threads": torch.get_num_threads(), "repeats": repeats,
+                             "unpruned_s": seconds["unpruned"], "pruned_s": seconds["pruned"],
+                             "speedup": seconds["unpruned"] / seconds["pruned"]}
+    return result
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f} M" if count >= 1e6 else f"{count:,}"
+
+
+def _shape(sizes: list[int], tokens: bool = False) -> str:
+    return f"{sizes[-1]} tokens" if tokens else "x".join(map(str, sizes))
+
+
+def format_prune_result(result: dict) -> str:
+    """The lines ``l0sparse prune`` prints under its table, from :func:`prune_result`'s dict (as in ``pruned.json``)."""
+    rounding = result.get("round_to", {"value": 1})
+    flops, params = result["flops"], result["params"]
+    flops_kept = "-" if flops["kept"] is None else f"{100 * flops['kept']:.1f}%"  # None: a model without counted layers
+    lines = []
+    if rounding["value"] > 1:
+        lines.append(f"rounded: every kept width up to a multiple of {rounding['value']} with zero units, the outputs unchanged "
+                     f"(from {rounding['from']}; --round-to 1 for none)")
+    lines += [
+        f"kept, as saved:      {result['architecture_saved']}",
+        f"kept, open gates:    {result['architecture_open_gates']}",
+        f"{flops['counted']}, input {_shape(flops['example_shape'], flops.get('tokens', False))}: {_millions(flops['unpruned'])} -> "
+        f"{_millions(flops['pruned'])} ({flops_kept})",
+        f"parameters (all of them): {_millions(params['unpruned'])} -> {_millions(params['pruned'])} ({100 * params['kept']:.1f}%)",
+        f"test accuracy of the pruned model: {100 * result['test_accuracy']:.2f}% ({result['test_examples']:,} test examples"
+        + (f"; the gated model at the run's end: {100 * result['test_accuracy_gated']:.2f}%)" if result.get("test_accuracy_gated") is not None
+           else ")"),
+    ]
+    timing = result.get("latency")
+    if timing:
+        lines.append(f"latency, batch {timing['batch_shape'][0]} x {_shape(timing['batch_shape'][1:], flops.get('tokens', False))}, "
+                     f"{timing['threads']} thread(s), median of {timing['repeats']} turns: unpruned {1000 * timing['unpruned_s']:.3g} ms, "
+                     f"pruned {1000 * timing['pruned_s']:.3g} ms (speed-up {timing['speedup']:.2f}x)")
+    return "\n".join(lines)
 
 
 class StagedRunFolder:
@@ -291,9 +417,9 @@ def load_run(run_dir: str | os.PathLike, data=None) -> tuple:
     return RunFolder(run_dir).load(data)
 
 
-def prune_run(run_dir: str | os.PathLike, force: bool = False, round_to: int | None = None) -> tuple[nn.Module, str]:
+def prune_run(run_dir: str | os.PathLike, force: bool = False, round_to: int | None = None, latency: bool = True) -> tuple[nn.Module, str]:
     """Prune a run's checkpoint and write ``pruned.pt`` and ``pruned.json``: :meth:`RunFolder.prune`."""
-    return RunFolder(run_dir).prune(force=force, round_to=round_to)
+    return RunFolder(run_dir).prune(force=force, round_to=round_to, latency=latency)
 
 
 def load_pruned(run_dir: str | os.PathLike) -> nn.Module:

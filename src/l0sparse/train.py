@@ -37,6 +37,7 @@ from .runs import REPLACED_DIR as REPLACED_DIR, RUN_FILES as RUN_FILES, STAGING_
 from .runs import TEACHER_WEIGHTS as TEACHER_WEIGHTS
 from .runs import load_checkpoint as load_checkpoint, load_pruned as load_pruned, load_run as load_run
 from .runs import prune_run as prune_run, read_metrics as read_metrics
+from .runs import accuracy as accuracy  # in runs.py since prune reports it (runs must not import train)
 
 __all__ = ["configure_torch", "fit", "train_epoch", "accuracy", "recalibrate_batchnorm", "ema", "run_training", "load_run",
            "prune_run", "load_pruned", "load_teacher", "TrainingDiverged", "read_metrics"]
@@ -86,23 +87,6 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024, pad_id: int | None = None) -> float:
-    """Classification accuracy in eval mode (deterministic gates); restores the model's mode.
-
-    ``pad_id``: ``x`` holds token ids padded with it, computed in batches of similar length without their padding.
-    """
-    if pad_id is not None:
-        from .hf import predict_logits
-
-        return float((predict_logits(model, x, pad_id, batch_size=batch_size).argmax(-1) == y).float().mean())
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    model.train(was_training)
-    return correct / len(y)
-
-
 def distillation_loss(logits: Tensor, targets: Tensor, teacher_logits: Tensor, weight: float, temperature: float) -> Tensor:
     """``weight`` · T² · KL(teacher ‖ student), both softened by T, plus (1 − ``weight``) · cross-entropy (Hinton et al., 2015).
 
@@ -131,14 +115,16 @@ class EpochTotals:
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, regularizer: Regularizer, batches: Iterable[Tensor],
                 batch: Callable[[Tensor], tuple[Tensor, Tensor]], task_loss: Callable[[Tensor, Tensor, Tensor], Tensor], *,
                 forward: nn.Module | None = None, averaged: nn.Module | None = None,
-                diverged: Callable[[int, float], Exception] | None = None) -> EpochTotals:
+                diverged: Callable[[int, float], Exception] | None = None,
+                on_step: Callable[[int, float], None] | None = None) -> EpochTotals:
     """One epoch of training: for each index tensor of ``batches``, one step on ``batch(index)``.
 
     A step is ``regularizer.loss(task_loss(logits, targets, index))``, backward, ``optimizer.step()``,
     ``regularizer.after_step()`` and the moving average's update. ``forward``: what computes the logits
     (a DDP wrapper of ``model``; default ``model``). A non-finite loss raises ``diverged(step, loss)``
     before the step spreads it into the weights; with ``diverged=None`` (under DDP, where every rank must
-    reach the gradient all-reduce) the epoch goes on and reports its first bad step.
+    reach the gradient all-reduce) the epoch goes on and reports its first bad step. ``on_step(step, task loss)``
+    after each step: the progress shown (:class:`StepProgress`).
     """
     forward = model if forward is None else forward
     totals = EpochTotals(0.0, 0, 0, 0, None)
@@ -146,7 +132,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, regularizer:
     for step, index in enumerate(batches, 1):
         inputs, targets = batch(index)
         logits = forward(inputs)
-        loss = regularizer.loss(task_loss(logits, targets, index))
+        task = task_loss(logits, targets, index)
+        loss = regularizer.loss(task)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             if diverged is not None:
@@ -162,9 +149,64 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, regularizer:
         totals.correct += int((logits.argmax(-1) == targets).sum())
         totals.examples += len(index)
         totals.steps = step
-        if hasattr(batches, "set_postfix"):  # a progress bar
-            batches.set_postfix(loss=f"{loss_value:.3f}")
+        if on_step is not None:
+            on_step(step, float(task.detach()))
     return totals
+
+
+class StepProgress:
+    """What the user sees while :func:`run_training` trains: on a terminal, a bar per epoch with the task loss and the
+    regularizer's values (:meth:`Regularizer.progress`: the size kept and the target); elsewhere (a log file, a
+    batch job), where a bar would be a stream of carriage returns, a line every ``every`` steps with the same values.
+
+    The regularizer's values cost a pass over the gates: they are refreshed at most every ``interval`` seconds.
+    """
+
+    def __init__(self, regularizer: Regularizer, total_epochs: int, steps_per_epoch: int, enabled: bool = True,
+                 terminal: bool | None = None, every: int = 50, interval: float = 1.0, stream=None) -> None:
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"log_every must be an int >= 1 (steps between progress lines), got {every!r}")
+        self.regularizer, self.total_epochs, self.steps_per_epoch = regularizer, total_epochs, steps_per_epoch
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = enabled
+        self.terminal = bool(getattr(self.stream, "isatty", lambda: False)()) if terminal is None else terminal
+        self.every, self.interval = every, interval
+        self.bar, self.epoch, self.losses, self.shown_at, self.started = None, 0, [], 0.0, time.perf_counter()
+
+    def batches(self, epoch: int, batches):
+        """``batches`` of epoch ``epoch`` (from 0), inside a bar on a terminal."""
+        from tqdm.auto import tqdm
+
+        self.epoch, self.losses, self.started = epoch, [], time.perf_counter()
+        if not (self.enabled and self.terminal):
+            return batches
+        self.bar = tqdm(batches, desc=f"epoch {epoch + 1}/{self.total_epochs}", leave=False, file=self.stream)
+        return self.bar
+
+    def _values(self, loss: float) -> dict[str, str]:
+        return {"task_loss": f"{loss:.4f}", **self.regularizer.progress()}
+
+    def __call__(self, step: int, task_loss: float) -> None:
+        if not self.enabled:
+            return
+        self.losses.append(task_loss)
+        if self.bar is not None:
+            now = time.perf_counter()
+            if now - self.shown_at >= self.interval or step == self.steps_per_epoch:
+                self.shown_at = now
+                self.bar.set_postfix(self._values(task_loss))  # at most every interval: a render is cheap then
+        elif step % self.every == 0 or step == self.steps_per_epoch:
+            mean = sum(self.losses) / len(self.losses)  # the mean since the last line: one step's loss is noise
+            self.losses = []
+            seconds = time.perf_counter() - self.started
+            values = ", ".join(f"{key} {value}" for key, value in self._values(mean).items())
+            print(f"epoch {self.epoch + 1}/{self.total_epochs} step {step}/{self.steps_per_epoch}: {values} "
+                  f"({seconds:.0f} s into the epoch)", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _non_finite_entry(model: nn.Module) -> str | None:
@@ -307,7 +349,7 @@ class _SigtermToInterrupt:
 
 
 def run_training(config, out_dir, resume: bool = False, force: bool = False, threads: int | None = 1,
-                 progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None) -> list[dict]:
+                 progress: bool = True, on_epoch_end: Callable[[dict], None] | None = None, log_every: int = 50) -> list[dict]:
     """Train as ``config`` says, writing ``config.json``, ``metrics.jsonl`` and ``checkpoint.pt`` to ``out_dir``.
 
     The checkpoint is written atomically after every epoch with the model,
@@ -322,7 +364,12 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     every epoch in batches of ``batch_size`` (so a step sees world_size ×
     batch_size examples), draws its gate noise from ``seed + rank``, and
     rank 0 alone writes the run directory (docs/scale.md).
+
+    ``progress``: a line on stderr before each slow set-up step, then per epoch a bar (on a terminal) or a
+    line every ``log_every`` steps (elsewhere) with the task loss and the size kept (:class:`StepProgress`).
     """
+    if not (isinstance(log_every, int) and log_every >= 1):
+        raise ValueError(f"log_every must be an int >= 1 (steps between progress lines), got {log_every!r}")
     with RankGroup() as ranks:
         out_dir = Path(out_dir)
         checkpoint = None
@@ -350,31 +397,40 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
         ranks.barrier()  # every rank has checked the directory before rank 0 changes it
         try:
             run_dir.open()
-            return _train_into(run_dir, config, checkpoint, threads, progress, on_epoch_end, ranks)
+            return _train_into(run_dir, config, checkpoint, threads, progress, on_epoch_end, ranks, log_every)
         except BaseException:
             run_dir.abandon()  # a no-op once the first checkpoint is in place
             raise
 
 
 def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threads: int | None, progress: bool,
-                on_epoch_end: Callable[[dict], None] | None, ranks: RankGroup) -> list[dict]:
+                on_epoch_end: Callable[[dict], None] | None, ranks: RankGroup, log_every: int = 50) -> list[dict]:
     from tqdm.auto import tqdm
 
     from .data import load_dataset
 
     resume = checkpoint is not None
     configure_torch(threads)
+    shown = progress and ranks.is_main
+    terminal = sys.stderr.isatty()
+
+    def say(line: str) -> None:  # before each set-up step that can take more than a few seconds (MiniLM: minutes in all)
+        if shown:
+            print(f"{line} ...", file=sys.stderr, flush=True)
 
     # 1. data, model (from the teacher's weights, if one is named), optimizer, moving average, regularizer
+    say(f"loading the data ({config.data})")
     data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
     teacher = None
     if config.teacher is not None and not resume:
+        say(f"loading the teacher ({config.teacher})")
         teacher = load_teacher(config, data)
     elif config.teacher is not None and config.distill_hidden:  # resumed: the teacher's weights as this run stored them
         from .models import build_model
 
         teacher = run_dir.folder.read_teacher_weights(build_model(config.model, 0, data.num_classes, gated=False))
     torch.manual_seed(config.seed)
+    say(f"building the model ({config.model}, regularizer {config.regularizer})")
     model = model_for(config, data, initial=None if resume else teacher)
     example = data.x_train[:2]
     pad_id = data.pad_id
@@ -424,6 +480,8 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
     else:
         if ranks.is_main:
             folder.write_config(config)
+        if config.regularizer == "importance":
+            say(f"scoring the heads and units on {min(IMPORTANCE_EXAMPLES, n_train):,} training examples")
         message = regularizer.start()  # the importance baseline's structure, chosen once: the checkpoint keeps it
         if message and ranks.is_main and progress:
             print(message, file=sys.stderr)
@@ -440,7 +498,8 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
         else:
             from .hf import predict_logits
 
-            teacher_logits = predict_logits(teacher, data.x_train, pad_id)
+            say(f"the teacher's logits for the {n_train:,} training examples, once")
+            teacher_logits = predict_logits(teacher, data.x_train, pad_id, progress=shown and terminal)
             if ranks.is_main:
                 folder.write_teacher_logits(teacher_logits)
                 if config.distill_hidden:
@@ -477,6 +536,7 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
         return _batch_inputs(data.x_train[index], pad_id), data.y_train[index]
 
     # 4. the epochs: train, measure, write the metrics and then the checkpoint
+    steps = StepProgress(regularizer, total_epochs, steps_per_epoch, enabled=shown, terminal=terminal, every=log_every)
     with _SigtermToInterrupt():
         try:
             for epoch in range(start_epoch, total_epochs):
@@ -487,12 +547,13 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
                 else:  # one permutation on every rank (its own generator), each rank its slice of it
                     order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
                     order = order[ranks.rank:per_rank * ranks.world_size:ranks.world_size]
-                bar = tqdm(order.split(config.batch_size), desc=f"epoch {epoch + 1}/{total_epochs}",
-                           disable=not (progress and ranks.is_main), leave=False)
                 # a single process stops before a bad step spreads into the weights; under DDP the epoch's end does
                 stop = None if ranks.world_size > 1 else functools.partial(loss_diverged, epoch + 1)
-                totals = train_epoch(model, optimizer, regularizer, bar, batch_of, task_loss, forward=forward, averaged=averaged,
-                                     diverged=stop)
+                try:
+                    totals = train_epoch(model, optimizer, regularizer, steps.batches(epoch, order.split(config.batch_size)), batch_of,
+                                         task_loss, forward=forward, averaged=averaged, diverged=stop, on_step=steps)
+                finally:
+                    steps.close()
                 total_loss, correct, seen = ranks.sum([totals.loss, totals.correct, totals.examples])
                 if not math.isfinite(total_loss):
                     raise diverged(epoch + 1, totals.first_bad_step or "unknown (on another process)", "the loss is not finite")
