@@ -294,6 +294,8 @@ def test_bad_shapes_are_refused_by_name():
             l0hf.prune_to_shape(model, batch(), shape)
     with pytest.raises(ValueError, match="warmup_steps must be an int >= 0"):
         l0hf.ShapeController(model, l0hf.DecoderShape(heads=4), warmup_steps=-1)
+    with pytest.raises(ValueError, match="anti_windup must be True or False"):
+        l0hf.ShapeController(model, l0hf.DecoderShape(heads=4), anti_windup="yes")
     grouped = llama().eval()
     l0sparse.sparsify(grouped, l0hf.decoder_rules(grouped, groups=True), example_inputs=batch())
     with pytest.raises(ValueError, match="one gate per key/value group of 4 query heads, so 1 groups keep 4 heads, not 2"):

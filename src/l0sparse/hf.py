@@ -639,13 +639,17 @@ class ShapeController(nn.Module):
     target (both as fractions of the layer's full count), the target moving linearly from the full count to the shape
     over ``warmup_steps``; ``step()`` moves the multipliers by gradient ascent (Adam, ``lr``), so λ1 takes either sign:
     the constraint is an equality, as in Sheared-LLaMA. A λ1 whose sign is against its gap (it integrated while the
-    count was on the other side, and now pushes it further past the target) is reset to 0: without this anti-windup
-    the counts swung from 8 heads to 0.2 and back for a target of 2 (docs/decoders.md). Add ``penalty()`` to the loss and call ``step()`` after the
-    model's optimizer step; :func:`prune_to_shape` then keeps exactly the shape, by log α.
+    count was on the other side, and now pushes it further past the target) is reset to 0 (``anti_windup=False``:
+    Sheared-LLaMA's plain ascent, whose counts swing far past the target: benchmarks/shape_controller.py). Add
+    ``penalty()`` to the loss and call ``step()`` after the model's optimizer step; :func:`prune_to_shape` then keeps
+    exactly the shape, by log α.
     """
 
-    def __init__(self, model: nn.Module, shape: DecoderShape, warmup_steps: int = 0, lr: float = 0.01) -> None:
+    def __init__(self, model: nn.Module, shape: DecoderShape, warmup_steps: int = 0, lr: float = 0.01, anti_windup: bool = True) -> None:
         super().__init__()
+        if not isinstance(anti_windup, bool):
+            raise ValueError(f"anti_windup must be True or False, got {anti_windup!r}")
+        self.anti_windup = anti_windup
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < float("inf")):
@@ -697,12 +701,13 @@ class ShapeController(nn.Module):
             self.optimizer.zero_grad(set_to_none=True)
             self.lambda_1.grad, self.lambda_2.grad = gaps.clone(), gaps * gaps
             self.optimizer.step()
-            with torch.no_grad():  # anti-windup: a λ1 that pushes past the target (its sign against the gap's) restarts at 0
-                past = self.lambda_1 * gaps < 0
-                self.lambda_1[past] = 0.0
-                state = self.optimizer.state.get(self.lambda_1, {})
-                if "exp_avg" in state:
-                    state["exp_avg"][past] = 0.0
+            if self.anti_windup:  # a λ1 that pushes past the target (its sign against the gap's) restarts at 0
+                with torch.no_grad():
+                    past = self.lambda_1 * gaps < 0
+                    self.lambda_1[past] = 0.0
+                    state = self.optimizer.state.get(self.lambda_1, {})
+                    if "exp_avg" in state:
+                        state["exp_avg"][past] = 0.0
         self.steps += 1
 
 
