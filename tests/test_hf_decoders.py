@@ -521,3 +521,51 @@ def test_a_heads_rule_on_phi3_lands_on_its_output_projection_and_prune_says_it_k
     with pytest.warns(UserWarning, match=r"closed input columns stay as zeros in 'model.layers.0.self_attn.o_proj' \(16 of 32\)"):
         pruned = l0sparse.prune(phi3, batch())
     assert_same_logits(phi3, pruned, batch())
+
+
+def gpt_neox() -> nn.Module:
+    return hf().GPTNeoXForCausalLM(hf().GPTNeoXConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
+                                                      intermediate_size=FFN))
+
+
+def bloom() -> nn.Module:
+    return hf().BloomForCausalLM(hf().BloomConfig(vocab_size=VOCAB, hidden_size=WIDTH, n_layer=2, n_head=4))
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+@pytest.mark.parametrize("build", [gpt_neox, bloom], ids=["gpt-neox", "bloom"])
+def test_fused_attention_families_prune_their_units_exactly(build):
+    """GPT-NeoX and BLOOM fuse q, k and v into one query_key_value Linear (heads refused by name), but their
+    feed-forward units are gated and removed with decoder_rules(model, heads=False)."""
+    torch.manual_seed(0)
+    model = build().eval()
+    with pytest.raises(ValueError, match=r"query_key_value.*heads=False\) gates the feed-forward units only"):
+        l0hf.decoder_rules(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0sparse.sparsify(model, l0hf.decoder_rules(model, heads=False), example_inputs=batch())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for gate in find_gates(model):
+            gate.log_alpha.copy_(torch.where(torch.rand(gate.log_alpha.shape, generator=generator) < 0.5, -10.0, 10.0))
+    model.eval()
+    expected_macs = float(l0sparse.expected_flops(model, batch(), deterministic=True))
+    pruned = l0sparse.prune(model, batch())
+    assert l0sparse.count_params(pruned) < l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in find_gates(model))
+    assert_same_logits(model, pruned, batch())
+    assert l0sparse.count_flops(pruned, batch()) == expected_macs
+    prompt = batch(padded=False)["input_ids"][:1]
+    with torch.no_grad():
+        assert torch.equal(pruned.generate(prompt, max_new_tokens=5, do_sample=False), model.generate(prompt, max_new_tokens=5, do_sample=False))
+
+
+def test_families_l0sparse_cannot_follow_are_refused_by_name():
+    falcon = hf().FalconForCausalLM(hf().FalconConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4))
+    with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.dense_4h_to_h' holds a FalconLinear, an nn.Linear with a forward of its own"):
+        l0hf.decoder_rules(falcon, heads=False)
+    phi3 = hf().Phi3ForCausalLM(hf().Phi3Config(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **COMMON))
+    with pytest.raises(ValueError, match="found no feed-forward block in Phi3ForCausalLM.*fused gate_up"):
+        l0hf.decoder_rules(phi3, heads=False)
+    gpt2 = hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64))
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn' \(GPT2Attention\)"):
+        l0hf.decoder_rules(gpt2, heads=False)  # Conv1D layers: no nn.Linear at all

@@ -250,6 +250,19 @@ def _decoder_attention_modules(model: nn.Module) -> list[str]:
     return found
 
 
+def _fused_attention_modules(model: nn.Module) -> list[str]:
+    """The outermost modules named as attention (class ``…Attention``) whose last nn.Linear maps back to the stream:
+    fused projections (GPT-NeoX, Falcon, BLOOM, Phi-3), whose layers still have feed-forward blocks to find."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        linears = _linears(module)
+        widths = {linear.in_features for linear in linears}
+        if (type(module).__name__.endswith("Attention") and len(linears) >= 2 and not any(name.startswith(f"{outer}.") for outer in found)
+                and any(linear.out_features in widths for linear in linears)):
+            found.append(name)
+    return found
+
+
 def _decoder_head_dim(module: nn.Module, config, queries: nn.Linear) -> int | None:
     """The width of one head: the module's ``head_dim``, else the config's ``head_dim`` or width ÷ head count."""
     for holder in (module, config):
@@ -293,12 +306,15 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
             raise TypeError(f"decoder_rules: {flag} must be True or False, got {value!r}")
     config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
     attention = _decoder_attention_modules(model)
-    if not attention:
-        fused = next((name for name, m in model.named_modules() if type(m).__name__.endswith(("Attention", "SelfAttention"))), None)
-        where = f": {fused!r} ({type(model.get_submodule(fused)).__name__}) has no four separate nn.Linear projections" if fused else ""
+    fused = [] if attention else _fused_attention_modules(model)
+    if not attention and (heads or not fused):
+        named = fused[0] if fused else next((name for name, m in model.named_modules() if type(m).__name__.endswith("Attention")), None)
+        where = f": {named!r} ({type(model.get_submodule(named)).__name__}) has no four separate nn.Linear projections" if named else ""
         raise ValueError(f"decoder_rules found no attention module with separate query, key, value and output nn.Linear "
-                         f"projections in {type(model).__name__}{where}; fused projections (Phi-3 qkv_proj, GPT-2 c_attn, "
-                         "GPT-NeoX/Falcon/BLOOM query_key_value) are not supported")
+                         f"projections in {type(model).__name__}{where}; heads of fused projections (Phi-3 qkv_proj, GPT-2 c_attn, "
+                         "GPT-NeoX/Falcon/BLOOM query_key_value) are not supported"
+                         + ("; decoder_rules(model, heads=False) gates the feed-forward units only" if fused else ""))
+    attention = attention or fused  # heads=False: a fused attention module still says where each layer's feed-forward block is
     rules: dict = {}
     for name in attention if heads else []:
         module = model.get_submodule(name)
@@ -315,7 +331,17 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
         rules[name] = ("heads+block" if blocks else "heads", count)
     _refuse_per_head_tables(model, rules, "decoder_rules")
     units = "in+block" if blocks else "in"
-    rules.update({name: units for name in _feed_forward_outputs(model, attention)})
+    feed_forward = _feed_forward_outputs(model, attention)
+    if not rules and not feed_forward:
+        raise ValueError(f"decoder_rules found no feed-forward block in {type(model).__name__}: it looks for a d → f, f → d pair of "
+                         "nn.Linear next to each attention module (a fused gate_up projection, as Phi-3's, is not supported)")
+    rules.update({name: units for name in feed_forward})
+    modules = dict(model.named_modules())
+    for name in rules:  # a Linear subclass with a forward of its own (Falcon's) is not traced as a Linear: nothing could be removed
+        for linear in _linears(modules[name]):
+            if type(linear).forward is not nn.Linear.forward and not hasattr(linear, "parametrizations"):
+                raise ValueError(f"decoder_rules: {name!r} holds a {type(linear).__name__}, an nn.Linear with a forward of its own, "
+                                 "which l0sparse's tracing does not follow: its gates could not be removed (Falcon is not supported)")
     rules[nn.Linear] = "skip"
     return rules
 
