@@ -274,3 +274,84 @@ def test_cost_weighted_penalty_is_lambda_times_the_linearised_cost():
     assert float(value) == pytest.approx(float(by_hand), rel=1e-6)
     with pytest.raises(ValueError, match="cost_weights has no entry"):
         penalty(L0MLP((6, 5, 3)), 0.1, cost_weights=weights)
+
+
+def _previous_per_example_forward(layer, x):
+    """The per-example path as plain autograd ops (DESIGN.md §1): noise drawn as ``sample_gates`` draws it, the
+    sampler's formula, then the gate on the Linear's input or the conv's output channels."""
+    gate = layer.gate
+    noise = torch.rand(x.shape[:-1] + gate.shape if isinstance(layer, L0Linear) else (x.shape[0], *gate.shape),
+                       dtype=gate.log_alpha.dtype).logit_(1e-6)
+    z = torch.clamp(torch.sigmoid((noise + gate.log_alpha) / gate.beta) * (gate.zeta - gate.gamma) + gate.gamma, 0.0, 1.0)
+    if isinstance(layer, L0Linear):
+        return F.linear(x * z, layer.weight, layer.bias)
+    return layer._conv(x, layer.weight, layer.bias) * z[:, :, None, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["linear", "linear, input needs grad", "conv"])
+def test_per_example_path_equals_the_plain_formula(kind, dtype):
+    """The one-node per-example path (Gate.times) gives the outputs and the gradients of the weights, the bias,
+    log α and the input that the plain formula gives on the same random numbers."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer, x = L0Conv2d(3, 6, 3).to(dtype), torch.randn(16, 3, 7, 7, dtype=dtype)
+        set_log_alpha(layer, [-3.0, -1.0, 0.0, 0.5, 2.0, 4.0])
+    else:
+        layer, x = L0Linear(12, 5).to(dtype), torch.randn(16, 12, dtype=dtype)
+        set_log_alpha(layer, torch.linspace(-3, 4, 12))
+    x.requires_grad_(kind != "linear")
+    results = []
+    for forward in (layer, lambda x: _previous_per_example_forward(layer, x)):
+        torch.manual_seed(1)
+        out = forward(x)
+        upstream = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))  # an arbitrary loss
+        inputs = [layer.weight, layer.bias, layer.gate.log_alpha] + ([x] if x.requires_grad else [])
+        results.append((out, torch.autograd.grad((out * upstream).sum(), inputs)))
+    (out, grads), (reference, reference_grads) = results
+    torch.manual_seed(1)  # the gates both paths drew: exactly 0, exactly 1 and in between all occur
+    z = layer.gate(x.shape[:-1] if kind != "conv" else x.shape[:1])
+    assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
+    # the same operations on the same numbers, the products in another order: a few ulps of each result's
+    # scale; a gradient is a sum over the batch (16 examples, times 25 positions for the conv) of such products
+    eps = torch.finfo(dtype).eps
+    terms = 16 * (25 if kind == "conv" else 1)
+    torch.testing.assert_close(out, reference, rtol=0, atol=8 * eps * float(reference.detach().abs().max()))
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=8 * terms * eps * float(expected.abs().max()))
+
+
+def test_per_example_product_passes_gradcheck_and_gradgradcheck():
+    """First and second derivatives of the one-node product in values and log α (finite differences, float64)."""
+    from l0sparse.distributions import _GatedProduct
+
+    torch.manual_seed(0)
+    log_alpha = torch.linspace(-2, 3, 5, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    noise = torch.logit(torch.rand(4, 5, dtype=torch.float64), eps=1e-6)
+
+    def product(values, log_alpha):
+        return _GatedProduct.apply(values, log_alpha, noise, 2 / 3, -0.1, 1.1, 1)
+
+    z = product(torch.ones_like(values), log_alpha)
+    assert ((z > 0) & (z < 1)).any()  # the interior, where log α has a gradient, is exercised
+    assert torch.autograd.gradcheck(product, (values, log_alpha))
+    assert torch.autograd.gradgradcheck(product, (values, log_alpha))
+
+
+def test_per_example_product_hits_zero_and_one_at_predicted_rates():
+    """Monte Carlo: Gate.times(ones) is a draw of z, exactly 0 and exactly 1 at P(z=0), P(z=1), mean E[z]
+    (each within 5 standard errors)."""
+    torch.manual_seed(3)
+    gate = l0sparse.Gate((3, 2))
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([[-2.0, 0.0], [1.0, 3.0], [0.5, -0.5]]))
+    n = 200_000
+    z = gate.times(torch.ones(n, 3, 2, 1), trailing=1).squeeze(-1).detach().double()
+    dist = gate.distribution()
+    for closed_form, observed in ((dist.prob_zero(), (z == 0).double().mean(0)), (dist.prob_one(), (z == 1).double().mean(0))):
+        closed_form = closed_form.detach().double()
+        assert torch.all((observed - closed_form).abs() <= 5 * torch.sqrt(closed_form * (1 - closed_form) / n))
+    assert torch.all((z.mean(0) - dist.mean.detach().double()).abs() <= 5 * z.std(0) / math.sqrt(n))
+    gate.eval()
+    assert torch.equal(gate.times(torch.ones(2, 3, 2)), gate.deterministic().expand(2, 3, 2))
