@@ -16,8 +16,7 @@ from torch import Tensor
 from torch.distributions import Distribution, constraints
 from torch.distributions.utils import broadcast_all
 
-__all__ = ["HardConcrete", "check_hyperparameters", "deterministic_gates", "noise_dtype", "prob_nonzero", "sample_gates",
-           "sample_gates_times"]
+__all__ = ["HardConcrete", "check_hyperparameters", "deterministic_gates", "noise_dtype", "prob_nonzero", "sample_gates"]
 
 #: Noise is drawn from U(EPS, 1 - EPS) so that log u and log(1 - u) stay finite.
 EPS = 1e-6
@@ -65,30 +64,10 @@ def sample_gates(log_alpha: Tensor, sample_shape: torch.Size | tuple, beta: floa
     The function behind :meth:`HardConcrete.rsample`, callable without building a distribution
     (:class:`l0sparse.Gate` samples through it every step). The hyperparameters are not checked here.
     """
-    logistic_noise = _logistic_noise(torch.Size(sample_shape) + log_alpha.shape, log_alpha)
-    return _StretchedClampedSigmoid.apply(log_alpha, logistic_noise, beta, gamma, zeta).to(log_alpha.dtype)
-
-
-def sample_gates_times(values: Tensor, log_alpha: Tensor, beta: float, gamma: float, zeta: float, trailing: int = 0) -> Tensor:
-    """``values ⊙ z`` with z ~ HardConcrete(log α) drawn afresh for every index of ``values``' leading dimensions.
-
-    ``values`` has shape ``S + log_alpha.shape + T`` with ``len(T) == trailing``: one independent sample per
-    index of S (the batch: per-example noise), broadcast over T (a conv channel's positions). The product is
-    the same as ``values * sample_gates(log_alpha, S, ...)`` (viewed over T), with the same random numbers drawn
-    in the same order, but one autograd node: the gate is never a separate graph tensor, and the backward
-    computes the gradient of log α from ``grad ⊙ values`` directly (``tests/test_layers.py`` checks both
-    gradients against the plain formula). This is how the paper's layers apply per-example gates: to the
-    matmul's input (L0Linear) or the conv's output (L0Conv2d), never with a pass over the weight.
-    """
-    sample_shape = values.shape[: values.dim() - log_alpha.dim() - trailing]
-    logistic_noise = _logistic_noise(sample_shape + log_alpha.shape, log_alpha)
-    return _GatedProduct.apply(values, log_alpha, logistic_noise, beta, gamma, zeta, trailing)
-
-
-def _logistic_noise(shape: torch.Size, log_alpha: Tensor) -> Tensor:
-    """log u - log(1-u), u ~ U(ε, 1-ε), in float32 or wider (``noise_dtype``)."""
+    shape = torch.Size(sample_shape) + log_alpha.shape
     # logit_ with eps clamps u into [ε, 1-ε] and takes log u - log(1-u) in one in-place kernel
-    return torch.rand(shape, dtype=noise_dtype(log_alpha.dtype), device=log_alpha.device).logit_(EPS)
+    logistic_noise = torch.rand(shape, dtype=noise_dtype(log_alpha.dtype), device=log_alpha.device).logit_(EPS)
+    return _StretchedClampedSigmoid.apply(log_alpha, logistic_noise, beta, gamma, zeta).to(log_alpha.dtype)
 
 
 def log_ratio_zero(beta: float, gamma: float, zeta: float) -> float:
@@ -106,41 +85,23 @@ def deterministic_gates(log_alpha: Tensor, gamma: float, zeta: float) -> Tensor:
     return torch.clamp(torch.sigmoid(log_alpha) * (zeta - gamma) + gamma, 0.0, 1.0)
 
 
-def _concrete_and_gate(log_alpha: Tensor, logistic_noise: Tensor, beta: float, gamma: float, zeta: float) -> tuple[Tensor, Tensor]:
-    """(s, z): the concrete sample and the stretched, clamped gate, computed in place on fresh tensors."""
-    concrete = torch.add(logistic_noise, log_alpha).mul_(1.0 / beta).sigmoid_()
-    return concrete, concrete.mul(zeta - gamma).add_(gamma).clamp_(0.0, 1.0)
-
-
-def _gate_grad(grad_gate: Tensor, concrete: Tensor, gate: Tensor, slope_scale: float) -> Tensor:
-    """dL/dlog α per sample, (ζ-γ)/β · s(1-s) · dL/dz, zeroed where the clamp holds: one ``hardtanh_backward``
-    on z (0 < z < 1 exactly where the stretched value was inside) and two in-place multiplies."""
-    grad = torch.ops.aten.hardtanh_backward(grad_gate, gate, 0.0, 1.0)
-    return grad.mul_(torch.addcmul(concrete, concrete, concrete, value=-1.0)).mul_(slope_scale)  # s(1-s)
-
-
-def _differentiable_gate(concrete: Tensor, log_alpha: Tensor, beta: float, gamma: float, zeta: float) -> tuple[Tensor, Tensor]:
-    """(s, z) rebuilt as functions of log α from the saved s, for a backward under ``create_graph=True``."""
-    noise = torch.logit(concrete).mul_(beta).sub_(log_alpha.detach())  # the logistic noise the forward drew
-    concrete = torch.sigmoid((noise + log_alpha) / beta)  # equal to the saved s, and differentiable in log α
-    return concrete, torch.clamp(concrete * (zeta - gamma) + gamma, 0.0, 1.0)
-
-
 class _StretchedClampedSigmoid(torch.autograd.Function):
     """z = clamp(sigmoid((noise + log α)/β)·(ζ-γ) + γ, 0, 1), the sampler's last step, in fewer kernels.
 
     Plain autograd keeps four intermediates and runs about ten kernels backward (clamp's ``where``
     among them). Here the forward is in place and the backward is dz/dlog α = (ζ-γ)/β · s(1-s),
-    zeroed where the clamp holds (:func:`_gate_grad`). Measured on 300×784 per-weight gates: 3.1 ms
-    plain, 0.34 ms here. Under ``create_graph=True`` the backward is built from differentiable
-    operations instead, so second derivatives are exact rather than silently zero.
+    zeroed where the clamp holds by one ``hardtanh_backward`` on z (0 < z < 1 exactly where
+    the stretched value was inside). Measured on 300×784 per-weight gates: 3.1 ms plain, 0.34 ms here.
+    Under ``create_graph=True`` the backward is built from differentiable operations instead, so
+    second derivatives are exact rather than silently zero.
     """
 
     @staticmethod
     def forward(ctx, log_alpha: Tensor, logistic_noise: Tensor, beta: float, gamma: float, zeta: float) -> Tensor:
-        concrete, gate = _concrete_and_gate(log_alpha, logistic_noise, beta, gamma, zeta)
+        concrete = torch.add(logistic_noise, log_alpha).mul_(1.0 / beta).sigmoid_()
+        gate = concrete.mul(zeta - gamma).add_(gamma).clamp_(0.0, 1.0)
         ctx.save_for_backward(concrete, gate, log_alpha)  # log α (an input: no copy) for a differentiable backward
-        ctx.hyperparameters, ctx.slope_scale = (beta, gamma, zeta), (zeta - gamma) / beta
+        ctx.beta, ctx.slope_scale = beta, (zeta - gamma) / beta
         ctx.log_alpha_shape, ctx.log_alpha_dtype = log_alpha.shape, log_alpha.dtype
         return gate
 
@@ -150,62 +111,18 @@ class _StretchedClampedSigmoid(torch.autograd.Function):
         if torch.is_grad_enabled() and (log_alpha.requires_grad or grad_gate.requires_grad):  # create_graph=True
             grad = _StretchedClampedSigmoid._differentiable_grad(ctx, grad_gate, concrete, gate, log_alpha)
         else:
-            grad = _gate_grad(grad_gate, concrete, gate, ctx.slope_scale)
+            grad = torch.ops.aten.hardtanh_backward(grad_gate, gate, 0.0, 1.0)
+            grad.mul_(torch.addcmul(concrete, concrete, concrete, value=-1.0)).mul_(ctx.slope_scale)  # s(1-s)
         return grad.sum_to_size(ctx.log_alpha_shape).to(ctx.log_alpha_dtype), None, None, None, None
 
     @staticmethod
     def _differentiable_grad(ctx, grad_gate: Tensor, concrete: Tensor, gate: Tensor, log_alpha: Tensor) -> Tensor:
         """(ζ-γ)/β · s(1-s) · grad where 0 < z < 1, with s rebuilt as a function of log α for higher derivatives."""
-        concrete, _ = _differentiable_gate(concrete, log_alpha, *ctx.hyperparameters)
+        # the logistic noise the forward drew, recovered from s: β·logit(s) - log α
+        noise = torch.logit(concrete).mul_(ctx.beta).sub_(log_alpha.detach())
+        concrete = torch.sigmoid((noise + log_alpha) / ctx.beta)  # equal to the saved s, and differentiable in log α
         inside = (gate > 0) & (gate < 1)
         return torch.where(inside, grad_gate * concrete * (1 - concrete) * ctx.slope_scale, torch.zeros_like(concrete))
-
-
-class _GatedProduct(torch.autograd.Function):
-    """``values ⊙ z`` for per-example Hard Concrete gates z (see :func:`sample_gates_times`), one node.
-
-    Forward: the sampler's kernels (:func:`_concrete_and_gate`) and one multiply. Backward: ``grad ⊙ z`` for
-    the values, and for log α the sampler's backward (:func:`_gate_grad`) applied to ``grad ⊙ values``
-    (summed over the trailing dimensions), then summed over the samples. With plain autograd the same
-    product was the sampler's node, a dtype cast and a broadcast multiply, each with its own backward
-    allocations.
-    """
-
-    @staticmethod
-    def forward(ctx, values: Tensor, log_alpha: Tensor, logistic_noise: Tensor, beta: float, gamma: float, zeta: float,
-                trailing: int) -> Tensor:
-        concrete, gate = _concrete_and_gate(log_alpha, logistic_noise, beta, gamma, zeta)
-        ctx.save_for_backward(values, concrete, gate, log_alpha)
-        ctx.hyperparameters, ctx.slope_scale, ctx.trailing = (beta, gamma, zeta), (zeta - gamma) / beta, trailing
-        return values * _broadcast(gate.to(values.dtype), trailing)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        values, concrete, gate, log_alpha = ctx.saved_tensors
-        trailing_dims = tuple(range(values.dim() - ctx.trailing, values.dim()))
-        if torch.is_grad_enabled():  # create_graph=True: the same formulas from differentiable operations
-            concrete, differentiable_gate = _differentiable_gate(concrete, log_alpha, *ctx.hyperparameters)
-            grad_values = grad * _broadcast(differentiable_gate.to(values.dtype), ctx.trailing)
-            grad_gate = (grad * values).sum(trailing_dims) if trailing_dims else grad * values
-            inside = (gate > 0) & (gate < 1)
-            grad_log_alpha = torch.where(inside, grad_gate.to(concrete.dtype) * concrete * (1 - concrete) * ctx.slope_scale,
-                                         torch.zeros_like(concrete))
-        else:
-            grad_values = grad * _broadcast(gate.to(values.dtype), ctx.trailing) if ctx.needs_input_grad[0] else None
-            grad_log_alpha = None
-            if ctx.needs_input_grad[1]:
-                grad_gate = grad * values
-                if trailing_dims:
-                    grad_gate = grad_gate.sum(trailing_dims)
-                grad_log_alpha = _gate_grad(grad_gate.to(gate.dtype), concrete, gate, ctx.slope_scale)
-        if grad_log_alpha is not None:
-            grad_log_alpha = grad_log_alpha.sum_to_size(log_alpha.shape).to(log_alpha.dtype)
-        return grad_values, grad_log_alpha, None, None, None, None, None
-
-
-def _broadcast(gate: Tensor, trailing: int) -> Tensor:
-    """``gate`` with ``trailing`` singleton dimensions appended, to multiply values of shape ``gate.shape + T``."""
-    return gate.view(gate.shape + (1,) * trailing) if trailing else gate
 
 
 class HardConcrete(Distribution):

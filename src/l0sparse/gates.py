@@ -8,8 +8,7 @@ from numbers import Integral
 import torch
 from torch import Tensor, nn
 
-from .distributions import (HardConcrete, check_hyperparameters, deterministic_gates, prob_nonzero, sample_gates,
-                            sample_gates_times)
+from .distributions import HardConcrete, check_hyperparameters, deterministic_gates, prob_nonzero, sample_gates
 
 __all__ = ["Gate", "PAPER_LOG_ALPHA_RANGE", "is_positive_int", "check_positive_ints", "check_lam", "accumulation_dtype"]
 
@@ -118,18 +117,6 @@ class Gate(nn.Module):
         if self.training:
             return sample_gates(self.log_alpha, sample_shape, self.beta, self.gamma, self.zeta)
         return deterministic_gates(self.log_alpha, self.gamma, self.zeta).expand(torch.Size(sample_shape) + self.shape)
-
-    def times(self, values: Tensor, trailing: int = 0) -> Tensor:
-        """``values ⊙ z`` with one gate sample per index of ``values``' leading dimensions (per-example noise).
-
-        ``values`` has shape ``S + self.shape + T``, ``len(T) == trailing``; z is broadcast over T. In training
-        it equals ``values * self(S)`` (viewed over T), with the same random numbers, as one autograd node
-        (:func:`~l0sparse.distributions.sample_gates_times`); in eval mode z is the deterministic gate.
-        """
-        if self.training:
-            return sample_gates_times(values, self.log_alpha, self.beta, self.gamma, self.zeta, trailing)
-        z = deterministic_gates(self.log_alpha, self.gamma, self.zeta).to(values.dtype)
-        return values * (z.view(z.shape + (1,) * trailing) if trailing else z)
 
     def prob_nonzero(self) -> Tensor:
         """P(z ≠ 0) per gate, differentiable in log α."""

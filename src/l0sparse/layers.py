@@ -139,9 +139,6 @@ class L0Linear(L0Layer):
         return self.gate(batch_shape) if self.per_example_noise and self.training else self.gate()
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.per_example_noise and self.training:
-            # the gates scale the matmul's input, sampled and multiplied in one node (Gate.times)
-            return F.linear(self.gate.times(input), self.weight, self.bias)
         return self.gated_linear(input, self.gate_values(input.shape[:-1]), self.weight, self.bias)
 
     @staticmethod
@@ -270,9 +267,6 @@ class L0Conv2d(L0Layer):
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() == 3:  # one unbatched (C, H, W) example, as nn.Conv2d accepts: C is not a batch size
             return self.forward(input.unsqueeze(0)).squeeze(0)
-        if self.per_example_noise and self.training:
-            # the gates scale the conv's output channels (bias included), sampled and multiplied in one node
-            return self.gate.times(self._conv(input, self.weight, self.bias), trailing=2)
         return self.gated_conv(input, self.gate_values(input.shape[0]), self.weight, self.bias)
 
     def gated_conv(self, input: Tensor, z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
