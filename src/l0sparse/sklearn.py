@@ -17,7 +17,11 @@ How λ is chosen when ``lam`` is not given (documented choices):
   supports up to n / log n features are scored. For regression, each candidate support is first polished by a
   splicing exchange (Zhu et al. 2020): the least useful selected feature is
   swapped for the most useful unselected one while that lowers the residual
-  sum of squares. The support with the lowest EBIC wins.
+  sum of squares. Where the path jumps between two stages (on an
+  equicorrelated design, from 81 open gates to 4), regression also walks the
+  sizes in between: grow the smaller stage's support by its best forward
+  feature, polish, score, and stop after three sizes without improvement.
+  The support with the lowest EBIC wins.
 - **MLPs: a validation split.** ``validation_fraction`` of the rows is held
   out; along the same path the gated network is scored by its validation
   loss, and the sparsest stage whose loss is within one standard error of the
