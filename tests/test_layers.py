@@ -276,7 +276,7 @@ def test_cost_weighted_penalty_is_lambda_times_the_linearised_cost():
         penalty(L0MLP((6, 5, 3)), 0.1, cost_weights=weights)
 
 
-def _previous_per_example_forward(layer, x):
+def _plain_per_example_forward(layer, x):
     """The per-example path as plain autograd ops (DESIGN.md §1): noise drawn as ``sample_gates`` draws it, the
     sampler's formula, then the gate on the Linear's input or the conv's output channels."""
     gate = layer.gate
@@ -303,7 +303,7 @@ def test_per_example_path_equals_the_plain_formula(kind, dtype):
         set_log_alpha(layer, torch.linspace(-3, 4, 12))
     x.requires_grad_(kind != "linear")
     results = []
-    for forward in (layer, lambda x: _previous_per_example_forward(layer, x)):
+    for forward in (layer, lambda x: _plain_per_example_forward(layer, x)):
         torch.manual_seed(1)
         out = forward(x)
         upstream = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))  # an arbitrary loss
