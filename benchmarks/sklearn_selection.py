@@ -8,7 +8,11 @@ Non-linear: make_friedman1, n = 1000 train + 1000 test, 100 or 1000 features,
 5 informative; the input-gated MLP (only hidden_layer_sizes given) against the
 linear selectors.
 
-Run:  .venv/bin/python benchmarks/sklearn_selection.py [--seeds 5] [--out benchmarks/results/sklearn_selection.json]
+Equicorrelated (--designs equicorrelated): the same linear problem with every pair of features correlated
+ρ = 0.5 (one common factor), p = 1000, SNR 5 (issue #28).
+
+Run:  .venv/bin/python benchmarks/sklearn_selection.py [--seeds 5] [--designs toeplitz,equicorrelated]
+      [--methods L0Regressor,...] [--skip-nonlinear] [--out benchmarks/results/sklearn_selection.json]
 Single-threaded (torch, BLAS) so that the times compare like for like.
 """
 
@@ -29,7 +33,7 @@ from sklearn.linear_model import LassoCV  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
-from sparse_regression_data import make_toeplitz_regression  # noqa: E402
+from sparse_regression_data import make_equicorrelated_regression, make_toeplitz_regression  # noqa: E402
 
 from l0sparse.sklearn import L0Regressor  # noqa: E402
 from l0sparse.train import configure_torch  # noqa: E402
@@ -47,7 +51,12 @@ def r2(y_true, y_pred) -> float:
     return 1 - float(((y_true - y_pred) ** 2).sum() / ((y_true - y_true.mean()) ** 2).sum())
 
 
-def methods(nonlinear: bool):
+def methods(nonlinear: bool, only: set | None = None):
+    found = _all_methods(nonlinear)
+    return found if only is None else {name: factory for name, factory in found.items() if name in only}
+
+
+def _all_methods(nonlinear: bool):
     found = {"L0Regressor": lambda seed: L0Regressor(random_state=seed)}
     if nonlinear:
         found["L0Regressor MLP(64)"] = lambda seed: L0Regressor(hidden_layer_sizes=(64,), random_state=seed)
@@ -94,7 +103,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "sklearn_selection.json")
     parser.add_argument("--skip-linear", action="store_true")
     parser.add_argument("--skip-nonlinear", action="store_true")
+    parser.add_argument("--designs", default="toeplitz", help="comma-separated linear designs: toeplitz, equicorrelated")
+    parser.add_argument("--methods", default=None, help="comma-separated method names to run (default: all)")
     args = parser.parse_args()
+    only = None if args.methods is None else set(args.methods.split(","))
+    designs = args.designs.split(",")
     configure_torch(1)  # one thread; denormals flushed (closed gates' Adam moments decay into them)
     # warm up imports and kernels so that the first timed fit is not charged for them
     warm_x, warm_y, *_ = make_toeplitz_regression(60, 20, seed=99)
@@ -102,24 +115,26 @@ def main() -> None:
         factory(0).fit(warm_x, warm_y)
 
     linear_rows, nonlinear_rows = [], []
+    cells = {"toeplitz": [(make_toeplitz_regression, p, snr) for p in (1000, 5000) for snr in (1.0, 5.0)],
+             "equicorrelated": [(make_equicorrelated_regression, 1000, 5.0)]}
     if not args.skip_linear:
-        for p in (1000, 5000):
-            for snr in (1.0, 5.0):
+        for design in designs:
+            for make, p, snr in cells[design]:
                 for seed in range(args.seeds):
-                    x, y, x_test, y_test, truth = make_toeplitz_regression(500, p, snr=snr, seed=seed)
-                    for name, factory in methods(False).items():
-                        row = {"p": p, "snr": snr, **run_one(name, factory, seed, x, y, x_test, y_test, truth)}
+                    x, y, x_test, y_test, truth = make(500, p, snr=snr, seed=seed)
+                    for name, factory in methods(False, only).items():
+                        row = {"design": design, "p": p, "snr": snr, **run_one(name, factory, seed, x, y, x_test, y_test, truth)}
                         linear_rows.append(row)
                         print(json.dumps(row), flush=True)
     if not args.skip_nonlinear:
         for p in (100, 1000):
             for seed in range(args.seeds):
                 x, y = make_friedman1(n_samples=2000, n_features=p, noise=1.0, random_state=seed)
-                for name, factory in methods(True).items():
+                for name, factory in methods(True, only).items():
                     row = {"p": p, **run_one(name, factory, seed, x[:1000], y[:1000], x[1000:], y[1000:], range(5))}
                     nonlinear_rows.append(row)
                     print(json.dumps(row), flush=True)
-    result = {"threads": 1, "linear": summarise(linear_rows, ("p", "snr", "method")),
+    result = {"threads": 1, "linear": summarise(linear_rows, ("design", "p", "snr", "method")),
               "nonlinear": summarise(nonlinear_rows, ("p", "method")), "linear_runs": linear_rows, "nonlinear_runs": nonlinear_rows}
     save_json(result, args.out)
     for section in ("linear", "nonlinear"):

@@ -29,3 +29,23 @@ def make_toeplitz_regression(n: int, p: int, k: int = 10, rho: float = 0.5, snr:
     y_train = x_train @ beta + sigma * rng.standard_normal(n)
     y_test = x_test @ beta + sigma * rng.standard_normal(n_test)
     return x_train, y_train, x_test, y_test, support
+
+
+def make_equicorrelated_regression(n: int, p: int, k: int = 10, rho: float = 0.5, snr: float = 5.0, seed: int = 0,
+                                   n_test: int = 1000):
+    """As :func:`make_toeplitz_regression`, with every pair of features correlated ρ (one common factor):
+    x_j = √ρ·w + √(1-ρ)·e_j, so corr(x_i, x_j) = ρ for all i ≠ j and Var(Xβ) = βᵀΣβ = k + k(k-1)ρ."""
+    rng = np.random.default_rng(seed)
+    support = np.unique(np.round(np.linspace(0, p - 1, k)).astype(int))
+    beta = np.zeros(p)
+    beta[support] = 1.0
+
+    def draw(rows: int) -> np.ndarray:
+        return np.sqrt(rho) * rng.standard_normal((rows, 1)) + np.sqrt(1 - rho) * rng.standard_normal((rows, p))
+
+    k = len(support)
+    sigma = np.sqrt((k + k * (k - 1) * rho) / snr)
+    x_train, x_test = draw(n), draw(n_test)
+    y_train = x_train @ beta + sigma * rng.standard_normal(n)
+    y_test = x_test @ beta + sigma * rng.standard_normal(n_test)
+    return x_train, y_train, x_test, y_test, support

@@ -408,3 +408,38 @@ def test_param_groups_give_the_gates_their_own_rate_and_no_weight_decay():
     for bad in ({"lr": 0.0}, {"lr": 1e-3, "gate_lr": -1.0}, {"lr": float("nan")}, {"lr": 1e-3, "weight_decay": -1}):
         with pytest.raises(ValueError, match=next(iter(k for k in bad if k != "lr" or len(bad) == 1))):
             l0sparse.param_groups(model, **bad)
+
+
+def test_the_pruned_size_is_counted_once_per_training_step():
+    """penalty() and step() both read the pruned size; the count runs once per state of the gates: after the
+    optimizer's step (in step()), reused by the next penalty(), and again whenever a gate is written in place."""
+    torch.manual_seed(0)
+    model = l0sparse.L0MLP((20, 16, 4))
+    x, y = torch.randn(32, 20), torch.randint(0, 4, (32,))
+    # a ceiling during its warm-up never lands (a landing's bisection counts each of its cuts)
+    controller = TargetController(model, 0.5, "flops", example_inputs=x[:2], warmup_steps=50, ceiling=True)
+    counts = []
+    original = controller._cost_model.costs
+
+    def counting(deterministic=False, **kwargs):
+        counts.append(deterministic)
+        return original(deterministic=deterministic, **kwargs)
+
+    controller._cost_model.costs = counting
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    steps = 20
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y) + controller.penalty()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        controller.step()
+    assert controller.landings == 0
+    assert counts.count(True) == steps  # one per step (the first penalty() reuses the constructor's count of the start)
+    # the cached value is the count of the gates as they are now, and a write through detach() invalidates it
+    fresh = float(original(deterministic=True)["flops"]) / controller._dense
+    assert controller.deterministic_fraction() == fresh
+    with torch.no_grad():
+        for gate in find_gates(model):
+            gate.log_alpha.detach().fill_(-10.0)
+    assert controller.deterministic_fraction() < fresh

@@ -274,3 +274,88 @@ def test_cost_weighted_penalty_is_lambda_times_the_linearised_cost():
     assert float(value) == pytest.approx(float(by_hand), rel=1e-6)
     with pytest.raises(ValueError, match="cost_weights has no entry"):
         penalty(L0MLP((6, 5, 3)), 0.1, cost_weights=weights)
+
+
+def _plain_per_example_forward(layer, x):
+    """The per-example path as plain autograd ops (DESIGN.md §1): noise drawn as ``sample_gates`` draws it, the
+    sampler's formula, then the gate on the Linear's input or the conv's output channels."""
+    gate = layer.gate
+    noise = torch.rand(x.shape[:-1] + gate.shape if isinstance(layer, L0Linear) else (x.shape[0], *gate.shape),
+                       dtype=gate.log_alpha.dtype).logit_(1e-6)
+    z = torch.clamp(torch.sigmoid((noise + gate.log_alpha) / gate.beta) * (gate.zeta - gate.gamma) + gate.gamma, 0.0, 1.0)
+    if isinstance(layer, L0Linear):
+        return F.linear(x * z, layer.weight, layer.bias)
+    return layer._conv(x, layer.weight, layer.bias) * z[:, :, None, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["linear", "linear, input needs grad", "conv"])
+def test_per_example_path_equals_the_plain_formula(kind, dtype):
+    """The layers' per-example path (the fused sampler, the gate on the Linear's input or the conv's output) gives
+    the outputs and the gradients of the weights, the bias, log α and the input that the plain formula gives on
+    the same random numbers."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        layer, x = L0Conv2d(3, 6, 3).to(dtype), torch.randn(16, 3, 7, 7, dtype=dtype)
+        set_log_alpha(layer, [-3.0, -1.0, 0.0, 0.5, 2.0, 4.0])
+    else:
+        layer, x = L0Linear(12, 5).to(dtype), torch.randn(16, 12, dtype=dtype)
+        set_log_alpha(layer, torch.linspace(-3, 4, 12))
+    x.requires_grad_(kind != "linear")
+    results = []
+    for forward in (layer, lambda x: _plain_per_example_forward(layer, x)):
+        torch.manual_seed(1)
+        out = forward(x)
+        upstream = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(2))  # an arbitrary loss
+        inputs = [layer.weight, layer.bias, layer.gate.log_alpha] + ([x] if x.requires_grad else [])
+        results.append((out, torch.autograd.grad((out * upstream).sum(), inputs)))
+    (out, grads), (reference, reference_grads) = results
+    torch.manual_seed(1)  # the gates both paths drew: exactly 0, exactly 1 and in between all occur
+    z = layer.gate(x.shape[:-1] if kind != "conv" else x.shape[:1])
+    assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
+    # the same operations on the same numbers, the products in another order: a few ulps of each result's
+    # scale; a gradient is a sum over the batch (16 examples, times 25 positions for the conv) of such products
+    eps = torch.finfo(dtype).eps
+    terms = 16 * (25 if kind == "conv" else 1)
+    torch.testing.assert_close(out, reference, rtol=0, atol=8 * eps * float(reference.detach().abs().max()))
+    for grad, expected in zip(grads, reference_grads):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=8 * terms * eps * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lenet5_gates_after_the_pooling_equal_gates_on_the_conv_output(dtype):
+    """L0LeNet5 multiplies each conv's per-example channel gates into the pooled map (they commute with ReLU and
+    max-pooling): outputs and the gradients of every parameter equal those of the layers' own forward, which
+    gates the conv's output, on the same random numbers, in float64 and float32."""
+    torch.manual_seed(0)
+    model = L0LeNet5().to(dtype).train()
+    with torch.no_grad():  # closed, open and in-between gates all drawn
+        for gate in l0sparse.find_gates(model):
+            gate.log_alpha.copy_(torch.linspace(-3, 4, gate.log_alpha.numel()).view_as(gate.log_alpha))
+    x, y = torch.randn(8, 1, 28, 28, dtype=dtype), torch.randint(0, 10, (8,))
+
+    def previous(x):
+        hidden = model.pool(torch.relu(model.conv1(x)))
+        hidden = model.pool(torch.relu(model.conv2(hidden)))
+        return model.fc2(torch.relu(model.fc1(hidden.flatten(1))))
+
+    results = []
+    for forward in (model, previous):
+        torch.manual_seed(1)
+        out = forward(x)
+        results.append((out.detach(), torch.autograd.grad(F.cross_entropy(out, y), list(model.parameters()))))
+    (out, grads), (expected, expected_grads) = results
+    torch.manual_seed(1)
+    z = model.conv1.gate((8,))
+    assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
+    # max(z·a) = z·max(a) exactly (rounding is monotonic) and the conv is the same call: the forward is bit-equal,
+    # and so is every weight's gradient. A conv gate's gradient sums g·a over its channel's positions: 144
+    # pooled ones for conv1 (12×12), 16 for conv2, in another order than before: that many ulps of the largest
+    reordered = {"conv1.gate.log_alpha": 144, "conv2.gate.log_alpha": 16}
+    assert torch.equal(out, expected)
+    eps = torch.finfo(dtype).eps
+    for (name, _), grad, reference in zip(model.named_parameters(), grads, expected_grads):
+        if name in reordered:
+            torch.testing.assert_close(grad, reference, rtol=0, atol=reordered[name] * eps * float(reference.abs().max()))
+        else:
+            assert torch.equal(grad, reference), name

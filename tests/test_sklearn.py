@@ -116,3 +116,28 @@ def test_single_class_and_bad_values_are_rejected():
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         L0Regressor().fit(bad, np.zeros(20))
+
+
+def test_ebic_walks_the_sizes_where_the_path_jumps():
+    """On an equicorrelated design (every pair of features correlated 0.5; n = 500, p = 1000, k = 10, SNR 5) the
+    gates' path went from 81 open features to 3 (here from 30, for a shorter test): the sizes in between are walked
+    (grown one feature at a time, polished by splicing) and scored by EBIC, and the support chosen lies strictly
+    between the two stages' sizes and their two neighbours on each side, where the proposals of the stages alone
+    were (≤ 5 or ≥ 28 features)."""
+    rng = np.random.default_rng(1)
+    n, p, rho = 500, 1000, 0.5
+    truth = np.round(np.linspace(0, p - 1, 10)).astype(int)
+    x = np.sqrt(rho) * rng.standard_normal((n, 1)) + np.sqrt(1 - rho) * rng.standard_normal((n, p))
+    y = x[:, truth].sum(1) + np.sqrt((10 + 90 * rho) / 5) * rng.standard_normal(n)
+    model = L0Regressor()
+    model._encode_targets(y)
+    x_std = (x - x.mean(0)) / x.std(0)
+    wide = np.full(p, -5.0)
+    wide[rng.choice(p, 30, replace=False)] = 1.0  # 30 open gates, in an arbitrary order
+    narrow = np.full(p, -5.0)
+    narrow[truth[:3]] = 1.0  # then 3 of the true features
+    stages = [{"lam": lam, "support": np.flatnonzero(log_alpha > 0), "log_alpha": log_alpha, "state": None}
+              for lam, log_alpha in ((0.03, wide), (0.06, narrow))]
+    chosen = np.sort(model._choose_linear(stages, x_std, y)["support"])
+    assert 5 < chosen.size < 28
+    assert set(chosen) <= set(truth) and chosen.size >= 8  # true features only, at most two of them missed

@@ -125,6 +125,8 @@ class TargetController(nn.Module):
         self.ceiling, self.landing = ceiling, landing
         self.landings = 0  # how often step() had to shift the gates back into the band (a diagnostic)
         self._model = [model]  # a list, so that the model is not registered as a submodule (state_dict stays small)
+        self._gates = find_gates(model)
+        self._fraction_cache: tuple[tuple[int, ...], float] | None = None  # (log α versions, pruned fraction)
         if metric == "l0":
             self._cost_model = None
             self._dense = float(sum(g.log_alpha.numel() for g in find_gates(model)))
@@ -167,10 +169,22 @@ class TargetController(nn.Module):
 
     @torch.no_grad()
     def deterministic_fraction(self) -> float:
-        """The size that pruning would leave now (test-time gates), over the dense size."""
+        """The size that pruning would leave now (test-time gates), over the dense size.
+
+        Counted once per state of the gates: the count is kept with the version counters of every log α (which
+        each in-place write advances: the optimizer's step, a clamp, a landing, a loaded checkpoint), so the
+        training step's two reads, :meth:`step`'s after the optimizer and the next :meth:`penalty`'s, cost one
+        count (a pass over the cost model, and on an accelerator a wait for the device).
+        """
+        versions = tuple(g.log_alpha._version for g in self._gates)
+        if self._fraction_cache is not None and self._fraction_cache[0] == versions:
+            return self._fraction_cache[1]
         if self._cost_model is None:
-            return float(sum(int(g.is_open().sum()) for g in find_gates(self._model[0]))) / self._dense
-        return float(self._cost_model.costs(deterministic=True)[self.metric]) / self._dense
+            fraction = float(sum(int(g.is_open().sum()) for g in self._gates)) / self._dense
+        else:
+            fraction = float(self._cost_model.costs(deterministic=True)[self.metric]) / self._dense
+        self._fraction_cache = (versions, fraction)
+        return fraction
 
     def current_target(self) -> float:
         """t at this step: the starting size during the delay, then linear to ``target`` over the warm-up (a ceiling:
@@ -237,7 +251,7 @@ class TargetController(nn.Module):
         threshold − 2 (P(z ≠ 0) = 0.06, so training sees it as closed too), a reopened one to
         threshold + 1. When no cut hits the band (the unit next to it is worth more than the band),
         :meth:`_step_past_large_units` moves the units behind that one instead. Costs one size count per
-        step, and a bisection only on the steps that need it.
+        step (shared with the next :meth:`penalty`), and a bisection only on the steps that need it.
         """
         fraction = self.deterministic_fraction()
         target = self.current_target()
@@ -310,7 +324,7 @@ class TargetController(nn.Module):
         for _, index, position in candidates[:trials]:
             if abs(reached - target) <= self.tolerance:
                 break
-            values = all_gates[index].log_alpha.data.view(-1)
+            values = all_gates[index].log_alpha.detach().view(-1)  # not .data: writes must advance the version counter
             previous = float(values[position])
             values[position] = thresholds[index] + 1.0 if growing else thresholds[index] - 2.0
             size = self.deterministic_fraction()

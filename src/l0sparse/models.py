@@ -117,10 +117,25 @@ class L0LeNet5(ConditionalComputation, nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         if self.conditional and not is_fx_symbolic_tracing():
             return self._conditional_forward(input)
-        hidden = self.pool(torch.relu(self.conv1(input)))
-        hidden = self.pool(torch.relu(self.conv2(hidden)))
+        hidden = self._conv_relu_pool(self.conv1, input)
+        hidden = self._conv_relu_pool(self.conv2, hidden)
         hidden = torch.relu(self.fc1(hidden.flatten(1)))
         return self.fc2(hidden)
+
+    def _conv_relu_pool(self, conv: L0Conv2d, input: Tensor) -> Tensor:
+        """``pool(relu(conv(input)))``, with per-example channel gates applied after the pooling.
+
+        A gate z ≥ 0, one per example and channel, commutes with ReLU and with max-pooling over a channel's
+        positions (relu(z·a) = z·relu(a), max(z·a) = z·max(a), also as rounded floats: rounding is monotonic),
+        so the gate multiplies the pooled map, a quarter of the conv's output, forward and backward. The
+        gradients are those of gating the conv's output (tests/test_layers.py): where z = 0 neither passes
+        any to the conv, and log α gets none through a clamped gate either way. A shared sample, or the
+        deterministic gate in eval mode, is folded into the conv's weight as the layer does it.
+        """
+        if is_fx_symbolic_tracing() or not (conv.per_example_noise and conv.training):  # traced: the layer, a leaf
+            return self.pool(torch.relu(conv(input)))
+        z = conv.gate_values(input.shape[0])
+        return self.pool(torch.relu(conv._conv(input, conv.weight, conv.bias))) * z[:, :, None, None]
 
     def _conditional_forward(self, input: Tensor) -> Tensor:
         batch = input.shape[0]

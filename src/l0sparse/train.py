@@ -112,46 +112,102 @@ class EpochTotals:
     first_bad_step: int | None  # the first step whose loss was not finite (only when training went on past it)
 
 
+#: Steps between reads of the loss on an accelerator (CUDA, MPS, ...), where each read waits for the device.
+DEVICE_CHECK_EVERY = 50
+
+
+class _StepSums:
+    """The epoch's loss sum and correct count, kept on the loss's device, and the step losses not yet read.
+
+    Adding to them queues work on the device; nothing is read back until :meth:`read`, so a step does not wait
+    for the device to finish the previous one. The loss sum is float64 (float32 where the device has no
+    float64), as ``float(loss) * len(index)`` added up on the host was: the epoch's figures are the same numbers.
+    """
+
+    def __init__(self, loss: Tensor) -> None:
+        wide = torch.float32 if loss.device.type == "mps" else torch.float64
+        self.loss = torch.zeros((), dtype=wide, device=loss.device)
+        self.correct = torch.zeros((), dtype=torch.long, device=loss.device)
+        # (step, loss, task loss) since the last read: the first bad loss is named, the task losses shown
+        self.pending: list[tuple[int, Tensor, Tensor]] = []
+
+    def add(self, step: int, loss: Tensor, examples: int, correct: Tensor, task: Tensor) -> None:
+        self.loss.add_(loss, alpha=examples)  # loss·examples is exact in float64 (a float32 times an int < 2^29)
+        self.correct.add_(correct)
+        self.pending.append((step, loss, task))
+
+    def read(self) -> tuple[float, int, list[tuple[int, float, float]]]:
+        """(loss sum, correct, [(step, loss, task loss) of each step since the last read]), in one transfer."""
+        values = torch.stack([self.loss, self.correct.to(self.loss.dtype),
+                              *(value.to(self.loss.dtype) for _, loss, task in self.pending for value in (loss, task))])
+        loss_sum, correct, *losses = values.tolist()
+        steps = [step for step, _, _ in self.pending]
+        self.pending = []
+        return loss_sum, int(correct), list(zip(steps, losses[0::2], losses[1::2]))
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, regularizer: Regularizer, batches: Iterable[Tensor],
                 batch: Callable[[Tensor], tuple[Tensor, Tensor]], task_loss: Callable[[Tensor, Tensor, Tensor], Tensor], *,
                 forward: nn.Module | None = None, averaged: nn.Module | None = None,
-                diverged: Callable[[int, float], Exception] | None = None,
+                diverged: Callable[[int, float], Exception] | None = None, check_every: int | None = None,
                 on_step: Callable[[int, float], None] | None = None) -> EpochTotals:
     """One epoch of training: for each index tensor of ``batches``, one step on ``batch(index)``.
 
     A step is ``regularizer.loss(task_loss(logits, targets, index))``, backward, ``optimizer.step()``,
     ``regularizer.after_step()`` and the moving average's update. ``forward``: what computes the logits
-    (a DDP wrapper of ``model``; default ``model``). A non-finite loss raises ``diverged(step, loss)``
-    before the step spreads it into the weights; with ``diverged=None`` (under DDP, where every rank must
-    reach the gradient all-reduce) the epoch goes on and reports its first bad step. ``on_step(step, task loss)``
-    after each step: the progress shown (:class:`StepProgress`).
+    (a DDP wrapper of ``model``; default ``model``). The loss and the correct count are summed on the
+    loss's device and read back every ``check_every`` steps and at the end of the epoch (default: every
+    step on the CPU, where reading costs nothing, and every :data:`DEVICE_CHECK_EVERY` steps on an
+    accelerator, where each read waits for the device to finish). At each read a non-finite loss raises
+    ``diverged(step, loss)`` for its first step; with ``check_every=1`` that is before the step spreads it
+    into the weights, with more the steps since the last read have been taken. With ``diverged=None``
+    (under DDP, where every rank must reach the gradient all-reduce) the epoch goes on and reports its
+    first bad step. ``on_step(step, task loss)`` for each step, at the read that brings its loss back: the
+    progress shown (:class:`StepProgress`).
     """
+    if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1):
+        raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
     forward = model if forward is None else forward
     totals = EpochTotals(0.0, 0, 0, 0, None)
+    sums: _StepSums | None = None
     model.train()
     for step, index in enumerate(batches, 1):
         inputs, targets = batch(index)
         logits = forward(inputs)
         task = task_loss(logits, targets, index)
         loss = regularizer.loss(task)
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            if diverged is not None:
-                raise diverged(step, loss_value)
-            totals.first_bad_step = totals.first_bad_step or step
+        if sums is None:
+            sums = _StepSums(loss)
+            every = check_every or (1 if loss.device.type == "cpu" else DEVICE_CHECK_EVERY)
+        sums.add(step, loss.detach(), len(index), (logits.detach().argmax(-1) == targets).sum(), task.detach())
+        totals.examples += len(index)
+        totals.steps = step
+        if step % every == 0:
+            _check(sums, totals, diverged, on_step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         regularizer.after_step()
         if averaged is not None:
             averaged.update_parameters(model)
-        totals.loss += loss_value * len(index)
-        totals.correct += int((logits.argmax(-1) == targets).sum())
-        totals.examples += len(index)
-        totals.steps = step
-        if on_step is not None:
-            on_step(step, float(task.detach()))
+    if sums is not None:
+        _check(sums, totals, diverged, on_step)
     return totals
+
+
+def _check(sums: _StepSums, totals: EpochTotals, diverged: Callable[[int, float], Exception] | None,
+           on_step: Callable[[int, float], None] | None) -> None:
+    """Read the sums into ``totals``; raise ``diverged(step, loss)`` for the first non-finite loss since the last
+    read, or record its step; then ``on_step(step, task loss)`` for each step read."""
+    totals.loss, totals.correct, losses = sums.read()
+    bad = next(((step, loss) for step, loss, _ in losses if not math.isfinite(loss)), None)
+    if bad is not None:
+        if diverged is not None:
+            raise diverged(*bad)
+        totals.first_bad_step = totals.first_bad_step or bad[0]
+    if on_step is not None:
+        for step, _, task in losses:
+            on_step(step, task)
 
 
 class StepProgress:
