@@ -188,6 +188,70 @@ def _gated_probabilities(sites: list[GateSite], dims: tuple, prob) -> Tensor | N
     return result
 
 
+def _channel_reads(sites: list[GateSite], size: int, block: int, prob) -> tuple[dict, Tensor | None] | None:
+    """How a consumer reads channel c (``size`` channels of ``block`` consecutive columns each), from the gates on
+    its weight columns (``sites``): ``(shared, varying)``, or None if ungated.
+
+    It reads c when every ``shared`` gate is open (a gate whose unit spans the channel's whole block, keyed by
+    gate: an "out" gate after a flatten is one event for the channel, not ``block`` independent ones) and
+    ``varying`` (P(some column's other gates are open), per channel; None: no such gates) comes true. Gates that
+    vary inside the block are independent across their units; where several cut the block into different
+    units, columns are taken as independent (an approximation).
+    """
+    shared: dict[tuple, Tensor] = {}
+    varying: list[tuple[int, Tensor]] = []  # (columns per unit, P(open) per unit)
+    for site in sites:
+        if site.tensor != "weight" or site.dim not in (1, None):
+            continue
+        if site.dim == 1 and site.block % block == 0:
+            key = (id(site.gate), site.block // block)
+            probability = prob(site.gate).repeat_interleave(site.block // block)
+            shared[key] = probability * shared[key] if key in shared else probability
+        else:
+            width = site.block if site.dim == 1 else 1  # a per-weight gate: each column is read on its own
+            varying.append((width, _gated_probabilities([site], (1, None), prob)[::width]))
+    if not shared and not varying:
+        return None
+    if not varying:
+        return shared, None
+    widths = {width for width, _ in varying}
+    width = widths.pop() if len(widths) == 1 else 1
+    width = width if block % width == 0 else 1
+    units = functools.reduce(operator.mul, [per_unit if width == own else per_unit.repeat_interleave(own)[::width]
+                                            for own, per_unit in varying])
+    return shared, 1 - (1 - units.view(size, block // width)).prod(1)
+
+
+_MAX_SHARED_EVENTS = 10  # beyond this many distinct gates on one space's readers, readers are taken as independent
+
+
+def _read_probability(reads: list[tuple[dict, Tensor | None]], size: int, device) -> Tensor:
+    """P(some reader reads channel c), per channel, from each reader's ``(shared, varying)`` (:func:`_channel_reads`).
+
+    A gate shared by several readers (the channel's own "out" gate sits on every reader's columns) is one event:
+    sum over the open/closed states of the distinct shared gates, readers being independent given them.
+    """
+    events = list(dict.fromkeys(key for shared, _ in reads for key in shared))
+    if len(events) > _MAX_SHARED_EVENTS:
+        unread = torch.ones(size, device=device)
+        for shared, varying in reads:
+            reader = functools.reduce(operator.mul, shared.values(), torch.ones(size, device=device))
+            unread = unread * (1 - (reader if varying is None else reader * varying))
+        return 1 - unread
+    probability = {key: shared[key] for shared, _ in reads for key in shared}
+    unread = torch.zeros(size, device=device)
+    for state in range(2 ** len(events)):
+        is_open = {key: bool(state >> i & 1) for i, key in enumerate(events)}
+        weight = functools.reduce(operator.mul, [probability[key] if is_open[key] else 1 - probability[key] for key in events],
+                                  torch.ones(size, device=device))
+        none_reads = torch.ones(size, device=device)
+        for shared, varying in reads:
+            if all(is_open[key] for key in shared):
+                none_reads = none_reads * (0 if varying is None else 1 - varying)
+        unread = unread + weight * none_reads
+    return 1 - unread
+
+
 def _column_probabilities(sites: list[GateSite], prob) -> Tensor | None:
     """P(input column j is read) from the gates on a module's weight columns (``sites``: its gate sites); None if ungated."""
     return _gated_probabilities(sites, (1, None), prob)
@@ -223,8 +287,13 @@ class CostModel:
     only reads the gates, so a training loop can call it every step. Gates on
     both sides of a layer count: an output unit that no later layer reads
     (its column gates closed everywhere) costs nothing, and neither does an
-    input column whose gate is closed; open probabilities of different gates
-    are treated as independent. With ``deterministic=True`` the test-time
+    input column whose gate is closed. Different gates open independently;
+    one gate is one event wherever it sits: a channel whose gate covers a
+    block of columns (conv → flatten → Linear) or the columns of several
+    readers (a residual space) is kept with that gate's P(z ≠ 0), not as if
+    each column drew its own. (Not modelled: a layer that reads and writes
+    one space, as in ``x + linear(x)``, whose MACs are then the product of
+    the expectations, not the expectation of the product.) With ``deterministic=True`` the test-time
     gates (Eq. 13) replace the probabilities and the counts are exactly what
     :func:`l0sparse.prune` leaves. Per-weight gates lower costs only where a
     whole column closes (a dense kernel computes zeros too). Attention counts
@@ -319,13 +388,14 @@ class CostModel:
     def _space_open(self, space, prob, cache: dict) -> Tensor:
         """P(channel is kept), per channel of a removable space: some consumer reads it, or another channel of
         its granule (channels a GroupNorm removes only together)."""
-        unread = torch.ones(space.size, device=self.device)
+        reads = []
         for consumer in space.consumers:
-            p_column = self._columns(consumer.name, prob, cache)
-            if p_column is None:
+            read = _channel_reads(self._sites_of(self.modules[consumer.name]), space.size, consumer.block, prob)
+            if read is None:
                 return torch.ones(space.size, device=self.device)
-            unread = unread * (1 - p_column.view(space.size, consumer.block)).prod(1)
-        if space.granule > 1:
+            reads.append(read)
+        unread = 1 - _read_probability(reads, space.size, self.device)
+        if space.granule > 1:  # distinct channels of a granule have distinct gates
             unread = unread.view(-1, space.granule).prod(1).repeat_interleave(space.granule)
         return 1 - unread
 

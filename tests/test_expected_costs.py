@@ -1,0 +1,153 @@
+"""Expected (stochastic) costs of CostModel against a closed form and against Monte Carlo draws of the gates.
+
+The deterministic counts are pinned against the pruned model elsewhere (test_sparsify_prune.py); these tests
+pin the expectation and its gradient, which only the controller and the cost-weighted penalty read — so a
+wrong expectation hid from every test that compares with a pruned model (issue #27, item 1).
+
+Monte Carlo oracle: each draw opens unit u with probability P(z_u ≠ 0), independently, and costs the draw with
+``CostModel.costs(probabilities=<0/1 per unit>)``. With 0/1 probabilities every product of probabilities is the
+indicator of that draw, so the count is the draw's own count (equal to what prune leaves, up to prune's keeping
+one zero unit where all are closed). A correct expectation is then within a few standard errors of the mean.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import l0sparse
+from l0sparse.models import LeNet5
+from l0sparse.sites import find_gates
+
+from test_sparsify_prune import CASES, build
+
+SIGMAS = 5  # |expected − Monte Carlo mean| ≤ 5 standard errors: a false failure has probability 6e-7 per check
+# float32 sums of up to a few hundred products, each rounded by eps/2: slack where the draws do not vary at all
+FLOAT_SLACK = 256 * torch.finfo(torch.float32).eps
+
+
+class ConvFlattenNet(nn.Sequential):
+    """The issue's model: Conv2d(3,8,3) → BN → ReLU → Conv2d(8,4,3) → ReLU → Flatten → Linear(144,5) on 10×10."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(144, 5))
+
+
+def conv_flatten(rules=None):
+    torch.manual_seed(0)
+    model, x = ConvFlattenNet(), torch.randn(2, 3, 10, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "'6' skipped by rule"
+        l0sparse.sparsify(model, rules or {"0": "out", "3": "out", "6": "skip"}, x)
+    first, second = find_gates(model)[:2]  # the convs' gates (then the Linear's input gates, if any)
+    with torch.no_grad():
+        first.log_alpha.copy_(torch.linspace(-2, 2, 8))
+        second.log_alpha.copy_(torch.tensor([-3.0, -1.0, 1.0, 2.0]))  # the issue's values
+    return model, x, first, second
+
+
+def test_block_shared_out_gate_costs_equal_the_closed_form_and_its_gradient():
+    """Item 1: conv2's gate covers a block of 36 Linear columns; the code before #27 counted its channel as read
+    with probability 1 − (1 − p)^36 (MACs 20,595, params 942, d MACs / d log α 34 / 41 / 12 / 4.7 here)."""
+    model, x, first, second = conv_flatten()
+    costs = l0sparse.CostModel(model, x).costs()
+    p1, p2 = first.prob_nonzero(), second.prob_nonzero()
+    # conv1: 8·8 positions × 27 weights per kept channel; conv2: 6·6 positions × 9 × kept in × kept out; Linear: 5 × 36 per kept channel
+    macs = 64 * 27 * p1.sum() + 36 * 9 * p1.sum() * p2.sum() + 5 * 36 * p2.sum()
+    # conv1 filter + bias (28) and BN weight + bias (2) per channel; conv2 9 per pair + bias; Linear 5 × 36 per channel + 5 biases
+    params = 30 * p1.sum() + 9 * p1.sum() * p2.sum() + p2.sum() + 180 * p2.sum() + 5
+    for key, closed in (("flops", macs), ("params", params)):
+        assert float(costs[key].detach()) == pytest.approx(float(closed.detach()), rel=FLOAT_SLACK)
+        got = torch.autograd.grad(costs[key], [first.log_alpha, second.log_alpha], retain_graph=True)
+        want = torch.autograd.grad(closed, [first.log_alpha, second.log_alpha], retain_graph=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=FLOAT_SLACK, atol=FLOAT_SLACK * float(w.abs().max()))
+
+
+def test_gate_costs_of_block_shared_gates_are_the_whole_saving():
+    """Closing conv2's channel saves its filter's MACs and the Linear's 36 columns: 8·9·36 + 5·36 = 2,772 (before #27:
+    180, the columns alone); on LeNet-5 gated by sparsify, conv2's gate saves 8·8·20·25 + 16·500 = 40,000 (before: 8,000)."""
+    model, x, _, second = conv_flatten()
+    assert l0sparse.CostModel(model, x).gate_costs("flops")[id(second)].tolist() == [2772.0] * 4
+    lenet, image = LeNet5(), torch.randn(2, 1, 28, 28)
+    l0sparse.sparsify(lenet, example_inputs=image)
+    conv2 = lenet.fc1.parametrizations.weight[0].gate  # conv2's "out" gate sits on fc1's columns
+    assert conv2.owner == "conv2"
+    assert l0sparse.CostModel(lenet, image).gate_costs("flops")[id(conv2)].tolist() == [40000.0] * 50
+
+
+def draw_costs(cost_model, gates, draws: int, generator: torch.Generator, unit=None) -> dict[str, torch.Tensor]:
+    """Per draw of every gate's open/closed state, the count of that draw (float64). With ``unit`` = (gate, index):
+    per draw, the count with that unit open minus the count with it closed (the derivative of the expectation,
+    which is linear in each unit's P(open), estimated with the other units' draws shared by both terms)."""
+    probabilities = {id(gate): gate.prob_nonzero().detach() for gate in gates}
+    values: dict[str, list[float]] = {"flops": [], "params": []}
+    with torch.no_grad():
+        for _ in range(draws):
+            state = {key: (torch.rand(p.shape, generator=generator) < p).to(p.dtype) for key, p in probabilities.items()}
+            if unit is None:
+                costs = cost_model.costs(probabilities=state)
+            else:
+                gate, index = unit
+                opened, closed = state[id(gate)].clone(), state[id(gate)].clone()
+                opened.view(-1)[index], closed.view(-1)[index] = 1.0, 0.0
+                high = cost_model.costs(probabilities={**state, id(gate): opened})
+                low = cost_model.costs(probabilities={**state, id(gate): closed})
+                costs = {key: high[key] - low[key] for key in values}
+            for key in values:
+                values[key].append(float(costs[key]))
+    return {key: torch.tensor(value, dtype=torch.float64) for key, value in values.items()}
+
+
+def assert_within_standard_errors(expected: float, samples: torch.Tensor, what: str) -> None:
+    mean, error = float(samples.mean()), float(samples.std() / len(samples) ** 0.5)
+    bound = SIGMAS * error + FLOAT_SLACK * max(abs(expected), 1.0)
+    assert abs(expected - mean) <= bound, f"{what}: expected {expected:.6g}, Monte Carlo {mean:.6g} ± {error:.3g}"
+
+
+def assert_expected_costs_match_monte_carlo(model, x, draws: int, seed: int, unit=None) -> None:
+    cost_model, gates = l0sparse.CostModel(model, x), find_gates(model)
+    expected = cost_model.costs()
+    generator = torch.Generator().manual_seed(seed)
+    for key, samples in draw_costs(cost_model, gates, draws, generator).items():
+        assert_within_standard_errors(float(expected[key].detach()), samples, key)
+    if unit is None:
+        return
+    gate, index = unit
+    p = gate.prob_nonzero().detach().view(-1)[index]
+    for key, samples in draw_costs(cost_model, gates, draws, generator, unit).items():
+        gradient = torch.autograd.grad(expected[key], gate.log_alpha, retain_graph=True, allow_unused=True)[0]
+        got = 0.0 if gradient is None else float(gradient.reshape(-1)[index])
+        # d E / d log α = d E / d p · p(1 − p)
+        assert_within_standard_errors(got, samples * float(p * (1 - p)), f"d {key} / d log α of {gate.owner}[{index}]")
+
+
+MONTE_CARLO_CASES = ["conv-flatten", "conv-flatten-in", "lenet5", *CASES]
+
+
+def monte_carlo_case(case):
+    if case == "conv-flatten":
+        model, x, _, second = conv_flatten()
+        return model, x, (second, 1)
+    if case == "conv-flatten-in":  # the Linear's own input gates on the same columns as conv2's block gate
+        model, x, _, second = conv_flatten({"0": "out", "3": "out"})
+        return model, x, (second, 2)
+    if case == "lenet5":
+        torch.manual_seed(0)
+        model, x = LeNet5(), torch.randn(2, 1, 28, 28)
+        l0sparse.sparsify(model, example_inputs=x)
+        return model, x, (model.fc1.parametrizations.weight[0].gate, 7)
+    model, x = build(case)
+    gates = find_gates(model)
+    return model, x, (gates[len(gates) // 2], 0)
+
+
+@pytest.mark.parametrize("case", MONTE_CARLO_CASES)
+def test_expected_costs_and_gradients_match_monte_carlo(case):
+    """Item 1 on block-shared gates (conv → flatten → Linear, LeNet-5, a residual space read by two layers, grouped
+    and depthwise convs, attention heads). Before #27: conv-flatten 20,595 MACs against 17,898 ± 100 drawn, the
+    residual CNN (a gate on two readers' columns counted as two independent events) 44,497 against 42,795 ± 328."""
+    model, x, unit = monte_carlo_case(case)
+    assert_expected_costs_match_monte_carlo(model, x, draws=600, seed=1, unit=unit)
