@@ -192,6 +192,36 @@ def test_force_keeps_the_old_run_when_the_first_epoch_diverges(run, capsys):
     assert snapshot(run) == before
 
 
+def test_force_refuses_a_folder_that_is_not_a_run_and_deletes_nothing(tmp_path, capsys):
+    """Issue #27, data loss: a folder with the user's own config.json and report/ but no checkpoint.pt; before, --force
+    deleted both."""
+    folder = tmp_path / "mine"
+    (folder / "report").mkdir(parents=True)
+    (folder / "report" / "notes.md").write_text("mine")
+    (folder / CONFIG_FILE).write_text('{"mine": true}')
+    before = snapshot(folder)
+    assert main(["train", DIGITS, *QUICK, "--force", "--out", str(folder)]) == 2
+    error = capsys.readouterr().err
+    assert "is not an l0sparse run (it has no checkpoint.pt) but holds config.json, report" in error
+    assert snapshot(folder) == before
+
+
+def test_an_empty_out_is_an_error_and_the_default_run_stays(tmp_path, monkeypatch, capsys):
+    """Issue #27, data loss: `--out ""` (an unset $OUT) was taken as no --out and, with --force, replaced the default
+    run runs/<config name>."""
+    monkeypatch.chdir(tmp_path)
+    default = tmp_path / "runs" / "mlp-digits"
+    default.mkdir(parents=True)
+    (default / CHECKPOINT).write_bytes(b"the default run")
+    for argv in (["train", DIGITS, *QUICK, "--force", "--out", ""], ["train", "--resume", "--out", " "],
+                 ["report", str(default), "--out", ""]):
+        assert main(argv) == 2
+        assert "--out is empty" in capsys.readouterr().err
+    assert (default / CHECKPOINT).read_bytes() == b"the default run"
+    with pytest.raises(ValueError, match="out_dir"):
+        run_training(quick_config(), "", force=True, progress=False)
+
+
 def test_failed_set_up_of_a_new_run_leaves_no_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(l0sparse.data, "FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     assert main(["train", DIGITS, *QUICK, "--set", "data='fashion-mnist'", "--out", str(tmp_path / "new")]) == 2

@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .plots import report_runs
             from .runs import RunFolder
 
+            _check_out(args.out, "the report folder", "<first run>/report")
             written = report_runs(args.run_dirs, args.out or RunFolder(args.run_dirs[0]).report_path)
             for path in written.values():
                 print(f"wrote {path}")
@@ -155,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _check_out(out: str | None, what: str, default: str) -> None:
+    """An empty ``--out`` (an unset shell variable) is an error, not the default folder."""
+    if out is not None and not out.strip():
+        raise ValueError(f"--out is empty ({out!r}): name {what}, or leave --out out for {default}")
 
 
 def _one_line(error: BaseException) -> str:
@@ -171,6 +178,7 @@ def _train(parser, args) -> int:
     from .runs import RunFolder
     from .train import run_training
 
+    _check_out(args.out, "the run directory", "runs/<config name>")  # an unset $OUT: not the default run, which --force replaces
     if args.resume:
         if not args.out:
             parser.error("--resume needs --out, the run directory to continue")

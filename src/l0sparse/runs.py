@@ -87,6 +87,18 @@ def check_run_directory(out_dir: Path) -> None:
         raise PermissionError(f"run directory {out_dir}: {existing} is not writable by this user; choose another --out")
 
 
+def check_replaceable(out_dir: Path) -> None:
+    """``--force`` replaces a run, nothing else: refuse a folder that holds a run's file names (``config.json``,
+    ``report/``...) but no ``checkpoint.pt``, whose files the replacement would delete."""
+    if (out_dir / CHECKPOINT).is_file():
+        return
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held:
+        raise FileExistsError(f"run directory {out_dir} is not an l0sparse run (it has no {CHECKPOINT}) but holds "
+                              f"{', '.join(held)}, which --force would delete: choose another --out, or move them away "
+                              "(a run killed before its first checkpoint left nothing worth keeping: delete the folder)")
+
+
 def _named_file(name: str) -> property:
     """A run folder's path to ``name``: one property per file the folder holds."""
     return property(lambda folder: folder.path / name, doc=f"``{name}`` in the run folder")

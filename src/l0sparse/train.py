@@ -28,7 +28,7 @@ from .control import param_groups
 from .sites import find_gates
 from .distributed import RankGroup
 from .regularizers import L0, Regularizer, regularizer_for
-from .runs import RunFolder, StagedRunFolder, check_run_directory, load_state
+from .runs import RunFolder, StagedRunFolder, check_replaceable, check_run_directory, load_state
 
 # the run folder's names and functions, importable from here as before they moved to runs.py
 from .runs import CHECKPOINT as CHECKPOINT, CONFIG_FILE as CONFIG_FILE, METRICS_FILE as METRICS_FILE
@@ -323,6 +323,8 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     batch_size examples), draws its gate noise from ``seed + rank``, and
     rank 0 alone writes the run directory (docs/scale.md).
     """
+    if not str(out_dir).strip():  # Path("") is the current folder: an unset $OUT would train (and --force replace) there
+        raise ValueError(f"out_dir (--out) is empty ({out_dir!r}): name the run directory")
     with RankGroup() as ranks:
         out_dir = Path(out_dir)
         checkpoint = None
@@ -343,6 +345,8 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
             if replacing and not force:
                 raise FileExistsError(f"run directory {out_dir} exists and is not empty: pass --force to overwrite it or --resume "
                                       "to continue it")
+            if replacing:
+                check_replaceable(out_dir)
             run_dir = StagedRunFolder(out_dir, staged=replacing, writes=ranks.is_main)
         if config.regularizer == "magnitude" and ranks.world_size > 1:
             raise ValueError("config key 'regularizer' = 'magnitude': the baseline does not run distributed (it restructures the "
