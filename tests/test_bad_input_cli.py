@@ -148,6 +148,23 @@ CASES = [
     ("diverging demo", None, ["demo", "--epochs", "2", "--lr", "1e30", "--no-progress"], "the loss is nan at epoch"),
     ("corrupt Fashion-MNIST archive", corrupt_fashion_mnist,
      ["train", DIGITS, *QUICK, "--set", "data='fashion-mnist'", "--out", "{tmp}/out"], "train-images-idx3-ubyte.gz is damaged"),
+    # issue #27: keys a run would record in config.json and never read (each accepted silently before)
+    *[(f"{key} never read ({why})", None, ["train", DIGITS, *QUICK, *sets, "--set", f"{key}={value}", "--out", "{tmp}/out"],
+       f"config key '{key}' = ")
+      for key, value, why, sets in [
+          ("target", "0.5", "none", ["--set", "regularizer='none'", "--set", "lam=0.1", "--set", "gate_lr='none'"]),
+          ("target", "0.5", "l1", ["--set", "regularizer='l1'", "--set", "gate_lr='none'"]),
+          ("target", "0.5", "l2", ["--set", "regularizer='l2'", "--set", "gate_lr='none'"]),
+          ("threshold", "0.01", "l0", []),
+          ("controller_lr", "0.1", "no target", []),
+          ("warmup", "0.2", "no target", []),
+          ("metric", "'params'", "no target", []),
+          ("lam", "0.5", "exact target", ["--set", "target=0.5"]),
+          ("lam", "0.5", "none", ["--set", "regularizer='none'", "--set", "gate_lr='none'"]),
+          ("gate_lr", "0.05", "none", ["--set", "regularizer='none'", "--set", "lam=0.1"]),
+          ("clamp_log_alpha", "true", "none", ["--set", "regularizer='none'", "--set", "lam=0.1", "--set", "gate_lr='none'"]),
+          ("per_example_noise", "false", "gates = weights", ["--set", "gates='weights'"]),
+      ]],
     ("extending a finished magnitude run", finished_magnitude_run, ["train", "--resume", "--out", "{tmp}/magnitude", "--set", "epochs=2"],
      "this magnitude run prunes after epoch 1"),
 ]
@@ -166,6 +183,20 @@ def test_bad_input_gets_one_line_and_exit_code_2(description, prepare, argv, fra
     assert len(lines) == 1 and lines[0].startswith(f"l0sparse {argv[0]}: error: "), stderr
     assert fragment in lines[0], lines[0]
     assert "weights_only=False" not in lines[0]
+
+
+def test_keys_a_run_never_reads_are_refused_from_a_file_but_a_recipe_may_change_regularizer(tmp_path):
+    """Issue #27: a TOML file that sets a key its run never reads is refused, naming the key; a recipe's L0 keys stay
+    quiet when --set changes its regularizer (the documented dense and magnitude baselines), but a key given with
+    --set is checked; a resumed run's saved keys are not (older run folders still load)."""
+    (tmp_path / "dense.toml").write_text('regularizer = "none"\ndata = "digits"\nlam = 0.3\n')
+    with pytest.raises(ValueError, match="config key 'lam' = 0.3 would never be read by this run: regularizer 'none' has no λ"):
+        load_config(tmp_path / "dense.toml")
+    assert load_config(DIGITS, ["regularizer='none'"]).lam == 0.2  # the recipe's own λ, unread and accepted
+    with pytest.raises(ValueError, match="config key 'gate_lr'"):
+        load_config(DIGITS, ["regularizer='none'", "gate_lr=0.5"])
+    saved = {**load_config(DIGITS).to_dict(), "regularizer": "none"}
+    assert load_config(None, ["epochs=3"], base=saved).epochs == 3
 
 
 def test_the_command_prints_no_traceback(tmp_path):

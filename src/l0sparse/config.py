@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -208,6 +209,36 @@ class TrainConfig:
             raise ValueError(f"config key 'data' = {self.data!r}: model 'lenet5' needs 28×28 images (fashion-mnist or mnist-5k)")
         return self
 
+    def check_read(self, keys: Iterable[str] | None = None) -> TrainConfig:
+        """Refuse a key of ``keys`` (default: all) set away from its default that this run would never read (issue #27:
+        recorded in config.json, silently without effect). Not part of :meth:`validate`, so that older run folders load."""
+        l0 = self.regularizer == "l0"
+        controller = l0 and self.target is not None
+        needs_controller = "it steers the target controller, which needs regularizer = 'l0' and a target (target = 0.25)"
+        if controller and self.target_mode == "exact":
+            lam_why = "with an exact target the controller chooses λ (target_mode = 'ceiling' keeps it)"
+        else:
+            lam_why = f"regularizer {self.regularizer!r} has no λ (l0, l1, group_l1 and l2 have)"
+        rules = [
+            ("target", self.regularizer in ("l0", "magnitude", "importance"),
+             f"regularizer {self.regularizer!r} has no target (l0, magnitude and importance have)"),
+            ("threshold", self.regularizer in ("l1", "group_l1"), "only an l1 or group_l1 run is thresholded"),
+            ("controller_lr", controller, needs_controller),
+            ("warmup", controller, needs_controller),
+            ("metric", self.target is not None, "it says what a target counts: set a target"),
+            ("lam", self.regularizer in ("l0", "l1", "group_l1", "l2") and not (controller and self.target_mode == "exact"), lam_why),
+            ("gate_lr", l0, "it is the gates' learning rate, and only regularizer = 'l0' trains gates"),
+            ("clamp_log_alpha", l0, "it clamps the gates' log α, and only regularizer = 'l0' trains gates"),
+            ("per_example_noise", l0 and self.gates == "units" and self.model != "minilm",
+             "it is the noise of the paper's layers (regularizer = 'l0', gates = 'units', not model 'minilm')"),
+        ]
+        defaults = TrainConfig.__dataclass_fields__
+        for key, read, why in rules:
+            value = getattr(self, key)
+            if not read and value != defaults[key].default and (keys is None or key in keys):
+                raise ValueError(f"config key {key!r} = {value!r} would never be read by this run: {why}; leave it out")
+        return self
+
     @property
     def threshold_value(self) -> float:
         """The thresholding tolerance of an L1 / group-L1 run (``threshold``, or ``lr`` by default)."""
@@ -215,6 +246,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: the keys that decide which other keys a run reads (TrainConfig.check_read)
+_DECIDING_KEYS = ("regularizer", "target", "target_mode", "gates", "model")
 
 
 def _droprates_ok(value) -> bool:
@@ -244,19 +279,28 @@ def _parse_override(text: str) -> tuple[str, object]:
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Read a TOML file (or start from ``base``), apply ``key=value`` overrides, and validate every key."""
     values: dict = dict(base or {})
+    from_file: set[str] = set()
     if path is not None:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
             with open(path, "rb") as handle:
-                values.update(tomllib.load(handle))
+                loaded = tomllib.load(handle)
+            values.update(loaded)
+            from_file = set(loaded)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"config file {path} is not valid TOML ({error}): fix it (the recipes/ folder has examples)") from None
+    from_set = set()
     for text in overrides:
         key, value = _parse_override(text)
         values[key] = value
-    return config_from_dict(values)
+        from_set.add(key)
+    config = config_from_dict(values)
+    if base is None:  # a new run: refuse what the user set that it would never read (a resumed run keeps its keys)
+        # a recipe whose regularizer (or target...) is overridden keeps its other keys quietly: only --set ones count then
+        config.check_read(from_set if from_set & set(_DECIDING_KEYS) else from_set | from_file)
+    return config
 
 
 def config_from_dict(values: dict, source: str | Path | None = None) -> TrainConfig:
