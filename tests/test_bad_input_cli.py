@@ -347,6 +347,109 @@ def test_partial_last_metrics_line_is_dropped(run, tmp_path):
     assert [json.loads(line)["epoch"] for line in (run / METRICS_FILE).read_text().splitlines()] == [1, 2]
 
 
+# --- issue #27: resume and report agree with the checkpoint, whatever happened to metrics.jsonl and config.json ---
+
+def epochs_in(path: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def run_at_epoch_2(run):
+    """The run resumed to epoch 2: its checkpoint keeps a copy of the history (new in #27)."""
+    run_training(quick_config(epochs=2), run, resume=True, progress=False)
+    assert epochs_in(run / METRICS_FILE) == [1, 2]
+    return run
+
+
+def test_a_partial_last_metrics_line_is_restored_from_the_checkpoint(run_at_epoch_2, tmp_path, capsys):
+    """Before: the checkpoint held epoch 2, metrics.jsonl epoch 1 and a partial line; report ended at epoch 1 and a
+    resume left epochs [1, 3]."""
+    run = run_at_epoch_2
+    lines = (run / METRICS_FILE).read_text().splitlines()
+    (run / METRICS_FILE).write_text(lines[0] + "\n" + lines[1][:20])  # kill -9 in the middle of epoch 2's line
+    with pytest.warns(UserWarning, match="restored from it"):
+        assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert "| 2 |" in (tmp_path / "report" / "report.md").read_text()  # the epochs column: the checkpoint's epoch
+    assert main(["train", "--resume", "--out", str(run), "--set", "epochs=3", "--no-progress"]) == 0
+    assert "lacked records of epochs 1-2 that the checkpoint holds: restored from it" in capsys.readouterr().err
+    assert epochs_in(run / METRICS_FILE) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty"])
+def test_a_lost_metrics_file_is_restored_on_resume_and_said_so(run_at_epoch_2, damage, capsys):
+    """Before: resumed without a word, the history of epochs 1-2 gone."""
+    run = run_at_epoch_2
+    if damage == "missing":
+        (run / METRICS_FILE).unlink()
+    else:
+        (run / METRICS_FILE).write_text("")
+    assert main(["train", "--resume", "--out", str(run), "--set", "epochs=3", "--no-progress"]) == 0
+    assert "restored from it" in capsys.readouterr().err
+    assert epochs_in(run / METRICS_FILE) == [1, 2, 3]
+
+
+def test_a_lost_history_that_the_checkpoint_cannot_restore_is_named(run, capsys):
+    """A checkpoint written before #27 keeps no history: the lost epochs are named instead of passed over."""
+    state = torch.load(run / CHECKPOINT, weights_only=True)
+    del state["history"]
+    torch.save(state, run / CHECKPOINT)
+    (run / METRICS_FILE).unlink()
+    assert main(["train", "--resume", "--out", str(run), "--set", "epochs=2", "--no-progress"]) == 0
+    assert "has no record of epoch(s) 1, which the checkpoint holds: that history is lost" in capsys.readouterr().err
+
+
+def test_report_drops_a_metrics_line_past_the_checkpoint(run, tmp_path):
+    """Before: report showed epoch 2's accuracy beside epoch 1's gates (the line written just before a kill)."""
+    record = json.loads((run / METRICS_FILE).read_text().splitlines()[0])
+    with open(run / METRICS_FILE, "a") as handle:
+        handle.write(json.dumps({**record, "epoch": 2, "test_accuracy": 0.0}) + "\n")
+    with pytest.warns(UserWarning, match=r"records past the checkpoint's epoch 1 \(epochs 2\): dropped"):
+        assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 0
+    assert "| 1 | " in (tmp_path / "report" / "report.md").read_text() and "0.00%" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_an_edited_config_json_is_refused_on_resume(run, capsys):
+    """Before: lr edited in config.json, --resume trained at the checkpoint's lr (the optimizer's state) while
+    config.json said otherwise."""
+    config = json.loads((run / CONFIG_FILE).read_text())
+    (run / CONFIG_FILE).write_text(json.dumps({**config, "lr": 0.05}))
+    before = snapshot(run)
+    assert main(["train", "--resume", "--out", str(run), "--set", "epochs=2", "--no-progress"]) == 2
+    assert "lr (0.01 in checkpoint.pt, 0.05 in config.json)" in capsys.readouterr().err
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("edit, fragment", [(lambda state: state.pop("optimizer"), "has no optimizer"),
+                                            (lambda state: state.pop("rng"), "has no rng"),
+                                            (lambda state: state.update(epoch=1.5), "holds epoch 1.5, not a whole number")])
+def test_a_checkpoint_that_cannot_be_resumed_is_named(run, edit, fragment, capsys):
+    """Before: KeyError: 'optimizer' / 'rng', or a float epoch taken as it was."""
+    state = torch.load(run / CHECKPOINT, weights_only=True)
+    edit(state)
+    torch.save(state, run / CHECKPOINT)
+    assert main(["train", "--resume", "--out", str(run), "--set", "epochs=2", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert fragment in error and "checkpoint.pt" in error and "Traceback" not in error
+
+
+def test_report_names_runs_of_the_same_folder_name_apart(run, tmp_path):
+    """Before: `report a/run b/run` named both rows "run"."""
+    for parent in ("a", "b"):
+        shutil.copytree(run, tmp_path / parent / "run")
+    assert main(["report", str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), "--out", str(tmp_path / "report")]) == 0
+    rows = [line.split(" | ")[0].strip("| ") for line in (tmp_path / "report" / "report.md").read_text().splitlines()[2:4]]
+    assert rows == ["a/run", "b/run"]
+
+
+def test_report_names_a_record_without_its_keys(run, tmp_path, capsys):
+    """Before: KeyError: 'test_accuracy'."""
+    record = json.loads((run / METRICS_FILE).read_text().splitlines()[0])
+    del record["test_accuracy"]
+    (run / METRICS_FILE).write_text(json.dumps(record) + "\n")
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 2
+    assert "metrics.jsonl: the record of epoch 1 has no 'test_accuracy'" in capsys.readouterr().err
+
+
 # --- item 14: an unwritable folder, and any OSError, is one line naming the path ---------------------------------
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")

@@ -66,6 +66,44 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def check_resumable(state: dict, path: Path) -> int:
+    """The epoch of a checkpoint that ``--resume`` can continue; one that lacks the optimizer or the random state, or
+    whose epoch is not a whole number, gives an error naming the file and what is missing (not a KeyError)."""
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"--resume: {path} holds epoch {epoch!r}, not a whole number of epochs; was it edited? restore it, or "
+                         "start a new run")
+    missing = [key for key in ("optimizer", "rng") if key not in state]
+    if missing:
+        raise ValueError(f"--resume: {path} has no {' and no '.join(missing)} (the optimizer's state and the random state that "
+                         "continue the run exactly): it cannot be resumed; prune and report still read it, or start a new run")
+    return epoch
+
+
+def reconcile_history(records: list[dict], checkpoint: dict, path: Path) -> tuple[list[dict], str | None]:
+    """The per-epoch records up to the checkpoint's epoch, and a note when ``metrics.jsonl`` (``path``) disagreed with it.
+
+    Lines past the checkpoint (written just before a kill) are dropped; epochs missing from the file (a partial last
+    line, a deleted or emptied file) are taken from the history the checkpoint keeps, where it has one; else the
+    note says which records are lost."""
+    epoch = checkpoint["epoch"]
+    kept = [record for record in records if record["epoch"] <= epoch]
+    notes = []
+    if len(kept) < len(records):
+        notes.append(f"{path} had records past the checkpoint's epoch {epoch} (epochs "
+                     f"{', '.join(str(r['epoch']) for r in records if r['epoch'] > epoch)}): dropped")
+    if [record["epoch"] for record in kept] != list(range(1, epoch + 1)):
+        saved = checkpoint.get("history")
+        if isinstance(saved, list) and [record.get("epoch") for record in saved[:epoch]] == list(range(1, epoch + 1)):
+            kept = saved[:epoch]
+            notes.append(f"{path} lacked records of epochs 1-{epoch} that the checkpoint holds: restored from it")
+        else:
+            lost = sorted(set(range(1, epoch + 1)) - {record["epoch"] for record in kept})
+            notes.append(f"{path} has no record of epoch(s) {', '.join(map(str, lost))}, which the checkpoint holds: "
+                         "that history is lost (checkpoints before issue #27 keep no copy)")
+    return kept, ("; ".join(notes) or None)
+
+
 def load_state(model: nn.Module, state, path: Path, described_by: str = CONFIG_FILE) -> None:
     """``model.load_state_dict(state)``; a mismatch names the file and the description it should fit."""
     try:

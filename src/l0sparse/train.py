@@ -28,7 +28,7 @@ from .control import param_groups
 from .sites import find_gates
 from .distributed import RankGroup
 from .regularizers import L0, Regularizer, regularizer_for
-from .runs import RunFolder, StagedRunFolder, check_replaceable, check_run_directory, load_state
+from .runs import RunFolder, StagedRunFolder, check_replaceable, check_resumable, check_run_directory, load_state, reconcile_history
 
 # the run folder's names and functions, importable from here as before they moved to runs.py
 from .runs import CHECKPOINT as CHECKPOINT, CONFIG_FILE as CONFIG_FILE, METRICS_FILE as METRICS_FILE
@@ -238,6 +238,20 @@ def _batch_inputs(x: Tensor, pad_id: int | None) -> Tensor:
     return trim_padding(x, pad_id)
 
 
+def _check_config_json_unedited(saved, checkpoint: dict, run: RunFolder) -> None:
+    """Refuse a resume whose ``config.json`` differs from the config its checkpoint was trained with (``epochs`` aside):
+    the optimizer's state would silently keep the old values (an edited ``lr``), or the model would not fit."""
+    trained = checkpoint.get("config")
+    if not isinstance(trained, dict):
+        return  # a checkpoint written before the config was kept in it
+    now = saved.to_dict()
+    differing = [key for key in now if key != "epochs" and key in trained and trained[key] != now[key]]
+    if differing:
+        changes = ", ".join(f"{key} ({trained[key]!r} in {CHECKPOINT}, {now[key]!r} in {CONFIG_FILE})" for key in differing)
+        raise ValueError(f"--resume: {run.config_path} differs from the config {CHECKPOINT} was trained with: {changes}; was it "
+                         f"edited? restore those keys (the run goes on as it was trained), or start a new run")
+
+
 def _resumed_config(saved, requested, done_epochs: int):
     """The run's saved config, with ``epochs`` from ``requested``: any other difference is refused, as it would not apply."""
     if requested is None:
@@ -334,7 +348,8 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                 raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out_dir}; is it a run directory?")
             saved = existing.read_config()
             checkpoint = existing.read_checkpoint()
-            config = _resumed_config(saved, config, checkpoint["epoch"])
+            _check_config_json_unedited(saved, checkpoint, existing)
+            config = _resumed_config(saved, config, check_resumable(checkpoint, existing.checkpoint_path))
             if config.epochs != saved.epochs and ranks.is_main:
                 print(f"resuming with epochs = {config.epochs} ({CONFIG_FILE} said {saved.epochs}); {CONFIG_FILE} updated",
                       file=sys.stderr)
@@ -420,9 +435,11 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
                              f"not {ranks.world_size}")
         torch.set_rng_state(rng_per_rank[ranks.rank])
         start_epoch = checkpoint["epoch"]
-        history = folder.read_metrics()[:start_epoch]
+        history, note = reconcile_history(folder.read_metrics(), checkpoint, folder.metrics_path)
         ranks.barrier()  # every rank has read the metrics before rank 0 trims them
-        if ranks.is_main:  # drop lines past the checkpoint (and a partial last line); say what runs now
+        if ranks.is_main:  # drop lines past the checkpoint (and a partial last line), restore lost ones; say what runs now
+            if note:
+                print(f"--resume: {note}", file=sys.stderr)
             folder.write_metrics(history)
             folder.write_config(config)
     else:
@@ -525,6 +542,7 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         **({"ema": averaged.state_dict()} if averaged is not None else {}),
                         **regularizer.checkpoint_state(), "epoch": epoch + 1, "rng": rng_per_rank[0], "config": config.to_dict(),
+                        "history": [*history, record],  # a copy of metrics.jsonl, which a resume restores if it is lost
                         **({"rng_per_rank": rng_per_rank} if ranks.world_size > 1 else {})})
                 run_dir.commit()  # the first checkpoint is in place: the new run takes the old one's place
                 history.append(record)
