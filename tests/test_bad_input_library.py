@@ -84,6 +84,15 @@ CONSTRUCTORS = [
     ("L0MLP with a fractional width", lambda: l0sparse.L0MLP((5, 2.7, 3)), "sizes must be a positive int"),
     ("L0MLP with one width", lambda: l0sparse.L0MLP((5,)), "at least two positive widths"),
     ("HardConcrete with complex log alpha", lambda: l0sparse.HardConcrete(torch.zeros(2, dtype=torch.complex64)), "log_alpha must be real"),
+    # issue #27: β so small that (ζ − γ)/β overflows float32 gave NaN gradients (NaN weights after 20 steps); 1j a TypeError
+    ("Gate with beta 1e-40", lambda: l0sparse.Gate(3, beta=1e-40), r"beta \(the temperature\) must be >= \(zeta - gamma\)"),
+    ("HardConcrete with beta 1e-40", lambda: l0sparse.HardConcrete(torch.zeros(2), beta=1e-40), "beta"),
+    ("HardConcrete with a complex beta", lambda: l0sparse.HardConcrete(torch.zeros(2), beta=1j), "beta must be a finite real number"),
+    # accepted before, closing every gate at the first step
+    ("TargetController with lr=inf", lambda: l0sparse.TargetController(l0sparse.L0MLP((4, 3, 2)), 0.5, "l0", lr=math.inf),
+     "lr must be a finite number > 0"),
+    # accepted before (torch refuses it) with a wrong output_size
+    ("L0Conv2d with stride 2 and padding 'same'", lambda: l0sparse.L0Conv2d(3, 4, 3, stride=2, padding="same"), "padding='same' needs stride 1"),
 ]
 
 
@@ -375,6 +384,36 @@ def test_example_inputs_as_a_dict_are_refused_not_read_as_their_keys(call):
     with pytest.raises(TypeError, match=rf"{call}: example_inputs must be a batch .* got dict"):
         getattr(l0sparse, call)(model, {"input": torch.zeros(2, 4)})
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_beta_at_the_smallest_accepted_value_gives_finite_gradients():
+    """The bound is where the sampler's slope still fits float32: at it, samples and gradients stay finite."""
+    smallest = 1.2 / torch.finfo(torch.float32).max  # (ζ − γ) / float32 max at the defaults
+    gate = l0sparse.Gate(50, beta=smallest * 1.001)
+    gate().sum().backward()
+    assert torch.isfinite(gate.log_alpha.grad).all()
+
+
+def small_plan():
+    model = l0sparse.sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), example_inputs=torch.zeros(2, 4))
+    with torch.no_grad():
+        model[2].parametrizations.weight[0].gate.log_alpha.copy_(torch.tensor([5.0, -5.0, 5.0]))
+    return model, l0sparse.prune(model, torch.zeros(2, 4), return_plan=True)[1]
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda plan: plan["columns"].update({"9": [0]}), "columns name module '9', which this model does not have"),
+    (lambda plan: plan["rows"].update({"0": [0, 7]}), r"rows of '0' must list indices in \[0, 3\), got \[0, 7\]"),
+    (lambda plan: plan.pop("rows"), "plan is not a prune plan"),
+    (lambda plan: plan["columns"].update({"2": "all"}), "columns of '2' must list indices"),
+])
+def test_rebuild_refuses_a_plan_of_another_model(edit, fragment):
+    """Issue #27: a plan naming a module the model lacks was ignored (silently a different model); a missing key or an
+    index out of range gave a KeyError / IndexError."""
+    model, plan = small_plan()
+    edit(plan)
+    with pytest.raises(ValueError, match=fragment):
+        l0sparse.rebuild(model, plan, torch.zeros(2, 4))
 
 
 def test_rebuild_names_itself_when_example_inputs_are_a_dict():

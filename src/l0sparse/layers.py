@@ -229,6 +229,8 @@ class L0Conv2d(L0Layer):
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         if isinstance(padding, str) and padding not in ("same", "valid"):
             raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        if padding == "same" and self.stride != (1, 1):  # as torch.nn.Conv2d: "same" is only defined for stride 1
+            raise ValueError(f"padding='same' needs stride 1, got stride={stride!r}: give the padding as numbers instead")
         self.per_example_noise = per_example_noise
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None

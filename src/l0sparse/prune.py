@@ -384,6 +384,26 @@ def _check_same(expected, got, hidden: dict | None = None) -> None:
             )
 
 
+def _check_plan(model: nn.Module, plan: PrunePlan) -> None:
+    """Every module a plan slices exists in ``model``, and its indices are whole numbers within that module's
+    rows, columns or entries: a plan of another model fails here, naming the module, not as a KeyError or IndexError
+    (or not at all: a name that matched nothing was skipped)."""
+    modules = dict(model.named_modules())
+    sizes = {"rows": ("out_features", "out_channels", "num_features", "num_channels"),
+             "columns": ("in_features", "in_channels"), "followers": ("num_features", "num_channels", "out_channels")}
+    for part, attributes in sizes.items():
+        for name, indices in getattr(plan, part).items():
+            if name not in modules:
+                raise ValueError(f"rebuild: the plan's {part} name module {name!r}, which this model does not have; was the "
+                                 "plan made for another model?")
+            # a grouped conv's columns count all its input channels; a module without such a size is not range-checked
+            size = next((getattr(modules[name], a) for a in attributes if isinstance(getattr(modules[name], a, None), int)), None)
+            if not (isinstance(indices, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (size or i + 1)
+                                                      for i in indices)):
+                raise ValueError(f"rebuild: the plan's {part} of {name!r} must list indices in [0, {size}), got {indices!r}; "
+                                 "was the plan made for another model, or edited?")
+
+
 def rebuild(model: nn.Module, plan: PrunePlan | Mapping, example_inputs) -> nn.Module:
     """An untrained module of the pruned shapes, from a fresh model of the original architecture and a plan.
 
@@ -396,8 +416,13 @@ def rebuild(model: nn.Module, plan: PrunePlan | Mapping, example_inputs) -> nn.M
         empty = l0sparse.rebuild(MyNet(), json.load(open("plan.json")), x)
         empty.load_state_dict(torch.load("pruned.pt", weights_only=True))
     """
-    plan = PrunePlan.from_json(plan)
+    try:
+        plan = PrunePlan.from_json(plan)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"rebuild: plan is not a prune plan ({type(error).__name__}: {error}); pass what "
+                         "prune(..., return_plan=True) returned (or its JSON)") from None
     work = plain_copy(model)
+    _check_plan(work, plan)
     if plan.hidden:
         apply_hidden_plan(work, plan.hidden)
     if plan.tracer == "export":  # the model's own modules, sliced in place: nothing to trace
