@@ -199,6 +199,17 @@ def test_keys_a_run_never_reads_are_refused_from_a_file_but_a_recipe_may_change_
     assert load_config(None, ["epochs=3"], base=saved).epochs == 3
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_config_path_that_is_a_fifo_is_refused_at_once(tmp_path, capsys):
+    """Issue #27, the hang: a FIFO with no writer blocked `train` forever. Run in a subprocess with a timeout, so a
+    regression fails instead of hanging the suite."""
+    os.mkfifo(tmp_path / "config.toml")
+    completed = subprocess.run([sys.executable, "-m", "l0sparse", "train", str(tmp_path / "config.toml"), "--out", str(tmp_path / "out")],
+                               capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert completed.returncode == 2
+    assert "config.toml is not a regular file (a FIFO" in completed.stderr
+
+
 def test_the_command_prints_no_traceback(tmp_path):
     (tmp_path / "file").write_text("")
     completed = subprocess.run([sys.executable, "-m", "l0sparse", "train", DIGITS, "--out", str(tmp_path / "file")],

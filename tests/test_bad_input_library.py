@@ -394,6 +394,105 @@ def test_beta_at_the_smallest_accepted_value_gives_finite_gradients():
     assert torch.isfinite(gate.log_alpha.grad).all()
 
 
+class TiedHead(nn.Module):
+    """A language-model head tied to its embedding: the hidden units' "out" gates sit on the head's columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.emb(x))))
+
+
+@pytest.mark.parametrize("log_alpha, parameters, tied", [([5.0] * 6, 102, True),  # gates 1: the tie stays
+                                                         ([5.0, -5.0, 5.0, -5.0, 5.0, 5.0], 128, False),  # columns go
+                                                         ([0.5] + [5.0] * 5, 162, False)])  # a fractional gate
+def test_prune_keeps_a_tied_head_tied_where_it_can_and_counts_what_it_keeps(log_alpha, parameters, tied):
+    """Issue #27: prune broke the tie of a head and its embedding even with every gate at 1 (162 parameters where
+    expected_params said 102), and the cost model left out the embedding's copy when the tie must break."""
+    torch.manual_seed(0)
+    model, x = TiedHead(), torch.randint(0, 10, (2, 5))
+    with pytest.warns(UserWarning, match="skipped by rule"):
+        l0sparse.sparsify(model, {"mid": "out", "head": "skip"}, x)
+    with torch.no_grad():
+        find_gates(model)[0].log_alpha.copy_(torch.tensor(log_alpha))
+    pruned = l0sparse.prune(model, x)
+    assert (pruned.head.weight is pruned.emb.weight) == tied
+    assert l0sparse.count_params(pruned) == parameters == float(l0sparse.expected_params(model, x, deterministic=True))
+
+
+class FunctionalProduct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.W, self.lin = nn.Parameter(torch.randn(5, 3)), nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.lin(x) + x @ self.W.T + nn.functional.linear(x, self.W)
+
+
+@pytest.mark.parametrize("model, inputs, macs", [
+    (nn.LSTM(4, 6, batch_first=True), torch.randn(2, 7, 4), 7 * 4 * 6 * (4 + 6)),  # 7 steps × 4 gates × 6 × (in + hidden)
+    (nn.GRU(4, 6, num_layers=2, bidirectional=True, batch_first=True), torch.randn(2, 7, 4),
+     7 * 2 * 3 * 6 * ((4 + 6) + (12 + 6))),  # two directions; the second layer reads both (12)
+    (nn.RNN(4, 6), torch.randn(7, 2, 4), 2 * 6 * (4 + 6)),  # sequence first: per position, so × batch (2)
+    (nn.LSTM(4, 6, proj_size=3, batch_first=True), torch.randn(2, 7, 4), 7 * (4 * 6 * (4 + 3) + 6 * 3)),  # and the projection
+    (nn.ConvTranspose2d(3, 4, 3, stride=2), torch.randn(2, 3, 5, 5), 3 * 25 * 4 * 9),  # each input entry scatters 4 × 3×3
+    (nn.Bilinear(3, 4, 5), (torch.randn(2, 3), torch.randn(2, 4)), 3 * 4 * 5),
+    (FunctionalProduct(), torch.randn(2, 3), 3 * 15),  # the Linear, x @ W.T and F.linear: 15 each
+])
+def test_count_flops_counts_recurrent_transposed_bilinear_and_functional_products(model, inputs, macs):
+    """Issue #27: count_flops was 0 for LSTM, ConvTranspose2d and Bilinear and missed a functional x @ W.T (15 of 45)."""
+    assert l0sparse.count_flops(model, inputs) == macs
+
+
+def test_count_flops_leaves_the_paper_layers_functional_products_out():
+    """The paper's layers are counted on plain_copy (their own F.linear is not a product outside a counted module)."""
+    model = l0sparse.L0MLP((4, 3, 2))
+    assert l0sparse.count_flops(model, torch.randn(2, 4)) == 0
+    assert l0sparse.count_flops(l0sparse.prune(model, torch.randn(2, 4)), torch.randn(2, 4)) > 0
+
+
+@pytest.mark.parametrize("call, error, fragment", [
+    (lambda: l0sparse.penalty(None, 0.1), TypeError, "penalty: model must be a torch.nn.Module, got NoneType"),
+    (lambda: l0sparse.TargetController(None, 0.5, "l0"), TypeError, "TargetController: model must be a torch.nn.Module"),
+    (lambda: l0sparse.CostModel(gated_mlp(), torch.randn(2, 20)).gate_costs("latency"), ValueError,
+     "gate_costs: metric must be 'flops' \\(MACs\\) or 'params', got 'latency'"),
+    (lambda: l0sparse.architecture(l0sparse.L0MLP((4, 3, 2)).to("meta")), ValueError, "architecture: the model is on the meta device"),
+    (lambda: l0sparse.penalty(l0sparse.L0MLP((4, 3, 2)), 0.1, N=2.5), ValueError, "N \\(the training-set size\\) must be a positive int"),
+    (lambda: L0Regressor().fit(np.random.default_rng(0).standard_normal((10, 2)), np.array(["a", "b"] * 5)), ValueError,
+     "L0Regressor needs numeric targets y, got dtype <U1"),
+])
+def test_unclear_errors_now_name_the_argument(call, error, fragment):
+    """Issue #27: each was an AttributeError, a KeyError, a meta-device RuntimeError or a numpy UFuncTypeError."""
+    with pytest.raises(error, match=fragment):
+        call()
+
+
+@pytest.mark.parametrize("convert", [np.float64, np.float32, torch.tensor], ids=["numpy64", "numpy32", "tensor0d"])
+def test_numpy_and_0d_tensor_scalars_are_numbers_for_the_penalty(convert):
+    """Issue #27: N, lam and weight_decay as numpy or 0-d tensor scalars were refused as if they were not numbers."""
+    model = l0sparse.L0MLP((4, 3, 2))
+    expected = l0sparse.penalty(model, 0.5, weight_decay=0.25, N=4)
+    got = l0sparse.penalty(model, convert(0.5), weight_decay=convert(0.25), N=np.int64(4) if convert is not torch.tensor else torch.tensor(4))
+    assert float(got.detach()) == float(expected.detach())
+    assert float(model.layers[0].penalty(convert(0.5), convert(0.25)).detach()) == float(model.layers[0].penalty(0.5, 0.25).detach())
+
+
+def test_hard_concrete_on_the_meta_device_keeps_its_shape():
+    """Issue #27: "Tensor.item() cannot be called on meta tensors"; a meta distribution has shapes, no values."""
+    distribution = l0sparse.HardConcrete(torch.zeros(2, 3, device="meta"))
+    assert distribution.prob_nonzero().shape == (2, 3) and distribution.prob_nonzero().device.type == "meta"
+
+
+def test_a_learning_rate_that_closes_every_gate_at_the_first_lam_warns():
+    """Issue #27: L0Regressor(learning_rate=1e8) closed every gate at the first λ and returned a support silently."""
+    x, y = regression_data()
+    with pytest.warns(UserWarning, match="every gate closed at the smallest lam of the path"):
+        L0Regressor(random_state=0, learning_rate=1e8, max_iter=60, n_lambdas=5).fit(x, y)
+
+
 def small_plan():
     model = l0sparse.sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), example_inputs=torch.zeros(2, 4))
     with torch.no_grad():

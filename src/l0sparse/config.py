@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .control import LANDINGS, METRICS
 from .data import DATASETS
-from .files import read_json
+from .files import read_json, regular_file
 
 __all__ = ["TrainConfig", "load_config", "config_from_dict", "read_config_json", "MODELS"]
 
@@ -281,7 +281,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
     values: dict = dict(base or {})
     from_file: set[str] = set()
     if path is not None:
-        path = Path(path)
+        path = regular_file(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .costs import CostModel, expected_l0
+from .graph import check_module
 from .sites import find_gates
 
 __all__ = ["TargetController", "METRICS", "LANDINGS", "param_groups"]
@@ -104,6 +105,7 @@ class TargetController(nn.Module):
                  warmup_steps: int = 0, lr: float = 0.01, tolerance: float = 0.005, ceiling: bool = False,
                  delay_steps: int = 0, landing: str = "schedule") -> None:
         super().__init__()
+        check_module(model, "TargetController")
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0 < target <= 1) or math.isnan(target):
             raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
         if metric not in METRICS:

@@ -176,6 +176,8 @@ class HardConcrete(Distribution):
             raise ValueError(f"log_alpha must be real, got a tensor of dtype {self.log_alpha.dtype}")
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
         batch_shape = torch.Size() if isinstance(log_alpha, Number) else self.log_alpha.size()
+        if self.log_alpha.device.type == "meta":  # a shape without values: nothing to validate (torch's check raised)
+            validate_args = False
         super().__init__(batch_shape, validate_args=validate_args)
         if self._validate_args and not bool(torch.isfinite(self.log_alpha).all()):
             raise ValueError("log_alpha must be finite everywhere (no NaN or ±inf)")

@@ -31,7 +31,7 @@ from .hidden import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
 from .operations import (LinearRule, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads, set_head_count,
                          set_submodule)
-from .sites import find_gates, gate_sites, run_plainly
+from .sites import find_gates, gate_sites, run_plainly, tied_tensors
 
 __all__ = ["prune", "rebuild", "plain_copy", "PrunePlan", "Selection"]
 
@@ -85,6 +85,7 @@ class PrunePlan:
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with every gate folded into its weights and the paper's layers made plain."""
     work = copy.deepcopy(model).eval()
+    tied = tied_tensors(work)
     for module in work.modules():
         if parametrize.is_parametrized(module):
             # not parametrize.remove_parametrizations: a deep copy shares the parametrized class with the
@@ -98,7 +99,20 @@ def plain_copy(model: nn.Module) -> nn.Module:
         if isinstance(module, L0Layer):
             set_submodule(work, name, module.plain())
     run_plainly(work)  # no gates are left to skip units by
+    _retie(work, tied)
     return work
+
+
+def _retie(model: nn.Module, tied: list[list[tuple[str, str]]]) -> None:
+    """Share again a tensor that folding a gate copied (a head tied to its embedding) where the copies are still equal
+    (the gate is 1 on all of it): else prune's model would hold it twice (issue #27: 162 parameters for 102)."""
+    for group in tied:
+        modules = [model.get_submodule(name) for name, _ in group]
+        tensors = [getattr(module, tensor_name) for module, (_, tensor_name) in zip(modules, group)]
+        first = tensors[0]
+        if all(isinstance(t, nn.Parameter) and t.shape == first.shape and torch.equal(t, first) for t in tensors):
+            for module, (_, tensor_name) in zip(modules, group):
+                setattr(module, tensor_name, first)
 
 
 def _column_open(weight: Tensor) -> Tensor:

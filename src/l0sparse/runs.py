@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .files import atomic_save, atomic_write_text, read_json, torch_load
+from .files import atomic_save, atomic_write_text, read_json, regular_file, torch_load
 
 __all__ = ["RunFolder", "StagedRunFolder", "load_run", "prune_run", "load_pruned", "read_metrics", "load_checkpoint",
            "check_run_directory"]
@@ -41,7 +41,7 @@ _EXAMPLE_DTYPES = {"float32": torch.float32, "int64": torch.int64}
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a ``metrics.jsonl``; a partial last line (a write cut short by kill -9 or a full disk) is dropped."""
-    path = Path(path)
+    path = regular_file(path)
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
