@@ -105,6 +105,10 @@ def resumed_to_epoch_2(tmp, run, monkeypatch):
     run_training(quick_config(epochs=2), run, resume=True, progress=False)
 
 
+def dense_run(tmp, run, monkeypatch):
+    run_training(quick_config(regularizer="none", lam=0.1, gate_lr="none"), tmp / "dense", progress=False)
+
+
 def config_json_of_another_model(tmp, run, monkeypatch):
     config = json.loads((run / CONFIG_FILE).read_text())
     (run / CONFIG_FILE).write_text(json.dumps({**config, "hidden": [8]}))
@@ -165,6 +169,16 @@ CASES = [
           ("clamp_log_alpha", "true", "none", ["--set", "regularizer='none'", "--set", "lam=0.1", "--set", "gate_lr='none'"]),
           ("per_example_noise", "false", "gates = weights", ["--set", "gates='weights'"]),
       ]],
+    # issue #27: messages that did not name the input (an allocator error, "Overflow when unpacking long long",
+    # train_test_split's random_state, 1,800 threads started before a message about the run folder)
+    ("a hidden width beyond memory", None, ["train", DIGITS, *QUICK, "--set", "hidden=[10000000000000]", "--out", "{tmp}/out"],
+     "config key 'hidden' = [10000000000000]: must be a list of positive ints of at most 16777216"),
+    ("a bool hidden width", None, ["train", DIGITS, *QUICK, "--set", "hidden=[true]", "--out", "{tmp}/out"], "config key 'hidden' = [True]"),
+    ("a seed past int64", None, ["train", DIGITS, *QUICK, "--set", "seed=100000000000000000000", "--out", "{tmp}/out"],
+     "config key 'seed' = 100000000000000000000: must be an int in [0, 4294967295]"),
+    ("a batch_size past int64", None, ["train", DIGITS, *QUICK, "--set", "batch_size=100000000000000000000", "--out", "{tmp}/out"],
+     "config key 'batch_size' = 100000000000000000000"),
+    ("prune of a run without gates", dense_run, ["prune", "{tmp}/dense"], "is a run without gates (regularizer = 'none'): there is nothing to prune"),
     ("extending a finished magnitude run", finished_magnitude_run, ["train", "--resume", "--out", "{tmp}/magnitude", "--set", "epochs=2"],
      "this magnitude run prunes after epoch 1"),
 ]
@@ -208,6 +222,22 @@ def test_a_config_path_that_is_a_fifo_is_refused_at_once(tmp_path, capsys):
                                capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert completed.returncode == 2
     assert "config.toml is not a regular file (a FIFO" in completed.stderr
+
+
+def test_load_pruned_of_a_per_weight_run_and_of_an_edited_pruned_json(tmp_path):
+    """Issue #27: load_pruned of a `gates = weights` run built the paper's layers and failed with a KeyError; a
+    hand-edited pruned.json without num_classes too."""
+    run = tmp_path / "weights"
+    run_training(quick_config(gates="weights"), run, progress=False)
+    prune_run(run)
+    _, gated, data = l0sparse.train.load_run(run)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(run)(data.x_test[:4]), gated(data.x_test[:4]))
+    spec = json.loads((run / PRUNED_SPEC).read_text())
+    del spec["num_classes"]
+    (run / PRUNED_SPEC).write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="'num_classes' must be a positive int and 'plan' a prune plan; was it edited"):
+        load_pruned(run)
 
 
 def test_the_command_prints_no_traceback(tmp_path):
@@ -479,6 +509,31 @@ def test_an_os_error_while_writing_names_the_path(run, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == f"l0sparse prune: error: {run / PRUNED_WEIGHTS}: Permission denied"
 
 
+def test_prune_of_a_read_only_run_is_refused_before_it_prunes(run, monkeypatch, capsys):
+    """Issue #27: prune on a read-only run ended in a raw error after pruning; os.access stands in for a read-only
+    folder (root, which runs these tests here, writes into read-only folders)."""
+    monkeypatch.setattr(l0sparse.runs.os, "access", lambda path, mode: Path(path) != run)
+    assert main(["prune", str(run)]) == 2
+    assert capsys.readouterr().err.strip() == (f"l0sparse prune: error: {run}: the run folder is read-only, and prune writes "
+                                               "pruned.pt and pruned.json into it: copy the run somewhere writable, or make it writable")
+
+
+def test_a_full_disk_during_a_checkpoint_write_names_the_file_and_keeps_the_old_run(run, monkeypatch, capsys):
+    """Issue #27: the old run stayed intact, but the user got torch's RuntimeError ("PytorchStreamWriter failed
+    writing file"). torch.save is made to fail as it does on ENOSPC."""
+    before = snapshot(run)
+
+    def no_space(payload, path, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: "
+                           "file write failed")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    assert main(["train", "--resume", "--out", str(run), "--set", "epochs=2", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert f"{run / CHECKPOINT}: could not write it" in error and "is the disk full? the previous file is untouched" in error
+    assert snapshot(run)[CHECKPOINT] == before[CHECKPOINT]
+
+
 # --- item 19: the declared lower bounds are those the code needs ------------------------------------------------
 
 def test_declared_lower_bounds_cover_what_the_code_uses():
@@ -490,7 +545,10 @@ def test_declared_lower_bounds_cover_what_the_code_uses():
 
 
 @pytest.mark.parametrize("option, value, shown", [("--lr", "fast", "a number > 0, got 'fast'"), ("--lr", "0", "a number > 0, got 0"),
-                                                  ("--lam", "much", "a number >= 0, got 'much'"), ("--lam", "-1", "a number >= 0, got -1")])
+                                                  ("--lam", "much", "a number >= 0, got 'much'"), ("--lam", "-1", "a number >= 0, got -1"),
+                                                  # issue #27: train_test_split was blamed for -1; 100000 threads were started
+                                                  ("--seed", "-1", "an int in [0, 4294967295], got -1"),
+                                                  ("--threads", "100000", f"at most this machine's {os.cpu_count()} cores, got 100000")])
 def test_a_bad_number_option_names_the_option_and_what_it_must_be(option, value, shown, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", option, value, "--no-progress"])

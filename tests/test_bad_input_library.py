@@ -93,6 +93,9 @@ CONSTRUCTORS = [
      "lr must be a finite number > 0"),
     # accepted before (torch refuses it) with a wrong output_size
     ("L0Conv2d with stride 2 and padding 'same'", lambda: l0sparse.L0Conv2d(3, 4, 3, stride=2, padding="same"), "padding='same' needs stride 1"),
+    # errors from deep inside that never named the argument
+    ("L0LeNet5 with 12-pixel images", lambda: l0sparse.L0LeNet5(image_size=12), "image_size must be an int >= 16"),
+    ("L0LeNet5 with no classes", lambda: l0sparse.L0LeNet5(num_classes=0), "num_classes must be a positive int, got 0"),
 ]
 
 
@@ -491,6 +494,39 @@ def test_a_learning_rate_that_closes_every_gate_at_the_first_lam_warns():
     x, y = regression_data()
     with pytest.warns(UserWarning, match="every gate closed at the smallest lam of the path"):
         L0Regressor(random_state=0, learning_rate=1e8, max_iter=60, n_lambdas=5).fit(x, y)
+
+
+@pytest.mark.parametrize("closed", ["conv1", "conv2", "fc1"])
+@pytest.mark.parametrize("training", [False, True])
+def test_conditional_lenet_with_every_gate_of_a_layer_closed_runs_exactly(closed, training):
+    """Issue #27: L0LeNet5(conditional=True) with every conv1 gate closed failed on a [0, 1, 5, 5] weight."""
+    torch.manual_seed(0)
+    model, x = l0sparse.L0LeNet5(conditional=True).train(training), torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        getattr(model, closed).gate.log_alpha.fill_(-10.0)
+    torch.manual_seed(1)
+    conditional = model(x)
+    model.conditional = False
+    torch.manual_seed(1)
+    plain = model(x)
+    # the same draws; the products differ only in float32 summation order (a few eps of the output scale)
+    assert float((conditional - plain).abs().max()) <= 16 * torch.finfo(torch.float32).eps * max(float(plain.abs().max()), 1.0)
+
+
+@pytest.mark.parametrize("call", [lambda x: l0sparse.CostModel(gated_mlp(), x), lambda x: l0sparse.prune(gated_mlp(), x),
+                                  lambda x: l0sparse.sparsify(mlp(), {"0": "out"}, x)], ids=["CostModel", "prune", "sparsify"])
+def test_integer_inputs_to_float_layers_are_named_as_a_dtype_not_a_shape(call, capfd):
+    """Issue #27: int64 inputs were reported as a shape problem ("expects 20 features"), after torch.fx's ShapeProp had
+    printed a 20–66-line traceback to stderr."""
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] is torch.int64 but the model multiplies it with torch.float32"):
+        call(torch.randint(0, 5, (2, 20)))
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_shape_error_prints_no_traceback_before_its_own_message(capfd):
+    with pytest.raises(ValueError, match="expects 20 features"):
+        l0sparse.prune(gated_mlp(), torch.randn(2, 21))
+    assert capfd.readouterr().err == ""
 
 
 def small_plan():

@@ -144,7 +144,7 @@ def assert_expected_costs_match_monte_carlo(model, x, draws: int, seed: int, uni
         assert_within_standard_errors(got, samples * p * (1 - p), span[key] * p * (1 - p), f"d {key} / d log α of {gate.owner}[{index}]")
 
 
-MONTE_CARLO_CASES = ["conv-flatten", "conv-flatten-in", "lenet5", *CASES]
+MONTE_CARLO_CASES = ["conv-flatten", "conv-flatten-in", "lenet5", "self-loop", *CASES]
 
 
 def monte_carlo_case(case):
@@ -159,6 +159,12 @@ def monte_carlo_case(case):
         model, x = LeNet5(), torch.randn(2, 1, 28, 28)
         l0sparse.sparsify(model, example_inputs=x)
         return model, x, (model.fc1.parametrizations.weight[0].gate, 7)
+    if case == "self-loop":  # x + linear(x): before #27 its MACs were the product of the expectations
+        torch.manual_seed(0)
+        model, x = RandomNet("mlp", [4, 6], 0, False, False, False, 1, 3, loop=True), torch.randn(3, 4)
+        l0sparse.sparsify(model, {"body.0": "out", "loop": "in", "head": "in"}, x)
+        randomise(model, 3.0, torch.Generator().manual_seed(0))
+        return model, x, (model.loop.parametrizations.weight[0].gate, 1)
     model, x = build(case)
     gates = find_gates(model)
     return model, x, (gates[len(gates) // 2], 0)
@@ -178,7 +184,7 @@ class RandomNet(nn.Module):
     """A small random graph: an MLP, a CNN or self-attention, optionally with a residual block, and a Linear head."""
 
     def __init__(self, kind: str, widths: list[int], residual: int, norm: bool, depthwise: bool, flatten: bool,
-                 side: int, classes: int) -> None:
+                 side: int, classes: int, loop: bool = False) -> None:
         super().__init__()
         self.kind, self.flatten = kind, flatten
         if kind == "attention":
@@ -195,6 +201,8 @@ class RandomNet(nn.Module):
         if residual:  # channels → residual → channels, added back: its second layer writes what the first reads
             make = (lambda a, b: nn.Conv2d(a, b, 1)) if kind == "cnn" else nn.Linear
             self.residual = nn.ModuleList([make(channels, residual), make(residual, channels)])
+        # x + layer(x): one layer that reads and writes the same channels
+        self.loop = ((lambda c: nn.Conv2d(c, c, 1)) if kind == "cnn" else (lambda c: nn.Linear(c, c)))(channels) if loop else None
         features = channels * (side * side if kind == "cnn" and flatten else 1)
         self.head = nn.Linear(features, classes)
 
@@ -209,6 +217,8 @@ class RandomNet(nn.Module):
             x = torch.relu(self.depthwise(x))
         if self.residual is not None:
             x = x + self.residual[1](torch.relu(self.residual[0](x)))
+        if self.loop is not None:
+            x = x + self.loop(x)
         if self.kind == "cnn":
             x = x.flatten(1) if self.flatten else x.mean((2, 3))
         elif self.kind == "attention":
@@ -225,7 +235,8 @@ def random_graphs(draw):
     else:
         widths = draw(st.lists(st.integers(1, 5), min_size=2, max_size=4))
     spec = dict(kind=kind, widths=widths, residual=draw(st.integers(0, 3)), norm=draw(st.booleans()),
-                depthwise=draw(st.booleans()), flatten=draw(st.booleans()), side=side, classes=draw(st.integers(1, 3)))
+                depthwise=draw(st.booleans()), flatten=draw(st.booleans()), side=side, classes=draw(st.integers(1, 3)),
+                loop=draw(st.booleans()))
     model = RandomNet(**spec)
     names = [name for name, module in model.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))
              and not name.startswith("attention")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -79,6 +80,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    """--threads: at most this machine's cores (100000 made ~1,800 threads before failing about the run folder)."""
+    value = _positive_int(text)
+    cores = os.cpu_count() or 1
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"must be at most this machine's {cores} cores, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """--seed: numpy's range for a random state, [0, 2**32 - 1] (-1 was blamed on train_test_split)."""
+    from .config import SEED_MAX
+
+    value = _read_number(text, int, f"an int in [0, {SEED_MAX}]")
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, {SEED_MAX}], got {value}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     value = _read_number(text, float, "a number >= 0")
     if not value >= 0:
@@ -100,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=100, help="training epochs (default 100)")
     demo.add_argument("--lam", type=_nonnegative_float, default=0.2, help="lambda per weight, divided by N (default 0.2)")
     demo.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam learning rate (default 0.01)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    demo.add_argument("--seed", type=_seed, default=0)
+    demo.add_argument("--threads", type=_threads, default=1, help="torch threads (default 1, at most the machine's cores)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     train = commands.add_parser("train", help="train a model from a TOML config (see recipes/)")
@@ -111,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--force", action="store_true", help="overwrite an existing run directory")
-    train.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    train.add_argument("--threads", type=_threads, default=1, help="torch threads (default 1, at most the machine's cores)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     prune = commands.add_parser("prune", help="write the physically pruned model of a run and print its summary")

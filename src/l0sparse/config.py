@@ -15,6 +15,10 @@ from .files import read_json, regular_file
 __all__ = ["TrainConfig", "load_config", "config_from_dict", "read_config_json", "MODELS"]
 
 MODELS = ("mlp", "lenet5", "minilm")
+SEED_MAX = 2**32 - 1  # numpy's random states take [0, 2**32 - 1]; torch's generators take more
+INT64_MAX = 2**63 - 1  # torch sizes are int64: a larger batch_size overflowed in torch with no key named
+# a hidden width of 2**24 on the smallest input (40 features) is already 2.7 GB of float32 weights in one layer
+WIDTH_MAX = 2**24
 TARGET_MODES = ("exact", "ceiling")  # the controller chooses λ to land on target, or caps a fixed-λ run's size at it
 INITS = ("torch", "paper")  # the weights' initialisation: torch.nn's, or the paper's code's (Kaiming normal, zero bias)
 REGULARIZER_CHOICES = ("l0", "none", "magnitude", "importance", "l1", "group_l1", "l2")
@@ -120,12 +124,13 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         checks = [
             ("model", self.model in MODELS, f"one of {MODELS}"),
-            ("hidden", isinstance(self.hidden, list) and all(isinstance(h, int) and h > 0 for h in self.hidden), "a list of positive ints"),
+            ("hidden", isinstance(self.hidden, list) and all(_int(h) and 0 < h <= WIDTH_MAX for h in self.hidden),
+             f"a list of positive ints of at most {WIDTH_MAX}"),
             ("data", self.data in DATASETS, f"one of {tuple(DATASETS)}"),
             ("regularizer", self.regularizer in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
             ("threshold", self.threshold is None or (_number(self.threshold) and self.threshold >= 0), "a number >= 0"),
             ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
-            ("batch_size", _int(self.batch_size) and self.batch_size >= 1, "an int >= 1"),
+            ("batch_size", _int(self.batch_size) and 1 <= self.batch_size <= INT64_MAX, f"an int in [1, {INT64_MAX}]"),
             ("lr", _number(self.lr) and self.lr > 0, "a number > 0"),
             ("gate_lr", self.gate_lr is None or (_number(self.gate_lr) and self.gate_lr > 0), "a number > 0, or none for the weights' lr"),
             ("lam", _number(self.lam) and self.lam >= 0, "a number >= 0"),
@@ -153,7 +158,7 @@ class TrainConfig:
             ("test_examples", self.test_examples is None or (_int(self.test_examples) and self.test_examples >= 1), "an int >= 1, or none for all"),
             ("round_to", _int(self.round_to) and self.round_to >= 1, "an int >= 1 (1: prune rounds no width)"),
             ("hidden_gate", isinstance(self.hidden_gate, bool), "true or false (a gate on the encoder's hidden size)"),
-            ("seed", _int(self.seed), "an int"),
+            ("seed", _int(self.seed) and 0 <= self.seed <= SEED_MAX, f"an int in [0, {SEED_MAX}] (numpy's range for a random state)"),
         ]
         for key, ok, allowed in checks:
             if not ok:

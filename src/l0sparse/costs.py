@@ -300,9 +300,9 @@ class CostModel:
     one gate is one event wherever it sits: a channel whose gate covers a
     block of columns (conv → flatten → Linear) or the columns of several
     readers (a residual space) is kept with that gate's P(z ≠ 0), not as if
-    each column drew its own. (Not modelled: a layer that reads and writes
-    one space, as in ``x + linear(x)``, whose MACs are then the product of
-    the expectations, not the expectation of the product.) With ``deterministic=True`` the test-time
+    each column drew its own; a layer that reads and writes one space
+    (``x + linear(x)``) reads a channel only if it is kept, which its
+    expected MACs account for. With ``deterministic=True`` the test-time
     gates (Eq. 13) replace the probabilities and the counts are exactly what
     :func:`l0sparse.prune` leaves. Per-weight gates lower costs only where a
     whole column closes (a dense kernel computes zeros too). Attention counts
@@ -522,9 +522,14 @@ class CostModel:
                 # ... and a GroupNorm keeps a whole group
                 kept_out = kept_out if space is not None and self.graph.can_empty(space) else kept_out.clamp(min=space.granule if space else 1)
                 kept_in = kept_in if source is not None and self.graph.can_empty(source) else kept_in.clamp(min=1)
-            total_macs = total_macs + positions * per_pair * kept_out * kept_in
+            pairs = kept_out * kept_in
+            if not deterministic and space is not None and space is source and p_out.numel() == p_in.numel() == space.size:
+                # one space read and written by this layer (x + linear(x)): it reads channel c only if c is kept, so
+                # E[kept out · kept in] = Σ p_out · Σ p_in − Σ_c p_out_c · p_in_c + Σ_c p_in_c (zero change at 0/1)
+                pairs = pairs - (p_out * p_in).sum() + p_in.sum()
+            total_macs = total_macs + positions * per_pair * pairs
             if name not in self._followers:  # a depthwise conv's parameters are counted per channel below
-                params = params + per_pair * kept_out * kept_in + (kept_out if module.bias is not None else 0)
+                params = params + per_pair * pairs + (kept_out if module.bias is not None else 0)
         for space in self.graph.spaces:
             if not space.followers:
                 continue

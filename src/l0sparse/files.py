@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -28,8 +29,14 @@ def atomic_write(write: Callable[[Path], Any], path: str | os.PathLike) -> None:
 
 
 def atomic_save(payload: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(lambda temporary: torch.save(payload, temporary), path)
+    """``torch.save`` through :func:`atomic_write`; a failed write (a full disk) is an OSError naming ``path``."""
+    try:
+        atomic_write(lambda temporary: torch.save(payload, temporary), path)
+    except RuntimeError as error:  # torch reports ENOSPC as "PytorchStreamWriter failed writing file ..."
+        if "writ" not in str(error):
+            raise
+        raise OSError(errno.EIO, f"could not write it ({' '.join(str(error).split())[:120]}); is the disk full? "
+                                 "the previous file is untouched", str(path)) from None
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:

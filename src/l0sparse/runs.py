@@ -8,6 +8,7 @@ where a new run writes until its first checkpoint is in place.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -250,10 +251,17 @@ class RunFolder:
         """
         from .prune import prune
         from .report import architecture, summary
+        from .sites import find_gates
 
         if self.pruned_weights_path.exists() and not force:
             raise FileExistsError(f"{self.pruned_weights_path} exists: pass --force to overwrite it")
+        if self.path.is_dir() and not os.access(self.path, os.W_OK | os.X_OK):  # before the model is loaded and pruned
+            raise PermissionError(errno.EACCES, f"the run folder is read-only, and prune writes {PRUNED_WEIGHTS} and "
+                                  f"{PRUNED_SPEC} into it: copy the run somewhere writable, or make it writable", str(self.path))
         config, model, data = self.load()
+        if not find_gates(model):  # prune() would say "call l0sparse.sparsify first", which a command-line user cannot
+            raise ValueError(f"{self.path} is a run without gates (regularizer = {config.regularizer!r}): there is nothing to "
+                             f"prune; its {CHECKPOINT} holds the whole model (load it with l0sparse.runs.load_run)")
         example = data.x_train[:2]
         pruned, plan = prune(model, example, return_plan=True, round_to=config.round_to if round_to is None else round_to)
         table = summary(model, example)
@@ -279,8 +287,13 @@ class RunFolder:
             raise ValueError(f"{self.pruned_spec_path}: 'example_shape' must be a list of positive ints and 'example_dtype' one of "
                              f"{sorted(_EXAMPLE_DTYPES)}; was it edited? run `l0sparse prune --force {self.path}` again")
         example = torch.zeros(2, *shape, dtype=dtype)
-        fresh = build_model(config.model, int(math.prod(shape)), spec["num_classes"], hidden=config.hidden,
-                            gated=config.regularizer == "l0")
+        classes = spec.get("num_classes")
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1 or not isinstance(spec.get("plan"), dict):
+            raise ValueError(f"{self.pruned_spec_path}: 'num_classes' must be a positive int and 'plan' a prune plan; was it "
+                             f"edited? run `l0sparse prune --force {self.path}` again")
+        # per-weight gates sit on the plain model (sparsify), so its module names are the plain model's
+        fresh = build_model(config.model, int(math.prod(shape)), classes, hidden=config.hidden,
+                            gated=config.regularizer == "l0" and config.gates == "units")
         module = rebuild(fresh, spec["plan"], example)
         load_state(module, torch_load(self.pruned_weights_path), self.pruned_weights_path, described_by=PRUNED_SPEC)
         return module.eval()

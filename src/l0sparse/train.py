@@ -394,7 +394,13 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
 
         teacher = run_dir.folder.read_teacher_weights(build_model(config.model, 0, data.num_classes, gated=False))
     torch.manual_seed(config.seed)
-    model = model_for(config, data, initial=None if resume else teacher)
+    try:
+        model = model_for(config, data, initial=None if resume else teacher)
+    except RuntimeError as error:  # torch's allocator names bytes, not the key that asked for them
+        if "allocate" not in str(error):
+            raise
+        raise ValueError(f"config key 'hidden' = {config.hidden!r}: the {config.model} with these widths does not fit in this "
+                         f"machine's memory ({' '.join(str(error).split())[:160]}); choose smaller widths") from None
     example = data.x_train[:2]
     pad_id = data.pad_id
     optimizer = _optimizer_for(model, config)
