@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from l0sparse import Gate
+from l0sparse import CostModel, Gate
 
 
 class BasicBlock(nn.Module):
@@ -145,3 +145,10 @@ class HandWrittenAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         q, k, v = [t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v)]
         return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+def promised_band(controller, model: nn.Module, example) -> float:
+    """How far from its target a TargetController promises to land: its tolerance, plus one unit where a unit is
+    worth more than the band (the largest saving of closing one unit with all others open bounds any unit's worth)."""
+    savings = CostModel(model, example).gate_costs(controller.metric)
+    return controller.tolerance + max(float(saving.max()) for saving in savings.values()) / controller._dense

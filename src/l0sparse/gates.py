@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from numbers import Integral
 
 import torch
@@ -35,12 +36,25 @@ def check_positive_ints(name: str, value) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def check_lam(lam: float, weight_decay: float) -> None:
-    """ValueError unless λ and the weight decay of a penalty are finite numbers >= 0."""
-    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+def as_number(value, integral: bool = False):
+    """``value`` as a Python float (int if ``integral``): numpy scalars and 0-d tensors are numbers too (issue #27);
+    bools, strings, None and tensors of several entries are not (None: the caller says what is allowed)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integral else numbers.Real):
+        return None
+    return int(value) if integral else float(value)
+
+
+def check_lam(lam: float, weight_decay: float) -> tuple[float, float]:
+    """λ and the weight decay of a penalty as floats; ValueError unless both are finite numbers >= 0."""
+    number = as_number(lam)
+    if number is None or not math.isfinite(number) or number < 0:
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+    decay = as_number(weight_decay)
+    if decay is None or not math.isfinite(decay) or decay < 0:
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    return number, decay
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -31,6 +31,7 @@ import math
 import operator
 import os
 import re
+import sys
 import traceback
 import typing
 import warnings
@@ -471,14 +472,30 @@ def _traced_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModu
         graph_module = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as fx_error:  # torch.fx raises many kinds: fall back on torch.export
         return _exported_graph(model, example_inputs, fx_error), "export"
+    printed = io.StringIO()
     try:
-        ShapeProp(graph_module).propagate(*example_inputs)
+        # ShapeProp prints the failing node's traceback to stderr before raising: the error raised here says it all
+        with contextlib.redirect_stderr(printed):
+            ShapeProp(graph_module).propagate(*example_inputs)
     except Exception as error:
-        mismatch = _placement_mismatch(model, example_inputs)
+        mismatch = _placement_mismatch(model, example_inputs) or _integer_inputs(model, example_inputs, error)
         if mismatch is not None:  # not a shape error, whatever the failing layer said
             raise ValueError(mismatch) from error
         raise ValueError(f"example_inputs do not fit the model{_expected_input(model, example_inputs)}: {type(error).__name__}: {error}") from error
+    sys.stderr.write(printed.getvalue())  # what the model itself printed, on a successful run
     return graph_module, "fx"
+
+
+def _integer_inputs(model: nn.Module, example_inputs: tuple, error: Exception) -> str | None:
+    """Why integer inputs failed where float weights multiply them (not a shape problem), or None."""
+    parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
+    text = f"{error} {error.__cause__ or ''}"
+    for position, tensor in enumerate(example_inputs):
+        if (isinstance(tensor, torch.Tensor) and parameter is not None and not tensor.is_floating_point()
+                and ("dtype" in text or "scalar type" in text)):
+            return (f"example_inputs[{position}] is {tensor.dtype} but the model multiplies it with {parameter.dtype} weights: "
+                    f"cast it (x.to({parameter.dtype})); integer inputs suit a model that starts with an embedding")
+    return None
 
 
 def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception) -> fx.GraphModule:
@@ -502,6 +519,9 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
         try:  # the model's own forward fails too: the inputs are at fault, not the tracers
             run_batch(model, example_inputs)
         except Exception as error:
+            integer = _integer_inputs(model, example_inputs, error)
+            if integer is not None:
+                raise ValueError(integer) from error
             raise ValueError(f"example_inputs do not fit the model{_expected_input(model, example_inputs)}: "
                              f"{type(error).__name__}: {error}") from error
         raise ValueError(_untraceable_message(model, fx_error, export_error)) from export_error

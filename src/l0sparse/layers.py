@@ -159,7 +159,7 @@ class L0Linear(L0Layer):
         the per-example objective. The bias is not gated by input gates, so
         it carries only the L2 term.
         """
-        check_lam(lam, weight_decay)
+        lam, weight_decay = check_lam(lam, weight_decay)  # numpy and 0-d tensor scalars as floats
         dtype = accumulation_dtype(self.weight.dtype)
         per_gate = lam * self.group_size()
         if weight_decay:  # skip a pass over the weights (forward and backward) when there is no L2 term
@@ -229,6 +229,8 @@ class L0Conv2d(L0Layer):
         self.padding = padding if isinstance(padding, str) else _pair(padding)
         if isinstance(padding, str) and padding not in ("same", "valid"):
             raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+        if padding == "same" and self.stride != (1, 1):  # as torch.nn.Conv2d: "same" is only defined for stride 1
+            raise ValueError(f"padding='same' needs stride 1, got stride={stride!r}: give the padding as numbers instead")
         self.per_example_noise = per_example_noise
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
@@ -281,7 +283,7 @@ class L0Conv2d(L0Layer):
 
     def penalty(self, lam: float, weight_decay: float = 0.0) -> Tensor:
         """Σ_c P(z_c ≠ 0) · Σ_{j ∈ channel c, bias included} (λ + ½·wd·θ_j²); divide by N in the objective."""
-        check_lam(lam, weight_decay)
+        lam, weight_decay = check_lam(lam, weight_decay)  # numpy and 0-d tensor scalars as floats
         dtype = accumulation_dtype(self.weight.dtype)
         per_gate = lam * self.group_size()
         if weight_decay:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-from .gates import check_positive_ints
+from .gates import check_positive_ints, is_positive_int
 from .layers import L0Conv2d, L0Linear
 from .sites import ConditionalComputation
 
@@ -16,11 +16,13 @@ __all__ = ["L0MLP", "L0LeNet5", "LeNet5", "mlp", "build_model"]
 
 
 def _open_index(z: Tensor) -> Tensor:
-    """Indices of the units whose gate is non-zero (for any example, when ``z`` has a batch dimension)."""
+    """Indices of the units whose gate is non-zero (for any example, when ``z`` has a batch dimension); unit 0 alone,
+    closed, when every gate is zero: its z = 0 keeps the result exact, and convs and pools refuse zero channels."""
     is_open = z != 0
     if z.dim() > 1:
         is_open = is_open.flatten(0, -2).any(0)
-    return is_open.nonzero().squeeze(1)
+    index = is_open.nonzero().squeeze(1)
+    return index if index.numel() else torch.zeros(1, dtype=index.dtype, device=index.device)
 
 
 def _select(tensor: Tensor | None, dim: int, index: Tensor | None) -> Tensor | None:
@@ -106,6 +108,12 @@ class L0LeNet5(ConditionalComputation, nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, conditional: bool = False,
                  **gate_kwargs) -> None:
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes)):
+            if not is_positive_int(value):  # num_classes=0 failed inside L0Linear without naming the argument
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        # two 5×5 valid convs, each followed by a 2×2 pool, must leave at least one pixel: ((s − 4) // 2 − 4) // 2 >= 1
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 16:
+            raise ValueError(f"image_size must be an int >= 16 (two 5×5 convs and two 2×2 pools leave a pixel), got {image_size!r}")
         self.conditional = conditional
         self.conv1 = L0Conv2d(in_channels, 20, 5, **gate_kwargs)
         self.conv2 = L0Conv2d(20, 50, 5, **gate_kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -10,21 +11,45 @@ import torch
 
 from .files import read_json
 from .report import gate_units
-from .runs import RunFolder
+from .runs import RunFolder, reconcile_history
 
 __all__ = ["report_runs"]
 
 
-def _read_run(run_dir) -> dict:
+def _read_run(run_dir, name: str) -> dict:
     run = RunFolder(run_dir)
     for path in (run.metrics_path, run.config_path):
         if not path.exists():
             raise FileNotFoundError(f"{run.path} is not a run directory: it has no {path.name}")
     metrics = run.read_metrics()
+    if run.checkpoint_path.exists():  # the records of the epochs the checkpoint holds, no more, no fewer where it can tell
+        metrics, note = reconcile_history(metrics, run.read_checkpoint(), run.metrics_path)
+        if note:
+            warnings.warn(f"report: {note}", stacklevel=3)
     if not metrics:
         raise ValueError(f"{run.path} has no completed epoch in {run.metrics_path.name}")
+    needed = _RECORD_KEYS + (_GATED_KEYS if "expected_l0" in metrics[0] else ())
+    missing = [(record["epoch"], key) for record in metrics for key in needed if key not in record]
+    if missing:
+        raise ValueError(f"{run.metrics_path}: the record of epoch {missing[0][0]} has no {missing[0][1]!r} (report reads "
+                         f"{', '.join(needed)}); was the file edited? restore it, or train again")
     config = run.read_config().to_dict()  # every key, checked: an error names the file
-    return {"dir": run.path, "name": run.path.name, "metrics": metrics, "config": config, "run": run}
+    return {"dir": run.path, "name": name, "metrics": metrics, "config": config, "run": run}
+
+
+#: what every epoch's record holds, whatever the regularizer (report reads them)
+_RECORD_KEYS = ("epoch", "test_accuracy")
+_GATED_KEYS = ("expected_l0", "flops_kept", "expected_flops_kept")  # ... and those of a gated run's (the training plot)
+
+
+def _names(run_dirs: list[Path]) -> list[str]:
+    """A distinct label per run: its folder's name, with as many parent folders as it takes to tell runs apart."""
+    parts = [Path(os.path.abspath(d)).parts for d in run_dirs]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-depth:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return [str(d) for d in run_dirs]  # the same folder twice: its path each time
 
 
 def _kept(run: dict, key: str) -> float | None:
@@ -127,7 +152,8 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [_read_run(d) for d in run_dirs]
+    run_dirs = [Path(d) for d in run_dirs]
+    runs = [_read_run(d, name) for d, name in zip(run_dirs, _names(run_dirs))]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     palette = plt.cm.tab10.colors

@@ -31,7 +31,7 @@ from .hidden import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
 from .operations import (LinearRule, grouped_heads_kept, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads,
                          set_head_count, set_kv_groups, set_submodule)
-from .sites import find_gates, gate_masks, gate_sites, run_plainly
+from .sites import find_gates, gate_masks, gate_sites, run_plainly, tied_tensors
 
 __all__ = ["prune", "rebuild", "plain_copy", "PrunePlan", "Selection"]
 
@@ -85,6 +85,7 @@ class PrunePlan:
 def plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy in eval mode with every gate folded into its weights and the paper's layers made plain."""
     work = copy.deepcopy(model).eval()
+    tied = tied_tensors(work)
     for module in work.modules():
         if parametrize.is_parametrized(module):
             # not parametrize.remove_parametrizations: a deep copy shares the parametrized class with the
@@ -98,7 +99,20 @@ def plain_copy(model: nn.Module) -> nn.Module:
         if isinstance(module, L0Layer):
             set_submodule(work, name, module.plain())
     run_plainly(work)  # no gates are left to skip units by
+    _retie(work, tied)
     return work
+
+
+def _retie(model: nn.Module, tied: list[list[tuple[str, str]]]) -> None:
+    """Share again a tensor that folding a gate copied (a head tied to its embedding) where the copies are still equal
+    (the gate is 1 on all of it): else prune's model would hold it twice (issue #27: 162 parameters for 102)."""
+    for group in tied:
+        modules = [model.get_submodule(name) for name, _ in group]
+        tensors = [getattr(module, tensor_name) for module, (_, tensor_name) in zip(modules, group)]
+        first = tensors[0]
+        if all(isinstance(t, nn.Parameter) and t.shape == first.shape and torch.equal(t, first) for t in tensors):
+            for module, (_, tensor_name) in zip(modules, group):
+                setattr(module, tensor_name, first)
 
 
 def _column_open(weight: Tensor) -> Tensor:
@@ -423,6 +437,26 @@ def _check_same(expected, got, hidden: dict | None = None) -> None:
             )
 
 
+def _check_plan(model: nn.Module, plan: PrunePlan) -> None:
+    """Every module a plan slices exists in ``model``, and its indices are whole numbers within that module's
+    rows, columns or entries: a plan of another model fails here, naming the module, not as a KeyError or IndexError
+    (or not at all: a name that matched nothing was skipped)."""
+    modules = dict(model.named_modules())
+    sizes = {"rows": ("out_features", "out_channels", "num_features", "num_channels"),
+             "columns": ("in_features", "in_channels"), "followers": ("num_features", "num_channels", "out_channels")}
+    for part, attributes in sizes.items():
+        for name, indices in getattr(plan, part).items():
+            if name not in modules:
+                raise ValueError(f"rebuild: the plan's {part} name module {name!r}, which this model does not have; was the "
+                                 "plan made for another model?")
+            # a grouped conv's columns count all its input channels; a module without such a size is not range-checked
+            size = next((getattr(modules[name], a) for a in attributes if isinstance(getattr(modules[name], a, None), int)), None)
+            if not (isinstance(indices, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (size or i + 1)
+                                                      for i in indices)):
+                raise ValueError(f"rebuild: the plan's {part} of {name!r} must list indices in [0, {size}), got {indices!r}; "
+                                 "was the plan made for another model, or edited?")
+
+
 def rebuild(model: nn.Module, plan: PrunePlan | Mapping, example_inputs) -> nn.Module:
     """An untrained module of the pruned shapes, from a fresh model of the original architecture and a plan.
 
@@ -435,8 +469,13 @@ def rebuild(model: nn.Module, plan: PrunePlan | Mapping, example_inputs) -> nn.M
         empty = l0sparse.rebuild(MyNet(), json.load(open("plan.json")), x)
         empty.load_state_dict(torch.load("pruned.pt", weights_only=True))
     """
-    plan = PrunePlan.from_json(plan)
+    try:
+        plan = PrunePlan.from_json(plan)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"rebuild: plan is not a prune plan ({type(error).__name__}: {error}); pass what "
+                         "prune(..., return_plan=True) returned (or its JSON)") from None
     work = plain_copy(model)
+    _check_plan(work, plan)
     if plan.hidden:
         apply_hidden_plan(work, plan.hidden)
     if plan.tracer == "export":  # the model's own modules, sliced in place: nothing to trace

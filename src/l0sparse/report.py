@@ -49,6 +49,9 @@ def architecture(model: nn.Module) -> str:
     units = gate_units(model)
     if not units:
         raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")
+    if any(gate.log_alpha.device.type == "meta" for _, _, gate in units):
+        raise ValueError("architecture: the model is on the meta device, which holds no values, so which gates are open "
+                         "cannot be read: load its weights onto a real device first")
     before = "-".join(str(gate.log_alpha.numel()) for _, _, gate in units)
     after = "-".join(str(int(gate.is_open().sum())) for _, _, gate in units)
     return f"{before} -> {after}"

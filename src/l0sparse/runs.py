@@ -8,6 +8,7 @@ where a new run writes until its first checkpoint is in place.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .files import atomic_save, atomic_write_text, read_json, torch_load
+from .files import atomic_save, atomic_write_text, read_json, regular_file, torch_load
 
 if TYPE_CHECKING:  # annotations only: importing them here would make runs import config, data and report at start-up
     from .config import TrainConfig
@@ -52,7 +53,7 @@ def _say_nothing(line: str) -> None:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a ``metrics.jsonl``; a partial last line (a write cut short by kill -9 or a full disk) is dropped."""
-    path = Path(path)
+    path = regular_file(path)
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
     records = []
     for number, line in enumerate(lines, 1):
@@ -94,6 +95,44 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def check_resumable(state: dict, path: Path) -> int:
+    """The epoch of a checkpoint that ``--resume`` can continue; one that lacks the optimizer or the random state, or
+    whose epoch is not a whole number, gives an error naming the file and what is missing (not a KeyError)."""
+    epoch = state["epoch"]
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"--resume: {path} holds epoch {epoch!r}, not a whole number of epochs; was it edited? restore it, or "
+                         "start a new run")
+    missing = [key for key in ("optimizer", "rng") if key not in state]
+    if missing:
+        raise ValueError(f"--resume: {path} has no {' and no '.join(missing)} (the optimizer's state and the random state that "
+                         "continue the run exactly): it cannot be resumed; prune and report still read it, or start a new run")
+    return epoch
+
+
+def reconcile_history(records: list[dict], checkpoint: dict, path: Path) -> tuple[list[dict], str | None]:
+    """The per-epoch records up to the checkpoint's epoch, and a note when ``metrics.jsonl`` (``path``) disagreed with it.
+
+    Lines past the checkpoint (written just before a kill) are dropped; epochs missing from the file (a partial last
+    line, a deleted or emptied file) are taken from the history the checkpoint keeps, where it has one; else the
+    note says which records are lost."""
+    epoch = checkpoint["epoch"]
+    kept = [record for record in records if record["epoch"] <= epoch]
+    notes = []
+    if len(kept) < len(records):
+        notes.append(f"{path} had records past the checkpoint's epoch {epoch} (epochs "
+                     f"{', '.join(str(r['epoch']) for r in records if r['epoch'] > epoch)}): dropped")
+    if [record["epoch"] for record in kept] != list(range(1, epoch + 1)):
+        saved = checkpoint.get("history")
+        if isinstance(saved, list) and [record.get("epoch") for record in saved[:epoch]] == list(range(1, epoch + 1)):
+            kept = saved[:epoch]
+            notes.append(f"{path} lacked records of epochs 1-{epoch} that the checkpoint holds: restored from it")
+        else:
+            lost = sorted(set(range(1, epoch + 1)) - {record["epoch"] for record in kept})
+            notes.append(f"{path} has no record of epoch(s) {', '.join(map(str, lost))}, which the checkpoint holds: "
+                         "that history is lost (checkpoints before issue #27 keep no copy)")
+    return kept, ("; ".join(notes) or None)
+
+
 def load_state(model: nn.Module, state, path: Path, described_by: str = CONFIG_FILE) -> None:
     """``model.load_state_dict(state)``; a mismatch names the file and the description it should fit."""
     try:
@@ -113,6 +152,18 @@ def check_run_directory(out_dir: Path) -> None:
         raise NotADirectoryError(f"run directory {out_dir}: {existing} is a file, not a folder; choose another --out")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise PermissionError(f"run directory {out_dir}: {existing} is not writable by this user; choose another --out")
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """``--force`` replaces a run, nothing else: refuse a folder that holds a run's file names (``config.json``,
+    ``report/``...) but no ``checkpoint.pt``, whose files the replacement would delete."""
+    if (out_dir / CHECKPOINT).is_file():
+        return
+    held = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if held:
+        raise FileExistsError(f"run directory {out_dir} is not an l0sparse run (it has no {CHECKPOINT}) but holds "
+                              f"{', '.join(held)}, which --force would delete: choose another --out, or move them away "
+                              "(a run killed before its first checkpoint left nothing worth keeping: delete the folder)")
 
 
 def _named_file(name: str) -> property:
@@ -237,11 +288,18 @@ class RunFolder:
         """
         from .prune import prune
         from .report import architecture, summary
+        from .sites import find_gates
 
         say = say or _say_nothing
         if self.pruned_weights_path.exists() and not force:
             raise FileExistsError(f"{self.pruned_weights_path} exists: pass --force to overwrite it")
+        if self.path.is_dir() and not os.access(self.path, os.W_OK | os.X_OK):  # before the model is loaded and pruned
+            raise PermissionError(errno.EACCES, f"the run folder is read-only, and prune writes {PRUNED_WEIGHTS} and "
+                                  f"{PRUNED_SPEC} into it: copy the run somewhere writable, or make it writable", str(self.path))
         config, model, data = self.load(say=say)
+        if not find_gates(model):  # prune() would say "call l0sparse.sparsify first", which a command-line user cannot
+            raise ValueError(f"{self.path} is a run without gates (regularizer = {config.regularizer!r}): there is nothing to "
+                             f"prune; its {CHECKPOINT} holds the whole model (load it with l0sparse.runs.load_run)")
         example = data.x_train[:2]
         rounding = config.round_to if round_to is None else round_to
         say(f"pruning (widths rounded up to multiples of {rounding})" if rounding > 1 else "pruning")
@@ -274,8 +332,13 @@ class RunFolder:
             raise ValueError(f"{self.pruned_spec_path}: 'example_shape' must be a list of positive ints and 'example_dtype' one of "
                              f"{sorted(_EXAMPLE_DTYPES)}; was it edited? run `l0sparse prune --force {self.path}` again")
         example = torch.zeros(2, *shape, dtype=dtype)
-        fresh = build_model(config.model, int(math.prod(shape)), spec["num_classes"], hidden=config.hidden,
-                            gated=config.regularizer == "l0")
+        classes = spec.get("num_classes")
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 1 or not isinstance(spec.get("plan"), dict):
+            raise ValueError(f"{self.pruned_spec_path}: 'num_classes' must be a positive int and 'plan' a prune plan; was it "
+                             f"edited? run `l0sparse prune --force {self.path}` again")
+        # per-weight gates sit on the plain model (sparsify), so its module names are the plain model's
+        fresh = build_model(config.model, int(math.prod(shape)), classes, hidden=config.hidden,
+                            gated=config.regularizer == "l0" and config.gates == "units")
         module = rebuild(fresh, spec["plan"], example)
         load_state(module, torch_load(self.pruned_weights_path), self.pruned_weights_path, described_by=PRUNED_SPEC)
         return module.eval()

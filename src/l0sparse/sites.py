@@ -17,7 +17,7 @@ from .gates import Gate
 from .layers import L0Layer
 
 __all__ = ["GateSite", "Charge", "GateMask", "ConditionalComputation", "gate_sites", "charges", "find_gates", "gate_masks",
-           "sum_per_gate", "raw_tensor", "run_plainly", "ungated_l2_tensors"]
+           "sum_per_gate", "raw_tensor", "run_plainly", "ungated_l2_tensors", "tied_tensors"]
 
 
 class GateMask(nn.Module):
@@ -129,6 +129,22 @@ def gate_sites(model: nn.Module) -> list[GateSite]:
     for name, module, tensor, mask in gate_masks(model):
         sites.append(GateSite(name, module, tensor, mask.gate, mask.dim, mask.block, mask.gate.owner or ""))
     return sites
+
+
+def tied_tensors(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """Every tensor that several modules use (an output head tied to its embedding), as its uses: ``(module name,
+    tensor name)``, a parametrized module's use through its parametrization's ``original`` included."""
+    uses: dict[int, list[tuple[str, str]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, parametrize.ParametrizationList):
+            continue  # its ``original`` is counted as the parametrized module's own tensor, below
+        for tensor_name, tensor in module._parameters.items():
+            if tensor is not None:
+                uses.setdefault(id(tensor), []).append((name, tensor_name))
+        if parametrize.is_parametrized(module):
+            for tensor_name, parametrizations in module.parametrizations.items():
+                uses.setdefault(id(parametrizations.original), []).append((name, tensor_name))
+    return [group for group in uses.values() if len(group) > 1]
 
 
 def find_gates(model: nn.Module) -> list[Gate]:

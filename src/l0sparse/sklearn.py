@@ -346,6 +346,11 @@ class _L0Selector(SelectorMixin, BaseEstimator):
                 if support.size == 0 and self.lam is None:
                     break
         del self._optimizer
+        if self.lam is None and len(grid) > 1 and stages[0]["support"].size == 0:
+            # the weakest λ of the path closed everything: the gates were not learned, so the path chose nothing
+            warnings.warn(f"{type(self).__name__}: every gate closed at the smallest lam of the path ({stages[0]['lam']:.3g}), so "
+                          f"the selection rests on the gates' ranking alone; learning_rate={learning_rate!r} is likely too "
+                          "large for the gates (try 'auto'), or give lam", UserWarning, stacklevel=2)
 
         if hidden:
             chosen = self._choose_mlp(stages, network, x_torch, targets, validation_rows)
@@ -553,6 +558,9 @@ class L0Regressor(RegressorMixin, _L0Selector):
     """
 
     def _encode_targets(self, y):
+        if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):  # strings: a numpy UFuncTypeError further on
+            raise ValueError(f"L0Regressor needs numeric targets y, got dtype {y.dtype} (e.g. {y.flat[0]!r}); for class "
+                             "labels use L0Classifier")
         mean, scale = _mean_and_scale(y)
         self._y_mean, self._y_scale = float(mean), float(scale)
         return torch.as_tensor((y - self._y_mean) / self._y_scale, dtype=torch.float32).unsqueeze(1), 1

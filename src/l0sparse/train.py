@@ -28,7 +28,7 @@ from .control import param_groups
 from .sites import find_gates
 from .distributed import RankGroup
 from .regularizers import L0, Regularizer, regularizer_for
-from .runs import RunFolder, StagedRunFolder, check_run_directory, load_state
+from .runs import RunFolder, StagedRunFolder, check_replaceable, check_resumable, check_run_directory, load_state, reconcile_history
 
 # the run folder's names and functions, importable from here as before they moved to runs.py
 from .runs import CHECKPOINT as CHECKPOINT, CONFIG_FILE as CONFIG_FILE, METRICS_FILE as METRICS_FILE
@@ -336,6 +336,20 @@ def _batch_inputs(x: Tensor, pad_id: int | None) -> Tensor:
     return trim_padding(x, pad_id)
 
 
+def _check_config_json_unedited(saved, checkpoint: dict, run: RunFolder) -> None:
+    """Refuse a resume whose ``config.json`` differs from the config its checkpoint was trained with (``epochs`` aside):
+    the optimizer's state would silently keep the old values (an edited ``lr``), or the model would not fit."""
+    trained = checkpoint.get("config")
+    if not isinstance(trained, dict):
+        return  # a checkpoint written before the config was kept in it
+    now = saved.to_dict()
+    differing = [key for key in now if key != "epochs" and key in trained and trained[key] != now[key]]
+    if differing:
+        changes = ", ".join(f"{key} ({trained[key]!r} in {CHECKPOINT}, {now[key]!r} in {CONFIG_FILE})" for key in differing)
+        raise ValueError(f"--resume: {run.config_path} differs from the config {CHECKPOINT} was trained with: {changes}; was it "
+                         f"edited? restore those keys (the run goes on as it was trained), or start a new run")
+
+
 def _resumed_config(saved, requested, done_epochs: int):
     """The run's saved config, with ``epochs`` from ``requested``: any other difference is refused, as it would not apply."""
     if requested is None:
@@ -426,6 +440,8 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
     """
     if not (isinstance(log_every, int) and log_every >= 1):
         raise ValueError(f"log_every must be an int >= 1 (steps between progress lines), got {log_every!r}")
+    if not str(out_dir).strip():  # Path("") is the current folder: an unset $OUT would train (and --force replace) there
+        raise ValueError(f"out_dir (--out) is empty ({out_dir!r}): name the run directory")
     with RankGroup() as ranks:
         out_dir = Path(out_dir)
         checkpoint = None
@@ -435,7 +451,8 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
                 raise FileNotFoundError(f"--resume: no {CHECKPOINT} in {out_dir}; is it a run directory?")
             saved = existing.read_config()
             checkpoint = existing.read_checkpoint()
-            config = _resumed_config(saved, config, checkpoint["epoch"])
+            _check_config_json_unedited(saved, checkpoint, existing)
+            config = _resumed_config(saved, config, check_resumable(checkpoint, existing.checkpoint_path))
             if config.epochs != saved.epochs and ranks.is_main:
                 print(f"resuming with epochs = {config.epochs} ({CONFIG_FILE} said {saved.epochs}); {CONFIG_FILE} updated",
                       file=sys.stderr)
@@ -446,6 +463,8 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
             if replacing and not force:
                 raise FileExistsError(f"run directory {out_dir} exists and is not empty: pass --force to overwrite it or --resume "
                                       "to continue it")
+            if replacing:
+                check_replaceable(out_dir)
             run_dir = StagedRunFolder(out_dir, staged=replacing, writes=ranks.is_main)
         if config.regularizer == "magnitude" and ranks.world_size > 1:
             raise ValueError("config key 'regularizer' = 'magnitude': the baseline does not run distributed (it restructures the "
@@ -487,7 +506,13 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
         teacher = run_dir.folder.read_teacher_weights(build_model(config.model, 0, data.num_classes, gated=False))
     torch.manual_seed(config.seed)
     say(f"building the model ({config.model}, regularizer {config.regularizer})")
-    model = model_for(config, data, initial=None if resume else teacher)
+    try:
+        model = model_for(config, data, initial=None if resume else teacher)
+    except RuntimeError as error:  # torch's allocator names bytes, not the key that asked for them
+        if "allocate" not in str(error):
+            raise
+        raise ValueError(f"config key 'hidden' = {config.hidden!r}: the {config.model} with these widths does not fit in this "
+                         f"machine's memory ({' '.join(str(error).split())[:160]}); choose smaller widths") from None
     example = data.x_train[:2]
     pad_id = data.pad_id
     optimizer = _optimizer_for(model, config)
@@ -528,9 +553,11 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
                              f"not {ranks.world_size}")
         torch.set_rng_state(rng_per_rank[ranks.rank])
         start_epoch = checkpoint["epoch"]
-        history = folder.read_metrics()[:start_epoch]
+        history, note = reconcile_history(folder.read_metrics(), checkpoint, folder.metrics_path)
         ranks.barrier()  # every rank has read the metrics before rank 0 trims them
-        if ranks.is_main:  # drop lines past the checkpoint (and a partial last line); say what runs now
+        if ranks.is_main:  # drop lines past the checkpoint (and a partial last line), restore lost ones; say what runs now
+            if note:
+                print(f"--resume: {note}", file=sys.stderr)
             folder.write_metrics(history)
             folder.write_config(config)
     else:
@@ -638,6 +665,7 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         **({"ema": averaged.state_dict()} if averaged is not None else {}),
                         **regularizer.checkpoint_state(), "epoch": epoch + 1, "rng": rng_per_rank[0], "config": config.to_dict(),
+                        "history": [*history, record],  # a copy of metrics.jsonl, which a resume restores if it is lost
                         **({"rng_per_rank": rng_per_rank} if ranks.world_size > 1 else {})})
                 run_dir.commit()  # the first checkpoint is in place: the new run takes the old one's place
                 history.append(record)
