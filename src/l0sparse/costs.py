@@ -480,8 +480,9 @@ class CostModel:
         if hidden is not None:
             params = params + self._hidden_per_dimension * (hidden.sum().clamp(min=1) if deterministic else hidden.sum())
         attention_modules = self.graph.attention_call_modules or [()] * len(self.graph.attention_calls)
-        for (query, key), inside in zip(self.graph.attention_calls, attention_modules):
-            macs = scaled_dot_product_macs(query, key) / self._batch  # written out: all its heads...
+        products = [(scaled_dot_product_macs(query, key), inside) for (query, key), inside in zip(self.graph.attention_calls, attention_modules)]
+        for macs, inside in products + self.graph.products:  # sdpa, and matmuls outside Linear modules (eager attention)
+            macs = macs / self._batch  # written out: all its heads...
             owner = next((name for name in inside if name in self._head_layouts), None)
             if owner is not None:  # ... but those prune removes from an export-traced attention module (linear in the width)
                 layout = self._head_layouts[owner]

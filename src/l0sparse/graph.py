@@ -119,6 +119,7 @@ class ChannelGraph:
         # (query shape, key shape) of each scaled_dot_product_attention call outside attention modules
         self.attention_calls: list[tuple[torch.Size, torch.Size]] = []
         self.attention_call_modules: list[tuple[str, ...]] = []  # ... and the modules each ran in (torch.export only)
+        self.products: list[tuple[int, tuple[str, ...]]] = []  # matmuls no Linear module owns: (MACs of the batch, modules)
         # MACs of the batch that torch.export's graph shows outside Linear and conv modules but count_flops counts:
         # an nn.MultiheadAttention's projections and its scores when written as bmm; counted, never reduced
         self.other_macs = 0
@@ -322,6 +323,7 @@ class _Trace:
         self.inlined_encoders: set[str] = set()
         self.attention_calls: list[tuple] = []
         self.attention_call_modules: list[tuple[str, ...]] = []
+        self.products: list[tuple[int, tuple[str, ...]]] = []
         self.other_macs = 0
 
     # --- what rules read and do
@@ -458,6 +460,7 @@ class _Trace:
         result.removable_heads, result.inlined_encoders = self.removable_heads, self.inlined_encoders
         result.attention_calls = self.attention_calls
         result.attention_call_modules = self.attention_call_modules
+        result.products = self.products
         result.other_macs = self.other_macs
         result.tracer = tracer
         return result

@@ -53,6 +53,7 @@ class Trace(Protocol):
     attention_calls: list
     attention_call_modules: list
     other_macs: int
+    products: list
 
     def shape(self, node) -> torch.Size | None: ...
     def size_of(self, source) -> int: ...
@@ -843,7 +844,8 @@ class ScaledDotProductAttention(FunctionRule):
 
 class AtenProducts(FunctionRule):
     """Products of torch.export's graph that no Linear module owns (an nn.MultiheadAttention's projections, its
-    scores as bmm): their MACs are counted as fixed, their channels locked."""
+    scores as bmm: counted as fixed; matmuls elsewhere, such as eager attention's scores, recorded with the modules
+    they ran in): their channels locked."""
 
     functions = frozenset({_aten.linear.default, _aten.bmm.default, _aten.matmul.default})
 
@@ -851,10 +853,13 @@ class AtenProducts(FunctionRule):
         out_shape = trace.shape(node)
         if node.target is _aten.linear.default and out_shape is not None and trace.shape(node.args[1]) is not None:
             trace.other_macs += math.prod(out_shape) * trace.shape(node.args[1])[-1]
-        elif node.target is not _aten.linear.default and out_shape is not None and any(
-                isinstance(trace.model_modules.get(path), (nn.MultiheadAttention, nn.TransformerEncoderLayer))
-                for path in trace.module_paths(node)):
-            trace.other_macs += math.prod(out_shape) * trace.shape(node.args[0])[-1]
+        elif node.target is not _aten.linear.default and out_shape is not None and trace.shape(node.args[0]) is not None:
+            macs = math.prod(out_shape) * trace.shape(node.args[0])[-1]
+            if any(isinstance(trace.model_modules.get(path), (nn.MultiheadAttention, nn.TransformerEncoderLayer))
+                   for path in trace.module_paths(node)):
+                trace.other_macs += macs
+            else:  # eager attention's scores and weighted values: fewer where prune removes heads (CostModel)
+                trace.products.append((macs, trace.module_paths(node)))
         return False
 
 
