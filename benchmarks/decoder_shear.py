@@ -18,6 +18,7 @@ Held-out perplexity is per byte. Writes benchmarks/results/decoder_shear.json an
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -51,6 +52,8 @@ parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" 
 parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "decoder_shear.png")
 parser.add_argument("--sizes", default="50%,25%", help="which target shapes, comma-separated")
 parser.add_argument("--methods", default="l0,importance,scratch", help="which methods, comma-separated")
+parser.add_argument("--reuse", type=Path, default=None,
+                    help="a results file of this script with the same teacher and budgets: its runs of the methods not run now join the summary")
 parser.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a smoke run")
 args = parser.parse_args()
 if args.quick:
@@ -241,6 +244,17 @@ for size in sizes:
             results["runs"].append(run)
             print(f"{size} seed {seed} {method:>10}: perplexity {run['perplexity']:.3f} ({run['non_embedding_params']:,} parameters, "
                   f"{run['seconds']:.0f} s)", flush=True)
+
+if args.reuse is not None:  # the other methods' runs, from a file made with the same teacher, budgets and seeds
+    earlier = json.loads(args.reuse.read_text())
+    same = {key: earlier[key] for key in ("teacher_perplexity", "steps", "batch", "context", "teacher")} == {
+        key: results[key] for key in ("teacher_perplexity", "steps", "batch", "context", "teacher")}
+    if not same:
+        parser.error(f"--reuse {args.reuse}: made with another teacher or budget")
+    reused = [run for run in earlier["runs"] if run["method"] not in methods and run["size"] in sizes and run["seed"] < args.seeds]
+    results["reused"] = {"file": str(args.reuse.relative_to(ROOT) if args.reuse.is_absolute() else args.reuse), "runs": len(reused)}
+    results["runs"] += reused
+    methods += sorted({run["method"] for run in reused}, key=list(RUNS).index)
 
 # ---- summary: mean ± standard error over seeds; the differences paired by seed
 summary = {}
