@@ -7,7 +7,8 @@ target is a second constraint on the same gates) with every gate open at the sta
 - small: width 32, 2 layers, 8 heads of 4 in 2 groups, 48 units -> 4 heads in 1 group, 24 units;
 - wider: width 128, 4 layers, 8 heads of 16 in 2 groups, 384 units -> 2 heads in 1 group, 96 units.
 
-Writes the first layer's expected counts every 50 steps to benchmarks/results/shape_controller.json.
+Writes the first layer's expected counts (and its open test-time gates: the controller lands them on the shape
+once the warm-up is over) every 50 steps to benchmarks/results/shape_controller.json.
 
     .venv/bin/python benchmarks/shape_controller.py
 """
@@ -57,7 +58,9 @@ for case, (sizes, shape) in CASES.items():
             controller.step()
             if step % 50 == 0:
                 attention, units = controller.expected_counts()[:2]
-                trace.append({"step": step, **{k: round(float(v), 3) for k, v in attention.items()}, "units": round(float(units["units"]), 2)})
+                open_attention, open_units = controller.deterministic_counts()[:2]
+                trace.append({"step": step, **{k: round(float(v), 3) for k, v in attention.items()}, "units": round(float(units["units"]), 2),
+                              "open": {**{k: int(v) for k, v in open_attention.items()}, "units": int(open_units["units"])}})
         lowest = min(point["heads"] for point in trace)
         results["runs"].append({"case": case, "shape": vars(shape), "anti_windup": anti_windup, "trace": trace, "lowest_heads": lowest,
                                 "lowest_units": min(point["units"] for point in trace), "last": trace[-1]})

@@ -238,9 +238,12 @@ def test_shape_controller_lands_every_layer_on_the_shape():
     targets = {"heads": 4, "kv_heads": 1, "units": 24}
     counts = controller.expected_counts()
     assert len(counts) == 4  # two attention modules, two feed-forward blocks
-    for count in counts:
+    for count, kept in zip(counts, controller.deterministic_counts()):
         for dimension, value in count.items():
             assert abs(float(value) - targets[dimension]) < 0.5, (dimension, float(value))
+            assert float(kept[dimension]) == targets[dimension]  # landed: the test-time gates are the shape
+    model.eval()
+    assert_same_logits(model, l0hf.prune_to_shape(model, batch(), shape), batch())  # so the cut changes nothing
 
 
 @pytest.mark.usefixtures("torch_export_loaded")
@@ -296,6 +299,8 @@ def test_bad_shapes_are_refused_by_name():
         l0hf.ShapeController(model, l0hf.DecoderShape(heads=4), warmup_steps=-1)
     with pytest.raises(ValueError, match="anti_windup must be True or False"):
         l0hf.ShapeController(model, l0hf.DecoderShape(heads=4), anti_windup="yes")
+    with pytest.raises(ValueError, match="landing must be True or False"):
+        l0hf.ShapeController(model, l0hf.DecoderShape(heads=4), landing=1)
     grouped = llama().eval()
     l0sparse.sparsify(grouped, l0hf.decoder_rules(grouped, groups=True), example_inputs=batch())
     with pytest.raises(ValueError, match="one gate per key/value group of 4 query heads, so 1 groups keep 4 heads, not 2"):
