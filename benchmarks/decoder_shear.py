@@ -43,6 +43,7 @@ parser.add_argument("--steps", type=int, default=1000, help="training steps afte
 parser.add_argument("--prune-fraction", type=float, default=0.4, help="l0: the share of --steps spent learning the gates")
 parser.add_argument("--scratch-factor", type=int, default=3, help="scratch trains this many times --steps, to see when it catches up")
 parser.add_argument("--seeds", type=int, default=3)
+parser.add_argument("--first-seed", type=int, default=0, help="the seeds run are first-seed, first-seed + 1, ...")
 parser.add_argument("--batch", type=int, default=16)
 parser.add_argument("--context", type=int, default=128)
 parser.add_argument("--eval-windows", type=int, default=128)
@@ -241,8 +242,9 @@ unknown = sorted(set(methods) - set(RUNS)) + sorted(set(sizes) - set(SHAPES))
 if unknown:
     parser.error(f"unknown method or size {unknown[0]!r}: methods are {', '.join(RUNS)}; sizes {', '.join(SHAPES)}")
 budget_tokens = args.steps * tokens_per_step
+seeds = range(args.first_seed, args.first_seed + args.seeds)
 for size in sizes:
-    for seed in range(args.seeds):
+    for seed in seeds:
         for method in methods:
             start, curve = time.perf_counter(), []
             model = RUNS[method](SHAPES[size], seed, curve)
@@ -260,26 +262,29 @@ if args.reuse is not None:  # the other methods' runs, from a file made with the
         key: results[key] for key in ("teacher_perplexity", "steps", "batch", "context", "teacher")}
     if not same:
         parser.error(f"--reuse {args.reuse}: made with another teacher or budget")
-    reused = [run for run in earlier["runs"] if run["method"] not in methods and run["size"] in sizes and run["seed"] < args.seeds]
+    # every run of the earlier file that this command did not make again (another method, or another seed)
+    reused = [run for run in earlier["runs"] if run["size"] in sizes and not (run["method"] in methods and run["seed"] in seeds)]
     results["reused"] = {"file": str(args.reuse.relative_to(ROOT) if args.reuse.is_absolute() else args.reuse), "runs": len(reused)}
     results["runs"] += reused
-    methods += sorted({run["method"] for run in reused}, key=list(RUNS).index)
+    methods += sorted({run["method"] for run in reused} - set(methods), key=list(RUNS).index)
 
 # ---- summary: mean ± standard error over seeds; the differences paired by seed
 summary = {}
 for size in sizes:
-    by_method = {m: [r["perplexity"] for r in results["runs"] if r["size"] == size and r["method"] == m] for m in methods}
+    by_seed = {m: {r["seed"]: r["perplexity"] for r in results["runs"] if r["size"] == size and r["method"] == m} for m in methods}
+    by_method = {m: [values[seed] for seed in sorted(values)] for m, values in by_seed.items()}
     row = {}
     for method, values in by_method.items():
         mean = sum(values) / len(values)
         se = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 / len(values) ** 0.5 if len(values) > 1 else float("nan")
-        row[method] = {"mean": mean, "se": se, "values": values}
+        row[method] = {"mean": mean, "se": se, "values": values, "seeds": sorted(by_seed[method])}
     for learned in [m for m in by_method if m.startswith("l0")]:
         for other in [m for m in ("importance", "scratch") if m in by_method]:
-            differences = [a - b for a, b in zip(by_method[learned], by_method[other])]
+            paired = sorted(set(by_seed[learned]) & set(by_seed[other]))  # the seeds both have, paired by seed
+            differences = [by_seed[learned][seed] - by_seed[other][seed] for seed in paired]
             mean = sum(differences) / len(differences)
             se = (sum((d - mean) ** 2 for d in differences) / (len(differences) - 1)) ** 0.5 / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
-            row[f"{learned}_minus_{other}"] = {"mean": mean, "se": se}
+            row[f"{learned}_minus_{other}"] = {"mean": mean, "se": se, "seeds": paired}
     l0_mean = row["l0"]["mean"] if "l0" in row else float("nan")
     catch_up = []
     for run in (r for r in results["runs"] if r["size"] == size and r["method"] == "scratch"):
