@@ -37,7 +37,8 @@ def test_the_pin_is_one_exact_torch_version():
 
 @pytest.mark.parametrize("target", ["hf", "test", "demo"])
 def test_every_package_install_of_a_make_target_names_the_pin(target, tmp_path):
-    # make runs this suite (`make test`), so it is there; -n: print the commands without running them; -B: as on a fresh machine, every step (no .venv stamp counts)
+    # make runs this suite (`make test`), so it is there. -n: print the commands without running them;
+    # -B: as on a fresh machine, every step (no .venv stamp counts)
     commands = subprocess.run(["make", "-n", "-B", "-C", str(ROOT), target], capture_output=True, text=True, check=True).stdout
     installs = [line for line in commands.splitlines() if "pip install" in line and "--upgrade pip" not in line]
     assert installs, f"make {target} installs nothing?\n{commands}"
