@@ -154,6 +154,20 @@ def test_closed_query_heads_of_one_group_remove_the_group_and_set_the_repeat():
     assert_same_logits(model, pruned, batch())
 
 
+def test_heads_kept_to_fill_a_group_are_not_recorded_as_pruned():
+    """Open heads 0, 1, 2 (group 0) and 5 (group 1): group 1 keeps two more to match group 0's three, so only heads 3
+    and 7 leave, and config.pruned_heads says so."""
+    model = llama()
+    l0sparse.sparsify(model, {"model.layers.*.self_attn": ("heads", 8), nn.Linear: "skip"})
+    with torch.no_grad():
+        for gate in find_gates(model):
+            gate.log_alpha.copy_(torch.tensor([10.0, 10.0, 10.0, -10.0, -10.0, 10.0, -10.0, -10.0]))
+    pruned = l0sparse.prune(model.eval(), batch())
+    assert pruned.model.layers[0].self_attn.q_proj.out_features == 6 * 4
+    assert pruned.config.pruned_heads == {0: [3, 7], 1: [3, 7]}
+    assert_same_logits(model, pruned, batch())
+
+
 def test_expected_key_value_rows_are_kept_while_any_query_head_of_their_group_is():
     """Closed form: a query head's q rows and o columns cost P(h open); a key/value head's k and v rows cost
     1 − Π over its group's heads of (1 − P(h open)), the heads' gates being independent."""

@@ -267,13 +267,17 @@ def _apply_plan(graph: ChannelGraph, plan: PrunePlan) -> fx.GraphModule:
 
 def _head_layouts(gated: nn.Module, work: nn.Module) -> dict[str, dict]:
     """:func:`head_layouts` of ``gated``, each with the heads whose projection columns are not all zero in
-    ``work`` (folded): ``"kept"`` (empty when every head, or the block, is closed)."""
+    ``work`` (folded): ``"kept"`` (empty when every head, or the block, is closed). Under grouped-query attention
+    ``"kept"`` is what stays (:func:`grouped_heads_kept`: closed heads that fill a group included), so that
+    ``config.pruned_heads`` records only the heads that left."""
     modules = dict(work.named_modules())
     layouts = head_layouts(gated)
     for layout in layouts.values():
         projection = modules[layout["projection"]]
         is_open = projection.weight.ne(0).any(0).view(layout["heads"], layout["head_dim"]).any(1)
         layout["kept"] = torch.nonzero(is_open).flatten().tolist()
+        if "kv" in layout:
+            layout["kept"] = grouped_heads_kept(layout["kept"], layout["heads"], layout["kv_heads"])[0]
     return layouts
 
 
