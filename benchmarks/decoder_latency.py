@@ -31,7 +31,8 @@ parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results
 args = parser.parse_args()
 torch.set_num_threads(args.threads)
 warnings.simplefilter("ignore")
-transformers = hf._transformers()
+import transformers  # noqa: E402  (the 'hf' extra)
+
 transformers.logging.set_verbosity_error()
 
 BATCH, PREFILL, DECODE = 8, 128, 32

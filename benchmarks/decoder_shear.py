@@ -64,7 +64,8 @@ if args.quick:
 torch.set_num_threads(args.threads)
 torch.set_flush_denormal(True)
 warnings.simplefilter("ignore")  # sparsify's "has weights but no gate" for embeddings and norms
-transformers = hf._transformers()
+import transformers  # noqa: E402  (the 'hf' extra)
+
 transformers.logging.set_verbosity_error()
 
 # ---- the teacher's architecture and the two target shapes (about 50% and 25% of its non-embedding parameters)
@@ -204,10 +205,10 @@ def run_l0(shape: hf.DecoderShape, seed: int, curve: list, from_importance: bool
     scores = calibration_importance(student) if from_importance else {}
     l0sparse.sparsify(student, hf.decoder_rules(student, **RULES), example_inputs=example, droprate_init=0.02)
     with torch.no_grad():
-        for layer in hf._shaped_layers(student):
-            if layer.name in scores:
-                ranks = scores[layer.name].argsort().argsort().float()
-                layer.gate.log_alpha.copy_(4.0 * ranks / max(1, ranks.numel() - 1))
+        for gate in l0sparse.find_gates(student):  # a head gate's owner is its attention module, a unit gate's its down projection
+            if gate.owner in scores:
+                ranks = scores[gate.owner].argsort().argsort().float()
+                gate.log_alpha.copy_(4.0 * ranks / max(1, ranks.numel() - 1))
     prune_steps = int(args.steps * args.prune_fraction)
     controller = hf.ShapeController(student, shape, warmup_steps=prune_steps // 2, lr=0.05)
     train(student, prune_steps, seed=100 + seed, lr=1e-3, teacher=teacher, extra_loss=controller.penalty, after_step=controller.step,

@@ -34,7 +34,8 @@ parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results
 args = parser.parse_args()
 torch.set_num_threads(1)
 warnings.simplefilter("ignore")
-transformers = hf._transformers()
+import transformers  # noqa: E402  (the 'hf' extra)
+
 
 CASES = {
     "small": (dict(hidden_size=32, num_hidden_layers=2, head_dim=4, intermediate_size=48), hf.DecoderShape(heads=4, kv_heads=1, intermediate_size=24)),
