@@ -339,7 +339,7 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
     modules = dict(model.named_modules())
     for name in rules:  # a Linear subclass with a forward of its own (Falcon's) is not traced as a Linear: nothing could be removed
         for linear in _linears(modules[name]):
-            if type(linear).forward is not nn.Linear.forward and not hasattr(linear, "parametrizations"):
+            if type(linear).forward is not nn.Linear.forward:  # a parametrized Linear inherits nn.Linear.forward
                 raise ValueError(f"decoder_rules: {name!r} holds a {type(linear).__name__}, an nn.Linear with a forward of its own, "
                                  "which l0sparse's tracing does not follow: its gates could not be removed (Falcon is not supported)")
     rules[nn.Linear] = "skip"
