@@ -3,8 +3,8 @@
 import json
 from pathlib import Path
 
-from l0sparse.files import atomic_write_text
-from l0sparse.sites import find_gates
+from l0sparse.training.files import atomic_write_text
+from l0sparse.core.sites import find_gates
 
 
 def save_json(payload, path: Path) -> None:

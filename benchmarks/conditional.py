@@ -39,10 +39,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_step_seconds, reuse_freed_memory, save_json, timed_step, training_loss  # noqa: E402
 
 import l0sparse  # noqa: E402
-from l0sparse.data import load_dataset  # noqa: E402
-from l0sparse.models import LeNet5, mlp  # noqa: E402
-from l0sparse.sites import find_gates  # noqa: E402
-from l0sparse.train import accuracy, configure_torch  # noqa: E402
+from l0sparse.training.data import load_dataset  # noqa: E402
+from l0sparse.core.models import LeNet5, mlp  # noqa: E402
+from l0sparse.core.sites import find_gates  # noqa: E402
+from l0sparse.training.train import configure_torch  # noqa: E402
+from l0sparse.training.runs import accuracy  # noqa: E402
 
 BLOCK = 10  # batches each model runs in a row
 

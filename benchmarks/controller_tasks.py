@@ -36,11 +36,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
 
 import l0sparse  # noqa: E402
-from l0sparse.sites import find_gates  # noqa: E402
-from l0sparse.data import load_digits_split, load_mnist1d  # noqa: E402
-from l0sparse.prune import plain_copy  # noqa: E402
-from l0sparse.sparsify import gate_masks  # noqa: E402
-from l0sparse.train import accuracy, configure_torch, recalibrate_batchnorm  # noqa: E402
+from l0sparse.core.sites import find_gates  # noqa: E402
+from l0sparse.training.data import load_digits_split, load_mnist1d  # noqa: E402
+from l0sparse.core.prune import plain_copy  # noqa: E402
+from l0sparse.core.sparsify import gate_masks  # noqa: E402
+from l0sparse.training.train import configure_torch, recalibrate_batchnorm  # noqa: E402
+from l0sparse.training.runs import accuracy  # noqa: E402
 
 
 class DigitsCNN(nn.Module):

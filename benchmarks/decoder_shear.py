@@ -33,7 +33,7 @@ from common import save_json  # noqa: E402
 
 import l0sparse  # noqa: E402
 from l0sparse import hf  # noqa: E402
-from l0sparse.data import load_bible_bytes  # noqa: E402
+from l0sparse.training.data import load_bible_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -34,8 +34,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_step_seconds, reuse_freed_memory, save_json  # noqa: E402
 import l0sparse  # noqa: E402
-from l0sparse.models import LeNet5, mlp  # noqa: E402
-from l0sparse.train import configure_torch  # noqa: E402
+from l0sparse.core.models import LeNet5, mlp  # noqa: E402
+from l0sparse.training.train import configure_torch  # noqa: E402
 
 
 def dense_mlp():

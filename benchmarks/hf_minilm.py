@@ -28,12 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import reuse_freed_memory, save_json  # noqa: E402
 
-from l0sparse.config import load_config, read_config_json  # noqa: E402
+from l0sparse.training.config import load_config, read_config_json  # noqa: E402
 from l0sparse import prune  # noqa: E402
-from l0sparse.costs import median_latency  # noqa: E402
+from l0sparse.core.costs import median_latency  # noqa: E402
 from l0sparse.hf import encoder_flops  # noqa: E402
-from l0sparse.train import (CHECKPOINT, accuracy, configure_torch, load_pruned, load_run, prune_run,  # noqa: E402
-                            read_metrics, run_training)
+from l0sparse.training.runs import CHECKPOINT, accuracy, load_pruned, load_run, prune_run, read_metrics  # noqa: E402
+from l0sparse.training.train import configure_torch, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"

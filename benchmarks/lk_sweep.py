@@ -29,10 +29,11 @@ import sys  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
 
-from l0sparse.config import load_config  # noqa: E402
-from l0sparse.norms import sparsity  # noqa: E402
-from l0sparse.prune import plain_copy  # noqa: E402
-from l0sparse.train import CHECKPOINT, load_run, run_training  # noqa: E402
+from l0sparse.training.config import load_config  # noqa: E402
+from l0sparse.core.norms import sparsity  # noqa: E402
+from l0sparse.core.prune import plain_copy  # noqa: E402
+from l0sparse.training.train import run_training  # noqa: E402
+from l0sparse.training.runs import CHECKPOINT, load_run  # noqa: E402
 
 STRENGTHS = {"l0": [0.03, 0.1, 0.3, 1.0, 3.0], "l0 per weight": [0.03, 0.1, 0.3, 1.0, 3.0], "l1": [0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
              "group_l1": [0.3, 1.0, 3.0, 10.0, 30.0, 100.0], "l2": [1.0, 10.0, 100.0, 1000.0]}
@@ -44,7 +45,7 @@ def _raw_first_layer(model) -> torch.Tensor:
     """θ of the first layer where its test-time gate is open, 0 where closed: L0 does not shrink the θ it keeps."""
     from torch.nn.utils import parametrize
 
-    from l0sparse.layers import L0Linear
+    from l0sparse.core.layers import L0Linear
 
     layer = next(m for m in model.modules() if isinstance(m, (torch.nn.Linear, L0Linear)))
     if isinstance(layer, L0Linear):

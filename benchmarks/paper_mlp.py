@@ -26,11 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
 
 import l0sparse  # noqa: E402
-from l0sparse.data import load_fashion_mnist  # noqa: E402
-from l0sparse.gates import PAPER_LOG_ALPHA_RANGE  # noqa: E402
-from l0sparse.prune import plain_copy  # noqa: E402
-from l0sparse.regularizers import L0  # noqa: E402
-from l0sparse.train import accuracy, configure_torch, ema, train_epoch  # noqa: E402
+from l0sparse.training.data import load_fashion_mnist  # noqa: E402
+from l0sparse.core.gates import PAPER_LOG_ALPHA_RANGE  # noqa: E402
+from l0sparse.core.prune import plain_copy  # noqa: E402
+from l0sparse.training.regularizers import L0  # noqa: E402
+from l0sparse.training.train import configure_torch, train_epoch  # noqa: E402
+from l0sparse.training.build import ema  # noqa: E402
+from l0sparse.training.runs import accuracy  # noqa: E402
 
 
 def build(args) -> l0sparse.L0MLP:

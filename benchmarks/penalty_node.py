@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_step_seconds, reuse_freed_memory, save_json  # noqa: E402
 import l0sparse  # noqa: E402
-from l0sparse.distributions import prob_nonzero  # noqa: E402
-from l0sparse.models import mlp  # noqa: E402
-from l0sparse.train import configure_torch  # noqa: E402
+from l0sparse.core.distributions import prob_nonzero  # noqa: E402
+from l0sparse.core.models import mlp  # noqa: E402
+from l0sparse.training.train import configure_torch  # noqa: E402
 
 
 class PlainAutogradPenalty(l0sparse.Penalty):

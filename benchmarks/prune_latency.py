@@ -45,8 +45,8 @@ from torch.fx.experimental.optimization import fuse
 
 import l0sparse
 from l0sparse import Gate
-from l0sparse.models import LeNet5
-from l0sparse.train import configure_torch  # noqa: E402
+from l0sparse.core.models import LeNet5
+from l0sparse.training.train import configure_torch  # noqa: E402
 
 
 class Block(nn.Module):

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import l0sparse
-from l0sparse.train import load_run
+from l0sparse.training.runs import load_run
 
 RUNS = Path("runs/results")
 COMMANDS = {

@@ -36,7 +36,7 @@ from common import save_json  # noqa: E402
 from sparse_regression_data import make_equicorrelated_regression, make_toeplitz_regression  # noqa: E402
 
 from l0sparse.sklearn import L0Regressor  # noqa: E402
-from l0sparse.train import configure_torch  # noqa: E402
+from l0sparse.training.train import configure_torch  # noqa: E402
 
 
 def f1_score(selected, truth) -> float:

@@ -26,10 +26,11 @@ from common import save_json  # noqa: E402
 from prune_latency import SmallResNet  # noqa: E402
 
 import l0sparse  # noqa: E402
-from l0sparse.data import load_fashion_mnist  # noqa: E402
-from l0sparse.prune import plain_copy  # noqa: E402
-from l0sparse.regularizers import L0WithTarget  # noqa: E402
-from l0sparse.train import accuracy, configure_torch, recalibrate_batchnorm, train_epoch  # noqa: E402
+from l0sparse.training.data import load_fashion_mnist  # noqa: E402
+from l0sparse.core.prune import plain_copy  # noqa: E402
+from l0sparse.training.regularizers import L0WithTarget  # noqa: E402
+from l0sparse.training.train import configure_torch, recalibrate_batchnorm, train_epoch  # noqa: E402
+from l0sparse.training.runs import accuracy  # noqa: E402
 
 
 SNAP = True

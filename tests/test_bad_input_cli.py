@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import l0sparse.data
-import l0sparse.runs
-import l0sparse.train
+import l0sparse.training.data
+import l0sparse.training.runs
+import l0sparse.training.train
 from l0sparse.cli import main
-from l0sparse.config import load_config
-from l0sparse.data import load_digits_split
-from l0sparse.train import (CHECKPOINT, CONFIG_FILE, METRICS_FILE, PRUNED_SPEC, PRUNED_WEIGHTS, REPLACED_DIR, STAGING_DIR,
-                            TrainingDiverged, load_pruned, prune_run, run_training)
+from l0sparse.training.config import load_config
+from l0sparse.training.data import load_digits_split
+from l0sparse.training.train import TrainingDiverged, run_training
+from l0sparse.training.runs import CHECKPOINT, CONFIG_FILE, METRICS_FILE, PRUNED_SPEC, PRUNED_WEIGHTS, REPLACED_DIR, STAGING_DIR, load_pruned, prune_run
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "recipes" / "mlp-digits.toml")
@@ -98,7 +98,7 @@ def corrupt_fashion_mnist(tmp, run, monkeypatch):
     folder.mkdir()
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         (folder / name).write_bytes(gzip.compress(b"\x00\x00\x08\x03" + bytes(100))[:-9])  # cut short: no CRC
-    monkeypatch.setattr(l0sparse.data, "FASHION_MNIST_DIR", str(folder))
+    monkeypatch.setattr(l0sparse.training.data, "FASHION_MNIST_DIR", str(folder))
 
 
 def resumed_to_epoch_2(tmp, run, monkeypatch):
@@ -230,7 +230,7 @@ def test_load_pruned_of_a_per_weight_run_and_of_an_edited_pruned_json(tmp_path):
     run = tmp_path / "weights"
     run_training(quick_config(gates="weights"), run, progress=False)
     prune_run(run)
-    _, gated, data = l0sparse.train.load_run(run)
+    _, gated, data = l0sparse.training.runs.load_run(run)
     with torch.no_grad():
         assert torch.equal(load_pruned(run)(data.x_test[:4]), gated(data.x_test[:4]))
     spec = json.loads((run / PRUNED_SPEC).read_text())
@@ -252,7 +252,7 @@ def test_the_command_prints_no_traceback(tmp_path):
 
 def test_force_keeps_the_old_run_when_the_new_one_cannot_load_its_data(run, tmp_path, monkeypatch):
     before = snapshot(run)
-    monkeypatch.setattr(l0sparse.data, "FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(l0sparse.training.data, "FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     assert main(["train", DIGITS, *QUICK, "--set", "data='fashion-mnist'", "--force", "--out", str(run)]) == 2
     assert snapshot(run) == before
 
@@ -295,7 +295,7 @@ def test_an_empty_out_is_an_error_and_the_default_run_stays(tmp_path, monkeypatc
 
 
 def test_failed_set_up_of_a_new_run_leaves_no_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(l0sparse.data, "FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(l0sparse.training.data, "FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     assert main(["train", DIGITS, *QUICK, "--set", "data='fashion-mnist'", "--out", str(tmp_path / "new")]) == 2
     assert not (tmp_path / "new").exists()
 
@@ -325,7 +325,7 @@ def test_divergence_after_a_good_epoch_keeps_its_checkpoint(tmp_path, monkeypatc
         loss = cross_entropy(*args, **kwargs)
         return loss * float("nan") if epochs_done else loss
 
-    monkeypatch.setattr(l0sparse.train.F, "cross_entropy", nan_from_epoch_2)
+    monkeypatch.setattr(l0sparse.training.train.F, "cross_entropy", nan_from_epoch_2)
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 1 of \d+: the loss is nan; .*checkpoint.pt keeps epoch 1"):
         run_training(quick_config(epochs=3), tmp_path / "run", progress=False, on_epoch_end=epochs_done.append)
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["epoch"] == 1
@@ -508,7 +508,7 @@ def test_an_os_error_while_writing_names_the_path(run, monkeypatch, capsys):
     def refuse(payload, path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(l0sparse.runs, "atomic_save", refuse)  # the run folder writes pruned.pt
+    monkeypatch.setattr(l0sparse.training.runs, "atomic_save", refuse)  # the run folder writes pruned.pt
     assert main(["prune", str(run)]) == 2
     assert capsys.readouterr().err.strip() == f"l0sparse prune: error: {run / PRUNED_WEIGHTS}: Permission denied"
 
@@ -516,7 +516,7 @@ def test_an_os_error_while_writing_names_the_path(run, monkeypatch, capsys):
 def test_prune_of_a_read_only_run_is_refused_before_it_prunes(run, monkeypatch, capsys):
     """Issue #27: prune on a read-only run ended in a raw error after pruning; os.access stands in for a read-only
     folder (root, which runs these tests here, writes into read-only folders)."""
-    monkeypatch.setattr(l0sparse.runs.os, "access", lambda path, mode: Path(path) != run)
+    monkeypatch.setattr(l0sparse.training.runs.os, "access", lambda path, mode: Path(path) != run)
     assert main(["prune", str(run)]) == 2
     assert capsys.readouterr().err.strip() == (f"l0sparse prune: error: {run}: the run folder is read-only, and prune writes "
                                                "pruned.pt and pruned.json into it: copy the run somewhere writable, or make it writable")

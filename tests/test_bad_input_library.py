@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 import l0sparse
-from l0sparse.sites import find_gates
-from l0sparse.distributions import EPS, _StretchedClampedSigmoid
-from l0sparse.prune import _check_same
+from l0sparse.core.sites import find_gates
+from l0sparse.core.distributions import EPS, _StretchedClampedSigmoid
+from l0sparse.core.prune import _check_same
 from l0sparse.sklearn import L0Classifier, L0Regressor
-from l0sparse.sparsify import gate_masks
+from l0sparse.core.sparsify import gate_masks
 
 from models import mlp
 

@@ -12,10 +12,11 @@ import torch
 
 import l0sparse
 from l0sparse.cli import main
-from l0sparse.prune import plain_copy
-from l0sparse.config import load_config
-from l0sparse.sites import find_gates
-from l0sparse.train import CHECKPOINT, load_pruned, load_run, prune_run, run_training
+from l0sparse.core.prune import plain_copy
+from l0sparse.training.config import load_config
+from l0sparse.core.sites import find_gates
+from l0sparse.training.train import run_training
+from l0sparse.training.runs import CHECKPOINT, load_pruned, load_run, prune_run
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -97,8 +98,8 @@ def test_paper_settings_reach_the_model_and_the_ema_model_is_the_one_pruned(tmp_
 def test_per_layer_droprates_start_each_layer_where_asked():
     import math
 
-    from l0sparse.data import load_dataset
-    from l0sparse.train import model_for
+    from l0sparse.training.data import load_dataset
+    from l0sparse.training.build import model_for
 
     config = quick_config(droprate_init=[0.2, 0.5])
     model = model_for(config, load_dataset("digits"))
@@ -219,7 +220,7 @@ def test_magnitude_baseline_prunes_to_the_budget_and_fine_tunes(tmp_path):
     assert len(history) == 4  # 2 dense epochs, then 2 of fine-tuning
     assert history[1]["flops_kept"] == 1.0 and history[2]["flops_kept"] <= 0.3
     _, model, _ = load_run(tmp_path / "run")
-    from l0sparse.baselines import hidden_layers
+    from l0sparse.training.baselines import hidden_layers
 
     masked = hidden_layers(model)[0]
     rows_alive = masked.weight.flatten(1).ne(0).any(1)
@@ -243,7 +244,7 @@ def test_lk_regularizers_train_and_report_sparsity(regularizer, tmp_path):
     history = run_training(config, tmp_path / "run", progress=False)
     assert 0 < history[-1]["weights_kept"] <= 1 and 0 < history[-1]["units_kept"] <= 1
     _, model, _ = load_run(tmp_path / "run")
-    from l0sparse.norms import sparsity, threshold_
+    from l0sparse.core.norms import sparsity, threshold_
 
     before = [p.clone() for p in model.parameters()]
     if regularizer != "l2":  # L2 is not thresholded: it shrinks without zeroing
@@ -258,9 +259,9 @@ def test_lk_regularizer_with_a_negative_strength_is_named():
 
 
 def test_each_regularizer_is_one_object_with_its_term_action_metrics_and_state():
-    from l0sparse.build import model_for
-    from l0sparse.data import load_dataset
-    from l0sparse.regularizers import L0, L0WithTarget, LkPenalty, MagnitudePruning, Regularizer, regularizer_for
+    from l0sparse.training.build import model_for
+    from l0sparse.training.data import load_dataset
+    from l0sparse.training.regularizers import L0, L0WithTarget, LkPenalty, MagnitudePruning, Regularizer, regularizer_for
 
     data = load_dataset("digits")
     example = data.x_train[:2]
@@ -286,7 +287,7 @@ def test_each_regularizer_is_one_object_with_its_term_action_metrics_and_state()
 
 
 def test_run_folder_owns_the_file_names_and_loads_what_run_training_wrote(tmp_path):
-    from l0sparse.runs import RunFolder
+    from l0sparse.training.runs import RunFolder
 
     run_training(quick_config(epochs=1), tmp_path / "run", progress=False)
     run = RunFolder(tmp_path / "run")

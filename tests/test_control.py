@@ -7,11 +7,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import l0sparse
-from l0sparse.control import TargetController
-from l0sparse.prune import plain_copy
-from l0sparse.sites import find_gates
-from l0sparse.data import load_digits_split
-from l0sparse.train import accuracy, configure_torch, recalibrate_batchnorm
+from l0sparse.core.control import TargetController
+from l0sparse.core.prune import plain_copy
+from l0sparse.core.sites import find_gates
+from l0sparse.training.data import load_digits_split
+from l0sparse.training.train import configure_torch, recalibrate_batchnorm
+from l0sparse.training.runs import accuracy
 
 from models import promised_band
 

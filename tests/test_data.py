@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from l0sparse.data import load_digits_split, load_fashion_mnist, load_mnist_5k
+from l0sparse.training.data import load_digits_split, load_fashion_mnist, load_mnist_5k
 
 
 def write_idx(path, array):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import l0sparse
-from l0sparse.sites import find_gates
+from l0sparse.core.sites import find_gates
 
 from models import TinyResNet, mlp
 

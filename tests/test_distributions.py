@@ -220,7 +220,7 @@ def _reference_sample(log_alpha, logistic_noise, beta, gamma, zeta):
 def test_fused_sampler_matches_plain_autograd(beta):
     """Values and log α gradients of the fused sampler equal the plain-op formula on the same noise,
     including the broadcast over a sample dimension and the zero gradient where the clamp holds."""
-    from l0sparse.distributions import _StretchedClampedSigmoid
+    from l0sparse.core.distributions import _StretchedClampedSigmoid
 
     torch.manual_seed(0)
     log_alpha = torch.linspace(-4, 4, 33, dtype=torch.float64, requires_grad=True)

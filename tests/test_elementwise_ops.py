@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import l0sparse
-import l0sparse.graph as graph
-from l0sparse.graph import trace_channels
-from l0sparse.prune import plain_copy
-from l0sparse.sites import find_gates
+import l0sparse.core.graph as graph
+from l0sparse.core.graph import trace_channels
+from l0sparse.core.prune import plain_copy
+from l0sparse.core.sites import find_gates
 
 from test_sparsify_prune import assert_plain
 

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import l0sparse
-from l0sparse.models import LeNet5
-from l0sparse.sites import find_gates
+from l0sparse.core.models import LeNet5
+from l0sparse.core.sites import find_gates
 
 from models import randomise
 from test_sparsify_prune import CASES, build

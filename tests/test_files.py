@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from l0sparse.files import atomic_save, atomic_write, atomic_write_text
+from l0sparse.training.files import atomic_save, atomic_write, atomic_write_text
 
 
 def test_interrupt_mid_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):

@@ -69,10 +69,10 @@ def test_expected_l0_and_is_open():
 
 
 def test_one_name_each_for_finding_gates_and_for_an_open_gate():
-    """#15: costs.gates (read like the module l0sparse.gates), is_active and active_units were renamed, not aliased."""
+    """#15: costs.gates (read like the module l0sparse.core.gates), is_active and active_units were renamed, not aliased."""
     import l0sparse
 
-    assert l0sparse.find_gates is l0sparse.sites.find_gates and not hasattr(l0sparse.costs, "gates")
+    assert l0sparse.find_gates is l0sparse.core.sites.find_gates and not hasattr(l0sparse.core.costs, "gates")
     layer = l0sparse.L0Linear(3, 2)
     assert layer.open_units() == 3 and not hasattr(layer, "active_units") and not hasattr(layer.gate, "is_active")
 

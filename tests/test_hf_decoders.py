@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 import l0sparse
-import l0sparse.hidden
+import l0sparse.core.stream
+import l0sparse.hf.shapes
 from l0sparse import hf as l0hf
-from l0sparse.costs import CostModel
-from l0sparse.operations import grouped_heads_kept
-from l0sparse.sites import find_gates
+from l0sparse.core.costs import CostModel
+from l0sparse.core.operations import grouped_heads_kept
+from l0sparse.core.sites import find_gates
 
 from test_hf_encoders import hf, torch_export_loaded  # noqa: F401 (a fixture)
 
@@ -229,7 +230,7 @@ def test_keyword_example_inputs_for_a_model_of_the_users_own():
 def open_exactly(model: nn.Module, heads: list[int], units: int) -> None:
     """Open the query heads ``heads`` and the first ``units`` units of every layer (log α = +10), close the rest (−10)."""
     with torch.no_grad():
-        for layer in l0hf._shaped_layers(model):
+        for layer in l0sparse.hf.shapes._shaped_layers(model):
             keep = torch.zeros(layer.gate.log_alpha.numel(), dtype=torch.bool)
             keep[heads if layer.kind == "heads" else slice(0, units)] = True
             layer.gate.log_alpha.copy_(torch.where(keep, 10.0, -10.0))
@@ -451,7 +452,7 @@ def gated_with_hidden(family: str, seed: int = 0) -> nn.Module:
     l0hf.gate_decoder_hidden(model, batch())
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        gate = l0sparse.hidden.hidden_gate(model)
+        gate = l0sparse.core.stream.hidden_gate(model)
         gate.log_alpha.copy_(torch.where(torch.rand(gate.log_alpha.shape, generator=generator) < 0.5, -10.0, 10.0))
     return model.eval()
 
@@ -460,7 +461,7 @@ def gated_with_hidden(family: str, seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("family", HIDDEN_FAMILIES)
 def test_the_hidden_size_of_an_rmsnorm_stream_prunes_exactly(family):
     model = gated_with_hidden(family)
-    kept = int(l0sparse.hidden.hidden_gate(model).is_open().sum())
+    kept = int(l0sparse.core.stream.hidden_gate(model).is_open().sum())
     costs = CostModel(model, batch()).costs(deterministic=True)
     pruned = l0sparse.prune(model, batch())
     embedding = pruned.get_input_embeddings()
@@ -487,7 +488,7 @@ def test_a_hidden_pruned_decoder_reloads_through_rebuild_and_the_gate_trains():
     empty.load_state_dict(torch.load(saved, weights_only=True))
     with torch.no_grad():
         assert torch.equal(empty.eval()(**batch()).logits, pruned(**batch()).logits)
-    gate = l0sparse.hidden.hidden_gate(model)
+    gate = l0sparse.core.stream.hidden_gate(model)
     model.train()
     loss = model(**batch(), labels=batch()["input_ids"]).loss + l0sparse.penalty(model, lam=0.1, N=100)
     loss.backward()

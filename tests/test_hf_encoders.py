@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import l0sparse
-from l0sparse.sites import find_gates
-from l0sparse.graph import trace_channels
-from l0sparse.sparsify import declared_head_count, gate_masks
+from l0sparse.core.sites import find_gates
+from l0sparse.core.graph import trace_channels
+from l0sparse.core.sparsify import declared_head_count, gate_masks
 
 from test_sparsify_prune import CASES, assert_plain, build
 
@@ -340,7 +340,7 @@ def test_every_pattern_prunes_exactly_through_torch_export(case, monkeypatch):
     def no_fx(self, root, concrete_args=None):
         raise TypeError("torch.fx refused for this test")
 
-    monkeypatch.setattr(l0sparse.graph._Tracer, "trace", no_fx)
+    monkeypatch.setattr(l0sparse.core.graph._Tracer, "trace", no_fx)
     model, x = build(case)
     assert trace_channels(model, (x,)).tracer == "export"
     pruned = l0sparse.prune(model, x)

@@ -11,8 +11,8 @@ from torch import nn
 
 import l0sparse
 from l0sparse import hf as l0hf
-from l0sparse.sites import find_gates
-from l0sparse.sparsify import declared_head_count, gate_masks
+from l0sparse.core.sites import find_gates
+from l0sparse.core.sparsify import declared_head_count, gate_masks
 
 from test_hf_encoders import (FAMILIES, FFN, HEADS, VOCAB, WIDTH, assert_exports_and_loads, hf, input_ids, prune_checked,
                               torch_export_loaded)  # noqa: F401 (a fixture)

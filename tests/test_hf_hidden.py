@@ -1,4 +1,4 @@
-"""The hidden-size gate (issue #12, item 2; l0sparse.hidden): one gate over the residual stream of a BERT-like
+"""The hidden-size gate (issue #12, item 2; l0sparse.hf.hidden): one gate over the residual stream of a BERT-like
 encoder, LayerNorm statistics over the open dimensions while gated, and an exact prune to k dimensions.
 Small random configs from transformers' config classes: nothing is downloaded."""
 
@@ -13,8 +13,9 @@ from torch.nn.utils import parametrize
 
 import l0sparse
 import l0sparse.hf
-from l0sparse.hidden import OpenLayerNorm, gate_hidden, hidden_gate
-from l0sparse.sites import find_gates
+from l0sparse.core.stream import OpenLayerNorm, hidden_gate
+from l0sparse.hf import gate_hidden
+from l0sparse.core.sites import find_gates
 
 from test_sparsify_prune import assert_plain
 
@@ -324,7 +325,7 @@ def test_a_second_gate_hidden_and_sparsify_after_it_are_refused_and_change_nothi
     alone = classifier().train()  # gate_hidden without sparsify gates the hidden size only; sparsify must come first
     gate_hidden(alone, input_ids())
     before = model_state(alone)
-    with pytest.raises(ValueError, match="the hidden gate of l0sparse.hidden.gate_hidden: call sparsify first, then gate_hidden"):
+    with pytest.raises(ValueError, match="the hidden gate of l0sparse.hf.gate_hidden: call sparsify first, then gate_hidden"):
         l0sparse.sparsify(alone, l0sparse.hf.encoder_rules(alone), example_inputs=input_ids())
     assert_same_state(before, model_state(alone))
 
@@ -362,7 +363,7 @@ def test_round_to_rounds_the_units_but_not_the_kept_hidden_dimensions():
 
 
 def test_report_counts_the_hidden_gate_in_dimensions():
-    from l0sparse.report import gate_units
+    from l0sparse.core.report import gate_units
 
     model = gated(classifier)
     x = input_ids()

@@ -12,13 +12,15 @@ from torch import nn
 
 import l0sparse
 from l0sparse import hf
-from l0sparse.baselines import FIXED_OPEN, gate_importance, importance_prune_
-from l0sparse.config import config_from_dict
-from l0sparse.costs import CostModel
-from l0sparse.sites import find_gates
-from l0sparse.data import DATASETS, Split, read_wordnet_glosses
-from l0sparse.control import TargetController
-from l0sparse.train import distillation_loss, load_pruned, load_run, load_teacher, model_for, prune_run, run_training
+from l0sparse.training.baselines import FIXED_OPEN, gate_importance, importance_prune_
+from l0sparse.training.config import config_from_dict
+from l0sparse.core.costs import CostModel
+from l0sparse.core.sites import find_gates
+from l0sparse.training.data import DATASETS, Split, read_wordnet_glosses
+from l0sparse.core.control import TargetController
+from l0sparse.training.train import distillation_loss, load_teacher, run_training
+from l0sparse.training.build import model_for
+from l0sparse.training.runs import load_pruned, load_run, prune_run
 
 from models import promised_band
 
@@ -299,7 +301,7 @@ def test_a_distilled_run_resumes_exactly_even_if_the_teacher_changed(teacher_dir
 
 
 def test_the_hidden_state_term_enters_the_loss_with_its_weight(teacher_dir, tmp_path, monkeypatch):
-    import l0sparse.train as train_module
+    import l0sparse.training.train as train_module
 
     terms = []  # (value, batch size) of every step's term
     measured = hf.LayerDistillation.__call__
@@ -438,7 +440,7 @@ def test_hidden_gate_from_the_recipe_trains_prunes_and_reports(teacher_dir, tmp_
     from pathlib import Path
 
     from l0sparse.cli import main
-    from l0sparse.hidden import hidden_gate
+    from l0sparse.core.stream import hidden_gate
 
     recipe = Path(__file__).parents[1] / "recipes" / "minilm-wordnet-l0-flops50.toml"
     run = tmp_path / "hidden"
@@ -460,7 +462,7 @@ def test_hidden_gate_from_the_recipe_trains_prunes_and_reports(teacher_dir, tmp_
 
 
 def test_importance_ranks_hidden_dimensions_on_their_own(teacher_dir, tmp_path):
-    from l0sparse.hidden import gate_hidden
+    from l0sparse.hf.hidden import gate_hidden
 
     model = gated_classifier()
     x = token_ids(2)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import l0sparse
 from l0sparse import L0Conv2d, L0LeNet5, L0Linear, L0MLP, expected_l0, penalty
-from l0sparse.prune import plain_copy
+from l0sparse.core.prune import plain_copy
 
 
 def set_log_alpha(layer, values):
@@ -225,7 +225,7 @@ def test_prepared_penalty_gradient_matches_plain_autograd():
     # and a finite-difference check of the node itself
     log_alphas = [layer.gate.log_alpha.detach().clone().requires_grad_() for layer in model.l0_layers()]
     charge = torch.rand(sum(t.numel() for t in log_alphas), dtype=torch.float64)
-    function = l0sparse.costs._ChargedProbNonzero.apply
+    function = l0sparse.core.costs._ChargedProbNonzero.apply
     assert torch.autograd.gradcheck(lambda *tensors: function(-2.3, charge, *tensors), log_alphas)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from l0sparse.norms import lk_norm, lk_penalty, sparsity, threshold_
+from l0sparse.core.norms import lk_norm, lk_penalty, sparsity, threshold_
 
 
 def test_lk_norm_by_hand():

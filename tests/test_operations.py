@@ -1,4 +1,4 @@
-"""Norms over the channels, each one rule in l0sparse.operations: GroupNorm and a channels-last LayerNorm.
+"""Norms over the channels, each one rule in l0sparse.core.operations: GroupNorm and a channels-last LayerNorm.
 
 What is exact (docs/design.md, "Norms over the channels"): a gate on the consumers closes a channel after
 the norm, so its consumer columns always go; its producer rows and norm entries go only with their whole
@@ -168,7 +168,7 @@ def test_norm_rules_hold_on_the_torch_export_path(net, monkeypatch):
     def no_fx(self, root, concrete_args=None):
         raise RuntimeError("torch.fx switched off for this test")
 
-    monkeypatch.setattr(l0sparse.graph._Tracer, "trace", no_fx)
+    monkeypatch.setattr(l0sparse.core.graph._Tracer, "trace", no_fx)
     torch.manual_seed(4)
     model = GroupNormNet() if net == "groupnorm" else ChannelsLastNormNet()
     _randomise_norm_(model.norm)

@@ -10,7 +10,7 @@ from torch import nn
 
 import l0sparse
 from l0sparse import L0Conv2d, L0LeNet5, L0Linear, Penalty, sparsify
-from l0sparse.models import LeNet5
+from l0sparse.core.models import LeNet5
 
 
 def _gate_of(module: nn.Module):

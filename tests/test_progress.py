@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from l0sparse.cli import main
-from l0sparse.config import load_config
-from l0sparse.regularizers import Regularizer
-from l0sparse.train import StepProgress, run_training
+from l0sparse.training.config import load_config
+from l0sparse.training.regularizers import Regularizer
+from l0sparse.training.train import StepProgress, run_training
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -81,7 +81,7 @@ def test_a_distilled_text_run_says_it_computes_the_teacher_s_logits(tmp_path, ca
     pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
     import test_hf_task
     from l0sparse import hf
-    from l0sparse.data import DATASETS
+    from l0sparse.training.data import DATASETS
 
     monkeypatch.setitem(DATASETS, "wordnet", test_hf_task.fake_wordnet)
     monkeypatch.setattr(hf, "build_minilm", test_hf_task.tiny_classifier)

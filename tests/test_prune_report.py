@@ -9,10 +9,11 @@ import torch
 
 import l0sparse
 from l0sparse.cli import main
-from l0sparse.config import load_config
-from l0sparse.report import ATTENTION_PRODUCTS
-from l0sparse.runs import RunFolder
-from l0sparse.train import accuracy, run_training
+from l0sparse.training.config import load_config
+from l0sparse.core.report import ATTENTION_PRODUCTS
+from l0sparse.training.runs import RunFolder
+from l0sparse.training.train import run_training
+from l0sparse.training.runs import accuracy
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -80,7 +81,7 @@ def text_task(monkeypatch):
     pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
     import test_hf_task
     from l0sparse import hf
-    from l0sparse.data import DATASETS
+    from l0sparse.training.data import DATASETS
 
     monkeypatch.setitem(DATASETS, "wordnet", test_hf_task.fake_wordnet)
     monkeypatch.setattr(hf, "build_minilm", test_hf_task.tiny_classifier)
@@ -88,7 +89,7 @@ def text_task(monkeypatch):
 
 
 def test_a_text_run_reports_encoder_flops_and_its_table_counts_attention_products(text_task, tmp_path, capsys):
-    from l0sparse.prune import plain_copy
+    from l0sparse.core.prune import plain_copy
 
     config = text_task.config
 

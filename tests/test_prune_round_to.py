@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from l0sparse.cli import main
-from l0sparse.config import load_config
-from l0sparse.train import run_training
+from l0sparse.training.config import load_config
+from l0sparse.training.train import run_training
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from l0sparse.cli import main
-from l0sparse.config import load_config
-from l0sparse.plots import short_labels
-from l0sparse.runs import RunFolder
-from l0sparse.train import run_training
+from l0sparse.training.config import load_config
+from l0sparse.training.plots import short_labels
+from l0sparse.training.runs import RunFolder
+from l0sparse.training.train import run_training
 
 pytest.importorskip("matplotlib", reason="report needs the 'plot' extra")
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -77,13 +77,13 @@ def test_report_md_has_prune_s_accuracy_and_latency_once_the_run_is_pruned(one_e
 def test_runs_on_the_same_data_share_one_load_and_each_slow_step_is_announced(one_epoch_run, tmp_path, monkeypatch):
     import shutil
 
-    import l0sparse.data
-    from l0sparse.plots import report_runs
+    import l0sparse.training.data
+    from l0sparse.training.plots import report_runs
 
     second = tmp_path / "second"
     shutil.copytree(one_epoch_run, second)
-    loads, real = [], l0sparse.data.load_dataset
-    monkeypatch.setattr(l0sparse.data, "load_dataset", lambda name: loads.append(name) or real(name))
+    loads, real = [], l0sparse.training.data.load_dataset
+    monkeypatch.setattr(l0sparse.training.data, "load_dataset", lambda name: loads.append(name) or real(name))
     said = []
     report_runs([one_epoch_run, second], tmp_path / "report", say=said.append)
     assert loads == ["digits"]  # MiniLM's runs would tokenize WordNet once, not once per run

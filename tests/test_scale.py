@@ -73,8 +73,8 @@ def test_ddp_keeps_gates_identical_across_ranks(tmp_path):
 def test_l0sparse_train_runs_under_torchrun(tmp_path):
     """`l0sparse train` launched by torchrun on 2 CPU processes: each rank takes half of every epoch,
     the gates stay identical on both ranks, rank 0 writes a run that loads and resumes (docs/scale.md)."""
-    from l0sparse.data import load_digits_split
-    from l0sparse.train import load_run
+    from l0sparse.training.data import load_digits_split
+    from l0sparse.training.runs import load_run
 
     out = tmp_path / "run"
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
@@ -94,7 +94,7 @@ def test_l0sparse_train_runs_under_torchrun(tmp_path):
         assert record["examples"] == 2 * (n_train // 2)  # both halves, the odd example left out
         assert record["steps"] == math.ceil((n_train // 2) / batch_size)  # each rank steps through its half
     _, model, data = load_run(out)
-    assert l0sparse.train.accuracy(model, data.x_test, data.y_test) > 0.5  # learned something in 2 epochs
+    assert l0sparse.training.runs.accuracy(model, data.x_test, data.y_test) > 0.5  # learned something in 2 epochs
     resumed = subprocess.run(launch[:-3] + ["--out", str(out), "--resume", "--set", "epochs=3", "--no-progress"],
                              capture_output=True, text=True, timeout=300, env=environment)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -145,8 +145,8 @@ def test_conditional_computation_is_exact(name, per_example_noise):
 def test_conditional_models_trace_for_costs_and_pruning(tmp_path):
     """CostModel and prune trace the plain path of a conditional model (the same function), and a training
     run with `conditional = true` reports its sizes like any other."""
-    from l0sparse.config import load_config
-    from l0sparse.train import run_training
+    from l0sparse.training.config import load_config
+    from l0sparse.training.train import run_training
 
     torch.manual_seed(0)
     for plain, conditional, x in ((l0sparse.L0MLP((20, 12, 4)), l0sparse.L0MLP((20, 12, 4), conditional=True), torch.randn(3, 20)),

@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import l0sparse
-from l0sparse.prune import plain_copy
-from l0sparse.sparsify import GateMask
+from l0sparse.core.prune import plain_copy
+from l0sparse.core.sparsify import GateMask
 
 from models import AttentionNet, Conv1dNet, GlobalPoolNet, OwnAttentionNet, PreNormAttentionNet, TinyResNet, mlp, randomise
 
@@ -181,8 +181,8 @@ def test_input_gates_select_inputs():
 
 
 def test_pruned_model_scripts_when_forward_annotations_are_strings():
-    # l0sparse.models uses `from __future__ import annotations`: its forward's annotations are strings
-    from l0sparse.models import LeNet5
+    # l0sparse.core.models uses `from __future__ import annotations`: its forward's annotations are strings
+    from l0sparse.core.models import LeNet5
 
     torch.manual_seed(0)
     model, x = LeNet5().eval(), torch.randn(2, 1, 28, 28)
@@ -197,7 +197,7 @@ def test_pruned_model_scripts_when_forward_annotations_are_strings():
 def test_plan_is_a_dataclass_saved_in_the_format_of_earlier_plans():
     """prune's plan is a PrunePlan; what return_plan gives (and pruned.json files hold) is its to_json() dict, with the
     keys plans have always had, and rebuild takes either."""
-    from l0sparse.prune import PrunePlan, Selection
+    from l0sparse.core.prune import PrunePlan, Selection
 
     model, x = build("mlp")
     pruned, saved = l0sparse.prune(model, x, return_plan=True)

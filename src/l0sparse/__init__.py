@@ -1,15 +1,15 @@
 """l0sparse: learn sparse networks with L0 regularization (Louizos, Welling & Kingma, 2018)."""
 
-from .control import TargetController, param_groups
-from .costs import CostModel, Penalty, count_flops, count_params, expected_flops, expected_l0, expected_params, penalty
-from .distributions import HardConcrete
-from .gates import PAPER_LOG_ALPHA_RANGE, Gate
-from .layers import L0Conv2d, L0Linear
-from .models import L0LeNet5, L0MLP
-from .prune import PrunePlan, prune, rebuild
-from .report import architecture, summary
-from .sites import GateSite, find_gates, gate_sites
-from .sparsify import sparsify
+from .core.control import TargetController, param_groups
+from .core.costs import CostModel, Penalty, count_flops, count_params, expected_flops, expected_l0, expected_params, penalty
+from .core.distributions import HardConcrete
+from .core.gates import PAPER_LOG_ALPHA_RANGE, Gate
+from .core.layers import L0Conv2d, L0Linear
+from .core.models import L0LeNet5, L0MLP
+from .core.prune import PrunePlan, prune, rebuild
+from .core.report import architecture, summary
+from .core.sites import GateSite, find_gates, gate_sites
+from .core.sparsify import sparsify
 
 __all__ = [
     "HardConcrete",

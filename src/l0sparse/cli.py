@@ -17,11 +17,12 @@ DEMO_SIZES = (64, 100, 50, 10)
 
 def run_demo(epochs: int = 100, lam: float = 0.2, lr: float = 1e-2, seed: int = 0, threads: int = 1, progress: bool = True, out=None) -> dict:
     """Train an L0 MLP and a dense MLP on scikit-learn's digits and print what L0 kept."""
-    from .costs import CostModel, count_flops, count_params, expected_l0
-    from .data import load_digits_split
-    from .models import L0MLP, mlp
-    from .prune import plain_copy
-    from .train import accuracy, configure_torch, fit
+    from .core.costs import CostModel, count_flops, count_params, expected_l0
+    from .training.data import load_digits_split
+    from .core.models import L0MLP, mlp
+    from .core.prune import plain_copy
+    from .training.train import configure_torch, fit
+    from .training.runs import accuracy
 
     out = out or sys.stdout
     configure_torch(threads)
@@ -91,7 +92,7 @@ def _threads(text: str) -> int:
 
 def _seed(text: str) -> int:
     """--seed: numpy's range for a random state, [0, 2**32 - 1] (-1 was blamed on train_test_split)."""
-    from .config import SEED_MAX
+    from .training.config import SEED_MAX
 
     value = _read_number(text, int, f"an int in [0, {SEED_MAX}]")
     if not 0 <= value <= SEED_MAX:
@@ -160,17 +161,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train":
             return _train(parser, args)
         elif args.command == "prune":
-            from .runs import RunFolder
-            from .train import configure_torch
+            from .training.runs import RunFolder
+            from .training.train import configure_torch
 
             configure_torch(args.threads)
             run = RunFolder(args.run_dir)
             pruned, table = run.prune(force=args.force, round_to=args.round_to, latency=not args.no_latency, say=_steps_on_a_terminal())
             print(table)
-            print(f"wrote {run.pruned_weights_path} and {run.pruned_spec_path.name} (load with l0sparse.runs.load_pruned)")
+            print(f"wrote {run.pruned_weights_path} and {run.pruned_spec_path.name} (load with l0sparse.training.runs.load_pruned)")
         elif args.command == "report":
-            from .plots import report_runs
-            from .runs import RunFolder
+            from .training.plots import report_runs
+            from .training.runs import RunFolder
 
             _check_out(args.out, "the report folder", "<first run>/report")
             written = report_runs(args.run_dirs, args.out or RunFolder(args.run_dirs[0]).report_path, say=_steps_on_a_terminal())
@@ -208,9 +209,9 @@ def _one_line(error: BaseException) -> str:
 def _train(parser, args) -> int:
     from pathlib import Path
 
-    from .config import load_config
-    from .runs import RunFolder
-    from .train import run_training
+    from .training.config import load_config
+    from .training.runs import RunFolder
+    from .training.train import run_training
 
     _check_out(args.out, "the run directory", "runs/<config name>")  # an unset $OUT: not the default run, which --force replaces
     if args.resume:

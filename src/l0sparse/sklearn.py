@@ -62,9 +62,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from .costs import Penalty
-from .gates import Gate, is_positive_int
-from .layers import L0Linear
+from .core.costs import Penalty
+from .core.gates import Gate, is_positive_int
+from .core.layers import L0Linear
 
 __all__ = ["L0Regressor", "L0Classifier"]
 

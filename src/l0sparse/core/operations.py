@@ -1,6 +1,6 @@
 """One rule per kind of operation: how it is traced into channel spaces, sliced by prune, and counted.
 
-:func:`l0sparse.graph.trace_channels` walks a graph and hands each node to the rule of its module
+:func:`l0sparse.core.graph.trace_channels` walks a graph and hands each node to the rule of its module
 (:func:`module_rule`) or function (:func:`function_rule`); :func:`l0sparse.prune` slices a module
 through its rule's :meth:`ModuleRule.slice`; :class:`l0sparse.CostModel` and :func:`l0sparse.count_flops`
 count a weight product through :meth:`WeightProduct.positions` and :meth:`WeightProduct.pair_macs`.
@@ -40,7 +40,7 @@ _aten = torch.ops.aten
 
 
 class Trace(Protocol):
-    """What :mod:`l0sparse.graph` offers a rule while tracing (see ``graph._Trace``)."""
+    """What :mod:`l0sparse.core.graph` offers a rule while tracing (see ``graph._Trace``)."""
 
     modules: dict[str, nn.Module]  # the traced graph's
     model_modules: dict[str, nn.Module]  # the model's own (torch.export's graph holds only some)

@@ -1,9 +1,9 @@
 """Training: one loop, read top to bottom, behind the demo (:func:`fit`) and the command (:func:`run_training`).
 
 Every step of either is :func:`train_epoch`'s: the task loss, plus the run's
-regularizer's terms (:mod:`l0sparse.regularizers`), one optimizer step, the
+regularizer's terms (:mod:`l0sparse.training.regularizers`), one optimizer step, the
 regularizer's action after it, and the moving average. :func:`run_training`
-adds what a long run needs around it: the run folder (:mod:`l0sparse.runs`),
+adds what a long run needs around it: the run folder (:mod:`l0sparse.training.runs`),
 a checkpoint per epoch, resume, DDP, distillation and clean stops.
 """
 
@@ -23,24 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .build import ema as ema, model_for as model_for, paper_init_ as paper_init_
-from .control import param_groups
-from .sites import find_gates
+from .build import ema, model_for
+from ..core.control import param_groups
+from ..core.sites import find_gates
 from .distributed import RankGroup
 from .regularizers import L0, Regularizer, regularizer_for
-from .runs import RunFolder, StagedRunFolder, check_replaceable, check_resumable, check_run_directory, load_state, reconcile_history
+from .runs import (CHECKPOINT, CONFIG_FILE, RunFolder, StagedRunFolder, accuracy, check_replaceable, check_resumable, check_run_directory, load_state,
+                   reconcile_history)
 
-# the run folder's names and functions, importable from here as before they moved to runs.py
-from .runs import CHECKPOINT as CHECKPOINT, CONFIG_FILE as CONFIG_FILE, METRICS_FILE as METRICS_FILE
-from .runs import PRUNED_SPEC as PRUNED_SPEC, PRUNED_WEIGHTS as PRUNED_WEIGHTS, REPORT_DIR as REPORT_DIR
-from .runs import REPLACED_DIR as REPLACED_DIR, RUN_FILES as RUN_FILES, STAGING_DIR as STAGING_DIR, TEACHER_LOGITS as TEACHER_LOGITS
-from .runs import TEACHER_WEIGHTS as TEACHER_WEIGHTS
-from .runs import load_checkpoint as load_checkpoint, load_pruned as load_pruned, load_run as load_run
-from .runs import prune_run as prune_run, read_metrics as read_metrics
-from .runs import accuracy as accuracy  # in runs.py since prune reports it (runs must not import train)
-
-__all__ = ["configure_torch", "fit", "train_epoch", "accuracy", "recalibrate_batchnorm", "ema", "run_training", "load_run",
-           "prune_run", "load_pruned", "load_teacher", "TrainingDiverged", "read_metrics"]
+__all__ = ["configure_torch", "fit", "train_epoch", "recalibrate_batchnorm", "run_training", "load_teacher", "TrainingDiverged"]
 
 #: How many training examples score the importance baseline's heads (Michel et al. use a few thousand).
 IMPORTANCE_EXAMPLES = 2048
@@ -331,7 +322,7 @@ def _batch_inputs(x: Tensor, pad_id: int | None) -> Tensor:
     """A batch as the model gets it: token ids without their columns of padding only (the same outputs, less compute)."""
     if pad_id is None:
         return x
-    from .hf import trim_padding
+    from ..hf.task import trim_padding
 
     return trim_padding(x, pad_id)
 
@@ -501,7 +492,7 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
         say(f"loading the teacher ({config.teacher})")
         teacher = load_teacher(config, data)
     elif config.teacher is not None and config.distill_hidden:  # resumed: the teacher's weights as this run stored them
-        from .models import build_model
+        from .build import build_model
 
         teacher = run_dir.folder.read_teacher_weights(build_model(config.model, 0, data.num_classes, gated=False))
     torch.manual_seed(config.seed)
@@ -579,7 +570,7 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
         if resume:
             teacher_logits = folder.read_teacher_logits(n_train, data.num_classes)
         else:
-            from .hf import predict_logits
+            from ..hf.task import predict_logits
 
             say(f"the teacher's logits for the {n_train:,} training examples, once")
             teacher_logits = predict_logits(teacher, data.x_train, pad_id, progress=shown and terminal)
@@ -588,7 +579,7 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
                 if config.distill_hidden:
                     folder.write_teacher_weights(teacher)
         if config.distill_hidden:
-            from .hf import LayerDistillation
+            from ..hf.distill import LayerDistillation
 
             layer_distillation = LayerDistillation(model, teacher, pad_id)
         del teacher

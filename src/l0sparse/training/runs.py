@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ..core.graph import evaluating
 from .files import atomic_save, atomic_write_text, read_json, regular_file, torch_load
 
 if TYPE_CHECKING:  # annotations only: importing them here would make runs import config, data and report at start-up
     from .config import TrainConfig
     from .data import Split
-    from .report import Summary
+    from ..core.report import Summary
 
 __all__ = ["RunFolder", "StagedRunFolder", "load_run", "prune_run", "load_pruned", "read_metrics", "load_checkpoint",
            "check_run_directory", "prune_result", "format_prune_result", "accuracy"]
@@ -76,13 +77,11 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1024, pad
     ``pad_id``: ``x`` holds token ids padded with it, computed in batches of similar length without their padding.
     """
     if pad_id is not None:
-        from .hf import predict_logits
+        from ..hf.task import predict_logits
 
         return float((predict_logits(model, x, pad_id, batch_size=batch_size).argmax(-1) == y).float().mean())
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
-    model.train(was_training)
+    with evaluating(model):
+        correct = sum(int((model(xb).argmax(-1) == yb).sum()) for xb, yb in zip(x.split(batch_size), y.split(batch_size)))
     return correct / len(y)
 
 
@@ -270,7 +269,7 @@ class RunFolder:
             load_state(averaged, state["ema"], self.checkpoint_path)
             model = averaged.module
         if config.regularizer in ("l1", "group_l1"):
-            from .norms import threshold_
+            from ..core.norms import threshold_
 
             threshold_(model, config.regularizer, config.threshold_value)  # the usual last step of an L1 run
         return config, model.eval(), data
@@ -286,9 +285,9 @@ class RunFolder:
         pruning, evaluating, timing). Returns the pruned module and the text :func:`format_prune_result` makes
         of the summary table and the result; :meth:`load_pruned` loads the module back with ``weights_only=True``.
         """
-        from .prune import prune
-        from .report import architecture, summary
-        from .sites import find_gates
+        from ..core.prune import prune
+        from ..core.report import architecture, summary
+        from ..core.sites import find_gates
 
         say = say or _say_nothing
         if self.pruned_weights_path.exists() and not force:
@@ -299,7 +298,7 @@ class RunFolder:
         config, model, data = self.load(say=say)
         if not find_gates(model):  # prune() would say "call l0sparse.sparsify first", which a command-line user cannot
             raise ValueError(f"{self.path} is a run without gates (regularizer = {config.regularizer!r}): there is nothing to "
-                             f"prune; its {CHECKPOINT} holds the whole model (load it with l0sparse.runs.load_run)")
+                             f"prune; its {CHECKPOINT} holds the whole model (load it with l0sparse.training.runs.load_run)")
         example = data.x_train[:2]
         rounding = config.round_to if round_to is None else round_to
         say(f"pruning (widths rounded up to multiples of {rounding})" if rounding > 1 else "pruning")
@@ -320,8 +319,8 @@ class RunFolder:
     def load_pruned(self) -> nn.Module:
         """The pruned model, rebuilt from ``pruned.json`` and loaded with ``weights_only=True``; in eval mode."""
         from .config import config_from_dict
-        from .models import build_model
-        from .prune import rebuild
+        from .build import build_model
+        from ..core.prune import rebuild
 
         if not self.pruned_spec_path.exists():
             raise FileNotFoundError(f"{self.path} has no {PRUNED_SPEC}: run `l0sparse prune {self.path}` first")
@@ -351,12 +350,12 @@ def prune_result(model: nn.Module, pruned: nn.Module, table: Summary, config: Tr
 
     FLOPs are MACs per example at the example's shape, attention's products included; for a text classifier the
     encoder's only (without the classification layer), docs/hf.md's count. The unpruned model is the gated one with
-    its gates folded into the weights (:func:`l0sparse.prune.plain_copy`): every unit kept.
+    its gates folded into the weights (:func:`l0sparse.core.prune.plain_copy`): every unit kept.
     """
-    from .costs import count_flops, median_latency
-    from .hf import SentenceClassifier, encoder_flops
-    from .prune import plain_copy
-    from .report import architecture
+    from ..core.costs import count_flops, median_latency
+    from ..hf.task import SentenceClassifier, encoder_flops
+    from ..core.prune import plain_copy
+    from ..core.report import architecture
 
     say = say or _say_nothing
     dense = plain_copy(model)

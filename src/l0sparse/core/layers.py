@@ -62,7 +62,7 @@ class L0Layer(nn.Module):
 
     ``gated_dim`` is the weight dimension the gate indexes, ``gated_tensors`` the tensors it multiplies
     (and pays λ for), ``ungated_l2`` those the penalty's L2 term covers with no gate (L0Linear's bias).
-    :mod:`l0sparse.sites` reads these; :meth:`plain` is the layer :func:`l0sparse.prune` leaves.
+    :mod:`l0sparse.core.sites` reads these; :meth:`plain` is the layer :func:`l0sparse.prune` leaves.
     """
 
     gate: Gate

@@ -17,7 +17,7 @@ channels, a reshape other than flatten and permute, a concatenation, a grouped
 conv, an attention module, or an operation without a rule.
 
 What each operation does to the spaces is its rule's business
-(:mod:`l0sparse.operations`); this module runs the tracer, walks the graph and
+(:mod:`l0sparse.core.operations`); this module runs the tracer, walks the graph and
 hands each node to its rule.
 """
 
@@ -249,6 +249,17 @@ def example_tuple(example_inputs, caller: str) -> Batch:
                     f"positional arguments, or a dict of its keyword arguments), got {type(example_inputs).__name__}")
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Run the block with ``model`` in eval mode; it leaves in the mode it came in, whatever happened."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def run_batch(model: nn.Module, batch: Batch):
     """``model`` called on ``batch``: its positional and keyword arguments."""
     return model(*batch, **getattr(batch, "kwargs", {}))
@@ -268,7 +279,7 @@ def check_example_batch(example_inputs: tuple) -> None:
                              "pass at least one example")
 
 
-def _placement_mismatch(model: nn.Module, example_inputs: tuple) -> str | None:
+def placement_mismatch(model: nn.Module, example_inputs: tuple) -> str | None:
     """Why the inputs cannot meet the model's parameters (device or dtype), or None."""
     parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
     if parameter is None:
@@ -300,7 +311,7 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
 
 class _Trace:
     """One run of :func:`trace_channels`: the spaces found so far, and the moves an operation rule makes on them
-    (:class:`l0sparse.operations.Trace`). It walks the graph and hands each node to its rule."""
+    (:class:`l0sparse.core.operations.Trace`). It walks the graph and hands each node to its rule."""
 
     def __init__(self, graph_module: fx.GraphModule, model: nn.Module) -> None:
         self.graph_module = graph_module
@@ -481,7 +492,7 @@ def _traced_graph(model: nn.Module, example_inputs: tuple) -> tuple[fx.GraphModu
         with contextlib.redirect_stderr(printed):
             ShapeProp(graph_module).propagate(*example_inputs)
     except Exception as error:
-        mismatch = _placement_mismatch(model, example_inputs) or _integer_inputs(model, example_inputs, error)
+        mismatch = placement_mismatch(model, example_inputs) or _integer_inputs(model, example_inputs, error)
         if mismatch is not None:  # not a shape error, whatever the failing layer said
             raise ValueError(mismatch) from error
         raise ValueError(f"example_inputs do not fit the model{_expected_input(model, example_inputs)}: {type(error).__name__}: {error}") from error
@@ -509,7 +520,7 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
     the torch function of each channel-wise or binary ATen op that the analysis knows, ``get_attr`` nodes for
     parameters, buffers and constants, and every other op as it is (an unknown op locks its channels).
     """
-    mismatch = _placement_mismatch(model, example_inputs)
+    mismatch = placement_mismatch(model, example_inputs)
     if mismatch is not None:
         raise ValueError(mismatch)
     try:

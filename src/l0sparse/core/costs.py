@@ -21,8 +21,8 @@ from torch.nn.utils import parametrize
 
 from .distributions import log_ratio_zero
 from .gates import Gate, accumulation_dtype, as_number, check_lam
-from .graph import check_example_batch, check_module, example_tuple, run_batch, trace_channels
-from .hidden import hidden_gate
+from .graph import check_example_batch, check_module, evaluating, example_tuple, run_batch, trace_channels
+from .stream import hidden_gate
 from .layers import L0Layer
 from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, grouped_heads_kept, head_layouts,
                          module_rule, scaled_dot_product_macs, weight_product)
@@ -314,13 +314,8 @@ class CostModel:
     def __init__(self, model: nn.Module, example_inputs) -> None:
         check_module(model, "CostModel")
         example_inputs = example_tuple(example_inputs, "CostModel")
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                self.graph = trace_channels(model, example_inputs)
-        finally:  # a failed trace leaves the model in the mode it was in
-            model.train(was_training)
+        with evaluating(model), torch.no_grad():  # a failed trace leaves the model in the mode it was in
+            self.graph = trace_channels(model, example_inputs)
         self.model = model
         self._batch = example_inputs.first_tensor().shape[0]  # counts are per entry of the first input dimension, as count_flops's
         self.modules = dict(model.named_modules())
@@ -350,7 +345,7 @@ class CostModel:
         self._head_layouts = head_layouts(model) if self.graph.tracer == "export" else {}
         self._head_of = {linear: owner for owner, layout in self._head_layouts.items()
                          for linear in (*layout["qkv"], *layout.get("kv", ()), layout["projection"])}
-        # a hidden gate (l0sparse.hidden): its stream's readers lose columns, its writers rows, and the embedding columns
+        # a hidden gate (l0sparse.core.stream; found by l0sparse.hf.hidden): its stream's readers lose columns, its writers rows, and the embedding columns
         # and LayerNorm entries of each closed dimension go
         self._hidden = hidden_gate(model)
         names = {id(module): name for name, module in self.modules.items()}
@@ -698,18 +693,14 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
     for module in [*hooked, *(m for m in model.modules() if isinstance(m, L0Layer))]:
         handles.append(module.register_forward_pre_hook(lambda *_: setattr(counter, "inside_modules", counter.inside_modules + 1)))
         handles.append(module.register_forward_hook(lambda *_: setattr(counter, "inside_modules", counter.inside_modules - 1)))
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), counter:
-            try:
-                run_batch(model, example_inputs)
-            except TypeError as error:  # arguments the forward does not take (a dict's wrong name)
-                raise ValueError(f"count_flops: example_inputs do not fit the model: TypeError: {error}") from error
+        with evaluating(model), torch.no_grad(), counter:
+            run_batch(model, example_inputs)
+    except TypeError as error:  # arguments the forward does not take (a dict's wrong name)
+        raise ValueError(f"count_flops: example_inputs do not fit the model: TypeError: {error}") from error
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     counted.update(counter.macs)
     return counted if per_module else sum(counted.values())
 

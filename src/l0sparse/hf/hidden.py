@@ -23,20 +23,21 @@ will be pruned, task head included.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .gates import Gate
-from .graph import _placement_mismatch, check_example_batch, example_tuple, run_batch
-from .layers import L0Layer
-from .operations import module_rule, set_submodule
-from .sites import GateMask
+from ..core.gates import Gate
+from ..core.graph import check_example_batch, evaluating, example_tuple, placement_mismatch, run_batch
+from ..core.layers import L0Layer
+from ..core.operations import set_submodule
+from ..core.sites import GateMask
+from ..core.stream import OPEN_NORMS, HiddenStream, OpenLayerNorm, OpenRMSNorm, hidden_gate
+from .rules import decoder_attention, decoder_attention_modules, feed_forward_outputs
 
-__all__ = ["gate_hidden", "OpenLayerNorm", "OpenRMSNorm", "OPEN_NORMS", "attach_rms_hidden_gate",
-           "HiddenStream", "hidden_gate", "prune_hidden", "apply_hidden_plan", "compare_on_kept"]
+
+__all__ = ["gate_hidden", "gate_decoder_hidden", "attach_rms_hidden_gate"]
 
 # the modules of one encoder layer, per family: (q, k, v, first feed-forward Linear), (writers), (norms)
 _LAYER_LAYOUTS = {
@@ -53,96 +54,12 @@ _LOOKED_FOR = ("encoder layers with BERT's attention.self.query/key/value, atten
                "'embeddings' module with word_embeddings (and LayerNorm)")
 
 
-@dataclass
-class HiddenStream:
-    """The modules of one residual stream (references: a deep copy of the model maps them to its own copies)."""
-
-    tables: tuple[nn.Module, ...]  # nn.Embedding whose columns write the stream
-    writers: tuple[nn.Module, ...]  # nn.Linear whose rows write it
-    readers: tuple[nn.Module, ...]  # nn.Linear whose columns read it
-    norms: tuple[nn.Module, ...]  # its LayerNorms (OpenLayerNorm while gated)
-    width: int
 
 
-class OpenLayerNorm(nn.Module):
-    """A LayerNorm over the last dimension whose statistics run over the open dimensions of ``gate`` only.
-
-    ``y = ((x − μ_open) / sqrt(σ²_open + eps) · γ + β) · z`` with μ_open, σ²_open the mean and (biased) variance
-    over {i : z_i > 0}. z is one sample per call in training, the test-time gate in eval. It holds the
-    LayerNorm's own ``weight`` and ``bias`` parameters (the same tensors).
-    """
-
-    def __init__(self, norm: nn.LayerNorm, gate: Gate) -> None:
-        super().__init__()
-        self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
-        self.weight, self.bias = norm.weight, norm.bias
-        self.gate = gate
-
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.gate().to(x.dtype)
-        is_open = (z > 0).to(x.dtype)
-        count = is_open.sum().clamp_min(1.0)  # every dimension closed: y · z is 0, not 0/0
-        mean = (x * is_open).sum(-1, keepdim=True) / count
-        centred = x - mean
-        variance = (centred.square() * is_open).sum(-1, keepdim=True) / count
-        y = centred * torch.rsqrt(variance + self.eps)
-        if self.weight is not None:
-            y = y * self.weight
-        if self.bias is not None:
-            y = y + self.bias
-        return y * z
-
-    @torch.no_grad()
-    def plain(self, kept: list[int]) -> nn.LayerNorm:
-        """The ``nn.LayerNorm`` of the ``kept`` dimensions with the test-time gate folded into γ and β."""
-        z = self.gate.deterministic()
-        index = torch.as_tensor(kept, dtype=torch.long, device=z.device)
-        reference = self.weight if self.weight is not None else z
-        norm = nn.LayerNorm(len(kept), eps=self.eps, elementwise_affine=True, device=reference.device, dtype=reference.dtype)
-        weight = self.weight if self.weight is not None else torch.ones_like(z)
-        bias = self.bias if self.bias is not None else torch.zeros_like(z)
-        norm.weight.copy_((weight * z.to(weight.dtype))[index])
-        norm.bias.copy_((bias * z.to(bias.dtype))[index])
-        return norm
-
-    def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, statistics over the open dimensions of a hidden gate"
 
 
-class OpenRMSNorm(nn.Module):
-    """An RMSNorm over the last dimension (a pre-norm decoder's: Llama, Mistral, Qwen) whose statistic runs over the
-    open dimensions of a hidden gate only: ``y = x · rsqrt(Σ_open x² / n_open + eps) · w``, the mean square taken in
-    float32 as Hugging Face's RMSNorms take it. ``norm`` (the model's own module) is kept inside: its weight carries
-    the gate's :class:`~l0sparse.sites.GateMask` (``w · z``), so the closed dimensions of every normalised output are
-    zero, and the open set is where that gated weight is non-zero (the same sample of z as the output's).
-    :meth:`plain` gives the model's module back, sliced: the pruned model's RMSNorm over the kept dimensions
-    computes the same numbers.
-    """
-
-    def __init__(self, norm: nn.Module, gate: Gate, eps: float) -> None:
-        super().__init__()
-        self.norm, self.gate, self.eps = norm, gate, float(eps)
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = self.norm.weight
-        is_open = (weight != 0).to(torch.float32)
-        count = is_open.sum().clamp_min(1.0)  # every dimension closed: the output is 0·w, not 0/0
-        x32 = x.to(torch.float32)
-        mean_square = (x32.square() * is_open).sum(-1, keepdim=True) / count
-        return weight * (x32 * torch.rsqrt(mean_square + self.eps)).to(x.dtype)
-
-    @torch.no_grad()
-    def plain(self, kept: list[int]) -> nn.Module:
-        """The model's own RMSNorm over the ``kept`` dimensions (its gate already folded into the weight)."""
-        index = torch.as_tensor(kept, dtype=torch.long, device=self.norm.weight.device)
-        self.norm.weight = nn.Parameter(self.norm.weight.detach().index_select(0, index))
-        return self.norm
-
-    def extra_repr(self) -> str:
-        return f"eps={self.eps}, statistic over the open dimensions of a hidden gate"
 
 
-OPEN_NORMS = (OpenLayerNorm, OpenRMSNorm)
 
 
 def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
@@ -212,7 +129,7 @@ def _probe_inputs(model: nn.Module, example_inputs: Tensor | tuple | list) -> tu
     if on_meta is not None:  # the probe reads which inputs are zero: a meta tensor has no values
         raise ValueError(f"gate_hidden finds the stream's readers by a probe forward, but {on_meta!r} is on the meta device, "
                          "which holds no values: materialise the model first (model.to_empty(device=...) and load_state_dict)")
-    mismatch = _placement_mismatch(model, example_inputs)
+    mismatch = placement_mismatch(model, example_inputs)
     if mismatch is not None:
         raise ValueError(f"gate_hidden: {mismatch}")
     return example_inputs
@@ -240,10 +157,9 @@ def _probe_readers(model: nn.Module, names: dict[str, list[str]], width: int, ex
     handles = [modules[name].register_forward_hook(close) for name in stream]
     handles += [m.register_forward_pre_hook(record(name)) for name, m in modules.items()
                 if isinstance(m, nn.Linear) and m.in_features == width and name not in names["writers"]]
-    was_training = model.training
-    model.eval()
     try:
-        run_batch(model, example_inputs)
+        with evaluating(model):
+            run_batch(model, example_inputs)
     except Exception as error:  # the model's own forward refused the batch: say which argument is at fault
         shapes = ", ".join(f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}" for _, t in example_inputs.named_tensors())
         raise ValueError(f"gate_hidden: example_inputs do not fit {type(model).__name__}'s forward (got {shapes or 'no tensor'}; "
@@ -251,7 +167,6 @@ def _probe_readers(model: nn.Module, names: dict[str, list[str]], width: int, ex
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     found = [name for name, reads in reads_stream.items() if reads]
     missing = [name for name in names["readers"] if name not in found]
     if missing:
@@ -341,66 +256,71 @@ def attach_rms_hidden_gate(model: nn.Module, names: dict[str, list[str]], eps: d
     return gate
 
 
-def hidden_gate(model: nn.Module) -> Gate | None:
-    """The hidden gate of ``model`` (from :func:`gate_hidden`), or None."""
-    return next((m.gate for m in model.modules() if isinstance(m, OPEN_NORMS)), None)
 
 
-def _stream_names(model: nn.Module, stream: HiddenStream) -> dict[str, list[str]]:
-    """The names in ``model`` of the stream's modules, by kind: a plan names modules, a copy has its own objects."""
-    ids = {id(m): name for name, m in model.named_modules()}
-    return {kind: [ids[id(m)] for m in getattr(stream, kind)] for kind in ("tables", "writers", "readers", "norms")}
 
 
-@torch.no_grad()
-def prune_hidden(work: nn.Module) -> dict | None:
-    """Remove the closed hidden dimensions of ``work`` (a :func:`l0sparse.prune.plain_copy`, its other gates folded)
-    in place; return the plan (``apply_hidden_plan``'s input), or None when it has no hidden gate.
-
-    Keeps one (zero) dimension when every gate is closed."""
-    gate = hidden_gate(work)
-    if gate is None:
-        return None
-    is_open = gate.is_open().cpu()
-    kept = torch.nonzero(is_open).flatten().tolist() or [0]
-    plan = {"width": gate.stream.width, "kept": kept, **_stream_names(work, gate.stream)}
-    apply_hidden_plan(work, plan)
-    return plan
 
 
-@torch.no_grad()
-def apply_hidden_plan(work: nn.Module, plan: dict) -> nn.Module:
-    """Slice ``work``'s stream modules to the plan's kept dimensions (an OpenLayerNorm becomes a folded
-    ``nn.LayerNorm``; a plain one, in a fresh model for :func:`l0sparse.rebuild`, is sliced)."""
-    modules = dict(work.named_modules())
-    kept = plan["kept"]
-    index = torch.as_tensor(kept, dtype=torch.long)
-    for name in plan["tables"]:
-        table = modules[name]
-        table.weight.data = table.weight.data.index_select(1, index.to(table.weight.device))
-        table.embedding_dim = len(kept)
-    for name in plan["writers"]:
-        module_rule(modules[name]).slice(modules[name], rows=kept)
-    tables = [modules[name].weight for name in plan["tables"]]
-    for name in plan["readers"]:
-        if any(modules[name].weight is table for table in tables):  # a head tied to the table: sliced with it, still tied
-            modules[name].in_features = len(kept)
-            continue
-        module_rule(modules[name]).slice(modules[name], columns=kept)
-    for name in plan["norms"]:
+
+
+
+
+def _rms_eps(module: nn.Module) -> float | None:
+    """The epsilon of an RMSNorm-like module (``variance_epsilon`` in Llama's family, ``eps`` elsewhere), or None."""
+    for attribute in ("variance_epsilon", "eps"):
+        value = getattr(module, attribute, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
+    """Attach one hidden-size gate (one gate per residual-stream dimension) to a pre-norm decoder whose norms are
+    RMSNorms (Llama, Mistral, Qwen2/3; after :func:`decoder_rules`' ``sparsify``); return the gate.
+
+    The stream is found by structure: the token embedding (``get_input_embeddings()``), the writers (each attention
+    module's output projection and each feed-forward block's down projection, as :func:`decoder_rules` finds them)
+    and every module with a one-dimensional ``weight`` as wide as the stream and an epsilon (``variance_epsilon`` or
+    ``eps``): the RMSNorms before each block and the final one. Each norm becomes an
+    :class:`~l0sparse.core.stream.OpenRMSNorm` whose weight the gate multiplies (docs/decoders.md, "The hidden size");
+    :func:`l0sparse.prune` then removes the closed dimensions from the embedding, every norm, every writer's rows and
+    every reader's columns (q, k, v, gate, up, the language-model head), a tied head staying tied.
+
+    Raises:
+        ValueError: no such stream (a LayerNorm decoder: OPT, GPT-Neo; fused projections), a norm that does not
+            compute ``x · rsqrt(mean(x²) + eps) · w`` (Gemma's ``1 + w``), or ``example_inputs`` the model refuses.
+            The model is unchanged then.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"gate_decoder_hidden: model must be an nn.Module (a decoder language model), got {type(model).__name__}")
+    if hidden_gate(model) is not None or any(isinstance(m, OPEN_NORMS) for m in model.modules()):
+        raise ValueError("gate_decoder_hidden: the model already has a hidden gate; attach it once")
+    table = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    if not isinstance(table, nn.Embedding):
+        raise ValueError(f"gate_decoder_hidden: {type(model).__name__} has no token embedding (get_input_embeddings())")
+    width = table.embedding_dim
+    attention = decoder_attention_modules(model)
+    if not attention:
+        raise ValueError(f"gate_decoder_hidden found no attention module with separate q, k, v and output projections in {type(model).__name__}")
+    names = {id(m): name for name, m in model.named_modules()}
+    writers = [names[id(decoder_attention(model.get_submodule(name))[1])] for name in attention]  # the output projections
+    writers += feed_forward_outputs(model, attention)
+    norms = [name for name, m in model.named_modules() if not isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)) and _rms_eps(m) is not None
+             and isinstance(getattr(m, "weight", None), torch.Tensor) and tuple(m.weight.shape) == (width,)]
+    if not norms:
+        raise ValueError(f"gate_decoder_hidden: {type(model).__name__} has no RMSNorm of width {width} (a module with a weight of "
+                         "that width and variance_epsilon or eps): LayerNorm decoders (OPT, GPT-Neo) are not supported")
+    modules = dict(model.named_modules())
+    probe = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(table.weight)
+    for name in norms:  # the computation OpenRMSNorm reproduces, checked with every dimension open
         norm = modules[name]
-        if isinstance(norm, OPEN_NORMS):
-            set_submodule(work, name, norm.plain(kept))
-        elif module_rule(norm) is not None:
-            module_rule(norm).slice(norm, entries=kept)
-        else:  # a fresh model's RMSNorm (rebuild): one weight entry per dimension
-            norm.weight = nn.Parameter(norm.weight.detach().index_select(0, index.to(norm.weight.device)))
-    return work
-
-
-def compare_on_kept(expected: Tensor, got: Tensor, plan: dict | None) -> Tensor:
-    """``expected`` restricted to the kept hidden dimensions where it is a stream-shaped output that prune narrowed."""
-    if plan and expected.shape != got.shape and expected.dim() and expected.shape[:-1] == got.shape[:-1] \
-            and expected.shape[-1] == plan["width"] and got.shape[-1] == len(plan["kept"]):
-        return expected[..., torch.as_tensor(plan["kept"], device=expected.device)]
-    return expected
+        with torch.no_grad():
+            x32 = probe.float()
+            expected = norm.weight * (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + _rms_eps(norm))).to(probe.dtype)
+            if not torch.allclose(norm(probe), expected, rtol=1e-5, atol=1e-6):
+                raise ValueError(f"gate_decoder_hidden: {name!r} ({type(norm).__name__}) does not compute x · rsqrt(mean(x²) + eps) · "
+                                 "weight, an RMSNorm's computation (Gemma's norms scale by 1 + weight), so closing a dimension could not zero it")
+    owner = f"{model.base_model_prefix}.hidden" if getattr(model, "base_model_prefix", "") in dict(model.named_children()) else "hidden"
+    return attach_rms_hidden_gate(model, {"tables": [n for n, m in modules.items() if m is table], "writers": writers, "norms": norms},
+                                  {name: _rms_eps(modules[name]) for name in norms}, example_inputs, owner, **gate_kwargs)

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from .costs import CostModel, count_flops
-from .models import LeNet5
-from .sites import find_gates, gate_masks
+from ..core.costs import CostModel, count_flops
+from ..core.models import LeNet5
+from ..core.sites import find_gates, gate_masks
 
 __all__ = ["hidden_layers", "pruned_flops", "magnitude_prune", "gate_importance", "importance_prune_"]
 
@@ -71,7 +71,7 @@ def magnitude_prune(model: nn.Module, target: float, example: torch.Tensor) -> f
     if not (0 < target <= 1):
         raise ValueError(f"target must be a fraction in (0, 1], got {target!r}")
     if not isinstance(model, LeNet5) and not all(isinstance(m, nn.Linear) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))):
-        raise ValueError("magnitude_prune supports the plain MLP and LeNet5 of l0sparse.models")
+        raise ValueError("magnitude_prune supports the plain MLP and LeNet5 of l0sparse.core.models")
     layers = hidden_layers(model)
     sizes = [layer.weight.shape[0] for layer in layers]
     layer_macs = _layer_macs(model, example)
@@ -100,7 +100,7 @@ def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tenso
     little on the batch size) and summed over ``batches`` (``(inputs,
     targets)`` pairs; the loss is ``loss_fn(logits, targets)``). Any other
     gate (a feed-forward unit; a hidden dimension of
-    :func:`l0sparse.hidden.gate_hidden`) scores the L2 norm of the weights it
+    :func:`l0sparse.hf.gate_hidden`) scores the L2 norm of the weights it
     multiplies (for a hidden dimension: its embedding columns and the rows of
     every Linear that writes the stream, together). Each gate tensor's scores are divided by their L2 norm, as
     Michel et al. normalise per layer, so that layers compare. The gates are
@@ -153,7 +153,7 @@ def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tenso
 def importance_prune_(model: nn.Module, target: float, example_inputs, scores: dict[int, torch.Tensor]) -> float:
     """Shut the least important gates of a ``sparsify``-gated model for good, down to ``target`` of its FLOPs.
 
-    Heads, hidden dimensions (a gate of :func:`l0sparse.hidden.gate_hidden`)
+    Heads, hidden dimensions (a gate of :func:`l0sparse.hf.gate_hidden`)
     and the other gates (feed-forward units) are ranked separately, each kind
     across all layers by ``scores`` (from :func:`gate_importance`; ties go to
     the earlier gate), and every gate tensor keeps its best gate. The same

@@ -12,7 +12,7 @@ from .gates import check_positive_ints, is_positive_int
 from .layers import L0Conv2d, L0Linear
 from .sites import ConditionalComputation
 
-__all__ = ["L0MLP", "L0LeNet5", "LeNet5", "mlp", "build_model"]
+__all__ = ["L0MLP", "L0LeNet5", "LeNet5", "mlp"]
 
 
 def _open_index(z: Tensor) -> Tensor:
@@ -199,17 +199,3 @@ class LeNet5(nn.Module):
         x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
         return self.fc2(torch.relu(self.fc1(torch.flatten(x, 1))))
 
-
-def build_model(name: str, num_features: int, num_classes: int, hidden: Sequence[int] = (300, 100), gated: bool = True,
-                **gate_kwargs) -> nn.Module:
-    """The model a training config names: ``"mlp"`` (flattened inputs) or ``"lenet5"``, gated or dense, or ``"minilm"`` (dense)."""
-    if name == "mlp":
-        sizes = (num_features, *hidden, num_classes)
-        return L0MLP(sizes, **gate_kwargs) if gated else mlp(sizes)
-    if name == "lenet5":
-        return L0LeNet5(num_classes=num_classes, **gate_kwargs) if gated else LeNet5(num_classes=num_classes)
-    if name == "minilm":  # pretrained; its gates come from sparsify (l0sparse.hf.encoder_rules)
-        from .hf import build_minilm
-
-        return build_minilm(num_classes)
-    raise ValueError(f"unknown model {name!r}; known: 'mlp', 'lenet5', 'minilm'")

@@ -27,8 +27,8 @@ def gate_units(model: nn.Module) -> list[tuple[str, str, Gate]]:
     """(owner, what its gates count, gate) for each gate once: the units of the paper's architecture string and the plots.
 
     The paper's layers' gates come first, in module order (an input-column gate counts inputs, an output-channel
-    gate channels), then sparsify's, in the order of :func:`~l0sparse.sites.find_gates`; the hidden-size gate of
-    :func:`l0sparse.hidden.gate_hidden` counts the residual stream's dimensions.
+    gate channels), then sparsify's, in the order of :func:`~l0sparse.core.sites.find_gates`; the hidden-size gate of
+    :func:`l0sparse.hf.gate_hidden` counts the residual stream's dimensions.
     """
     paper = {}
     for site in gate_sites(model):

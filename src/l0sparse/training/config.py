@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .control import LANDINGS, METRICS
+from ..core.control import LANDINGS, METRICS
 from .data import DATASETS
 from .files import read_json, regular_file
 
@@ -77,7 +77,7 @@ class TrainConfig:
 
     ``hidden_gate = true`` (model ``"minilm"``, regularizer ``"l0"`` or
     ``"importance"``) also gates the encoder's hidden size, one gate per
-    dimension of the residual stream (:func:`l0sparse.hidden.gate_hidden`,
+    dimension of the residual stream (:func:`l0sparse.hf.gate_hidden`,
     after the heads and feed-forward units; docs/hf.md, "The hidden-size
     gate"). Off by default.
 

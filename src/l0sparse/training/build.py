@@ -6,11 +6,14 @@ import copy
 import warnings
 
 import torch
+from collections.abc import Sequence
+
 from torch import Tensor, nn
 
-from .sites import find_gates, gate_masks
+from ..core.models import L0MLP, L0LeNet5, LeNet5, mlp
+from ..core.sites import find_gates, gate_masks
 
-__all__ = ["model_for", "paper_init_", "ema"]
+__all__ = ["build_model", "model_for", "paper_init_", "ema"]
 
 
 def ema(model: nn.Module, decay: float = 0.999) -> torch.optim.swa_utils.AveragedModel:
@@ -30,14 +33,13 @@ def ema(model: nn.Module, decay: float = 0.999) -> torch.optim.swa_utils.Average
 
 def model_for(config, data, initial: nn.Module | None = None) -> nn.Module:
     """The model ``config`` describes, gated as its regularizer needs; ``initial``: a plain model to start from (copied)."""
-    from .gates import PAPER_LOG_ALPHA_RANGE
-    from .models import build_model
-    from .sparsify import sparsify
+    from ..core.gates import PAPER_LOG_ALPHA_RANGE
+    from ..core.sparsify import sparsify
 
     gated = config.regularizer == "l0"
     clamp = PAPER_LOG_ALPHA_RANGE if config.clamp_log_alpha else None
     if config.model == "minilm":  # pretrained: gated by heads and feed-forward units (and the hidden size), or dense
-        from .hf import encoder_rules
+        from ..hf.rules import encoder_rules
 
         model = copy.deepcopy(initial) if initial is not None else build_model(config.model, 0, data.num_classes)
         if gated or config.regularizer == "importance":
@@ -46,7 +48,7 @@ def model_for(config, data, initial: nn.Module | None = None) -> nn.Module:
                 model = sparsify(model, rules=encoder_rules(model), example_inputs=data.x_train[:2],
                                  droprate_init=config.droprate_init, clamp_log_alpha=clamp)
             if config.hidden_gate:  # and one gate over the residual stream's dimensions (classifier already in place)
-                from .hidden import gate_hidden
+                from ..hf.hidden import gate_hidden
 
                 gate_hidden(model, data.x_train[:2], droprate_init=config.droprate_init, clamp_log_alpha=clamp)
         if config.regularizer == "importance":  # the baseline's gates are set once, by importance, and never trained
@@ -88,3 +90,18 @@ def paper_init_(model: nn.Module) -> nn.Module:
         if getattr(module, "bias", None) is not None:
             module.bias.zero_()
     return model
+
+
+def build_model(name: str, num_features: int, num_classes: int, hidden: Sequence[int] = (300, 100), gated: bool = True,
+                **gate_kwargs) -> nn.Module:
+    """The model a training config names: ``"mlp"`` (flattened inputs) or ``"lenet5"``, gated or dense, or ``"minilm"`` (dense)."""
+    if name == "mlp":
+        sizes = (num_features, *hidden, num_classes)
+        return L0MLP(sizes, **gate_kwargs) if gated else mlp(sizes)
+    if name == "lenet5":
+        return L0LeNet5(num_classes=num_classes, **gate_kwargs) if gated else LeNet5(num_classes=num_classes)
+    if name == "minilm":  # pretrained; its gates come from sparsify (l0sparse.hf.encoder_rules)
+        from ..hf.task import build_minilm
+
+        return build_minilm(num_classes)
+    raise ValueError(f"unknown model {name!r}; known: 'mlp', 'lenet5', 'minilm'")

@@ -182,7 +182,7 @@ def load_wordnet(root: str | Path | None = None, max_length: int = 64, test_frac
     shuffle, then the last ``test_fraction`` is the test set. The majority
     class (adj.all) is 12.3% of the synsets.
     """
-    from .hf import load_tokenizer
+    from ..hf.task import load_tokenizer
 
     if not (isinstance(test_fraction, float) and 0 < test_fraction < 1):
         raise ValueError(f"test_fraction must be a float in (0, 1), got {test_fraction!r}")

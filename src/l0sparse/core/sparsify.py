@@ -14,7 +14,7 @@ Granularities (``rules`` values):
 - ``"in"``: one gate per input feature / channel of a Linear or ungrouped
   conv, on its weight columns (the paper's choice for Linear layers).
 - ``"out"``: one gate per output unit / channel, placed on the weight columns
-  of every layer that reads those channels (see :mod:`l0sparse.graph`), so a
+  of every layer that reads those channels (see :mod:`l0sparse.core.graph`), so a
   closed channel is removed exactly whatever BatchNorm, activations or
   residual additions lie in between; channels joined by an addition share
   one gate (the paper's choice for convs).
@@ -55,8 +55,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .gates import Gate
-from .graph import check_module, example_tuple, trace_channels
-from .hidden import hidden_gate
+from .graph import check_module, evaluating, example_tuple, trace_channels
+from .stream import hidden_gate
 from .layers import L0Layer
 from .operations import declared_head_count, grouped_projections, head_layouts, query_key_value
 from .sites import GateMask, gate_masks, sum_per_gate
@@ -190,13 +190,8 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
                 f"example_inputs is required: 'out' gates on {needs[:3]} must trace the model to find the layers that "
                 "read each channel; pass a batch, e.g. sparsify(model, example_inputs=(torch.randn(1, 3, 32, 32),))"
             )
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                graph = trace_channels(model, example_inputs)
-        finally:  # a failed trace leaves the model in the mode it was in
-            model.train(was_training)
+        with evaluating(model), torch.no_grad():  # a failed trace leaves the model in the mode it was in
+            graph = trace_channels(model, example_inputs)
         _check_out_rules(graph, plan)
 
     space_gates: dict[int, Gate] = {}
@@ -245,7 +240,7 @@ def _check_not_gated(model: nn.Module) -> None:
     only_hidden = hidden is not None and all(mask.gate is hidden for *_, mask in masks)
     if gated and only_hidden:  # gate_hidden alone: the user meant to sparsify first
         raise ValueError(f"sparsify: the model already has l0sparse gates (on {gated[:3]}), the hidden gate of "
-                         "l0sparse.hidden.gate_hidden: call sparsify first, then gate_hidden; for a fresh start, build the model again")
+                         "l0sparse.hf.gate_hidden: call sparsify first, then gate_hidden; for a fresh start, build the model again")
     if gated:
         raise ValueError(f"sparsify: the model already has l0sparse gates (on {gated[:3]}): sparsify a model once, with "
                          "every rule in one call; for a fresh start, build the model again")

@@ -1,6 +1,6 @@
 """What a training run adds to plain training, one small object per regularizer.
 
-The training loop (:mod:`l0sparse.train`) calls each run's regularizer at
+The training loop (:mod:`l0sparse.training.train`) calls each run's regularizer at
 fixed points: :meth:`~Regularizer.start` once on a new run,
 :meth:`~Regularizer.resume` before a checkpoint's weights load,
 :meth:`~Regularizer.before_epoch` at the start of every epoch,
@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .costs import CostModel, Penalty, count_flops, count_params, expected_l0
-from .prune import plain_copy
-from .sites import find_gates
+from ..core.costs import CostModel, Penalty, count_flops, count_params, expected_l0
+from ..core.prune import plain_copy
+from ..core.sites import find_gates
 
 __all__ = ["Regularizer", "L0", "L0WithTarget", "LkPenalty", "MagnitudePruning", "ImportancePruning", "PrunedSize",
            "regularizer_for"]
@@ -168,7 +168,7 @@ class L0WithTarget(L0):
 
 
 class LkPenalty(Regularizer):
-    """A dense run with the L1, group-L1 or L2 penalty (:func:`l0sparse.norms.lk_penalty`).
+    """A dense run with the L1, group-L1 or L2 penalty (:func:`l0sparse.core.norms.lk_penalty`).
 
     Its sparsity is recorded on a thresholded copy for L1 and group L1 (the checkpoint keeps the exact weights).
     """
@@ -177,12 +177,12 @@ class LkPenalty(Regularizer):
         self.model, self.kind, self.lam, self.N, self.threshold = model, kind, lam, N, threshold
 
     def loss(self, task_loss: Tensor) -> Tensor:
-        from .norms import lk_penalty
+        from ..core.norms import lk_penalty
 
         return task_loss + lk_penalty(self.model, self.kind, self.lam, N=self.N)
 
     def metrics(self) -> dict[str, float]:
-        from .norms import sparsity, threshold_
+        from ..core.norms import sparsity, threshold_
 
         if self.kind == "l2":  # L2 shrinks without zeroing: not thresholded
             return sparsity(self.model)
@@ -222,7 +222,7 @@ class MagnitudePruning(Regularizer):
 
 class ImportancePruning(Regularizer):
     """The importance baseline of a gated encoder: heads and units ranked once, at the start, from the starting
-    weights (:func:`~l0sparse.baselines.gate_importance`), the least important shut for good down to ``target``
+    weights (:func:`~l0sparse.training.baselines.gate_importance`), the least important shut for good down to ``target``
     of the FLOPs; then plain (distilled) training. The checkpoint keeps the shut gates."""
 
     def __init__(self, model: nn.Module, target: float, example_inputs: Tensor, size: PrunedSize,
@@ -260,7 +260,7 @@ def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inpu
         size = PrunedSize(evaluated, example_inputs)
         if config.target is None:
             return L0(model, config.lam, config.weight_decay, n_train, evaluated, size)
-        from .control import TargetController
+        from ..core.control import TargetController
 
         steps = config.epochs * steps_per_epoch
         controller = TargetController(model, config.target, config.metric, example_inputs=example_inputs,

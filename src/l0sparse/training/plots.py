@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .files import read_json
-from .report import gate_units
+from ..core.report import gate_units
 from .runs import RunFolder, reconcile_history
 
 __all__ = ["report_runs"]

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
-from .graph import ChannelGraph, check_module, example_tuple, run_batch, trace_channels
-from .hidden import apply_hidden_plan, compare_on_kept, prune_hidden
+from .graph import ChannelGraph, check_module, evaluating, example_tuple, run_batch, trace_channels
+from .stream import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
 from .operations import (LinearRule, grouped_heads_kept, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads,
                          set_head_count, set_kv_groups, set_submodule)
@@ -58,7 +58,7 @@ class PrunePlan:
     inline: list[str] = field(default_factory=list)  # nn.TransformerEncoderLayer calls rewritten step by step
     tracer: str = "fx"  # "export": the model's own modules sliced in place (its forward unchanged)
     head_layouts: dict[str, dict] = field(default_factory=dict)  # export only: sparsify.head_layouts, each with "kept"
-    hidden: dict = field(default_factory=dict)  # l0sparse.hidden.prune_hidden's plan, applied first; empty: no hidden gate
+    hidden: dict = field(default_factory=dict)  # l0sparse.core.stream.prune_hidden's plan, applied first; empty: no hidden gate
 
     def to_json(self) -> dict:
         """A JSON-serialisable dict (the format plans have been saved in: "tracer" and "head_layouts" for export only)."""
@@ -359,7 +359,7 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
             not change. Convolutions on CPUs with 16-float SIMD registers
             (AVX-512) run fastest with channel counts that are multiples of 16
             (docs/sparsify.md, "Latency benchmark"). Heads are not rounded, nor
-            the kept dimensions of a hidden gate (l0sparse.hidden): a closed
+            the kept dimensions of a hidden gate (l0sparse.core.stream; found by l0sparse.hf.hidden): a closed
             dimension kept would enter the LayerNorms' statistics.
 
     Returns:
@@ -380,7 +380,7 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     # Linear layers whose input columns carry gates (paper layers, "in" and "heads" rules)
     column_gated = {site.name for site in gate_sites(model) if isinstance(module_rule(site.module), LinearRule) and site.dim == 1}
     work = plain_copy(model)
-    hidden = prune_hidden(work)  # the closed dimensions of a hidden gate's residual stream (l0sparse.hidden), first
+    hidden = prune_hidden(work)  # the closed dimensions of a hidden gate's residual stream (l0sparse.core.stream; found by l0sparse.hf.hidden), first
     graph = trace_channels(work, example_inputs)
     if graph.tracer == "export":  # no fx graph to rewrite: slice the copy's own modules, its forward unchanged
         plan = _make_plan(graph, column_gated, round_to, can_select=False)
@@ -390,13 +390,8 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
         plan = _make_plan(graph, column_gated, round_to)
         pruned = _apply_plan(graph, plan)
     plan.hidden = hidden or {}
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            expected, got = run_batch(model, example_inputs), run_batch(pruned, example_inputs)
-    finally:  # the user's model leaves in the mode it came in, whatever happened
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():  # the user's model leaves in the mode it came in, whatever happened
+        expected, got = run_batch(model, example_inputs), run_batch(pruned, example_inputs)
     _check_same(expected, got, hidden)
     _warn_kept_closed(model, pruned)
     return (pruned, plan.to_json()) if return_plan else pruned

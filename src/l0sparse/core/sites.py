@@ -1,6 +1,6 @@
 """Where gates sit: one record per gated tensor, and the one walk over a model that finds them.
 
-A gate reaches a model in one of two ways: a paper layer (:class:`~l0sparse.layers.L0Layer`) owns a
+A gate reaches a model in one of two ways: a paper layer (:class:`~l0sparse.core.layers.L0Layer`) owns a
 ``gate`` that multiplies its own weight, or :func:`l0sparse.sparsify` registers a :class:`GateMask`
 parametrization on a plain layer's weight. This module is the only one that knows both; the penalty,
 the cost model and prune read :class:`GateSite` records from :func:`gate_sites` and :func:`charges`.
