@@ -16,7 +16,7 @@ import l0sparse.core.stream
 import l0sparse.hf.shapes
 from l0sparse import hf as l0hf
 from l0sparse.core.costs import CostModel
-from l0sparse.core.operations import grouped_heads_kept
+from l0sparse.core.ops import grouped_heads_kept
 from l0sparse.core.sites import find_gates
 
 from test_hf_encoders import hf, torch_export_loaded  # noqa: F401 (a fixture)

@@ -12,6 +12,7 @@ from torch import nn
 
 import l0sparse
 from l0sparse import hf
+import l0sparse.hf.task  # noqa: F401  (hf.task is patched: the harness builds MiniLM through it)
 from l0sparse.training.baselines import FIXED_OPEN, gate_importance, importance_prune_
 from l0sparse.training.config import config_from_dict
 from l0sparse.core.costs import CostModel
@@ -232,7 +233,7 @@ def test_importance_prune_keeps_the_best_gates_within_the_flops_budget_and_freez
 def tiny_task(monkeypatch):
     """model 'minilm' and data 'wordnet' replaced by the small random BERT and the fake glosses."""
     monkeypatch.setitem(DATASETS, "wordnet", fake_wordnet)
-    monkeypatch.setattr(hf, "build_minilm", lambda num_classes: tiny_classifier(num_classes))
+    monkeypatch.setattr(hf.task, "build_minilm", lambda num_classes: tiny_classifier(num_classes))
 
 
 def config(**keys):

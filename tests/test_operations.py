@@ -1,4 +1,4 @@
-"""Norms over the channels, each one rule in l0sparse.core.operations: GroupNorm and a channels-last LayerNorm.
+"""Norms over the channels, each one rule in l0sparse.core.ops: GroupNorm and a channels-last LayerNorm.
 
 What is exact (docs/design.md, "Norms over the channels"): a gate on the consumers closes a channel after
 the norm, so its consumer columns always go; its producer rows and norm entries go only with their whole

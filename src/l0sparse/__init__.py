@@ -6,6 +6,7 @@ from .core.distributions import HardConcrete
 from .core.gates import PAPER_LOG_ALPHA_RANGE, Gate
 from .core.layers import L0Conv2d, L0Linear
 from .core.models import L0LeNet5, L0MLP
+from .core.ops import FunctionRule, ModuleRule, register_rule
 from .core.prune import PrunePlan, prune, rebuild
 from .core.report import architecture, summary
 from .core.sites import GateSite, find_gates, gate_sites
@@ -38,5 +39,8 @@ __all__ = [
     "summary",
     "TargetController",
     "param_groups",
+    "register_rule",
+    "ModuleRule",
+    "FunctionRule",
 ]
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from .gates import Gate, accumulation_dtype, as_number, check_lam
 from .graph import check_example_batch, check_module, evaluating, example_tuple, run_batch, trace_channels
 from .stream import hidden_gate
 from .layers import L0Layer
-from .operations import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, grouped_heads_kept, head_layouts,
+from .ops import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, grouped_heads_kept, head_layouts,
                          module_rule, scaled_dot_product_macs, weight_product)
 from .sites import Charge, GateSite, charges, find_gates, gate_sites, raw_tensor, tied_tensors, ungated_l2_tensors
 

@@ -17,7 +17,7 @@ channels, a reshape other than flatten and permute, a concatenation, a grouped
 conv, an attention module, or an operation without a rule.
 
 What each operation does to the spaces is its rule's business
-(:mod:`l0sparse.core.operations`); this module runs the tracer, walks the graph and
+(:mod:`l0sparse.core.ops`); this module runs the tracer, walks the graph and
 hands each node to its rule.
 """
 
@@ -28,7 +28,6 @@ import copy
 import io
 import logging
 import math
-import operator
 import os
 import re
 import sys
@@ -38,38 +37,16 @@ import warnings
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .gates import Gate
 from .layers import L0Layer
-from .operations import ConvRule, LinearRule, aten_owner_kinds, function_rule, module_rule, node_inputs
+from .ops import ConvRule, LinearRule, aten_as_torch, aten_owner_kinds, function_rule, module_rule, node_inputs, user_rule_applies
 
 __all__ = ["Space", "Consumer", "ChannelGraph", "Batch", "trace_channels", "check_example_batch", "example_tuple", "check_module",
            "run_batch"]
 
-_aten = torch.ops.aten
-# ATen ops read as the torch functions the analysis knows (same argument order)
-_ATEN_AS_TORCH = {
-    _aten.relu.default: torch.relu, _aten.relu_.default: torch.relu, _aten.gelu.default: F.gelu, _aten.silu.default: F.silu,
-    _aten.silu_.default: F.silu, _aten.tanh.default: torch.tanh, _aten.sigmoid.default: torch.sigmoid,
-    _aten.hardtanh.default: F.hardtanh, _aten.hardswish.default: F.hardswish, _aten.dropout.default: F.dropout,
-    _aten.add.Tensor: operator.add, _aten.add_.Tensor: operator.add, _aten.sub.Tensor: operator.sub,
-    _aten.mul.Tensor: operator.mul, _aten.mul_.Tensor: operator.mul, _aten.flatten.using_ints: torch.flatten,
-    _aten.mean.dim: torch.mean, _aten.sum.dim_IntList: torch.sum, _aten.leaky_relu.default: F.leaky_relu,
-    _aten.elu.default: F.elu, _aten.mish.default: F.mish, _aten.softplus.default: F.softplus,
-    _aten.max_pool1d.default: F.max_pool1d, _aten.max_pool2d.default: F.max_pool2d,
-    _aten.avg_pool1d.default: F.avg_pool1d, _aten.avg_pool2d.default: F.avg_pool2d,
-    _aten.adaptive_avg_pool1d.default: F.adaptive_avg_pool1d, _aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
-    _aten.scaled_dot_product_attention.default: F.scaled_dot_product_attention, _aten.permute.default: torch.permute,
-    # element-wise functions of one tensor and numbers (ScalarFunctions): gelu_new's pow(x, 3), erf, roots, clamps
-    _aten.pow.Tensor_Scalar: torch.pow, _aten.erf.default: torch.erf, _aten.sqrt.default: torch.sqrt,
-    _aten.rsqrt.default: torch.rsqrt, _aten.reciprocal.default: torch.reciprocal, _aten.square.default: torch.square,
-    _aten.clamp.default: torch.clamp, _aten.clip.default: torch.clip, _aten.exp.default: torch.exp,
-    _aten.expm1.default: torch.expm1, _aten.neg.default: torch.neg, _aten.abs.default: torch.abs,
-    _aten.div.Tensor: operator.truediv,
-}
 
 
 @dataclass
@@ -311,7 +288,7 @@ def trace_channels(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
 
 class _Trace:
     """One run of :func:`trace_channels`: the spaces found so far, and the moves an operation rule makes on them
-    (:class:`l0sparse.core.operations.Trace`). It walks the graph and hands each node to its rule."""
+    (:class:`l0sparse.core.ops.Trace`). It walks the graph and hands each node to its rule."""
 
     def __init__(self, graph_module: fx.GraphModule, model: nn.Module) -> None:
         self.graph_module = graph_module
@@ -543,7 +520,7 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
     held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
             **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
     modules = dict(model.named_modules())
-    module_ops = aten_owner_kinds()
+    module_ops, function_ops = aten_owner_kinds(), aten_as_torch()
     state = {**dict(exported.named_parameters()), **dict(exported.named_buffers()), **exported.constants}
     graph = fx.Graph()
     root: dict[str, object] = {}
@@ -553,16 +530,13 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
             target = held[node.name]
             root[target] = state.get(target, torch.empty(0))
             copied = graph.get_attr(target)
-        elif node.op == "call_function" and node.target in module_ops and node.args:
-            owner = _owning_module(node, modules, module_ops[node.target])
-            if owner is None:
-                copied = graph.node_copy(node, lambda n: env[n])
-            else:
-                root[owner] = modules[owner]
-                copied = graph.call_module(owner, (env[node.args[0]],))
-        elif node.op == "call_function" and node.target in _ATEN_AS_TORCH:
+        elif node.op == "call_function" and node.target in module_ops and node.args and (
+                owner := _owning_module(node, modules, module_ops[node.target])) is not None:
+            root[owner] = modules[owner]
+            copied = graph.call_module(owner, (env[node.args[0]],))
+        elif node.op == "call_function" and node.target in function_ops:  # an op a module rule names, outside such a module, too
             copied = graph.node_copy(node, lambda n: env[n])
-            copied.target = _ATEN_AS_TORCH[node.target]
+            copied.target = function_ops[node.target]
         else:
             copied = graph.node_copy(node, lambda n: env[n])
         value = node.meta.get("val")
@@ -685,7 +659,7 @@ class _Tracer(fx.Tracer):
     """torch.fx's tracer, with the paper's layers and gates kept as leaves."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return isinstance(module, (L0Layer, Gate)) or super().is_leaf_module(module, qualified_name)
+        return isinstance(module, (L0Layer, Gate)) or user_rule_applies(module) or super().is_leaf_module(module, qualified_name)
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         graph = super().trace(root, concrete_args)

@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from .graph import ChannelGraph, check_module, evaluating, example_tuple, run_batch, trace_channels
 from .stream import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
-from .operations import (LinearRule, grouped_heads_kept, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads,
+from .ops import (LinearRule, grouped_heads_kept, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads,
                          set_head_count, set_kv_groups, set_submodule)
 from .sites import find_gates, gate_masks, gate_sites, run_plainly, tied_tensors
 

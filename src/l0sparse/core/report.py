@@ -122,7 +122,7 @@ def saved_width(what: str, module: nn.Module | None, hidden_plan: dict | None = 
     if module is None:
         return None
     if what == "heads":
-        from .operations import declared_head_count
+        from .ops import declared_head_count
 
         return getattr(module, "num_heads", None) if isinstance(module, nn.MultiheadAttention) else declared_head_count(module)
     if what == "weights":

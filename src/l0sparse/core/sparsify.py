@@ -58,7 +58,7 @@ from .gates import Gate
 from .graph import check_module, evaluating, example_tuple, trace_channels
 from .stream import hidden_gate
 from .layers import L0Layer
-from .operations import declared_head_count, grouped_projections, head_layouts, query_key_value
+from .ops import declared_head_count, module_rule, grouped_projections, head_layouts, query_key_value
 from .sites import GateMask, gate_masks, sum_per_gate
 
 __all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks", "sum_per_gate", "head_layouts"]
@@ -168,7 +168,7 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             handled.add(name)
             continue  # already gated by the paper's layers
         if granularity is None:
-            if explicit is None and list(module.parameters(recurse=False)) and not isinstance(module, _NORMS):
+            if explicit is None and list(module.parameters(recurse=False)) and not isinstance(module, _NORMS) and module_rule(module) is None:
                 warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) has weights but no gate: no rule supports it", stacklevel=2)
             continue
         if granularity == "skip":

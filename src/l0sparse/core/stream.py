@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .gates import Gate
-from .operations import module_rule, set_submodule
+from .ops import module_rule, set_submodule
 
 __all__ = ["HiddenStream", "OpenLayerNorm", "OpenRMSNorm", "OPEN_NORMS", "hidden_gate", "prune_hidden", "apply_hidden_plan",
            "compare_on_kept"]

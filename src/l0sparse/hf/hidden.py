@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from ..core.gates import Gate
 from ..core.graph import check_example_batch, evaluating, example_tuple, placement_mismatch, run_batch
 from ..core.layers import L0Layer
-from ..core.operations import set_submodule
+from ..core.ops import set_submodule
 from ..core.sites import GateMask
 from ..core.stream import OPEN_NORMS, HiddenStream, OpenLayerNorm, OpenRMSNorm, hidden_gate
 from .rules import decoder_attention, decoder_attention_modules, feed_forward_outputs

@@ -21,7 +21,7 @@ def _is_attention(linears: list[nn.Linear]) -> bool:
 
 def _head_count(module: nn.Module, config) -> int | None:
     """The module's own head count (``num_attention_heads``, ``n_heads``, ``num_heads``...), else the config's."""
-    from ..core.operations import declared_head_count
+    from ..core.ops import declared_head_count
 
     declared = declared_head_count(module)
     if declared is not None:

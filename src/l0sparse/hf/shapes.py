@@ -38,7 +38,7 @@ class _ShapedLayer:
 def _shaped_layers(model: nn.Module) -> list[_ShapedLayer]:
     """The head and unit gates of a model gated by :func:`decoder_rules`, one record per module, in model order."""
     from ..core.stream import hidden_gate
-    from ..core.operations import head_layouts
+    from ..core.ops import head_layouts
     from ..core.sites import gate_masks
 
     layouts = head_layouts(model)

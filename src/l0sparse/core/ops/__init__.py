@@ -1,0 +1,147 @@
+"""The rules: one per kind of operation, saying how it is traced into channel spaces, sliced by prune, and counted.
+
+:func:`l0sparse.core.graph.trace_channels` walks a graph and hands each node to the rule of its module
+(:func:`module_rule`) or function (:func:`function_rule`); :func:`l0sparse.prune` slices a module through its
+rule's :meth:`ModuleRule.slice`; :class:`l0sparse.CostModel` and :func:`l0sparse.count_flops` count through the
+rules. Anything without a rule locks the channels it reads.
+
+A rule's ``trace`` receives the trace (:class:`Trace`: the moves it may make on the spaces), the node, and the
+channels of the node's first argument (``source``: a space, the dimension that holds its channels, and the
+features per channel after a flatten), and returns False when it does not apply, which locks the channels as
+an unknown operation would.
+
+The built-in rules live one family a module (``weights``, ``norms``, ``elementwise``, ``shapes``, ``attention``);
+:func:`register_rule` adds one from outside the library, ahead of them.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from .attention import (AtenProducts, AttentionRule, EncoderLayerRule, ScaledDotProductAttention, attention_cost, attention_layout,
+                        attention_module_is_plain, inline_encoder, remove_heads, scaled_dot_product_macs)
+from .base import FunctionRule, ModuleRule, Trace, flatten, node_inputs, set_submodule
+from .elementwise import BinaryFunctions, ChannelwiseFunctions, ChannelwiseRule, ScalarFunctions
+from .heads import (declared_head_count, grouped_heads_kept, grouped_projections, head_layouts, query_key_value, record_pruned_heads,
+                    set_head_count, set_kv_groups)
+from .norms import BatchNormRule, ChannelLayerNormRule, GroupNormRule
+from .shapes import FlattenFunctions, FlattenRule, PermuteFunctions, ReduceFunctions, ShapeQueries
+from .weights import ConvRule, LinearRule, WeightProduct, is_depthwise
+
+__all__ = [
+    "Trace", "ModuleRule", "FunctionRule", "WeightProduct", "LinearRule", "ConvRule", "BatchNormRule", "GroupNormRule",
+    "ChannelLayerNormRule", "ChannelwiseRule", "FlattenRule", "AttentionRule", "EncoderLayerRule", "ScalarFunctions",
+    "register_rule", "RuleHandle", "module_rule", "weight_product", "function_rule", "aten_owner_kinds", "aten_as_torch",
+    "user_rule_applies", "node_inputs", "is_depthwise", "flatten", "set_submodule",
+    "attention_cost", "attention_layout", "attention_module_is_plain", "scaled_dot_product_macs", "inline_encoder", "remove_heads",
+    "head_layouts", "declared_head_count", "set_head_count", "record_pruned_heads", "query_key_value", "grouped_projections",
+    "grouped_heads_kept", "set_kv_groups",
+]
+
+_BUILT_IN_MODULE_RULES: tuple[ModuleRule, ...] = (
+    LinearRule(), ConvRule(), BatchNormRule(), GroupNormRule(), ChannelLayerNormRule(), ChannelwiseRule(), FlattenRule(),
+    AttentionRule(), EncoderLayerRule(),
+)
+_BUILT_IN_FUNCTION_RULES: tuple[FunctionRule, ...] = (
+    ChannelwiseFunctions(), ScalarFunctions(), BinaryFunctions(), FlattenFunctions(), PermuteFunctions(), ReduceFunctions(),
+    ShapeQueries(), ScaledDotProductAttention(), AtenProducts(),
+)
+# rules added with register_rule, newest first: they are asked before the built-in ones
+_user_module_rules: list[ModuleRule] = []
+_user_function_rules: list[FunctionRule] = []
+
+
+class RuleHandle:
+    """What :func:`register_rule` returns: ``remove()`` takes the rule out again (as a hook's handle does)."""
+
+    def __init__(self, rule: ModuleRule | FunctionRule, registry: list) -> None:
+        self.rule, self._registry = rule, registry
+
+    def remove(self) -> None:
+        if self.rule in self._registry:
+            self._registry.remove(self.rule)
+
+    def __enter__(self) -> RuleHandle:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+
+def register_rule(rule: ModuleRule | FunctionRule) -> RuleHandle:
+    """Teach l0sparse an operation: ``rule`` is asked before the built-in rules from now on; returns a handle
+    whose ``remove()`` (or a ``with`` block) takes it out.
+
+    A :class:`ModuleRule` covers module classes (``kinds``): how a call is traced (``trace``), sliced by prune
+    (``slice``), counted by :func:`l0sparse.count_flops` (``dense_macs``), and which ATen ops such a module makes
+    from its input under torch.export (``aten``), so that an exported graph is read at the module's level. The
+    modules of a registered rule are leaves of torch.fx's trace. A :class:`FunctionRule` covers functions and
+    tensor methods (``functions``, ``methods``) and maps the ATen ops that stand for them (``aten``: op -> function).
+
+    Raises:
+        TypeError: ``rule`` is no ModuleRule or FunctionRule instance.
+        ValueError: it covers nothing (empty ``kinds``, or no functions, methods or ATen ops).
+    """
+    if isinstance(rule, ModuleRule):
+        if not (isinstance(rule.kinds, tuple) and rule.kinds and all(isinstance(kind, type) for kind in rule.kinds)):
+            raise ValueError(f"register_rule: rule.kinds must be a non-empty tuple of module classes, got {rule.kinds!r}")
+        registry: list = _user_module_rules
+    elif isinstance(rule, FunctionRule):
+        if not (rule.functions or rule.methods or rule.aten):
+            raise ValueError("register_rule: a FunctionRule must name the functions, methods or ATen ops it covers "
+                             "(rule.functions, rule.methods, rule.aten)")
+        registry = _user_function_rules
+    else:
+        raise TypeError(f"register_rule: rule must be an instance of l0sparse.ModuleRule or l0sparse.FunctionRule, got "
+                        f"{type(rule).__name__}" + (" (a class: pass an instance)" if isinstance(rule, type) else ""))
+    registry.insert(0, rule)
+    return RuleHandle(rule, registry)
+
+
+def _module_rules() -> list[ModuleRule]:
+    return [*_user_module_rules, *_BUILT_IN_MODULE_RULES]
+
+
+def _function_rules() -> list[FunctionRule]:
+    return [*_user_function_rules, *_BUILT_IN_FUNCTION_RULES]
+
+
+def module_rule(module: nn.Module) -> ModuleRule | None:
+    """The rule of ``module``'s kind, or None (an operation the analysis does not know)."""
+    return next((rule for rule in _module_rules() if rule.applies(module)), None)
+
+
+def user_rule_applies(module: nn.Module) -> bool:
+    """Whether a rule added with :func:`register_rule` covers ``module`` (torch.fx then keeps it a leaf)."""
+    return any(rule.applies(module) for rule in _user_module_rules)
+
+
+def weight_product(module: nn.Module) -> WeightProduct | None:
+    """The rule of a Linear or convolution (what mixes channels through a weight), else None."""
+    rule = module_rule(module)
+    return rule if isinstance(rule, WeightProduct) else None
+
+
+def aten_owner_kinds() -> dict:
+    """ATen op -> the module classes whose calls make it (for reading torch.export's graph at module level)."""
+    owners: dict = {}
+    for rule in _module_rules():
+        for op in rule.aten:
+            owners[op] = owners.get(op, ()) + rule.kinds
+    return owners
+
+
+def aten_as_torch() -> dict:
+    """ATen op -> the torch function a function rule knows it as (same argument order), over every rule."""
+    mapping: dict = {}
+    for rule in reversed(_function_rules()):  # a registered rule's mapping wins
+        mapping.update(rule.aten)
+    return mapping
+
+
+def function_rule(node: fx.Node) -> FunctionRule | None:
+    """The rule of a call_function / call_method node, or None."""
+    for rule in _function_rules():
+        if (node.op == "call_function" and node.target in rule.functions) or (node.op == "call_method" and node.target in rule.methods):
+            return rule
+    return None
