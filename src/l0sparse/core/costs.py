@@ -329,7 +329,7 @@ class CostModel:
         handled = {id(p) for name in self._attention_lengths for p in self.modules[name].parameters()}
         for name in self.graph.shapes:
             module = self.modules[name]
-            if isinstance(module, nn.TransformerEncoderLayer):
+            if (rule := module_rule(module)) is not None and rule.covers_submodules:
                 handled |= {id(p) for p in module.parameters()}
             elif weight_product(module) is not None:
                 handled |= {id(p) for p in module.parameters()}
@@ -455,6 +455,23 @@ class CostModel:
         is_open, made = self._space_open(space, prob, cache), self._produced(space, prob)
         return is_open if made is None else is_open * made
 
+    def _layer_costs(self, name: str, module: nn.Module, rule, calls: list, prob, deterministic: bool) -> tuple[Tensor, Tensor]:
+        """(MACs per example, parameters) of a module whose rule slices units inside it (an encoder layer): its kept
+        units, from the gates on the consumer's columns, and its attention's kept heads."""
+        _, consumer = rule.units_inside(module)
+        per_unit = _column_probabilities(self._sites_of(module.get_submodule(consumer)), prob)
+        units = torch.tensor(float(module.get_submodule(consumer).in_features), device=self.device) if per_unit is None else per_unit.sum()
+        if deterministic:
+            units = units.clamp(min=1)
+        gate_parameters = {id(g.log_alpha) for g in find_gates(module)}
+        ungated = sum(p.numel() for p in _unique_parameters(module) if id(p) not in gate_parameters)
+
+        def attention(inner: str, query_length: int, key_length: int) -> tuple:
+            return self._attention(f"{name}.{inner}", query_length, key_length, prob, deterministic)
+
+        macs, params = rule.expected_costs(module, [in_shape for in_shape, _ in calls], units, attention, ungated)
+        return macs / self._batch, params
+
     def costs(self, deterministic: bool = False, probabilities: dict | None = None) -> dict[str, Tensor]:
         """``{"flops": MACs per example, "params": parameters}`` (scalars, differentiable unless deterministic).
 
@@ -490,20 +507,10 @@ class CostModel:
             params = params + attention_params
         for name, calls in self.graph.calls.items():  # a module called twice costs MACs twice, parameters once
             module = self.modules[name]
-            if isinstance(module, nn.TransformerEncoderLayer):
-                hidden = _column_probabilities(self._sites_of(module.linear2), prob)
-                units = torch.tensor(float(module.linear1.out_features), device=self.device) if hidden is None else hidden.sum()
-                if deterministic:
-                    units = units.clamp(min=1)
-                embed, full_units = module.linear1.in_features, module.linear1.out_features
-                for in_shape, _ in calls:
-                    sequences, tokens = attention_layout(module.self_attn, in_shape)
-                    attention_macs, attention_params = self._attention(f"{name}.self_attn", tokens, tokens, prob, deterministic)
-                    total_macs = total_macs + sequences / self._batch * (attention_macs + 2 * tokens * embed * units)
-                feed_forward = 2 * embed * full_units + full_units
-                everything = sum(p.numel() for p in _unique_parameters(module) if id(p) not in {id(g.log_alpha) for g in find_gates(module)})
-                full_attention = attention_cost(module.self_attn, tokens, tokens)[1]
-                params = params + everything - feed_forward - full_attention + attention_params + units * (2 * embed + 1)
+            layer_rule = module_rule(module)
+            if layer_rule is not None and layer_rule.units_inside(module):  # an encoder layer: its rule counts it
+                layer_macs, layer_params = self._layer_costs(name, module, layer_rule, calls, prob, deterministic)
+                total_macs, params = total_macs + layer_macs, params + layer_params
                 continue
 
             rule = weight_product(module)
@@ -681,7 +688,7 @@ def count_flops(model: nn.Module, example_inputs, per_module: bool = False) -> i
                              "differ per example: count it on a padded batch")
         counted[names[module]] = counted.get(names[module], 0) + _per_example(macs, batch)
 
-    inside_attention = {id(sub) for m in model.modules() if isinstance(m, (nn.TransformerEncoderLayer, nn.MultiheadAttention))
+    inside_attention = {id(sub) for m in model.modules() if (rule := module_rule(m)) is not None and rule.covers_submodules
                         for sub in m.modules() if sub is not m}
     # the paper's layers are left out: count them on plain_copy(model), which folds their gates
     hooked = [m for m in model.modules() if (isinstance(module_rule(m), (WeightProduct, AttentionRule, EncoderLayerRule))

@@ -189,14 +189,16 @@ def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset(), round_
             # with round_to 1 the one zero channel kept for an all-closed space needs no columns kept for it
             revived[consumer.name] = (rounded & ~is_open & (round_to > 1))[keep].repeat_interleave(consumer.block)
     for name, module in modules.items():
-        if isinstance(module, nn.TransformerEncoderLayer):  # a traced leaf: its feed-forward units are sliced inside it
-            is_open = _column_open(module.linear2.weight)
+        inside = (rule := module_rule(module)) is not None and rule.units_inside(module)
+        if inside:  # a traced leaf whose units its rule names (an encoder layer's feed-forward): sliced inside it
+            producer, consumer = inside
+            is_open = _column_open(module.get_submodule(consumer).weight)
             rounded = _round_up(is_open, round_to)
             keep = torch.nonzero(rounded).flatten()
             if keep.numel() < is_open.numel():
-                rows[f"{name}.linear1"] = keep.tolist()
-                remaining[f"{name}.linear2"] = keep
-                revived[f"{name}.linear2"] = (rounded & ~is_open)[keep]
+                rows[f"{name}.{producer}"] = keep.tolist()
+                remaining[f"{name}.{consumer}"] = keep
+                revived[f"{name}.{consumer}"] = (rounded & ~is_open)[keep]
     columns: dict[str, list[int]] = {}
     selections: list[Selection] = []
     for name, fed in remaining.items():

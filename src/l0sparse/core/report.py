@@ -122,9 +122,10 @@ def saved_width(what: str, module: nn.Module | None, hidden_plan: dict | None = 
     if module is None:
         return None
     if what == "heads":
-        from .ops import declared_head_count
+        from .ops import declared_head_count, module_rule
 
-        return getattr(module, "num_heads", None) if isinstance(module, nn.MultiheadAttention) else declared_head_count(module)
+        rule = module_rule(module)
+        return rule.head_count(module) if rule is not None and rule.head_count(module) is not None else declared_head_count(module)
     if what == "weights":
         return int(module.weight.ne(0).sum())
     inputs = what == "inputs"

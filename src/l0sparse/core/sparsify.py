@@ -81,13 +81,14 @@ def _rule_for(name: str, module: nn.Module, rules: Mapping) -> str | None:
 
 
 def _default_rule(module: nn.Module) -> str | None:
-    if isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):
-        return "heads"
-    if isinstance(module, nn.Linear):
-        return "in"
-    if isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return "out"
-    return None
+    rule = module_rule(module)
+    return rule.default_granularity if rule is not None else None
+
+
+def _covers_submodules(module: nn.Module) -> bool:
+    """Whether the module's rule gates its submodules itself (PyTorch's attention): they get no rules of their own."""
+    rule = module_rule(module)
+    return rule is not None and rule.covers_submodules
 
 
 def _check_rules(rules) -> dict:
@@ -117,12 +118,10 @@ def _output_projection(module: nn.Module) -> nn.Linear | None:
 
 
 def _block_projection(module: nn.Module) -> nn.Linear | None:
-    """The Linear whose input columns a ``"block"`` gate covers: the module itself, ``out_proj``, or its last Linear."""
-    if isinstance(module, nn.Linear):
-        return module
-    if isinstance(module, nn.MultiheadAttention):
-        return module.out_proj
-    return _output_projection(module)
+    """The Linear whose input columns a ``"block"`` gate covers: as the module's rule says (a Linear itself, ``out_proj``),
+    or for a module without a rule (an attention module of the user's own) its output projection."""
+    rule = module_rule(module)
+    return rule.block_projection(module) if rule is not None else _output_projection(module)
 
 
 def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tuple | Tensor | None = None, **gate_kwargs) -> nn.Module:
@@ -172,13 +171,13 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
                 warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) has weights but no gate: no rule supports it", stacklevel=2)
             continue
         if granularity == "skip":
-            if isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):
+            if _covers_submodules(module):
                 handled.add(name)
             if explicit is not None:
                 warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) skipped by rule", stacklevel=2)
             continue
         _check_supported(name, module, granularity, head_counts.get(name))
-        if granularity.startswith("heads") or (granularity == "block" and not isinstance(module, nn.Linear)):
+        if granularity.startswith("heads") or (granularity == "block" and _block_projection(module) is not module):
             handled.add(name)  # its q/k/v and projection get no gates of their own
         plan.append((name, module, granularity, explicit is not None))
 
@@ -207,7 +206,7 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             gate = _new_gate(module.weight.shape, name, "weight", module, gate_kwargs)
             parametrize.register_parametrization(module, "weight", GateMask(gate, dim=None))
         elif granularity == "heads":
-            _gate_attention(name, module, gate_kwargs, head_counts.get(name))
+            _gate_heads(name, module, gate_kwargs, head_counts.get(name))
         else:  # "out": the gate sits on every consumer of the module's output channels
             why = _why_output_channels_cannot_be_gated(graph, name)
             if why is not None:  # explicit rules were refused before any gate was added: this is a default one
@@ -283,48 +282,49 @@ def _new_gate(shape, owner: str, granularity: str, module: nn.Module, gate_kwarg
 
 
 def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: int | None = None) -> None:
-    is_linear = isinstance(module, nn.Linear)
-    is_conv = isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
-    is_attention = isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention))
+    """Refuse, naming the module, a granularity its rule does not allow (checked before any gate is registered)."""
+    rule = module_rule(module)
     if granularity.endswith("block"):
         _check_block(name, module, granularity)
         if granularity == "block":
             return
         granularity = granularity.removesuffix("+block")
-    if num_heads is not None and not is_attention:
-        projection = _output_projection(module)
-        if projection is None or projection.in_features % num_heads:
-            found = "it has no nn.Linear" if projection is None else f"its last Linear has {projection.in_features} inputs"
-            raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the output projection "
-                             f"must be its last nn.Linear with inputs divisible by {num_heads}; {found}")
-        grouped = grouped_projections(module, projection)
-        if grouped is not None and num_heads not in (grouped["heads"], grouped["kv_heads"]):  # a gate across heads removes none
-            raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
-                             f"{grouped['heads']} query heads in {grouped['kv_heads']} key/value groups; give ('heads', "
-                             f"{grouped['heads']}) for a gate per query head or ('heads', {grouped['kv_heads']}) for one per group")
-        if grouped is not None:
-            return
-        declared = declared_head_count(module)
-        if declared is not None and declared != num_heads:  # gates across head boundaries could not remove heads
-            raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
-                             f"{declared} heads")
-        if declared is not None and len(query_key_value(module, projection)) != 3:
-            warnings.warn(f"sparsify: ('heads', {num_heads}) on {name!r} ({type(module).__name__}): its last nn.Linear does not "
-                          "follow three q/k/v Linear layers of its input width, so prune cannot remove whole heads; put the rule "
-                          "on the module that holds q, k, v and the output projection (for BERT: 'encoder.layer.*.attention')",
-                          stacklevel=3)
+    has_heads = rule is not None and rule.allows(module, "heads")
+    if num_heads is not None and not has_heads:
+        _check_own_attention(name, module, num_heads)
         return
-    if is_attention and granularity == "heads":  # checked before any gate is registered
-        attention = module.self_attn if isinstance(module, nn.TransformerEncoderLayer) else module
-        if num_heads is not None and num_heads != attention.num_heads:
-            raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r}: the module has {attention.num_heads} heads")
-        if not attention._qkv_same_embed_dim:
-            raise ValueError(f"sparsify: {name!r}: 'heads' needs query, key and value of the same size")
-    allowed = {"in": is_linear or (is_conv and module.groups == 1), "out": is_linear or is_conv,
-               "weight": is_linear or is_conv, "heads": is_attention}[granularity]
-    if not allowed:
-        hint = " (a grouped conv has no per-input-channel columns; use 'out')" if is_conv and granularity == "in" else ""
+    if granularity == "heads" and has_heads:
+        rule.check_heads(name, module, num_heads)
+        return
+    if rule is None or not rule.allows(module, granularity):
+        hint = " (a grouped conv has no per-input-channel columns; use 'out')" if granularity == "in" and getattr(module, "groups", 1) != 1 else ""
         raise ValueError(f"sparsify: rule {granularity!r} does not apply to {name!r} ({type(module).__name__}){hint}")
+
+
+def _check_own_attention(name: str, module: nn.Module, num_heads: int) -> None:
+    """A ``("heads", n)`` rule on an attention module of the user's own (or a library's): its output projection
+    must split into ``n`` heads, and a declared head count or grouped-query layout must agree."""
+    projection = _output_projection(module)
+    if projection is None or projection.in_features % num_heads:
+        found = "it has no nn.Linear" if projection is None else f"its last Linear has {projection.in_features} inputs"
+        raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the output projection "
+                         f"must be its last nn.Linear with inputs divisible by {num_heads}; {found}")
+    grouped = grouped_projections(module, projection)
+    if grouped is not None and num_heads not in (grouped["heads"], grouped["kv_heads"]):  # a gate across heads removes none
+        raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
+                         f"{grouped['heads']} query heads in {grouped['kv_heads']} key/value groups; give ('heads', "
+                         f"{grouped['heads']}) for a gate per query head or ('heads', {grouped['kv_heads']}) for one per group")
+    if grouped is not None:
+        return
+    declared = declared_head_count(module)
+    if declared is not None and declared != num_heads:  # gates across head boundaries could not remove heads
+        raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
+                         f"{declared} heads")
+    if declared is not None and len(query_key_value(module, projection)) != 3:
+        warnings.warn(f"sparsify: ('heads', {num_heads}) on {name!r} ({type(module).__name__}): its last nn.Linear does not "
+                      "follow three q/k/v Linear layers of its input width, so prune cannot remove whole heads; put the rule "
+                      "on the module that holds q, k, v and the output projection (for BERT: 'encoder.layer.*.attention')",
+                      stacklevel=4)
 
 
 def _check_block(name: str, module: nn.Module, granularity: str) -> None:
@@ -332,30 +332,22 @@ def _check_block(name: str, module: nn.Module, granularity: str) -> None:
     where = f"rule {granularity!r} on {name!r} ({type(module).__name__})"
     allowed = ("'block' on an nn.Linear (a feed-forward output projection), nn.MultiheadAttention or an attention module "
                "whose last nn.Linear is its output projection; 'in+block' on an nn.Linear; ('heads+block', n) on an attention module")
-    if isinstance(module, nn.TransformerEncoderLayer):
-        raise ValueError(f"sparsify: {where}: an encoder layer holds two blocks; put the rule on its 'self_attn' or "
-                         f"'linear2' and 'skip' the layer. Allowed: {allowed}")
-    if granularity == "in+block" and not isinstance(module, nn.Linear):
+    rule = module_rule(module)
+    if rule is not None and rule.block_refusal is not None:
+        raise ValueError(f"sparsify: {where}: {rule.block_refusal}. Allowed: {allowed}")
+    if granularity == "in+block" and _block_projection(module) is not module:
         raise ValueError(f"sparsify: {where}: 'in+block' needs an nn.Linear. Allowed: {allowed}")
-    if granularity != "in+block" and (isinstance(module, (nn.modules.conv._ConvNd, nn.Embedding, *_NORMS)) or _block_projection(module) is None):
+    if granularity != "in+block" and _block_projection(module) is None:
         raise ValueError(f"sparsify: {where}: it has no output projection. Allowed: {allowed}")
 
 
-def _gate_attention(name: str, module: nn.Module, gate_kwargs: dict, num_heads: int | None = None) -> None:
-    if not isinstance(module, (nn.TransformerEncoderLayer, nn.MultiheadAttention)):  # the user's own attention
-        projection = _output_projection(module)
-        gate = _new_gate(num_heads, name, "heads", projection, gate_kwargs)
-        parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features // num_heads))
+def _gate_heads(name: str, module: nn.Module, gate_kwargs: dict, num_heads: int | None = None) -> None:
+    """One gate per head: through the module's rule (PyTorch's attention), or on the output projection's column
+    blocks of an attention module of the user's own (its ``("heads", n)`` rule)."""
+    rule = module_rule(module)
+    if rule is not None and rule.allows(module, "heads"):
+        rule.gate_heads(name, module, lambda shape, granularity, charged: _new_gate(shape, name, granularity, charged, gate_kwargs))
         return
-    attention = module.self_attn if isinstance(module, nn.TransformerEncoderLayer) else module
-    if num_heads is not None and num_heads != attention.num_heads:
-        raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r}: the module has {attention.num_heads} heads")
-    if not attention._qkv_same_embed_dim:
-        raise ValueError(f"sparsify: {name!r}: 'heads' needs query, key and value of the same size")
-    head_dim = attention.embed_dim // attention.num_heads
-    gate = _new_gate(attention.num_heads, name, "heads", attention, gate_kwargs)
-    parametrize.register_parametrization(attention.out_proj, "weight", GateMask(gate, dim=1, block=head_dim))
-    if isinstance(module, nn.TransformerEncoderLayer):  # and the feed-forward hidden units
-        hidden = _new_gate(module.linear1.out_features, name, "out", module.linear1, gate_kwargs)
-        hidden.producers = (module.linear1,)
-        parametrize.register_parametrization(module.linear2, "weight", GateMask(hidden, dim=1))
+    projection = _output_projection(module)
+    gate = _new_gate(num_heads, name, "heads", projection, gate_kwargs)
+    parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features // num_heads))

@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from torch.nn.utils import parametrize
+
+from ..sites import GateMask
 from .base import FunctionRule, ModuleRule, aten, set_submodule
 
 
@@ -23,6 +26,27 @@ class AttentionRule(ModuleRule):
     only the output read) can lose their closed heads."""
 
     kinds = (nn.MultiheadAttention,)
+    granularities = ("heads",)
+    default_granularity = "heads"
+    covers_submodules = True
+
+    def block_projection(self, module):
+        return module.out_proj
+
+    def head_count(self, module) -> int:
+        return module.num_heads
+
+    def check_heads(self, name, module, num_heads) -> None:
+        if num_heads is not None and num_heads != module.num_heads:
+            raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r}: the module has {module.num_heads} heads")
+        if not module._qkv_same_embed_dim:
+            raise ValueError(f"sparsify: {name!r}: 'heads' needs query, key and value of the same size")
+
+    def gate_heads(self, name, module, new_gate) -> None:
+        """One gate per head over the head's block of ``out_proj``'s columns."""
+        gate = new_gate(module.num_heads, "heads", module)
+        parametrize.register_parametrization(module.out_proj, "weight",
+                                             GateMask(gate, dim=1, block=module.embed_dim // module.num_heads))
 
     def trace(self, trace, node, name, module, source) -> bool:
         if len(node.args) >= 2:
@@ -48,6 +72,39 @@ class EncoderLayerRule(ModuleRule):
     inlined by prune so that its attention can lose closed heads, and its feed-forward units are sliced inside it."""
 
     kinds = (nn.TransformerEncoderLayer,)
+    granularities = ("heads",)
+    default_granularity = "heads"
+    covers_submodules = True
+    block_refusal = "an encoder layer holds two blocks; put the rule on its 'self_attn' or 'linear2' and 'skip' the layer"
+
+    def head_count(self, module) -> int:
+        return module.self_attn.num_heads
+
+    def check_heads(self, name, module, num_heads) -> None:
+        AttentionRule().check_heads(name, module.self_attn, num_heads)
+
+    def gate_heads(self, name, module, new_gate) -> None:
+        """The heads of its attention, and its feed-forward hidden units (one gate each, on ``linear2``'s columns)."""
+        AttentionRule().gate_heads(name, module.self_attn, new_gate)
+        units = new_gate(module.linear1.out_features, "out", module.linear1)
+        units.producers = (module.linear1,)
+        parametrize.register_parametrization(module.linear2, "weight", GateMask(units, dim=1))
+
+    def units_inside(self, module) -> tuple[str, str]:
+        return "linear1", "linear2"
+
+    def expected_costs(self, module, in_shapes: list, units, attention, ungated_params: int) -> tuple:
+        """(MACs over the calls, parameters) with ``units`` feed-forward units kept (a count, or an expected one) and
+        the attention's own count: ``attention(submodule, query_length, key_length)`` gives its (MACs, parameters)."""
+        embed, full_units = module.linear1.in_features, module.linear1.out_features
+        macs, attention_params, tokens = 0, 0, 0
+        for in_shape in in_shapes:
+            sequences, tokens = attention_layout(module.self_attn, in_shape)
+            attention_macs, attention_params = attention("self_attn", tokens, tokens)
+            macs = macs + sequences * (attention_macs + 2 * tokens * embed * units)
+        feed_forward = 2 * embed * full_units + full_units
+        full_attention = attention_cost(module.self_attn, tokens, tokens)[1]
+        return macs, ungated_params - feed_forward - full_attention + attention_params + units * (2 * embed + 1)
 
     def trace(self, trace, node, name, module, source) -> bool:
         no_masks = len(node.args) == 1 and all(node.kwargs.get(k) is None for k in ("src_mask", "src_key_padding_mask"))

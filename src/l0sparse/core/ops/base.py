@@ -52,9 +52,39 @@ class ModuleRule:
 
     kinds: tuple[type, ...] = ()
     aten: tuple = ()
+    #: the granularities :func:`l0sparse.sparsify` may put on such a module, and the one it puts there by default
+    granularities: tuple[str, ...] = ()
+    default_granularity: str | None = None
+    #: the rule gates and counts the module's submodules itself (attention): none of them gets a gate or a count of its own
+    covers_submodules: bool = False
+    #: why a "block" gate cannot go on such a module, where the general "no output projection" says too little
+    block_refusal: str | None = None
 
     def applies(self, module: nn.Module) -> bool:
         return isinstance(module, self.kinds)
+
+    def allows(self, module: nn.Module, granularity: str) -> bool:
+        """Whether ``granularity`` (no ``+block``) may go on ``module``."""
+        return granularity in self.granularities
+
+    def block_projection(self, module: nn.Module) -> nn.Module | None:
+        """The Linear whose input columns one ``"block"`` gate on ``module`` covers, or None (no block gate)."""
+        return None
+
+    def head_count(self, module: nn.Module) -> int | None:
+        """The module's number of attention heads (what a ``"heads"`` gate has one entry per), or None."""
+        return None
+
+    def check_heads(self, name: str, module: nn.Module, num_heads: int | None) -> None:
+        """Refuse (ValueError naming ``name``) a ``"heads"`` rule the module cannot take, before any gate is added."""
+
+    def gate_heads(self, name: str, module: nn.Module, new_gate) -> None:
+        """Attach the ``"heads"`` gates; ``new_gate(shape, granularity, charged_module)`` makes each."""
+        raise NotImplementedError(f"{type(module).__name__} has no heads to gate")
+
+    def units_inside(self, module: nn.Module) -> tuple[str, str] | None:
+        """(producer, consumer) names inside the module whose units prune slices within it (a traced leaf), or None."""
+        return None
 
     def trace(self, trace: Trace, node: fx.Node, name: str, module: nn.Module, source) -> bool:
         return False

@@ -45,6 +45,11 @@ class LinearRule(WeightProduct):
     kinds = (nn.Linear, L0Linear)
     widths = ("out_features", "in_features")
     aten = (aten.linear.default,)
+    granularities = ("in", "out", "weight")
+    default_granularity = "in"
+
+    def block_projection(self, module):
+        return module
 
     def trace(self, trace, node, name, module, source) -> bool:
         in_shape = trace.shape(node.args[0])
@@ -71,8 +76,14 @@ class ConvRule(WeightProduct):
     widths = ("out_channels", "in_channels")
     aten = (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default)
 
+    granularities = ("in", "out", "weight")
+    default_granularity = "out"
+
     def applies(self, module) -> bool:
         return isinstance(module, self.kinds) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+
+    def allows(self, module, granularity) -> bool:  # a grouped conv has no per-input-channel columns
+        return granularity in self.granularities and (granularity != "in" or module.groups == 1)
 
     def trace(self, trace, node, name, module, source) -> bool:
         on_channels = source is not None and source.dim == 1 and source.block == 1
