@@ -482,13 +482,29 @@ class CostModel:
         else:
             prob = _open_indicator if deterministic else _open_probability
         cache: dict[str, Tensor | None] = {}
+        hidden = None if self._hidden is None else prob(self._hidden)  # P(a residual-stream dimension is kept)
+        total_macs, params = self._shared_costs(prob, deterministic, hidden)
+        for name, calls in self.graph.calls.items():  # a module called twice costs MACs twice, parameters once
+            module = self.modules[name]
+            layer_rule = module_rule(module)
+            if layer_rule is not None and layer_rule.units_inside(module):  # an encoder layer: its rule counts it
+                module_macs, module_params = self._layer_costs(name, module, layer_rule, calls, prob, deterministic)
+            elif weight_product(module) is not None:
+                module_macs, module_params = self._product_costs(name, module, calls, prob, deterministic, cache, hidden)
+            else:
+                continue
+            total_macs, params = total_macs + module_macs, params + module_params
+        return {"flops": total_macs, "params": params + self._follower_params(prob, deterministic, cache)}
+
+    def _shared_costs(self, prob, deterministic: bool, hidden: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(MACs, parameters) of what no one weight product holds: ungated parameters, tied copies, the hidden stream's
+        tables and norms, attention written as functions or matmuls, and attention modules called on their own."""
         total_macs = torch.zeros((), device=self.device)
         params = torch.zeros((), device=self.device) + self._fixed_params
         for numel, gates in self._tied:  # the test-time gates decide whether prune can share the tensor again
             if not all(bool((gate.deterministic() == 1).all()) for gate in gates):
                 params = params + numel
         total_macs = total_macs + self.graph.other_macs / self._batch  # attention no Linear module owns (export only)
-        hidden = None if self._hidden is None else prob(self._hidden)  # P(a residual-stream dimension is kept)
         if hidden is not None:
             params = params + self._hidden_per_dimension * (hidden.sum().clamp(min=1) if deterministic else hidden.sum())
         attention_modules = self.graph.attention_call_modules or [()] * len(self.graph.attention_calls)
@@ -505,58 +521,59 @@ class CostModel:
                 attention_macs, attention_params = self._attention(name, query_length, key_length, prob, deterministic)
                 total_macs = total_macs + scale * attention_macs
             params = params + attention_params
-        for name, calls in self.graph.calls.items():  # a module called twice costs MACs twice, parameters once
-            module = self.modules[name]
-            layer_rule = module_rule(module)
-            if layer_rule is not None and layer_rule.units_inside(module):  # an encoder layer: its rule counts it
-                layer_macs, layer_params = self._layer_costs(name, module, layer_rule, calls, prob, deterministic)
-                total_macs, params = total_macs + layer_macs, params + layer_params
-                continue
+        return total_macs, params
 
-            rule = weight_product(module)
-            if rule is None:
-                continue
-            weight = raw_tensor(module, "weight")
-            positions = sum(rule.positions(out_shape) for _, out_shape in calls) / self._batch
-            per_pair, (n_out, n_in) = rule.pair_macs(weight.shape), weight.shape[:2]
-            p_in = self._columns(name, prob, cache)
-            p_in = torch.ones(n_in, device=self.device) if p_in is None else p_in
-            p_out = torch.ones(n_out, device=self.device)
-            if self.graph.tracer == "export":  # no index_select: a column goes only with its channel
-                source = self.graph.space_of_input(name)
-                removable = source is not None and source.removable
-                p_in = self._space_kept(source, prob, cache).repeat_interleave(n_in // source.size) if removable else torch.ones_like(p_in)
-            if name in self._head_of:  # q/k/v rows and output projection columns go with their head
-                layout = self._head_layouts[self._head_of[name]]
-                per_row = self._kept_rows(self._head_of[name], prob, deterministic, keys_values=name in layout.get("kv", ()))
-                if name == layout["projection"]:
-                    p_in = per_row
-                else:
-                    p_out = per_row
-            if hidden is not None and name in self._hidden_readers:
-                p_in = p_in * hidden
-            if hidden is not None and name in self._hidden_writers:
-                p_out = p_out * hidden
-            space = self.graph.space_of_output(name)
-            if space is not None and space.removable:
-                p_out = p_out * self._space_kept(space, prob, cache)
+    def _product_costs(self, name: str, module: nn.Module, calls: list, prob, deterministic: bool, cache: dict,
+                       hidden: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(MACs per example, parameters) of one Linear or convolution: its expected kept output rows times kept input
+        columns, from its own gates, the spaces it reads and writes, heads, and the hidden stream."""
+        rule = weight_product(module)
+        weight = raw_tensor(module, "weight")
+        positions = sum(rule.positions(out_shape) for _, out_shape in calls) / self._batch
+        per_pair, (n_out, n_in) = rule.pair_macs(weight.shape), weight.shape[:2]
+        p_in = self._columns(name, prob, cache)
+        p_in = torch.ones(n_in, device=self.device) if p_in is None else p_in
+        p_out = torch.ones(n_out, device=self.device)
+        if self.graph.tracer == "export":  # no index_select: a column goes only with its channel
             source = self.graph.space_of_input(name)
-            made = None if source is None or self.graph.tracer == "export" else self._produced(source, prob)
-            if made is not None:  # a channel no producer makes goes with every consumer's column of it
-                p_in = p_in * made.repeat_interleave(n_in // source.size)
-            kept_out, kept_in = p_out.sum(), p_in.sum()
-            if deterministic:  # prune keeps one (zero) unit where all are closed, except where it may empty the space
-                # ... and a GroupNorm keeps a whole group
-                kept_out = kept_out if space is not None and self.graph.can_empty(space) else kept_out.clamp(min=space.granule if space else 1)
-                kept_in = kept_in if source is not None and self.graph.can_empty(source) else kept_in.clamp(min=1)
-            pairs = kept_out * kept_in
-            if not deterministic and space is not None and space is source and p_out.numel() == p_in.numel() == space.size:
-                # one space read and written by this layer (x + linear(x)): it reads channel c only if c is kept, so
-                # E[kept out · kept in] = Σ p_out · Σ p_in − Σ_c p_out_c · p_in_c + Σ_c p_in_c (zero change at 0/1)
-                pairs = pairs - (p_out * p_in).sum() + p_in.sum()
-            total_macs = total_macs + positions * per_pair * pairs
-            if name not in self._followers:  # a depthwise conv's parameters are counted per channel below
-                params = params + per_pair * pairs + (kept_out if module.bias is not None else 0)
+            removable = source is not None and source.removable
+            p_in = self._space_kept(source, prob, cache).repeat_interleave(n_in // source.size) if removable else torch.ones_like(p_in)
+        if name in self._head_of:  # q/k/v rows and output projection columns go with their head
+            layout = self._head_layouts[self._head_of[name]]
+            per_row = self._kept_rows(self._head_of[name], prob, deterministic, keys_values=name in layout.get("kv", ()))
+            if name == layout["projection"]:
+                p_in = per_row
+            else:
+                p_out = per_row
+        if hidden is not None and name in self._hidden_readers:
+            p_in = p_in * hidden
+        if hidden is not None and name in self._hidden_writers:
+            p_out = p_out * hidden
+        space = self.graph.space_of_output(name)
+        if space is not None and space.removable:
+            p_out = p_out * self._space_kept(space, prob, cache)
+        source = self.graph.space_of_input(name)
+        made = None if source is None or self.graph.tracer == "export" else self._produced(source, prob)
+        if made is not None:  # a channel no producer makes goes with every consumer's column of it
+            p_in = p_in * made.repeat_interleave(n_in // source.size)
+        kept_out, kept_in = p_out.sum(), p_in.sum()
+        if deterministic:  # prune keeps one (zero) unit where all are closed, except where it may empty the space
+            # ... and a GroupNorm keeps a whole group
+            kept_out = kept_out if space is not None and self.graph.can_empty(space) else kept_out.clamp(min=space.granule if space else 1)
+            kept_in = kept_in if source is not None and self.graph.can_empty(source) else kept_in.clamp(min=1)
+        pairs = kept_out * kept_in
+        if not deterministic and space is not None and space is source and p_out.numel() == p_in.numel() == space.size:
+            # one space read and written by this layer (x + linear(x)): it reads channel c only if c is kept, so
+            # E[kept out · kept in] = Σ p_out · Σ p_in − Σ_c p_out_c · p_in_c + Σ_c p_in_c (zero change at 0/1)
+            pairs = pairs - (p_out * p_in).sum() + p_in.sum()
+        macs = positions * per_pair * pairs
+        if name in self._followers:  # a depthwise conv's parameters are counted per channel (_follower_params)
+            return macs, torch.zeros((), device=self.device)
+        return macs, per_pair * pairs + (kept_out if module.bias is not None else 0)
+
+    def _follower_params(self, prob, deterministic: bool, cache: dict) -> Tensor:
+        """Parameters of the followers (BatchNorm, depthwise convs): one entry per kept channel of their space."""
+        params = torch.zeros((), device=self.device)
         for space in self.graph.spaces:
             if not space.followers:
                 continue
@@ -566,7 +583,7 @@ class CostModel:
             for follower in space.followers:
                 per_channel = sum(p.numel() for p in self.modules[follower].parameters(recurse=False)) / space.size
                 params = params + per_channel * kept
-        return {"flops": total_macs, "params": params}
+        return params
 
     def gate_costs(self, metric: str = "flops") -> dict[int, Tensor]:
         """Per gate, what closing each of its units alone saves with every other gate open (``id(gate)`` → tensor)."""

@@ -158,47 +158,69 @@ def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset(), round_
     for space in graph.spaces:
         if not space.consumers:
             continue
-        columns_open = {c.name: _column_open(modules[c.name].weight) for c in space.consumers}
-        if space.removable:
-            is_open = torch.zeros(space.size, dtype=torch.bool)
-            for consumer in space.consumers:
-                is_open |= columns_open[consumer.name].view(space.size, consumer.block).any(1)
-            if space.zero_preserving and not space.followers and space.producers:
-                # channels that every producer outputs as exactly 0 (closed L0Conv2d channels) reach no one
-                produced = torch.zeros(space.size, dtype=torch.bool)
-                for producer in space.producers:
-                    module = modules[producer]
-                    produced |= module.weight.ne(0).flatten(1).any(1).cpu()
-                    if module.bias is not None:
-                        produced |= module.bias.ne(0).cpu()
-                is_open &= produced
-            # a closed channel kept by rounding has zero columns in every consumer: the output is unchanged
-            rounded = _round_up_granules(is_open, round_to, 0 if graph.can_empty(space) else 1, space.granule)
-            keep = torch.nonzero(rounded).flatten()  # empty only between Linear layers sliced in place
-        else:
-            rounded = is_open = torch.ones(space.size, dtype=torch.bool)
-            keep = torch.arange(space.size)
+        is_open, rounded, keep = _space_kept(graph, space, modules, round_to)
         if keep.numel() < space.size:
             for producer in space.producers:
                 rows[producer] = keep.tolist()
             for follower in space.followers:
                 followers[follower] = keep.tolist()
         for consumer in space.consumers:
-            blocks = (keep[:, None] * consumer.block + torch.arange(consumer.block)).flatten()
-            remaining[consumer.name] = blocks
+            remaining[consumer.name] = (keep[:, None] * consumer.block + torch.arange(consumer.block)).flatten()
             # with round_to 1 the one zero channel kept for an all-closed space needs no columns kept for it
             revived[consumer.name] = (rounded & ~is_open & (round_to > 1))[keep].repeat_interleave(consumer.block)
+    _plan_units_inside(modules, round_to, rows, remaining, revived)
+    columns, selections = _plan_columns(graph, modules, remaining, revived, column_gated, round_to, can_select)
+    heads: dict[str, list[int]] = {}
+    for name in sorted(graph.removable_heads):
+        is_open = module_rule(modules[name]).open_heads(modules[name])
+        if not is_open.all():  # a closed head's output columns are zero after folding
+            heads[name] = torch.nonzero(is_open).flatten().tolist() or [0]  # keep one (zero) head rather than none
+    inline = sorted(e for e in graph.inlined_encoders if f"{e}.self_attn" in heads)
+    return PrunePlan(rows, followers, columns, selections, heads, inline)
+
+
+def _space_kept(graph: ChannelGraph, space, modules: dict, round_to: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(open, kept after rounding, kept indices) of a space's channels: open where some consumer reads it (and, in a
+    zero-preserving space, some producer makes it); every channel of a space that cannot shrink."""
+    if not space.removable:
+        everything = torch.ones(space.size, dtype=torch.bool)
+        return everything, everything, torch.arange(space.size)
+    is_open = torch.zeros(space.size, dtype=torch.bool)
+    for consumer in space.consumers:
+        is_open |= _column_open(modules[consumer.name].weight).view(space.size, consumer.block).any(1)
+    if space.zero_preserving and not space.followers and space.producers:
+        # channels that every producer outputs as exactly 0 (closed L0Conv2d channels) reach no one
+        produced = torch.zeros(space.size, dtype=torch.bool)
+        for producer in space.producers:
+            module = modules[producer]
+            produced |= module.weight.ne(0).flatten(1).any(1).cpu()
+            if module.bias is not None:
+                produced |= module.bias.ne(0).cpu()
+        is_open &= produced
+    # a closed channel kept by rounding has zero columns in every consumer: the output is unchanged
+    rounded = _round_up_granules(is_open, round_to, 0 if graph.can_empty(space) else 1, space.granule)
+    return is_open, rounded, torch.nonzero(rounded).flatten()  # empty only between Linear layers sliced in place
+
+
+def _plan_units_inside(modules: dict, round_to: int, rows: dict, remaining: dict, revived: dict) -> None:
+    """Add the units that traced leaves slice inside themselves (an encoder layer's feed-forward, as its rule names)."""
     for name, module in modules.items():
         inside = (rule := module_rule(module)) is not None and rule.units_inside(module)
-        if inside:  # a traced leaf whose units its rule names (an encoder layer's feed-forward): sliced inside it
-            producer, consumer = inside
-            is_open = _column_open(module.get_submodule(consumer).weight)
-            rounded = _round_up(is_open, round_to)
-            keep = torch.nonzero(rounded).flatten()
-            if keep.numel() < is_open.numel():
-                rows[f"{name}.{producer}"] = keep.tolist()
-                remaining[f"{name}.{consumer}"] = keep
-                revived[f"{name}.{consumer}"] = (rounded & ~is_open)[keep]
+        if not inside:
+            continue
+        producer, consumer = inside
+        is_open = _column_open(module.get_submodule(consumer).weight)
+        rounded = _round_up(is_open, round_to)
+        keep = torch.nonzero(rounded).flatten()
+        if keep.numel() < is_open.numel():
+            rows[f"{name}.{producer}"] = keep.tolist()
+            remaining[f"{name}.{consumer}"] = keep
+            revived[f"{name}.{consumer}"] = (rounded & ~is_open)[keep]
+
+
+def _plan_columns(graph: ChannelGraph, modules: dict, remaining: dict, revived: dict, column_gated: set[str], round_to: int,
+                  can_select: bool) -> tuple[dict[str, list[int]], list[Selection]]:
+    """The columns each consumer keeps, and the index_selects that feed it only those (see :func:`_make_plan`)."""
     columns: dict[str, list[int]] = {}
     selections: list[Selection] = []
     for name, fed in remaining.items():
@@ -218,15 +240,7 @@ def _make_plan(graph: ChannelGraph, column_gated: set[str] = frozenset(), round_
             kept = torch.nonzero(is_open).flatten().tolist()
             columns[name] = kept
             selections.append(Selection(name, -1, kept))
-    heads: dict[str, list[int]] = {}
-    for name in sorted(graph.removable_heads):
-        attention = modules[name]
-        head_dim = attention.embed_dim // attention.num_heads
-        is_open = attention.out_proj.weight.ne(0).any(0).view(attention.num_heads, head_dim).any(1)
-        if not is_open.all():  # a closed head's out_proj columns are zero after folding
-            heads[name] = torch.nonzero(is_open).flatten().tolist() or [0]  # keep one (zero) head rather than none
-    inline = sorted(e for e in graph.inlined_encoders if f"{e}.self_attn" in heads)
-    return PrunePlan(rows, followers, columns, selections, heads, inline)
+    return columns, selections
 
 
 def _slice(module: nn.Module, name: str, rows=None, columns=None, follower=None) -> None:

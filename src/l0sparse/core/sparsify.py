@@ -49,6 +49,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -56,10 +57,10 @@ from torch.nn.utils import parametrize
 
 from .gates import Gate
 from .graph import check_module, evaluating, example_tuple, trace_channels
-from .stream import hidden_gate
 from .layers import L0Layer
-from .ops import declared_head_count, module_rule, grouped_projections, head_layouts, query_key_value
+from .ops import declared_head_count, grouped_projections, head_layouts, module_rule, query_key_value
 from .sites import GateMask, gate_masks, sum_per_gate
+from .stream import hidden_gate
 
 __all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks", "sum_per_gate", "head_layouts"]
 
@@ -152,7 +153,24 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
     _check_rules_match(model, rules)
     if example_inputs is not None:
         example_inputs = example_tuple(example_inputs, "sparsify")
-    plan: list[tuple[str, nn.Module, str, bool]] = []  # (name, module, granularity, explicit)
+    plan, head_counts = _plan(model, rules)
+    graph = _trace_for_out_gates(model, plan, example_inputs)
+    placement = _Placement(model, graph, gate_kwargs, head_counts)
+    for name, module, rule, _explicit in plan:
+        granularity, block = rule.removesuffix("+block"), rule.endswith("block")
+        if granularity != "block":  # "block" alone: the block gate only, below
+            _GATE_BY_GRANULARITY[granularity](placement, name, module)
+        if block:
+            projection = _block_projection(module)
+            gate = _new_gate(1, name, "block", projection, gate_kwargs)
+            parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features))
+    return model
+
+
+def _plan(model: nn.Module, rules: dict) -> tuple[list[tuple[str, nn.Module, str, bool]], dict[str, int]]:
+    """Where gates go: (name, module, granularity, explicit) per gated module, checked, and the head counts that
+    ``("heads", n)`` rules give. Nothing is registered yet, so a refusal leaves the model as it was."""
+    plan: list[tuple[str, nn.Module, str, bool]] = []
     handled: set[str] = set()
     head_counts: dict[str, int] = {}
     for name, module in model.named_modules():
@@ -168,67 +186,89 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             continue  # already gated by the paper's layers
         if granularity is None:
             if explicit is None and list(module.parameters(recurse=False)) and not isinstance(module, _NORMS) and module_rule(module) is None:
-                warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) has weights but no gate: no rule supports it", stacklevel=2)
+                warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) has weights but no gate: no rule supports it", stacklevel=3)
             continue
         if granularity == "skip":
             if _covers_submodules(module):
                 handled.add(name)
             if explicit is not None:
-                warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) skipped by rule", stacklevel=2)
+                warnings.warn(f"sparsify: {name!r} ({type(module).__name__}) skipped by rule", stacklevel=3)
             continue
         _check_supported(name, module, granularity, head_counts.get(name))
         if granularity.startswith("heads") or (granularity == "block" and _block_projection(module) is not module):
             handled.add(name)  # its q/k/v and projection get no gates of their own
         plan.append((name, module, granularity, explicit is not None))
+    return plan, head_counts
 
-    graph = None
-    if any(granularity == "out" for _, _, granularity, _ in plan):
-        if example_inputs is None:
-            needs = [name for name, _, g, _ in plan if g == "out"]
-            raise ValueError(
-                f"example_inputs is required: 'out' gates on {needs[:3]} must trace the model to find the layers that "
-                "read each channel; pass a batch, e.g. sparsify(model, example_inputs=(torch.randn(1, 3, 32, 32),))"
-            )
-        with evaluating(model), torch.no_grad():  # a failed trace leaves the model in the mode it was in
-            graph = trace_channels(model, example_inputs)
-        _check_out_rules(graph, plan)
 
-    space_gates: dict[int, Gate] = {}
-    modules = dict(model.named_modules())
-    for name, module, rule, _explicit in plan:
-        granularity, block = rule.removesuffix("+block"), rule.endswith("block")
-        if granularity == "block":
-            pass  # the block gate alone, below
-        elif granularity == "in":
-            gate = _new_gate(module.weight.shape[1], name, "in", module, gate_kwargs)
-            parametrize.register_parametrization(module, "weight", GateMask(gate, dim=1))
-        elif granularity == "weight":
-            gate = _new_gate(module.weight.shape, name, "weight", module, gate_kwargs)
-            parametrize.register_parametrization(module, "weight", GateMask(gate, dim=None))
-        elif granularity == "heads":
-            _gate_heads(name, module, gate_kwargs, head_counts.get(name))
-        else:  # "out": the gate sits on every consumer of the module's output channels
-            why = _why_output_channels_cannot_be_gated(graph, name)
-            if why is not None:  # explicit rules were refused before any gate was added: this is a default one
-                warnings.warn(f"sparsify: cannot gate the output channels of {name!r}: {why} (left ungated)", stacklevel=2)
-                continue
-            index = graph.module_output[name]
-            space = graph.spaces[index]
-            if index in space_gates:
-                continue  # coupled with a module gated already: one gate for the shared channels
-            gate = _new_gate(space.size, name, "out", module, gate_kwargs)
-            # it pays λ for the rows of the layers that produce its channels, as L0Conv2d's gates do (not for the
-            # columns it multiplies): BatchNorm is not charged, a depthwise conv's filter is
-            gate.producers = tuple(modules[producer] for producer in space.producers) + tuple(
-                modules[follower] for follower in space.followers if isinstance(modules[follower], nn.modules.conv._ConvNd))
-            space_gates[index] = gate
-            for consumer in space.consumers:
-                parametrize.register_parametrization(modules[consumer.name], "weight", GateMask(gate, dim=consumer.dim, block=consumer.block))
-        if block:
-            projection = _block_projection(module)
-            gate = _new_gate(1, name, "block", projection, gate_kwargs)
-            parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features))
-    return model
+def _trace_for_out_gates(model: nn.Module, plan: list, example_inputs):
+    """The channel graph that 'out' gates need (every layer that reads a channel), or None when none is asked for."""
+    if not any(granularity == "out" for _, _, granularity, _ in plan):
+        return None
+    if example_inputs is None:
+        needs = [name for name, _, g, _ in plan if g == "out"]
+        raise ValueError(
+            f"example_inputs is required: 'out' gates on {needs[:3]} must trace the model to find the layers that "
+            "read each channel; pass a batch, e.g. sparsify(model, example_inputs=(torch.randn(1, 3, 32, 32),))"
+        )
+    with evaluating(model), torch.no_grad():  # a failed trace leaves the model in the mode it was in
+        graph = trace_channels(model, example_inputs)
+    _check_out_rules(graph, plan)
+    return graph
+
+
+@dataclass
+class _Placement:
+    """What placing one granularity needs: the model's modules, the channel graph ('out'), the gates' settings,
+    ``("heads", n)`` counts, and the gate of each channel space gated so far (coupled modules share it)."""
+
+    model: nn.Module
+    graph: object
+    gate_kwargs: dict
+    head_counts: dict[str, int]
+    space_gates: dict[int, Gate] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.modules = dict(self.model.named_modules())
+
+
+def _gate_inputs(placement: _Placement, name: str, module: nn.Module) -> None:
+    gate = _new_gate(module.weight.shape[1], name, "in", module, placement.gate_kwargs)
+    parametrize.register_parametrization(module, "weight", GateMask(gate, dim=1))
+
+
+def _gate_weights(placement: _Placement, name: str, module: nn.Module) -> None:
+    gate = _new_gate(module.weight.shape, name, "weight", module, placement.gate_kwargs)
+    parametrize.register_parametrization(module, "weight", GateMask(gate, dim=None))
+
+
+def _gate_head_units(placement: _Placement, name: str, module: nn.Module) -> None:
+    _gate_heads(name, module, placement.gate_kwargs, placement.head_counts.get(name))
+
+
+def _gate_outputs(placement: _Placement, name: str, module: nn.Module) -> None:
+    """One gate per output channel, on every consumer of the module's output channels."""
+    graph, modules = placement.graph, placement.modules
+    why = _why_output_channels_cannot_be_gated(graph, name)
+    if why is not None:  # explicit rules were refused before any gate was added: this is a default one
+        warnings.warn(f"sparsify: cannot gate the output channels of {name!r}: {why} (left ungated)", stacklevel=3)
+        return
+    index = graph.module_output[name]
+    space = graph.spaces[index]
+    if index in placement.space_gates:
+        return  # coupled with a module gated already: one gate for the shared channels
+    gate = _new_gate(space.size, name, "out", module, placement.gate_kwargs)
+    # it pays λ for the rows of the layers that produce its channels, as L0Conv2d's gates do (not for the
+    # columns it multiplies): BatchNorm is not charged, a depthwise conv's filter is
+    gate.producers = tuple(modules[producer] for producer in space.producers) + tuple(
+        modules[follower] for follower in space.followers if isinstance(modules[follower], nn.modules.conv._ConvNd))
+    placement.space_gates[index] = gate
+    for consumer in space.consumers:
+        parametrize.register_parametrization(modules[consumer.name], "weight", GateMask(gate, dim=consumer.dim, block=consumer.block))
+
+
+#: how each granularity is placed (a block gate comes on top, in sparsify)
+_GATE_BY_GRANULARITY = {"in": _gate_inputs, "weight": _gate_weights, "heads": _gate_head_units, "out": _gate_outputs}
 
 
 def _check_not_gated(model: nn.Module) -> None:
@@ -324,7 +364,7 @@ def _check_own_attention(name: str, module: nn.Module, num_heads: int) -> None:
         warnings.warn(f"sparsify: ('heads', {num_heads}) on {name!r} ({type(module).__name__}): its last nn.Linear does not "
                       "follow three q/k/v Linear layers of its input width, so prune cannot remove whole heads; put the rule "
                       "on the module that holds q, k, v and the output projection (for BERT: 'encoder.layer.*.attention')",
-                      stacklevel=4)
+                      stacklevel=5)
 
 
 def _check_block(name: str, module: nn.Module, granularity: str) -> None:

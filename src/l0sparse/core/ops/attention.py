@@ -36,6 +36,11 @@ class AttentionRule(ModuleRule):
     def head_count(self, module) -> int:
         return module.num_heads
 
+    def open_heads(self, module) -> torch.Tensor:
+        """Per head: whether any of its ``out_proj`` columns is non-zero (a closed head's are zero once gates are folded)."""
+        head_dim = module.embed_dim // module.num_heads
+        return module.out_proj.weight.ne(0).any(0).view(module.num_heads, head_dim).any(1)
+
     def check_heads(self, name, module, num_heads) -> None:
         if num_heads is not None and num_heads != module.num_heads:
             raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r}: the module has {module.num_heads} heads")
