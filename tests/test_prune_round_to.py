@@ -17,7 +17,7 @@ def test_round_to_defaults_to_1_and_the_minilm_recipes_set_8():
     assert load_config(RECIPES / "mlp-digits.toml").round_to == 1
     assert load_config(RECIPES / "mlp-digits.toml", ["round_to=16"]).round_to == 16
     for name in ("minilm-wordnet-l0-flops50", "minilm-wordnet-importance-flops50", "minilm-wordnet-l0-flops25",
-                 "minilm-wordnet-importance-flops25"):
+                 "minilm-wordnet-importance-flops25", *(f"minilm-wordnet-taylor-flops{n}" for n in (5, 10, 25, 50))):
         assert load_config(RECIPES / f"{name}.toml").round_to == 8
 
 
