@@ -2,9 +2,11 @@
 
 The whole experiment from the command line's own pieces, in order:
 1. the teacher: the dense model fine-tuned (recipes/minilm-wordnet-teacher.toml);
-2. for each FLOPs target: an L0 run (heads and feed-forward units gated, TargetController, distilled from the
-   teacher's logits, starting from its weights) and the importance baseline (Michel et al.'s head scores,
-   feed-forward units by weight norm, removed once, then the same distillation for the same epochs);
+2. for each FLOPs target, each of --methods: ``l0`` (heads and feed-forward units gated, TargetController,
+   distilled from the teacher's logits, starting from its weights), ``importance`` (issue #12's baseline,
+   ``importance = "heads-magnitude-units"``: Michel et al.'s head scores, feed-forward units by weight norm) and
+   ``taylor`` (issue #26's: heads and units by the loss gradient of their mask, ranked in one pool per MAC); the
+   baselines remove their gates once, then the same distillation for the same epochs;
 3. each run pruned (``prune_run``), the pruned model reloaded (``load_pruned``) and evaluated on the test set;
 4. latency at batch 32, sequence 64, one thread: the teacher and each pruned model timed alternately in this
    process, medians over repeats; with --round-to N also each model pruned with ``round_to=N`` (the same outputs,
@@ -12,10 +14,11 @@ The whole experiment from the command line's own pieces, in order:
 
 Encoder FLOPs are MACs per example at sequence length 64 (attention's two matrix products included), without the
 classification layer. A run that already holds this config finished is reused, and one interrupted is resumed;
---fresh retrains them.
+--fresh retrains them. ``training_wall_seconds`` is the time this process spent training each run (0 for a reused
+one); ``epoch_seconds`` the training time its epochs recorded (metrics.jsonl), whichever process ran them.
 
 Needs: make hf and apt-get install wordnet-base. Run:
-  .venv/bin/python benchmarks/hf_minilm.py [--targets 0.5 0.25] [--epochs 1] [--train-examples 20000] [--threads 2]
+  .venv/bin/python benchmarks/hf_minilm.py [--targets 0.5 0.25] [--methods l0 importance taylor] [--epochs 1] [--threads 2]
 """
 
 import argparse
@@ -37,6 +40,9 @@ from l0sparse.training.train import configure_torch, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
+#: each method's recipe (its target is set by --targets)
+METHODS = {"l0": "minilm-wordnet-l0-flops50.toml", "importance": "minilm-wordnet-importance-flops50.toml",
+           "taylor": "minilm-wordnet-taylor-flops50.toml"}
 
 
 def finished(run_dir: Path, config) -> bool:
@@ -63,6 +69,10 @@ def train(recipe: str, run_dir: Path, overrides: list[str], threads: int, fresh:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.25])
+    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), default=["l0", "importance"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds of every L0 and baseline run (the teacher's is its recipe's); seed 0's runs are named "
+                             "METHOD-PERCENT, the others METHOD-PERCENT-sSEED")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of every L0 and baseline run (the teacher: its recipe's)")
     parser.add_argument("--train-examples", type=int, default=20000)
     parser.add_argument("--test-examples", type=int, default=5000)
@@ -81,11 +91,14 @@ def main(argv=None) -> dict:
     wall = {"teacher": train("minilm-wordnet-teacher.toml", teacher_dir, sizes, args.threads, args.fresh)}
     runs = {}
     for target in args.targets:
-        keys = [*sizes, f"teacher={str(teacher_dir)!r}", f"target={target}", f"epochs={args.epochs}"]
-        for method, recipe in (("l0", "minilm-wordnet-l0-flops50.toml"), ("importance", "minilm-wordnet-importance-flops50.toml")):
-            name = f"{method}-{round(100 * target)}"
-            wall[name] = train(recipe, args.runs / name, keys, args.threads, args.fresh)
-            runs[name] = args.runs / name
+        for seed in args.seeds:
+            keys = [*sizes, f"teacher={str(teacher_dir)!r}", f"target={target}", f"epochs={args.epochs}", f"seed={seed}"]
+            for method in args.methods:
+                name = f"{method}-{round(100 * target)}" + (f"-s{seed}" if seed else "")
+                wall[name] = train(METHODS[method], args.runs / name, keys, args.threads, args.fresh)
+                runs[name] = args.runs / name
+    epoch_seconds = {name: sum(record["seconds"] for record in read_metrics(run_dir / "metrics.jsonl"))
+                     for name, run_dir in {"teacher": teacher_dir, **runs}.items()}
 
     configure_torch(1)
     _, teacher, data = load_run(teacher_dir)
@@ -124,8 +137,8 @@ def main(argv=None) -> dict:
             results[name]["speedup_over_flops_ratio"] = results[name]["speedup"] * chosen
             results[name]["accuracy_vs_teacher"] = results[name]["test_accuracy"] / results["teacher"]["test_accuracy"]
     payload = {"command": "python benchmarks/hf_minilm.py " + " ".join(sys.argv[1:] if argv is None else argv),
-               "train_examples": args.train_examples, "test_examples": args.test_examples, "epochs": args.epochs,
-               "training_wall_seconds": wall, "threads": args.threads, "results": results}
+               "seeds": args.seeds, "train_examples": args.train_examples, "test_examples": args.test_examples, "epochs": args.epochs,
+               "training_wall_seconds": wall, "epoch_seconds": epoch_seconds, "threads": args.threads, "results": results}
     save_json(payload, args.out)
     print(f"{'model':<24}{'test acc':>10}{'vs teacher':>12}{'enc FLOPs':>11}{'latency ms':>12}{'speed-up':>10}")
     for name, row in results.items():

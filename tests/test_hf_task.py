@@ -463,6 +463,7 @@ def test_hidden_gate_from_the_recipe_trains_prunes_and_reports(teacher_dir, tmp_
 
 
 def test_importance_ranks_hidden_dimensions_on_their_own(teacher_dir, tmp_path):
+    """importance = "heads-magnitude-units" (issue #12's baseline); issue #26's "taylor" is in tests/test_baselines.py."""
     from l0sparse.hf.hidden import gate_hidden
 
     model = gated_classifier()
@@ -484,8 +485,8 @@ def test_importance_ranks_hidden_dimensions_on_their_own(teacher_dir, tmp_path):
         open_scores = torch.cat([scores[id(g)][g.log_alpha > 0] for g in members])
         shut_scores = torch.cat([scores[id(g)][g.log_alpha < 0] for g in members])
         assert len(shut_scores) > 0 and float(open_scores.min()) >= float(shut_scores.max())
-    history = run_training(config(regularizer="importance", teacher=teacher_dir, target=0.5, hidden_gate=True),
-                           tmp_path / "importance", progress=False)
+    history = run_training(config(regularizer="importance", importance="heads-magnitude-units", teacher=teacher_dir, target=0.5,
+                                  hidden_gate=True), tmp_path / "importance", progress=False)
     assert history[-1]["flops_kept"] <= 0.5
     pruned, _ = prune_run(tmp_path / "importance")
     assert pruned.encoder.embeddings.word_embeddings.embedding_dim < WIDTH

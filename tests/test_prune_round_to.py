@@ -17,7 +17,7 @@ def test_round_to_defaults_to_1_and_the_minilm_recipes_set_8():
     assert load_config(RECIPES / "mlp-digits.toml").round_to == 1
     assert load_config(RECIPES / "mlp-digits.toml", ["round_to=16"]).round_to == 16
     for name in ("minilm-wordnet-l0-flops50", "minilm-wordnet-importance-flops50", "minilm-wordnet-l0-flops25",
-                 "minilm-wordnet-importance-flops25"):
+                 "minilm-wordnet-importance-flops25", *(f"minilm-wordnet-taylor-flops{n}" for n in (5, 10, 25, 50))):
         assert load_config(RECIPES / f"{name}.toml").round_to == 8
 
 
@@ -30,7 +30,7 @@ def test_a_bad_round_to_names_the_key_and_what_it_must_be(value):
 def test_l0sparse_prune_rounds_as_the_run_s_config_says_unless_round_to_is_given(tmp_path, monkeypatch):
     config = load_config(RECIPES / "mlp-digits.toml", ["epochs=1", "hidden=[16]", "round_to=3"])
     run_training(config, tmp_path / "run", progress=False)
-    module = sys.modules["l0sparse.core.prune"]
+    module = sys.modules["l0sparse.prune"]
     real, asked = module.prune, []
 
     def spy(*args, round_to=1, **kwargs):

@@ -22,6 +22,9 @@ WIDTH_MAX = 2**24
 TARGET_MODES = ("exact", "ceiling")  # the controller chooses λ to land on target, or caps a fixed-λ run's size at it
 INITS = ("torch", "paper")  # the weights' initialisation: torch.nn's, or the paper's code's (Kaiming normal, zero bias)
 REGULARIZER_CHOICES = ("l0", "none", "magnitude", "importance", "l1", "group_l1", "l2")
+# regularizer = "importance": which baseline (docs/hf.md, "The baselines"). A config.json without the key was written
+# before issue #26, when "importance" was the second one: read_config_json reads it so
+IMPORTANCE_CHOICES = ("taylor", "heads-magnitude-units")
 
 
 @dataclass
@@ -65,10 +68,15 @@ class TrainConfig:
     distillation: ``distill_weight`` · T² · KL(teacher ‖ student at
     temperature T = ``temperature``) + (1 − ``distill_weight``) ·
     cross-entropy). ``regularizer = "importance"`` is the structured
-    importance-pruning baseline for it: heads ranked by the loss gradient of
-    a head mask (Michel et al., 2019), feed-forward units by weight norm,
-    removed down to ``target`` of the FLOPs before training, then trained
-    (distilled) for ``epochs``. ``distill_hidden`` > 0 adds a CoFi-style layer-wise
+    importance-pruning baseline for it: gates removed down to ``target`` of
+    the FLOPs before training, then trained (distilled) for ``epochs``.
+    ``importance`` says how they are chosen: ``"taylor"`` (the default) scores
+    heads and feed-forward units alike by the loss gradient of their mask
+    (the first-order Taylor term |Σ W ∂L/∂W|) and ranks all of them in one
+    pool by score per MAC; ``"heads-magnitude-units"`` (the baseline before
+    issue #26, which a ``config.json`` without the key ran) scores heads by
+    that gradient (Michel et al., 2019) and units by weight norm, normalised
+    per layer, and keeps one fraction of each kind. ``distill_hidden`` > 0 adds a CoFi-style layer-wise
     term, that weight times the mean squared difference of the student's and
     the teacher's hidden states after every encoder layer
     (:class:`l0sparse.hf.LayerDistillation`; 0, logits only, by default; not
@@ -90,6 +98,7 @@ class TrainConfig:
     hidden: list[int] = field(default_factory=lambda: [300, 100])
     data: str = "fashion-mnist"
     regularizer: str = "l0"
+    importance: str = "taylor"
     epochs: int = 200
     batch_size: int = 100
     lr: float = 1e-3
@@ -128,6 +137,7 @@ class TrainConfig:
              f"a list of positive ints of at most {WIDTH_MAX}"),
             ("data", self.data in DATASETS, f"one of {tuple(DATASETS)}"),
             ("regularizer", self.regularizer in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
+            ("importance", self.importance in IMPORTANCE_CHOICES, f"one of {IMPORTANCE_CHOICES}"),
             ("threshold", self.threshold is None or (_number(self.threshold) and self.threshold >= 0), "a number >= 0"),
             ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
             ("batch_size", _int(self.batch_size) and 1 <= self.batch_size <= INT64_MAX, f"an int in [1, {INT64_MAX}]"),
@@ -228,6 +238,7 @@ class TrainConfig:
             ("target", self.regularizer in ("l0", "magnitude", "importance"),
              f"regularizer {self.regularizer!r} has no target (l0, magnitude and importance have)"),
             ("threshold", self.regularizer in ("l1", "group_l1"), "only an l1 or group_l1 run is thresholded"),
+            ("importance", self.regularizer == "importance", "it chooses the importance baseline (regularizer = 'importance')"),
             ("controller_lr", controller, needs_controller),
             ("warmup", controller, needs_controller),
             ("metric", self.target is not None, "it says what a target counts: set a target"),
@@ -332,8 +343,14 @@ def config_from_dict(values: dict, source: str | Path | None = None) -> TrainCon
 
 
 def read_config_json(path: str | Path) -> TrainConfig:
-    """A run's ``config.json``, validated; a damaged file or a bad key gives an error that names the file."""
+    """A run's ``config.json``, validated; a damaged file or a bad key gives an error that names the file.
+
+    One with ``regularizer = "importance"`` and no ``importance`` key was written before issue #26 and ran the
+    baseline of then: it reads as ``importance = "heads-magnitude-units"``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {path.parent} a run directory (written by l0sparse train)?")
-    return config_from_dict(read_json(path), source=path)
+    values = read_json(path)
+    if isinstance(values, dict) and values.get("regularizer") == "importance" and "importance" not in values:
+        values = {**values, "importance": "heads-magnitude-units"}  # written before issue #26: the baseline it ran then
+    return config_from_dict(values, source=path)

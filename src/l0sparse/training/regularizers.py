@@ -221,21 +221,34 @@ class MagnitudePruning(Regularizer):
 
 
 class ImportancePruning(Regularizer):
-    """The importance baseline of a gated encoder: heads and units ranked once, at the start, from the starting
-    weights (:func:`~l0sparse.training.baselines.gate_importance`), the least important shut for good down to ``target``
-    of the FLOPs; then plain (distilled) training. The checkpoint keeps the shut gates."""
+    """The importance baseline of a gated encoder: its gates scored once, at the start, on the starting weights, the
+    least important shut for good down to ``target`` of the FLOPs; then plain (distilled) training. The checkpoint
+    keeps the shut gates.
+
+    ``method`` (config key ``importance``): ``"taylor"``, every gate by the loss gradient of its mask
+    (:func:`~l0sparse.training.baselines.taylor_importance`), all of them ranked in one pool by score per MAC
+    (:func:`~l0sparse.training.baselines.cost_ranked_prune_`); ``"heads-magnitude-units"``, heads by that gradient and
+    units by weight norm, each kind ranked on its own and kept in one common fraction
+    (:func:`~l0sparse.training.baselines.gate_importance`, :func:`~l0sparse.training.baselines.importance_prune_`; issue #12's).
+    """
 
     def __init__(self, model: nn.Module, target: float, example_inputs: Tensor, size: PrunedSize,
-                 scoring_batches: Callable[[], list], loss_fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+                 scoring_batches: Callable[[], list], loss_fn: Callable[[Tensor, Tensor], Tensor],
+                 method: str = "taylor") -> None:
+        from .config import IMPORTANCE_CHOICES
+
+        if method not in IMPORTANCE_CHOICES:
+            raise ValueError(f"method must be one of {IMPORTANCE_CHOICES}, got {method!r}")
         self.model, self.target, self.example_inputs, self.size = model, target, example_inputs, size
-        self.scoring_batches, self.loss_fn = scoring_batches, loss_fn
+        self.scoring_batches, self.loss_fn, self.method = scoring_batches, loss_fn, method
 
     def start(self) -> str:
-        from .baselines import gate_importance, importance_prune_
+        from . import baselines
 
-        scores = gate_importance(self.model, self.scoring_batches(), self.loss_fn)
-        kept = importance_prune_(self.model, self.target, self.example_inputs, scores)
-        return f"importance pruning keeps {100 * kept:.1f}% of the FLOPs (target {100 * self.target:.1f}%)"
+        score, prune = {"taylor": (baselines.taylor_importance, baselines.cost_ranked_prune_),
+                        "heads-magnitude-units": (baselines.gate_importance, baselines.importance_prune_)}[self.method]
+        kept = prune(self.model, self.target, self.example_inputs, score(self.model, self.scoring_batches(), self.loss_fn))
+        return f"importance pruning ({self.method}) keeps {100 * kept:.1f}% of the FLOPs (target {100 * self.target:.1f}%)"
 
     def metrics(self) -> dict[str, float]:
         return self.size.kept()
@@ -272,5 +285,6 @@ def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inpu
     if kind == "magnitude":
         return MagnitudePruning(model, config.target, example_inputs, config.epochs)
     if kind == "importance":
-        return ImportancePruning(model, config.target, example_inputs, PrunedSize(evaluated, example_inputs), scoring_batches, loss_fn)
+        return ImportancePruning(model, config.target, example_inputs, PrunedSize(evaluated, example_inputs), scoring_batches, loss_fn,
+                                 config.importance)
     return Regularizer()
