@@ -27,7 +27,8 @@ import l0sparse  # noqa: E402
 from l0sparse.training.baselines import cost_ranked_prune_, gate_importance, importance_prune_, taylor_importance  # noqa: E402
 from l0sparse.hf import encoder_rules, trim_padding  # noqa: E402
 from l0sparse.core.sites import find_gates  # noqa: E402
-from l0sparse.training.train import IMPORTANCE_EXAMPLES, configure_torch, load_run  # noqa: E402
+from l0sparse.training.train import IMPORTANCE_EXAMPLES, configure_torch  # noqa: E402
+from l0sparse.training.runs import load_run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = {"taylor": (taylor_importance, cost_ranked_prune_), "heads-magnitude-units": (gate_importance, importance_prune_)}

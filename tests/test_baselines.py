@@ -283,7 +283,8 @@ def test_the_shipped_taylor_recipes_and_the_old_baseline_s_recipes_say_which_the
 
 
 def test_a_taylor_run_prunes_to_its_target_and_keeps_at_least_one_gate_per_layer(teacher_dir, tmp_path):  # noqa: F811 (the fixture)
-    from l0sparse.training.train import load_run, prune_run, run_training
+    from l0sparse.training.train import run_training
+    from l0sparse.training.runs import load_run, prune_run
 
     history = run_training(config(regularizer="importance", teacher=teacher_dir, target=0.3), tmp_path / "taylor", progress=False)
     assert history[-1]["flops_kept"] <= 0.3
