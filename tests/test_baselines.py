@@ -293,3 +293,37 @@ def test_a_taylor_run_prunes_to_its_target_and_keeps_at_least_one_gate_per_layer
     assert all(int(g.is_open().sum()) >= 1 for g in find_gates(model))
     pruned, _ = prune_run(tmp_path / "taylor", latency=False)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_an_l0_run_can_start_from_the_taylor_choice(teacher_dir, tmp_path, capsys):  # noqa: F811 (the fixture)
+    """gate_start = "taylor": the gates begin at the strong baseline's choice (kept ones at droprate_init's log α,
+    the others at its negative), train again, and the controller holds the target."""
+    from l0sparse.training.baselines import taylor_importance, taylor_start_
+    from l0sparse.training.runs import load_run
+    from l0sparse.training.train import run_training
+
+    history = run_training(config(regularizer="l0", teacher=teacher_dir, target=0.3, warmup=0.0, gate_start="taylor"),
+                           tmp_path / "start", progress=True)
+    assert "the gates start from the importance baseline's choice" in capsys.readouterr().err
+    run_config, model, _ = load_run(tmp_path / "start")
+    assert run_config.gate_start == "taylor" and all(g.log_alpha.requires_grad for g in find_gates(model))
+    assert len(history) >= 1
+    # the start itself: the selection's FLOPs, the two log α values, every gate trainable
+    fresh = load_run(tmp_path / "start")[1]
+    for gate in find_gates(fresh):
+        with torch.no_grad():
+            gate.log_alpha.fill_(2.0)
+    x = torch.randint(1, 50, (4, 8))
+    scores = taylor_importance(fresh, [(x, torch.zeros(4, dtype=torch.long))], torch.nn.functional.cross_entropy)
+    kept = taylor_start_(fresh, 0.3, x, scores)
+    assert kept <= 0.3
+    for gate in find_gates(fresh):
+        start = math.log(1 - gate.droprate_init) - math.log(gate.droprate_init)
+        assert set(gate.log_alpha.detach().unique().tolist()) <= {start, -start} and gate.log_alpha.requires_grad
+
+
+def test_gate_start_is_refused_where_it_has_no_meaning():
+    with pytest.raises(ValueError, match=r"config key 'gate_start' = 'taylor': .* needs regularizer = 'l0' with a FLOPs target"):
+        config(regularizer="importance", teacher="runs/x", target=0.3, gate_start="taylor")
+    with pytest.raises(ValueError, match=r"config key 'gate_start' = 'sideways': must be one of \('open', 'taylor'\)"):
+        config(gate_start="sideways")

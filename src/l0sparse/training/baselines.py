@@ -38,7 +38,7 @@ from ..core.models import LeNet5
 from ..core.sites import find_gates, gate_masks
 
 __all__ = ["hidden_layers", "pruned_flops", "magnitude_prune", "gate_importance", "importance_prune_", "taylor_importance",
-           "cost_ranked_prune_"]
+           "cost_ranked_prune_", "taylor_start_"]
 
 #: log α of a gate fixed open / shut: the hard concrete sample is then exactly 1 / 0 (its logistic noise is clamped to ±13.8)
 FIXED_OPEN, FIXED_SHUT = 30.0, -30.0
@@ -342,6 +342,19 @@ def cost_ranked_prune_(model: nn.Module, target: float, example_inputs, scores: 
         middle = (low + high + 1) // 2
         low, high = (middle, high) if flops(middle) <= target * dense else (low, middle - 1)
     return _freeze(model_gates, flops(low)) / dense
+
+
+def taylor_start_(model: nn.Module, target: float, example_inputs, scores: dict[int, torch.Tensor]) -> float:
+    """Start L0 training from :func:`cost_ranked_prune_`'s choice at ``target``, not fixed: a kept gate gets the
+    log α of its ``droprate_init`` (P(z ≠ 0) as a fresh gate's), a removed one the mirror image (−log α: nearly
+    shut), and every gate trains again. Returns the fraction of the FLOPs the choice keeps."""
+    kept = cost_ranked_prune_(model, target, example_inputs, scores)
+    with torch.no_grad():
+        for gate in find_gates(model):
+            start = math.log(1 - gate.droprate_init) - math.log(gate.droprate_init)
+            gate.log_alpha.copy_(torch.where(gate.log_alpha > 0, start, -start))
+            gate.log_alpha.requires_grad_(True)
+    return kept
 
 
 def _checked_gates(model: nn.Module, target: float, scores: dict, scorer: str) -> list[Gate]:

@@ -25,6 +25,10 @@ REGULARIZER_CHOICES = ("l0", "none", "magnitude", "importance", "l1", "group_l1"
 # regularizer = "importance": which baseline (docs/hf.md, "The baselines"). A config.json without the key was written
 # before issue #26, when "importance" was the second one: read_config_json reads it so
 IMPORTANCE_CHOICES = ("taylor", "heads-magnitude-units")
+# regularizer = "l0" with a target: where the gates start. "open": every gate at droprate_init (the paper's start);
+# "taylor": the strong baseline's choice at the target, kept gates at droprate_init and the rest at its mirror image
+# (nearly shut, free to reopen), so that L0 refines that structure instead of finding one from scratch (issue #26)
+GATE_STARTS = ("open", "taylor")
 
 
 @dataclass
@@ -99,6 +103,7 @@ class TrainConfig:
     data: str = "fashion-mnist"
     regularizer: str = "l0"
     importance: str = "taylor"
+    gate_start: str = "open"
     epochs: int = 200
     batch_size: int = 100
     lr: float = 1e-3
@@ -138,6 +143,7 @@ class TrainConfig:
             ("data", self.data in DATASETS, f"one of {tuple(DATASETS)}"),
             ("regularizer", self.regularizer in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
             ("importance", self.importance in IMPORTANCE_CHOICES, f"one of {IMPORTANCE_CHOICES}"),
+            ("gate_start", self.gate_start in GATE_STARTS, f"one of {GATE_STARTS}"),
             ("threshold", self.threshold is None or (_number(self.threshold) and self.threshold >= 0), "a number >= 0"),
             ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
             ("batch_size", _int(self.batch_size) and 1 <= self.batch_size <= INT64_MAX, f"an int in [1, {INT64_MAX}]"),
@@ -200,6 +206,10 @@ class TrainConfig:
         if self.model == "minilm" and self.regularizer not in ("l0", "none", "importance"):
             raise ValueError(f"config key 'regularizer' = {self.regularizer!r}: model 'minilm' takes 'l0', 'none' or 'importance' "
                              "(the other baselines are built for the MLP and LeNet-5)")
+        if self.gate_start != "open" and (self.model != "minilm" or self.regularizer != "l0" or self.target is None
+                                          or self.metric != "flops" or self.teacher is None):
+            raise ValueError(f"config key 'gate_start' = {self.gate_start!r}: starts the gates of model 'minilm' from the importance "
+                             "baseline's choice, so it needs regularizer = 'l0' with a FLOPs target and a teacher")
         if self.regularizer == "importance" and (self.teacher is None or self.clamp_log_alpha):
             raise ValueError("config key 'teacher': the importance baseline ranks the heads of a trained model and distils from it: "
                              "name its dense run (teacher = 'runs/...'); its gates are fixed, so clamp_log_alpha must stay false")

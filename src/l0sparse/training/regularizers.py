@@ -131,13 +131,18 @@ class L0WithTarget(L0):
     """L0 with a :class:`~l0sparse.TargetController`: its multipliers' term and step beside the gates' penalty.
 
     ``exact``: λ is the controller's, and the penalty holds the weight decay only. ``ceiling``: λ stays the
-    configured one and the controller caps the pruned size after its warm-up.
+    configured one and the controller caps the pruned size after its warm-up. ``start_from``: what sets the
+    gates before the first step (config key ``gate_start``), returning what it did in a line; None: they stay as built.
     """
 
     def __init__(self, model: nn.Module, controller, lam: float = 0.0, weight_decay: float = 0.0, N: int = 1,
-                 evaluated: nn.Module | None = None, size: PrunedSize | None = None) -> None:
+                 evaluated: nn.Module | None = None, size: PrunedSize | None = None,
+                 start_from: Callable[[], str] | None = None) -> None:
         super().__init__(model, lam if controller.ceiling else 0.0, weight_decay, N, evaluated, size)
-        self.controller = controller
+        self.controller, self.start_from = controller, start_from
+
+    def start(self) -> str | None:
+        return self.start_from() if self.start_from is not None else None
 
     def loss(self, task_loss: Tensor) -> Tensor:
         return super().loss(task_loss + self.controller.penalty())
@@ -279,7 +284,15 @@ def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inpu
         controller = TargetController(model, config.target, config.metric, example_inputs=example_inputs,
                                       warmup_steps=int(config.warmup * steps), delay_steps=int(config.delay * steps),
                                       lr=config.controller_lr, ceiling=config.target_mode == "ceiling", landing=config.landing)
-        return L0WithTarget(model, controller, config.lam, config.weight_decay, n_train, evaluated, size)
+        start_from = None
+        if config.gate_start == "taylor":
+            def start_from() -> str:
+                from . import baselines
+
+                scores = baselines.taylor_importance(model, scoring_batches(), loss_fn)
+                kept = baselines.taylor_start_(model, config.target, example_inputs, scores)
+                return f"the gates start from the importance baseline's choice: {100 * kept:.1f}% of the FLOPs open"
+        return L0WithTarget(model, controller, config.lam, config.weight_decay, n_train, evaluated, size, start_from)
     if kind in ("l1", "group_l1", "l2"):
         return LkPenalty(model, kind, config.lam, n_train, config.threshold_value)
     if kind == "magnitude":
