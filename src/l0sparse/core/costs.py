@@ -32,8 +32,6 @@ __all__ = ["expected_l0", "penalty", "Penalty", "CostModel", "expected_flops", "
            "median_latency"]
 
 
-
-
 def expected_l0(model: nn.Module) -> Tensor:
     """Σ P(z ≠ 0) over every gate of ``model`` (a differentiable scalar)."""
     found = find_gates(model)

@@ -48,7 +48,6 @@ __all__ = ["Space", "Consumer", "ChannelGraph", "Batch", "trace_channels", "chec
            "run_batch"]
 
 
-
 @dataclass
 class Consumer:
     """A module that reads a space's channels through its weight columns."""

@@ -54,14 +54,6 @@ _LOOKED_FOR = ("encoder layers with BERT's attention.self.query/key/value, atten
                "'embeddings' module with word_embeddings (and LayerNorm)")
 
 
-
-
-
-
-
-
-
-
 def _submodule_or_none(module: nn.Module, path: str) -> nn.Module | None:
     try:
         return module.get_submodule(path)
@@ -254,16 +246,6 @@ def attach_rms_hidden_gate(model: nn.Module, names: dict[str, list[str]], eps: d
         norms.append(norm)
     gate.stream = HiddenStream(tables, writers, tuple(modules[n] for n in names["readers"]), tuple(norms), width)
     return gate
-
-
-
-
-
-
-
-
-
-
 
 
 def _rms_eps(module: nn.Module) -> float | None:

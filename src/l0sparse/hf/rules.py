@@ -246,7 +246,6 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
     return rules
 
 
-
 def _refuse_per_head_tables(model: nn.Module, rules: dict, caller: str) -> None:
     """Refuse head rules where the model holds a table of one column per head outside one layer (an ``nn.Embedding``:
     MPNet's and T5's relative-position bias, read by every layer): its columns cannot follow one layer's heads."""

@@ -101,7 +101,6 @@ def build_minilm(num_classes: int) -> SentenceClassifier:
     return SentenceClassifier(encoder, num_classes, pad_id=encoder.config.pad_token_id or 0)
 
 
-
 def trim_padding(input_ids: Tensor, pad_id: int) -> Tensor:
     """The batch without its trailing columns of padding only: the same outputs, fewer tokens to compute."""
     if input_ids.dim() != 2:

@@ -10,7 +10,6 @@ import torch
 from torch import fx, nn
 
 
-
 aten = torch.ops.aten  # the ATen namespace, as rules name the ops torch.export makes
 
 
