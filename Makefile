@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test hf figures clean
+.PHONY: demo test test-fast hf figures clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ demo: $(VENV)/.base
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks docs/scripts
 	$(PY) -m pytest -q
+
+# the loop to run while working: the same without the tests marked slow (subprocesses, torchrun/DDP, training runs);
+# CI runs `make test`
+test-fast: $(VENV)/.dev
+	$(VENV)/bin/ruff check src tests benchmarks docs/scripts
+	$(PY) -m pytest -q -m "not slow"
 
 figures: $(VENV)/.base
 	$(PY) docs/scripts/plot_hard_concrete.py

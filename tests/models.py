@@ -1,8 +1,11 @@
-"""Small models with the patterns sparsify and prune must handle."""
+"""Small models with the patterns sparsify and prune must handle, the checks made on them, and the sizes of the tiny
+BERT the Hugging Face tests build."""
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+import l0sparse
 from l0sparse import CostModel, Gate
 
 
@@ -152,3 +155,64 @@ def promised_band(controller, model: nn.Module, example) -> float:
     worth more than the band (the largest saving of closing one unit with all others open bounds any unit's worth)."""
     savings = CostModel(model, example).gate_costs(controller.metric)
     return controller.tolerance + max(float(saving.max()) for saving in savings.values()) / controller._dense
+
+
+# --- the patterns, gated and randomised, and the checks made on them --------------------------------------------
+
+FLOAT32_TOLERANCE = 1e-5  # max |pruned - gated| relative to the output scale (issue requirement)
+
+
+def assert_same_outputs(gated, pruned, x):
+    gated.eval()
+    with torch.no_grad():
+        expected, got = gated(x), pruned(x)
+    assert expected.shape == got.shape
+    scale = float(expected.abs().max())
+    assert float((expected - got).abs().max()) <= FLOAT32_TOLERANCE * max(scale, 1.0)
+
+
+def assert_prunes_exactly(model, x):
+    """Pruned outputs equal the gated eval outputs, and the cost model counts what pruning leaves."""
+    pruned = l0sparse.prune(model, x)
+    assert_same_outputs(model, pruned, x)
+    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
+    assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
+    assert float(costs["params"]) == l0sparse.count_params(pruned)
+
+
+def assert_plain(module: nn.Module):
+    for sub in module.modules():
+        assert not type(sub).__module__.startswith("l0sparse"), type(sub)
+        assert not parametrize.is_parametrized(sub)
+        assert not sub._forward_hooks and not sub._forward_pre_hooks
+
+
+CASES = {
+    "mlp": (lambda: mlp(), lambda: torch.randn(6, 20), None),
+    "resnet": (TinyResNet, lambda: torch.randn(4, 3, 8, 8), None),
+    "grouped": (GlobalPoolNet, lambda: torch.randn(4, 3, 6, 6), None),
+    "conv1d": (Conv1dNet, lambda: torch.randn(4, 2, 10), None),
+    "attention": (AttentionNet, lambda: torch.randn(3, 5, 16), None),
+    "attention-prenorm": (PreNormAttentionNet, lambda: torch.randn(3, 5, 16), None),
+    "attention-seq-first": (lambda: PreNormAttentionNet(batch_first=False), lambda: torch.randn(5, 3, 16), None),
+    "own-attention": (OwnAttentionNet, lambda: torch.randn(3, 5, 16), {"attn": ("heads", 4)}),
+    "mlp-out": (lambda: mlp(), lambda: torch.randn(6, 20), {nn.Linear: "out", "4": "in"}),
+    "resnet-weight": (TinyResNet, lambda: torch.randn(4, 3, 8, 8), {"block.conv1": "weight", "fc": "weight"}),
+}
+
+
+def build(case, seed=0):
+    factory, inputs, rules = CASES[case]
+    torch.manual_seed(seed)
+    model, x = factory(), inputs()
+    l0sparse.sparsify(model, rules=rules, example_inputs=x)
+    return randomise(model), x
+
+
+# --- a tiny BERT (test_elementwise_ops, test_hf_hidden; test_hf_encoders with a feed-forward width of its own) ----
+
+VOCAB, WIDTH, HEADS, FFN = 100, 32, 4, 37
+
+
+def input_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(seed))  # no padding id (RoBERTa: 1)

@@ -213,6 +213,7 @@ def test_keys_a_run_never_reads_are_refused_from_a_file_but_a_recipe_may_change_
     assert load_config(None, ["epochs=3"], base=saved).epochs == 3
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
 def test_a_config_path_that_is_a_fifo_is_refused_at_once(tmp_path, capsys):
     """Issue #27, the hang: a FIFO with no writer blocked `train` forever. Run in a subprocess with a timeout, so a
@@ -240,6 +241,7 @@ def test_load_pruned_of_a_per_weight_run_and_of_an_edited_pruned_json(tmp_path):
         load_pruned(run)
 
 
+@pytest.mark.slow
 def test_the_command_prints_no_traceback(tmp_path):
     (tmp_path / "file").write_text("")
     completed = subprocess.run([sys.executable, "-m", "l0sparse", "train", DIGITS, "--out", str(tmp_path / "file")],

@@ -351,6 +351,7 @@ def test_regressor_selects_the_same_features_at_extreme_scales(x_scale, y_scale)
     assert np.abs(prediction - y).mean() < 0.2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("x_scale", [1e200, 1e-200])
 def test_classifier_selects_features_at_extreme_scales(x_scale):
     x, y = regression_data()

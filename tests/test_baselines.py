@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import l0sparse
 from l0sparse.training.baselines import FIXED_OPEN, cost_ranked_prune_, taylor_importance
 from l0sparse.training.config import config_from_dict, load_config, read_config_json
 from l0sparse.core.costs import CostModel
@@ -282,6 +283,7 @@ def test_the_shipped_taylor_recipes_and_the_old_baseline_s_recipes_say_which_the
         assert load_config(recipes / f"minilm-wordnet-importance-flops{percent}.toml").importance == "heads-magnitude-units"
 
 
+@pytest.mark.slow
 def test_a_taylor_run_prunes_to_its_target_and_keeps_at_least_one_gate_per_layer(teacher_dir, tmp_path):  # noqa: F811 (the fixture)
     from l0sparse.training.train import run_training
     from l0sparse.training.runs import load_run, prune_run
@@ -295,6 +297,7 @@ def test_a_taylor_run_prunes_to_its_target_and_keeps_at_least_one_gate_per_layer
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_an_l0_run_can_start_from_the_taylor_choice(teacher_dir, tmp_path, capsys):  # noqa: F811 (the fixture)
     """gate_start = "taylor": the gates begin at the strong baseline's choice (kept ones at droprate_init's log α,
     the others at its negative), train again, and the controller holds the target."""
@@ -327,3 +330,14 @@ def test_gate_start_is_refused_where_it_has_no_meaning():
         config(regularizer="importance", teacher="runs/x", target=0.3, gate_start="taylor")
     with pytest.raises(ValueError, match=r"config key 'gate_start' = 'sideways': must be one of \('open', 'taylor'\)"):
         config(gate_start="sideways")
+
+
+# --- magnitude pruning -------------------------------------------------------------------------------------------
+
+def test_magnitude_baseline_counts_flops_as_a_physically_smaller_network():
+    """The baseline's FLOPs for given widths equal count_flops of a plain network built with those widths."""
+    from l0sparse.training.baselines import _flops_for_widths, _layer_macs
+    from l0sparse.core.models import mlp
+
+    dense, x = mlp((20, 16, 12, 4)), torch.randn(2, 20)
+    assert _flops_for_widths(_layer_macs(dense, x), [16, 12], [10, 5]) == l0sparse.count_flops(mlp((20, 10, 5, 4)), x)

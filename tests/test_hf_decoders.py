@@ -19,7 +19,9 @@ from l0sparse.core.costs import CostModel
 from l0sparse.core.ops import grouped_heads_kept
 from l0sparse.core.sites import find_gates
 
-from test_hf_encoders import hf, torch_export_loaded  # noqa: F401 (a fixture)
+from test_hf_encoders import hf
+
+pytestmark = pytest.mark.usefixtures("torch_export_loaded")  # conftest.py: torch.export's set-up, paid outside the tests
 
 VOCAB, WIDTH, FFN, LENGTH = 64, 32, 48, 8
 COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=FFN, num_hidden_layers=2, max_position_embeddings=64)
@@ -89,6 +91,7 @@ def test_decoder_rules_name_heads_groups_units_and_blocks():
     assert l0hf.decoder_rules(model, blocks=True, heads=False) == {**{u: "in+block" for u in units}, nn.Linear: "skip"}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("torch_export_loaded")
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("family", FAMILIES)
@@ -109,6 +112,7 @@ def test_every_family_prunes_exactly_with_the_cache_on_and_generates_the_same_to
         assert torch.equal(pruned.generate(prompt, max_new_tokens=6, do_sample=False), tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("torch_export_loaded")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_pruned_decoder_exports_and_reloads_with_weights_only(family):
@@ -395,6 +399,7 @@ def t5() -> nn.Module:
                                                          num_heads=4, decoder_start_token_id=0))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("torch_export_loaded")
 @pytest.mark.parametrize(("build", "options"), [(bart, {}), (bart, {"blocks": True}), (t5, {"heads": False}), (t5, {"heads": False, "blocks": True})],
                          ids=["bart-heads", "bart-blocks", "t5-units", "t5-units-blocks"])
@@ -457,6 +462,7 @@ def gated_with_hidden(family: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("torch_export_loaded")
 @pytest.mark.parametrize("family", HIDDEN_FAMILIES)
 def test_the_hidden_size_of_an_rmsnorm_stream_prunes_exactly(family):

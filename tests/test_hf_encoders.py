@@ -14,15 +14,15 @@ from l0sparse.core.sites import find_gates
 from l0sparse.core.graph import trace_channels
 from l0sparse.core.sparsify import declared_head_count, gate_masks
 
-from test_sparsify_prune import CASES, assert_plain, build
-
+from models import CASES, HEADS, VOCAB, WIDTH, assert_plain, build, input_ids
 
 
 def hf():
     """transformers, or a skip: the Hugging Face tests need the 'hf' extra (CI installs it with 'dev')."""
     return pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
 
-VOCAB, WIDTH, HEADS, FFN = 100, 32, 4, 64
+FFN = 64  # the tiny BERT of models.py, with a wider feed-forward
+pytestmark = pytest.mark.usefixtures("torch_export_loaded")  # conftest.py: torch.export's set-up, paid outside the tests
 
 
 def bert() -> nn.Module:
@@ -60,16 +60,6 @@ FAMILIES = {
     "distilbert": (distilbert, "transformer.layer.*.attention", "transformer.layer.*.ffn.lin2",
                    ("q_lin", "k_lin", "v_lin", "out_lin")),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_export_loaded():
-    """torch.export's first call imports and sets up dynamo (about 3 s, once per process): pay it here, not in a test."""
-    torch.export.export(nn.Linear(2, 2), (torch.randn(1, 2),))
-
-
-def input_ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(seed))  # no padding id (RoBERTa: 1)
 
 
 def gated(family: str, seed: int = 0) -> nn.Module:
@@ -134,11 +124,6 @@ def test_fx_cannot_follow_them_and_trace_channels_uses_torch_export():
     assert graph.shapes["encoder.layer.0.attention.self.query"][1] == (2, 8, WIDTH)
 
 
-def test_models_fx_follows_keep_the_fx_path():
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-    assert trace_channels(model, (torch.randn(3, 4),)).tracer == "fx"
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_removes_heads_and_feed_forward_units(family):
     model = gated(family)
@@ -162,6 +147,7 @@ def test_prune_removes_heads_and_feed_forward_units(family):
     assert plan["tracer"] == "export"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_pruned_model_exports_and_loads_with_weights_only(family):
     x = input_ids()
@@ -279,6 +265,7 @@ def test_wrong_inputs_are_blamed_on_the_inputs_not_the_tracers():
         trace_channels(model, (torch.randint(0, VOCAB, (2, 64)),))  # longer than max_position_embeddings
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cost_model_counts_what_prune_leaves(family):
     model = gated(family, seed=2)
@@ -292,48 +279,7 @@ def test_cost_model_counts_what_prune_leaves(family):
     assert float(dense["flops"]) == pytest.approx(l0sparse.count_flops(model, x))
 
 
-class BranchOnRank(nn.Module):
-    """A residual CNN with BatchNorm whose forward branches on ``x.dim()``: torch.fx cannot follow it, torch.export can."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1, self.norm1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv2, self.norm2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
-        self.conv3, self.norm3 = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x):
-        if x.dim() == 3:  # one unbatched image
-            x = x[None]
-        y = torch.relu(self.norm1(self.conv1(x)))
-        y = y + torch.relu(self.norm2(self.conv2(y)))
-        y = torch.relu(self.norm3(self.conv3(y)))
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
-
-
-def test_a_cnn_torch_fx_cannot_follow_prunes_through_torch_export():
-    torch.manual_seed(0)
-    model = BranchOnRank().eval()
-    with torch.no_grad():  # BatchNorm that shifts a closed channel away from zero: only the consumer's gate removes it exactly
-        for norm in (model.norm1, model.norm2, model.norm3):
-            norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.bias.uniform_(-1, 1)
-    x = torch.randn(2, 3, 8, 8)
-    graph = trace_channels(model, (x,))
-    assert graph.tracer == "export"
-    residual = graph.space_of_output("conv1")  # conv1 and conv2 are added: one space, its BatchNorms follow it
-    assert residual.removable and sorted(residual.producers) == ["conv1", "conv2"] and sorted(residual.followers) == ["norm1", "norm2"]
-    l0sparse.sparsify(model, {"conv1": "out", "conv3": "out", "fc": "skip"}, example_inputs=x)
-    with torch.no_grad():
-        for gate in find_gates(model):
-            gate.log_alpha.copy_(torch.where(torch.arange(gate.log_alpha.numel()) % 2 == 0, -10.0, 10.0))
-    pruned = l0sparse.prune(model, x)
-    assert (pruned.conv1.out_channels, pruned.norm2.num_features, pruned.conv3.out_channels, pruned.fc.in_features) == (4, 4, 8, 8)
-    with torch.no_grad():
-        assert float((model(x) - pruned(x)).abs().max()) <= 1e-5 * float(model(x).abs().max())
-    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
-    assert (float(costs["params"]), float(costs["flops"])) == (l0sparse.count_params(pruned), l0sparse.count_flops(pruned, x))
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_pattern_prunes_exactly_through_torch_export(case, monkeypatch):
     """The patterns torch.fx follows, read from torch.export's graph instead: same outputs, plain, costs exact."""
@@ -388,6 +334,7 @@ def projection_of(model: nn.Module, family: str, owner: str) -> nn.Linear:
                                else f"{owner}.{FAMILIES[family][3][3]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_closed_block_gives_the_module_without_its_heads_or_units_and_prune_removes_it(family):
     attention, feed_forward = closed_blocks(family)

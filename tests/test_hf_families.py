@@ -14,9 +14,10 @@ from l0sparse import hf as l0hf
 from l0sparse.core.sites import find_gates
 from l0sparse.core.sparsify import declared_head_count, gate_masks
 
-from test_hf_encoders import (FAMILIES, FFN, HEADS, VOCAB, WIDTH, assert_exports_and_loads, hf, input_ids, prune_checked,
-                              torch_export_loaded)  # noqa: F401 (a fixture)
-from test_sparsify_prune import assert_plain
+from models import HEADS, VOCAB, WIDTH, assert_plain, input_ids
+from test_hf_encoders import FAMILIES, FFN, assert_exports_and_loads, hf, prune_checked
+
+pytestmark = pytest.mark.usefixtures("torch_export_loaded")  # conftest.py: torch.export's set-up, paid outside the tests
 
 SIZES = dict(num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FFN, vocab_size=VOCAB)
 
@@ -76,6 +77,7 @@ def test_encoder_rules_find_what_the_hand_written_rules_name(family):
                      **{feed_forward.replace("*", str(i)): "in" for i in range(2)}, nn.Linear: "skip"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", BUILDERS)
 def test_every_family_prunes_by_encoder_rules_to_a_smaller_model_that_exports_and_loads(family):
     model = gated(family)

@@ -17,27 +17,18 @@ from l0sparse.core.stream import OpenLayerNorm, hidden_gate
 from l0sparse.hf import gate_hidden
 from l0sparse.core.sites import find_gates
 
-from test_sparsify_prune import assert_plain
+from models import FFN, HEADS, VOCAB, WIDTH, assert_plain, input_ids
 
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
 
-VOCAB, WIDTH, HEADS, FFN, CLASSES = 100, 32, 4, 37, 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_export_loaded():
-    """torch.export's first call sets up dynamo (seconds, once per process): pay it here, not in a test."""
-    torch.export.export(nn.Linear(2, 2), (torch.randn(1, 2),))
+CLASSES = 3
+pytestmark = pytest.mark.usefixtures("torch_export_loaded")  # conftest.py: torch.export's set-up, paid outside the tests
 
 
 def bert_config(**changes):
     settings = dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, intermediate_size=FFN,
                     vocab_size=VOCAB, max_position_embeddings=32)
     return transformers.BertConfig(**{**settings, **changes})
-
-
-def input_ids(seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(seed))
 
 
 def encoder(pooler: bool = True) -> nn.Module:
@@ -124,6 +115,7 @@ def test_classifier_logits_are_equal_and_parameters_fall_by_the_closed_dimension
     assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["roberta", "electra", "distilbert", "bert-for-classification"])
 def test_other_families(family):
     build = {

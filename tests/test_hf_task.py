@@ -17,7 +17,7 @@ from l0sparse.training.baselines import FIXED_OPEN, gate_importance, importance_
 from l0sparse.training.config import config_from_dict
 from l0sparse.core.costs import CostModel
 from l0sparse.core.sites import find_gates
-from l0sparse.training.data import DATASETS, Split, read_wordnet_glosses
+from l0sparse.training.data import DATASETS, Split
 from l0sparse.core.control import TargetController
 from l0sparse.training.train import distillation_loss, load_teacher, run_training
 from l0sparse.training.build import model_for
@@ -60,40 +60,6 @@ def gated_classifier(seed: int = 0) -> hf.SentenceClassifier:
         warnings.simplefilter("ignore")  # embeddings, q/k/v, the classifier: no gate of their own, as the rules say
         l0sparse.sparsify(model, hf.encoder_rules(model), example_inputs=token_ids(2))
     return model
-
-
-# --- WordNet -------------------------------------------------------------------------------------------------
-
-HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n  2 Princeton University\n"
-
-
-def write_wordnet(folder, lines_per_part: dict[str, list[str]]) -> None:
-    for part in ("noun", "verb", "adj", "adv"):
-        (folder / f"data.{part}").write_text(HEADER + "".join(line + "\n" for line in lines_per_part.get(part, [])))
-
-
-def test_glosses_and_lexicographer_files_are_read_from_the_four_data_files(tmp_path):
-    write_wordnet(tmp_path, {
-        "noun": ["00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived or known; \"a thing\"  "],
-        "verb": ["00001740 29 v 04 breathe 0 take_a_breath 0 021 * 00005041 v 0000 02 + 02 00 | draw air into the lungs  "],
-        "adv": ["00001740 02 r 01 a_cappella 0 000 | without musical accompaniment"],
-    })
-    glosses, labels = read_wordnet_glosses(tmp_path)
-    assert glosses == ['that which is perceived or known; "a thing"', "draw air into the lungs", "without musical accompaniment"]
-    assert labels == [3, 29, 2]
-
-
-def test_missing_wordnet_says_how_to_install_it(tmp_path):
-    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
-        read_wordnet_glosses(tmp_path)
-
-
-@pytest.mark.parametrize("line", ["00001740 03 n 01 entity 0 000 no bar here", "00001740 n 03 entity | gloss",
-                                  "00001740 45 n 01 entity 0 000 | a lexicographer file past the 45 there are"])
-def test_a_damaged_wordnet_line_is_named(tmp_path, line):
-    write_wordnet(tmp_path, {"noun": ["00001740 03 n 01 entity 0 000 | fine", line]})
-    with pytest.raises(ValueError, match=r"data\.noun line 4"):
-        read_wordnet_glosses(tmp_path)
 
 
 # --- the classifier, its gates, padding ----------------------------------------------------------------------
@@ -241,6 +207,7 @@ def config(**keys):
     return config_from_dict({**base, **keys})
 
 
+@pytest.mark.slow
 def test_teacher_l0_and_importance_runs_prune_to_plain_smaller_models(tiny_task, tmp_path):
     run_training(config(regularizer="none", epochs=2), tmp_path / "teacher", progress=False)
     teacher_dir = str(tmp_path / "teacher")
@@ -284,6 +251,7 @@ def interrupt_after(epochs: int):
     return stop
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keys", [{"regularizer": "importance", "target": 0.5}, {"regularizer": "l0", "target": 0.5, "gate_lr": 0.05},
                                   {"regularizer": "l0", "target": 0.5, "gate_lr": 0.05, "distill_hidden": 1.0}],
                          ids=["importance", "l0", "l0-hidden-states"])
@@ -301,6 +269,7 @@ def test_a_distilled_run_resumes_exactly_even_if_the_teacher_changed(teacher_dir
     assert all(torch.equal(a[key], b[key]) for key in a)
 
 
+@pytest.mark.slow
 def test_the_hidden_state_term_enters_the_loss_with_its_weight(teacher_dir, tmp_path, monkeypatch):
     import l0sparse.training.train as train_module
 
@@ -330,6 +299,7 @@ def test_the_hidden_state_term_enters_the_loss_with_its_weight(teacher_dir, tmp_
     assert abs(history[0]["train_loss"] - expected) <= 8 * torch.finfo(torch.float32).eps * expected
 
 
+@pytest.mark.slow
 def test_a_hidden_state_run_that_stops_before_its_checkpoint_leaves_nothing_and_one_that_lost_its_teacher_is_named(
         teacher_dir, tmp_path, monkeypatch):
     settings = config(regularizer="l0", teacher=teacher_dir, target=0.5, gate_lr=0.05, epochs=2, distill_hidden=1.0)
@@ -384,6 +354,7 @@ def test_tied_scores_still_meet_the_budget_and_an_unreachable_target_is_refused(
         importance_prune_(other, 0.01, x, {id(g): torch.ones(g.log_alpha.shape) for g in find_gates(other)})
 
 
+@pytest.mark.slow
 def test_a_pruned_spec_with_a_foreign_dtype_is_named(teacher_dir, tmp_path):
     import json
 
@@ -426,6 +397,7 @@ def test_bad_text_config_names_the_key(keys, key):
         config(**keys)
 
 
+@pytest.mark.slow
 def test_a_teacher_that_is_missing_or_not_dense_is_refused(tiny_task, tmp_path):
     with pytest.raises(FileNotFoundError, match="teacher"):
         run_training(config(regularizer="l0", teacher=str(tmp_path / "nothing")), tmp_path / "student", progress=False)
@@ -437,6 +409,7 @@ def test_a_teacher_that_is_missing_or_not_dense_is_refused(tiny_task, tmp_path):
 
 # --- the hidden-size gate from the command line (hidden_gate = true) ------------------------------------------
 
+@pytest.mark.slow
 def test_hidden_gate_from_the_recipe_trains_prunes_and_reports(teacher_dir, tmp_path, capsys):
     from pathlib import Path
 
@@ -462,6 +435,7 @@ def test_hidden_gate_from_the_recipe_trains_prunes_and_reports(teacher_dir, tmp_
     assert f"| {run.name} |" in (tmp_path / "report" / "report.md").read_text() and (tmp_path / "report" / "gates.png").stat().st_size
 
 
+@pytest.mark.slow
 def test_importance_ranks_hidden_dimensions_on_their_own(teacher_dir, tmp_path):
     """importance = "heads-magnitude-units" (issue #12's baseline); issue #26's "taylor" is in tests/test_baselines.py."""
     from l0sparse.hf.hidden import gate_hidden

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import l0sparse
-from l0sparse import L0Conv2d, L0LeNet5, L0Linear, L0MLP, expected_l0, penalty
+from l0sparse import L0Conv2d, L0LeNet5, L0Linear, L0MLP, penalty
 from l0sparse.core.prune import plain_copy
 
 
@@ -174,61 +174,6 @@ def test_layers_in_low_precision_give_no_nan(dtype, extreme):
         assert torch.isfinite(p.grad).all()
 
 
-def test_model_level_penalty_and_expected_l0():
-    model = L0MLP((10, 8, 3))
-    layers = model.l0_layers()
-    assert float(expected_l0(model)) == pytest.approx(sum(float(layer.gate.expected_l0()) for layer in layers), rel=1e-6)
-    assert float(penalty(model, 0.5, 0.1, N=7)) == pytest.approx(sum(float(layer.penalty(0.5, 0.1)) for layer in layers) / 7, rel=1e-6)
-    with pytest.raises(ValueError, match="N"):
-        penalty(model, 0.5, N=0)
-    with pytest.raises(ValueError, match="no l0sparse gates"):
-        expected_l0(torch.nn.Linear(2, 2))
-
-
-def test_prepared_penalty_follows_the_parameters_and_mixed_temperatures():
-    """A Penalty built once equals the per-layer sum after the weights and log α have moved,
-    also when the layers' gates have different β (they are summed in separate groups)."""
-    from l0sparse import Penalty
-
-    torch.manual_seed(0)
-    model = L0MLP((10, 8, 3))
-    first, second = model.l0_layers()
-    second.gate.beta = 0.3
-    prepared = Penalty(model, 0.5, 0.1, N=7)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(3):
-        optimizer.zero_grad()
-        (model(torch.randn(5, 10)).square().sum() + prepared()).backward()
-        optimizer.step()
-    expected = (first.penalty(0.5, 0.1) + second.penalty(0.5, 0.1)) / 7
-    eps = torch.finfo(torch.float32).eps
-    torch.testing.assert_close(prepared(), expected, rtol=16 * eps, atol=0)
-
-
-def test_prepared_penalty_gradient_matches_plain_autograd():
-    """Penalty's written-out backward gives what autograd gives through the per-layer penalties (float64)."""
-    from l0sparse import Penalty
-
-    torch.manual_seed(0)
-    model = L0MLP((10, 8, 3)).double()
-    for layer in model.l0_layers():
-        with torch.no_grad():
-            layer.gate.log_alpha.normal_(0.0, 3.0)
-    prepared = Penalty(model, 0.5, N=7)
-    prepared().backward()
-    fused = [layer.gate.log_alpha.grad.clone() for layer in model.l0_layers()]
-    model.zero_grad()
-    (sum(layer.penalty(0.5) for layer in model.l0_layers()) / 7).backward()
-    eps = torch.finfo(torch.float64).eps
-    for layer, grad in zip(model.l0_layers(), fused):
-        torch.testing.assert_close(grad, layer.gate.log_alpha.grad, rtol=16 * eps, atol=16 * eps * float(grad.abs().max()))
-    # and a finite-difference check of the node itself
-    log_alphas = [layer.gate.log_alpha.detach().clone().requires_grad_() for layer in model.l0_layers()]
-    charge = torch.rand(sum(t.numel() for t in log_alphas), dtype=torch.float64)
-    function = l0sparse.core.costs._ChargedProbNonzero.apply
-    assert torch.autograd.gradcheck(lambda *tensors: function(-2.3, charge, *tensors), log_alphas)
-
-
 def test_mlp_architecture_and_counts():
     model = L0MLP((6, 5, 4, 2))
     a, b, c = model.l0_layers()
@@ -242,38 +187,6 @@ def test_mlp_architecture_and_counts():
     # layer 1 reads 4 inputs and writes the 4 units layer 2 reads, and so on; every bias stays
     assert float(kept["flops"]) == 4 * 4 + 4 * 4 + 4 * 2
     assert float(kept["params"]) == 4 * 4 + 4 * 4 + 4 * 2 + 4 + 4 + 2
-
-
-def test_penalty_with_a_lambda_per_layer():
-    model = L0MLP((10, 8, 3))
-    first, second = model.l0_layers()
-    separate = penalty(model, {"layers.0": 2.0, "layers.*": 0.5})
-    expected = first.penalty(2.0) + second.penalty(0.5)
-    assert float(separate) == pytest.approx(float(expected), rel=1e-6)
-    with pytest.raises(ValueError, match="no entry for the gates of 'layers.2'"):
-        penalty(model, {"layers.0": 1.0})
-    with pytest.raises(ValueError, match="lam"):
-        penalty(model, {"*": -1.0})
-
-
-def test_cost_weighted_penalty_is_lambda_times_the_linearised_cost():
-    from l0sparse import CostModel
-
-    torch.manual_seed(0)
-    model = L0MLP((6, 5, 3))
-    x = torch.randn(2, 6)
-    cost_model = CostModel(model, x)
-    weights = cost_model.gate_costs("flops")
-    first, second = model.l0_layers()
-    # closing one input of the first layer saves its 5 MACs; one input of the second saves its 3 MACs
-    # plus the first layer's row that fed it (6 MACs)
-    assert torch.equal(weights[id(first.gate)], torch.full((6,), 5.0))
-    assert torch.equal(weights[id(second.gate)], torch.full((5,), 3.0 + 6.0))
-    value = penalty(model, 0.1, cost_weights=weights)
-    by_hand = 0.1 * (5 * first.gate.prob_nonzero().sum() + 9 * second.gate.prob_nonzero().sum())
-    assert float(value) == pytest.approx(float(by_hand), rel=1e-6)
-    with pytest.raises(ValueError, match="cost_weights has no entry"):
-        penalty(L0MLP((6, 5, 3)), 0.1, cost_weights=weights)
 
 
 def _plain_per_example_forward(layer, x):

@@ -50,6 +50,7 @@ def test_threshold_and_sparsity():
     assert layer.weight[:, 1].abs().sum() == 0 and layer.weight[1, 2] == 1.0
 
 
+@pytest.mark.slow
 def test_l1_training_drives_weights_to_zero_and_l2_does_not():
     torch.manual_seed(0)
     x = torch.randn(200, 10)

@@ -77,6 +77,7 @@ def test_a_target_run_says_each_set_up_step_and_logs_the_controller_s_size(tmp_p
     assert lines[-1].split("target ")[1].startswith("50.0%")  # the schedule has reached the target by the epoch's end
 
 
+@pytest.mark.slow
 def test_a_distilled_text_run_says_it_computes_the_teacher_s_logits(tmp_path, capsys, monkeypatch):
     pytest.importorskip("transformers", reason="the Hugging Face tests need the 'hf' extra (make hf)")
     import test_hf_task

@@ -88,6 +88,7 @@ def text_task(monkeypatch):
     return test_hf_task
 
 
+@pytest.mark.slow
 def test_a_text_run_reports_encoder_flops_and_its_table_counts_attention_products(text_task, tmp_path, capsys):
     from l0sparse.core.prune import plain_copy
 

@@ -1,39 +1,15 @@
-"""`l0sparse report` reads for any model (issue #29): short layer labels, one panel of kept fractions per kind of gate,
-markers for short runs, and prune's accuracy and latency in report.md."""
+"""`l0sparse report` reads for any model (issue #29): one panel of kept fractions per kind of gate, markers for short
+runs, and prune's accuracy and latency in report.md (short layer labels: test_plots.py). The run: conftest.py's
+one_epoch_run."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from l0sparse.cli import main
-from l0sparse.training.config import load_config
-from l0sparse.training.plots import short_labels
 from l0sparse.training.runs import RunFolder
-from l0sparse.training.train import run_training
 
 pytest.importorskip("matplotlib", reason="report needs the 'plot' extra")
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-
-
-@pytest.mark.parametrize("names, labels, pattern", [
-    (["encoder.encoder.layer.0.attention", "encoder.encoder.layer.1.attention"], ["0", "1"], "encoder.encoder.layer.*.attention"),
-    (["encoder.encoder.layer.0.output.dense", "encoder.encoder.layer.11.output.dense"], ["0", "11"], "encoder.encoder.layer.*.output.dense"),
-    (["layers.0", "layers.2", "layers.4"], ["0", "2", "4"], "layers.*"),
-    (["conv1", "conv2"], ["conv1", "conv2"], ""),
-    (["block.a.fc", "block.b.proj"], ["a.fc", "b.proj"], "block.*"),
-    (["encoder.hidden"], ["hidden"], "encoder.hidden"),
-])
-def test_short_labels_drop_what_every_layer_name_shares(names, labels, pattern):
-    assert short_labels(names) == (labels, pattern)
-
-
-@pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "run"
-    run_training(load_config(RECIPES / "mlp-digits.toml", ["epochs=1", "hidden=[24, 12]", "target=0.5", "round_to=8"]), out,
-                 progress=False)
-    return out
 
 
 def test_a_one_epoch_run_is_drawn_with_markers_and_its_gates_one_panel_per_kind(one_epoch_run, tmp_path, monkeypatch):

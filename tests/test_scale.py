@@ -33,6 +33,7 @@ def test_gate_path_compiles_without_graph_breaks():
         assert explanation.graph_break_count == 0, explanation.break_reasons
 
 
+@pytest.mark.slow
 def test_compiled_and_eager_agree():
     torch.manual_seed(0)
     model = l0sparse.L0MLP((20, 16, 4)).eval()
@@ -52,6 +53,7 @@ def test_compiled_and_eager_agree():
         torch.testing.assert_close(layer.gate.log_alpha.grad, grad)
 
 
+@pytest.mark.slow
 def test_ddp_keeps_gates_identical_across_ranks(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
@@ -70,6 +72,7 @@ def test_ddp_keeps_gates_identical_across_ranks(tmp_path):
     assert ranks[0]["log_alpha"][0] != initial  # training moved them
 
 
+@pytest.mark.slow
 def test_l0sparse_train_runs_under_torchrun(tmp_path):
     """`l0sparse train` launched by torchrun on 2 CPU processes: each rank takes half of every epoch,
     the gates stay identical on both ranks, rank 0 writes a run that loads and resumes (docs/scale.md)."""

@@ -9,6 +9,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from l0sparse.sklearn import L0Classifier, L0Regressor
 
 
+@pytest.mark.slow
 @parametrize_with_checks(
     [L0Regressor(max_iter=30, n_lambdas=4, random_state=0), L0Classifier(max_iter=30, n_lambdas=4, random_state=0),
      L0Regressor(hidden_layer_sizes=(8,), max_iter=30, n_lambdas=4, random_state=0)]
@@ -43,6 +44,7 @@ def test_regressor_recovers_support_and_coefficients_by_default():
     assert model.score(x, y) > 0.9
 
 
+@pytest.mark.slow
 def test_n_features_to_select_is_exact():
     x, y, support, _ = sparse_linear_problem(seed=1)
     for k in (1, 3, 5, 8):
@@ -60,6 +62,7 @@ def test_fixed_lam_overrides_the_path():
     assert strong.support_.sum() < weak.support_.sum()
 
 
+@pytest.mark.slow
 def test_classifier_binary_and_multiclass():
     for n_classes in (2, 3):
         x, y = make_classification(n_samples=400, n_features=30, n_informative=4, n_redundant=0, n_repeated=0,
@@ -74,6 +77,7 @@ def test_classifier_binary_and_multiclass():
         assert proba.shape == (400, n_classes) and np.allclose(proba.sum(1), 1)
 
 
+@pytest.mark.slow
 def test_pipeline_and_select_from_model():
     x, y, support, _ = sparse_linear_problem(seed=3)
     pipeline = make_pipeline(L0Regressor(random_state=0), LinearRegression()).fit(x, y)
@@ -82,6 +86,7 @@ def test_pipeline_and_select_from_model():
     assert set(selector.get_support(indices=True)) == set(support)
 
 
+@pytest.mark.slow
 def test_mlp_selects_friedman_features():
     x, y = make_friedman1(n_samples=600, n_features=20, noise=0.5, random_state=0)
     model = L0Regressor(hidden_layer_sizes=(32,), random_state=0).fit(x, y)
@@ -118,6 +123,7 @@ def test_single_class_and_bad_values_are_rejected():
         L0Regressor().fit(bad, np.zeros(20))
 
 
+@pytest.mark.slow
 def test_ebic_walks_the_sizes_where_the_path_jumps():
     """On an equicorrelated design (every pair of features correlated 0.5; n = 500, p = 1000, k = 10, SNR 5) the
     gates' path went from 81 open features to 3 (here from 30, for a shorter test): the sizes in between are walked

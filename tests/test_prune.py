@@ -1,3 +1,6 @@
+"""l0sparse.core.prune: pruned models equal the gated ones and are plain, smaller, scriptable and exportable; the plan,
+rebuild and round_to."""
+
 import json
 
 import pytest
@@ -5,62 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn.utils import parametrize
 
 import l0sparse
 from l0sparse.core.prune import plain_copy
-from l0sparse.core.sparsify import GateMask
 
-from models import AttentionNet, Conv1dNet, GlobalPoolNet, OwnAttentionNet, PreNormAttentionNet, TinyResNet, mlp, randomise
-
-FLOAT32_TOLERANCE = 1e-5  # max |pruned - gated| relative to the output scale (issue requirement)
-
-
-def assert_same_outputs(gated, pruned, x):
-    gated.eval()
-    with torch.no_grad():
-        expected, got = gated(x), pruned(x)
-    assert expected.shape == got.shape
-    scale = float(expected.abs().max())
-    assert float((expected - got).abs().max()) <= FLOAT32_TOLERANCE * max(scale, 1.0)
-
-
-def assert_prunes_exactly(model, x):
-    """Pruned outputs equal the gated eval outputs, and the cost model counts what pruning leaves."""
-    pruned = l0sparse.prune(model, x)
-    assert_same_outputs(model, pruned, x)
-    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
-    assert float(costs["flops"]) == l0sparse.count_flops(pruned, x)
-    assert float(costs["params"]) == l0sparse.count_params(pruned)
-
-
-def assert_plain(module: nn.Module):
-    for sub in module.modules():
-        assert not type(sub).__module__.startswith("l0sparse"), type(sub)
-        assert not parametrize.is_parametrized(sub)
-        assert not sub._forward_hooks and not sub._forward_pre_hooks
-
-
-CASES = {
-    "mlp": (lambda: mlp(), lambda: torch.randn(6, 20), None),
-    "resnet": (TinyResNet, lambda: torch.randn(4, 3, 8, 8), None),
-    "grouped": (GlobalPoolNet, lambda: torch.randn(4, 3, 6, 6), None),
-    "conv1d": (Conv1dNet, lambda: torch.randn(4, 2, 10), None),
-    "attention": (AttentionNet, lambda: torch.randn(3, 5, 16), None),
-    "attention-prenorm": (PreNormAttentionNet, lambda: torch.randn(3, 5, 16), None),
-    "attention-seq-first": (lambda: PreNormAttentionNet(batch_first=False), lambda: torch.randn(5, 3, 16), None),
-    "own-attention": (OwnAttentionNet, lambda: torch.randn(3, 5, 16), {"attn": ("heads", 4)}),
-    "mlp-out": (lambda: mlp(), lambda: torch.randn(6, 20), {nn.Linear: "out", "4": "in"}),
-    "resnet-weight": (TinyResNet, lambda: torch.randn(4, 3, 8, 8), {"block.conv1": "weight", "fc": "weight"}),
-}
-
-
-def build(case, seed=0):
-    factory, inputs, rules = CASES[case]
-    torch.manual_seed(seed)
-    model, x = factory(), inputs()
-    l0sparse.sparsify(model, rules=rules, example_inputs=x)
-    return randomise(model), x
+from models import CASES, assert_plain, assert_prunes_exactly, assert_same_outputs, build, mlp, randomise
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -70,49 +22,6 @@ def test_prune_matches_gated_eval_outputs_and_is_plain(case):
     assert_same_outputs(model, pruned, x)
     assert_plain(pruned)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters() if p.dim() > 0)
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_deterministic_costs_equal_the_pruned_models_counts(case):
-    model, x = build(case)
-    pruned = l0sparse.prune(model, x)
-    costs = l0sparse.CostModel(model, x).costs(deterministic=True)
-    # exact integers, except where sequence-first attention divides by the length (a float32 ratio)
-    assert float(costs["flops"]) == pytest.approx(l0sparse.count_flops(pruned, x), rel=4 * torch.finfo(torch.float32).eps)
-    assert float(costs["params"]) == l0sparse.count_params(pruned)
-
-
-def test_sequence_first_attention_is_counted_per_entry_of_the_first_dimension():
-    """(length, batch, features) inputs: every count is per position, so the two layouts differ by batch / length."""
-    torch.manual_seed(0)
-    first, seq_first = PreNormAttentionNet().eval(), PreNormAttentionNet(batch_first=False).eval()
-    seq_first.load_state_dict(first.state_dict())
-    x = torch.randn(3, 5, 16)
-    assert l0sparse.count_flops(seq_first, x.transpose(0, 1)) == pytest.approx(l0sparse.count_flops(first, x) * 3 / 5, rel=1e-12)
-
-
-def test_sparsify_keeps_the_users_class_and_documents_state_dict_keys():
-    model = TinyResNet()
-    l0sparse.sparsify(model, example_inputs=torch.randn(2, 3, 8, 8))
-    assert type(model) is TinyResNet
-    keys = model.state_dict().keys()
-    assert "block.conv1.parametrizations.weight.original" in keys
-    assert "block.conv1.parametrizations.weight.0.gate.log_alpha" in keys
-    assert isinstance(model.block.conv1, nn.Conv2d)
-
-
-def test_residual_channels_share_one_gate():
-    model = TinyResNet()
-    l0sparse.sparsify(model, example_inputs=torch.randn(2, 3, 8, 8))
-    # the stem and the block's second conv write the same residual channels; their readers share a gate
-    residual_gate = model.block.conv1.parametrizations.weight[0].gate
-    fc_gates = [m.gate for m in model.fc.parametrizations.weight if isinstance(m, GateMask)]
-    assert any(g is residual_gate for g in fc_gates)
-    assert residual_gate.owner == "stem" and residual_gate.granularity == "out"
-    # one sample per use in training, one value everywhere in eval
-    model.eval()
-    assert torch.equal(model.block.conv1.parametrizations.weight[0].mask(model.block.conv1.weight).flatten(),
-                       residual_gate().flatten())
 
 
 def test_pruned_residual_model_is_smaller_everywhere():
@@ -152,24 +61,6 @@ def test_masked_attention_keeps_its_heads_and_the_rest_loses_theirs(case):
     assert pruned.attention["q_proj"].out_features == _kept_heads(model.attention) * 4 < 16
     assert pruned.encoder["self_attn"]["q_proj"].out_features == _kept_heads(model.encoder.self_attn) * 4 < 16
     assert_same_outputs(model, pruned, x)
-
-
-def test_heads_of_a_hand_written_attention_module():
-    model, x = build("own-attention")
-    gates = [m.gate for m in model.attn.proj.parametrizations.weight]
-    assert len(gates) == 1 and gates[0].shape == (4,) and gates[0].granularity == "heads"
-    assert not parametrize.is_parametrized(model.attn.qkv)  # the rule's module gets no other gates
-    with torch.no_grad():
-        gates[0].log_alpha.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))  # heads 1 and 3 closed
-    kept = int(gates[0].is_open().sum())
-    assert kept == 2
-    pruned = l0sparse.prune(model, x)
-    assert_same_outputs(model, pruned, x)
-    assert pruned.attn.proj.in_features == kept * 4  # the closed heads' columns are gone
-    with pytest.raises(ValueError, match="inputs divisible by 3"):
-        l0sparse.sparsify(OwnAttentionNet(), rules={"attn": ("heads", 3)}, example_inputs=x)
-    with pytest.raises(ValueError, match="number_of_heads"):
-        l0sparse.sparsify(OwnAttentionNet(), rules={"attn": ("heads", 0)})
 
 
 def test_input_gates_select_inputs():
@@ -243,59 +134,11 @@ def test_onnx_export(tmp_path, case):
     assert weights, "a pruned weight is in the ONNX graph with its pruned shape"
 
 
-def test_a_shared_gate_pays_once_per_producing_layer():
-    """The residual gate pays for the rows of the convs that produce its channels (the stem's filter and
-    bias, the block's second conv, the depthwise conv's filter and bias), not for the columns that read them."""
-    model = TinyResNet()
-    x = torch.randn(2, 3, 8, 8)
-    l0sparse.sparsify(model, rules={nn.Linear: "skip"}, example_inputs=x)
-    shared = model.block.conv1.parametrizations.weight[0].gate
-    inner = model.block.conv2.parametrizations.weight[0].gate  # block.conv1's outputs, read by block.conv2
-    assert shared is not inner
-    weights_per_shared_gate = (3 * 9 + 1) + 8 * 9 + (9 + 1)
-    weights_per_inner_gate = 8 * 9  # block.conv1 has no bias
-    expected = (float(shared.prob_nonzero().sum()) * weights_per_shared_gate
-                + float(inner.prob_nonzero().sum()) * weights_per_inner_gate)
-    assert float(l0sparse.penalty(model, lam=1.0).detach()) == pytest.approx(expected, rel=1e-5)
-
-
 def test_prune_without_gates_warns_and_copies():
     model = mlp()
     with pytest.warns(UserWarning, match="no l0sparse gates"):
         copied = l0sparse.prune(model, torch.randn(2, 20))
     assert copied is not model and torch.equal(copied[0].weight, model[0].weight)
-
-
-def test_bad_rules_and_inputs_are_named():
-    with pytest.raises(ValueError, match="'heads' does not apply to '0'"):
-        l0sparse.sparsify(mlp(), rules={"0": "heads"})
-    with pytest.raises(ValueError, match="grouped"):
-        l0sparse.sparsify(GlobalPoolNet(), rules={"grouped": "in"}, example_inputs=torch.randn(1, 3, 6, 6))
-    with pytest.raises(ValueError, match="granularity must be one of"):
-        l0sparse.sparsify(mlp(), rules={"0": "rows"})
-    with pytest.raises(ValueError, match="example_inputs is required"):
-        l0sparse.sparsify(TinyResNet())
-    with pytest.raises(ValueError, match="cannot gate the output channels of '4'"):
-        l0sparse.sparsify(mlp(), rules={"4": "out"}, example_inputs=torch.randn(2, 20))
-    with pytest.warns(UserWarning, match="skipped by rule"):
-        l0sparse.sparsify(mlp(), rules={"2": "skip"})
-    model, _ = build("mlp")
-    with pytest.raises(ValueError, match="expects 20 features"):
-        l0sparse.prune(model, torch.randn(2, 21))
-
-
-def test_default_rules_warn_on_a_locked_conv():
-    class ConvNorm(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.norm = nn.GroupNorm(2, 4)
-
-        def forward(self, x):
-            return self.norm(self.conv(x))
-
-    with pytest.warns(UserWarning, match="cannot gate the output channels of 'conv'"):
-        l0sparse.sparsify(ConvNorm(), example_inputs=torch.randn(1, 3, 6, 6))
 
 
 @settings(max_examples=25, deadline=None)
@@ -385,18 +228,3 @@ def test_round_to_must_be_a_positive_int(round_to):
     model, x = build("mlp")
     with pytest.raises(ValueError, match="round_to must be a positive int"):
         l0sparse.prune(model, x, round_to=round_to)
-
-
-def test_summary_and_architecture():
-    model, x = build("resnet")
-    table = l0sparse.summary(model, x)
-    text = str(table)
-    assert "block.conv1" in text and "total" in text
-    pruned = l0sparse.prune(model, x)
-    totals = {k: sum(r[k] for r in table.rows) for k in ("flops_kept", "params_kept")}
-    assert totals["flops_kept"] == l0sparse.count_flops(pruned, x)
-    arch = l0sparse.architecture(model)
-    before, after = arch.split(" -> ")
-    assert len(before.split("-")) == len(after.split("-"))
-    assert all(int(a) <= int(b) for a, b in zip(after.split("-"), before.split("-")))
-    assert table.to_markdown().startswith("| layer |")
