@@ -44,8 +44,8 @@ test: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks docs/scripts
 	$(PY) -m pytest -q
 
-# the loop to run while working: the same without the tests marked slow (subprocesses, torchrun/DDP, training runs);
-# CI runs `make test`
+# the loop to run while working: the same without the tests marked slow (subprocesses, torchrun/DDP, training runs,
+# sweeps over every model family: pyproject.toml's markers); CI runs `make test`
 test-fast: $(VENV)/.dev
 	$(VENV)/bin/ruff check src tests benchmarks docs/scripts
 	$(PY) -m pytest -q -m "not slow"

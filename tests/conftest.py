@@ -1,3 +1,10 @@
+"""Shared fixtures. How the tests are laid out: test_<module>.py holds the unit tests of one module of l0sparse (core/,
+training/, cli, sklearn: test_sparsify.py for l0sparse.core.sparsify, test_runs.py for l0sparse.training.runs ...),
+test_hf_<part>.py those of l0sparse.hf; the other files check behaviour end to end (the command's runs, bad input, scale,
+devices, the docs). Helpers to import: models.py (small models, the patterns sparsify and prune must handle, the checks
+made on them, the tiny BERT's sizes) and configs.py (the digits recipe, shortened). ``@pytest.mark.slow`` (pyproject.toml)
+marks what ``make test-fast`` leaves out."""
+
 import sys
 from pathlib import Path
 

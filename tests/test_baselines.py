@@ -130,6 +130,7 @@ def deterministic_flops(model, example) -> float:
     return float(CostModel(model, example).costs(deterministic=True)["flops"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", [0.2, 0.35, 0.5, 0.9])
 def test_the_joint_ranking_keeps_the_longest_head_of_the_ranking_that_fits_the_target(target):
     model = gated_classifier()

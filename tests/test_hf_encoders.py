@@ -375,6 +375,7 @@ def test_a_closed_block_gives_the_module_without_its_heads_or_units_and_prune_re
     assert float(costs["flops"]) == pytest.approx(l0sparse.count_flops(pruned, x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["bert", "distilbert"])
 def test_block_gates_with_head_and_unit_gates_prune_export_and_load_with_weights_only(family):
     attention, feed_forward = closed_blocks(family)

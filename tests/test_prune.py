@@ -121,6 +121,7 @@ def test_pruned_model_scripts_exports_and_round_trips(tmp_path, case):
         assert torch.equal(fresh(x), reference)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["resnet", "attention"])
 def test_onnx_export(tmp_path, case):
     onnx = pytest.importorskip("onnx", reason="ONNX export is checked only where the onnx package is installed")

@@ -17,6 +17,7 @@ from models import TinyResNet
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
+@pytest.mark.slow
 def test_gate_path_compiles_without_graph_breaks():
     torch.manual_seed(0)
     mlp = l0sparse.L0MLP((20, 16, 4))
