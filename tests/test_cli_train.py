@@ -90,6 +90,7 @@ def test_run_directory_is_not_overwritten_without_force(tmp_path):
     run_training(config, tmp_path / "run", force=True, progress=False)
 
 
+@pytest.mark.slow
 def test_target_run_prune_and_report(tmp_path, capsys):
     config = quick_config(target=0.5, epochs=6, warmup=0.5)
     history = run_training(config, tmp_path / "run", progress=False)
@@ -115,6 +116,7 @@ def test_target_run_prune_and_report(tmp_path, capsys):
         torch.testing.assert_close(rounded(data.x_test), model(data.x_test))
 
 
+@pytest.mark.slow
 def test_a_delayed_target_run_keeps_every_unit_during_the_delay_then_lands(tmp_path):
     """config key delay: the controller holds the target at the whole model for that part of the run."""
     history = run_training(quick_config(target=0.5, epochs=4, delay=0.5, warmup=0.25), tmp_path / "run", progress=False)
@@ -127,6 +129,7 @@ def test_a_delayed_target_run_keeps_every_unit_during_the_delay_then_lands(tmp_p
     assert abs(history[-1]["flops_kept"] - 0.5) <= max(0.005, largest_gate)
 
 
+@pytest.mark.slow
 def test_landing_at_the_target_keeps_every_unit_through_the_warmup_when_the_gates_do_not_move(tmp_path):
     """config key landing = "target" reaches the controller: with gates too slow to move (gate_lr 1e-9) the
     schedule's landing would have shrunk the model by the end of the first epoch; this one waits for the target."""
@@ -144,6 +147,7 @@ def test_landing_at_the_target_keeps_every_unit_through_the_warmup_when_the_gate
     assert abs(sizes["target"][-1] - 0.5) <= max(0.005, largest_gate)
 
 
+@pytest.mark.slow
 def test_ceiling_run_keeps_lambda_and_caps_the_size_after_the_warmup(tmp_path):
     """target_mode = "ceiling": λ is charged from the first step (a larger λ closes more gates during the
     warm-up), the controller is idle until the warm-up ends, and the run ends within the budget."""

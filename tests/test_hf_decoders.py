@@ -240,6 +240,7 @@ def open_exactly(model: nn.Module, heads: list[int], units: int) -> None:
             layer.gate.log_alpha.copy_(torch.where(keep, 10.0, -10.0))
 
 
+@pytest.mark.slow
 def test_shape_controller_lands_every_layer_on_the_shape():
     """Trained on its penalty alone, the expected counts of every layer settle on the shape: each rounds to the
     target (the shape is whole heads and units), in every layer and dimension."""
@@ -343,6 +344,7 @@ class Windows(torch.utils.data.Dataset):
         return {"input_ids": self.ids[index], "labels": self.ids[index]}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("torch_export_loaded")
 def test_the_trainer_callback_trains_steers_prunes_and_saves_with_the_real_trainer(tmp_path):
     transformers = hf()
@@ -558,6 +560,7 @@ def bloom() -> nn.Module:
     return hf().BloomForCausalLM(hf().BloomConfig(vocab_size=VOCAB, hidden_size=WIDTH, n_layer=2, n_head=4))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("torch_export_loaded")
 @pytest.mark.parametrize("build", [gpt_neox, bloom], ids=["gpt-neox", "bloom"])
 def test_fused_attention_families_prune_their_units_exactly(build):
