@@ -30,7 +30,7 @@ def test_a_bad_round_to_names_the_key_and_what_it_must_be(value):
 def test_l0sparse_prune_rounds_as_the_run_s_config_says_unless_round_to_is_given(tmp_path, monkeypatch):
     config = load_config(RECIPES / "mlp-digits.toml", ["epochs=1", "hidden=[16]", "round_to=3"])
     run_training(config, tmp_path / "run", progress=False)
-    module = sys.modules["l0sparse.prune"]
+    module = sys.modules["l0sparse.core.prune"]
     real, asked = module.prune, []
 
     def spy(*args, round_to=1, **kwargs):
