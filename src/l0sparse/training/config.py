@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -136,49 +136,18 @@ class TrainConfig:
     seed: int = 0
 
     def validate(self) -> TrainConfig:
-        checks = [
-            ("model", self.model in MODELS, f"one of {MODELS}"),
-            ("hidden", isinstance(self.hidden, list) and all(_int(h) and 0 < h <= WIDTH_MAX for h in self.hidden),
-             f"a list of positive ints of at most {WIDTH_MAX}"),
-            ("data", self.data in DATASETS, f"one of {tuple(DATASETS)}"),
-            ("regularizer", self.regularizer in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
-            ("importance", self.importance in IMPORTANCE_CHOICES, f"one of {IMPORTANCE_CHOICES}"),
-            ("gate_start", self.gate_start in GATE_STARTS, f"one of {GATE_STARTS}"),
-            ("threshold", self.threshold is None or (_number(self.threshold) and self.threshold >= 0), "a number >= 0"),
-            ("epochs", _int(self.epochs) and self.epochs >= 1, "an int >= 1"),
-            ("batch_size", _int(self.batch_size) and 1 <= self.batch_size <= INT64_MAX, f"an int in [1, {INT64_MAX}]"),
-            ("lr", _number(self.lr) and self.lr > 0, "a number > 0"),
-            ("gate_lr", self.gate_lr is None or (_number(self.gate_lr) and self.gate_lr > 0), "a number > 0, or none for the weights' lr"),
-            ("lam", _number(self.lam) and self.lam >= 0, "a number >= 0"),
-            ("target", self.target is None or (_number(self.target) and 0 < self.target <= 1), "a fraction in (0, 1]"),
-            ("target_mode", self.target_mode in TARGET_MODES, f"one of {TARGET_MODES}"),
-            ("metric", self.metric in METRICS, f"one of {METRICS}"),
-            ("warmup", _number(self.warmup) and 0 <= self.warmup <= 1, "a fraction of the training steps in [0, 1]"),
-            ("delay", _number(self.delay) and 0 <= self.delay <= 1, "a fraction of the training steps in [0, 1]"),
-            ("landing", self.landing in LANDINGS, f"one of {LANDINGS}"),
-            ("controller_lr", _number(self.controller_lr) and self.controller_lr > 0, "a number > 0"),
-            ("weight_decay", _number(self.weight_decay) and self.weight_decay >= 0, "a number >= 0"),
-            ("droprate_init", _droprates_ok(self.droprate_init), "a number in (0, 1), or a list of them (one per gated layer, in order)"),
-            ("per_example_noise", isinstance(self.per_example_noise, bool), "true or false"),
-            ("clamp_log_alpha", isinstance(self.clamp_log_alpha, bool), "true or false (the paper's clamp of log α to [log 1e-2, log 1e2])"),
-            ("init", self.init in INITS, f"one of {INITS}"),
-            ("ema", _number(self.ema) and 0 <= self.ema < 1, "a decay in [0, 1) (0: no moving average)"),
-            ("conditional", isinstance(self.conditional, bool), "true or false"),
-            ("gates", self.gates in ("units", "weights"), "'units' (the paper's layers) or 'weights' (one gate per weight)"),
-            ("teacher", self.teacher is None or (isinstance(self.teacher, str) and bool(self.teacher)), "a run directory, or none"),
-            ("distill_weight", _number(self.distill_weight) and 0 <= self.distill_weight <= 1, "a number in [0, 1]"),
-            ("temperature", _number(self.temperature) and self.temperature > 0, "a number > 0"),
-            ("distill_hidden", _number(self.distill_hidden) and self.distill_hidden >= 0,
-             "a number >= 0 (the weight of the layer-wise hidden-state loss; 0: logits only)"),
-            ("train_examples", self.train_examples is None or (_int(self.train_examples) and self.train_examples >= 1), "an int >= 1, or none for all"),
-            ("test_examples", self.test_examples is None or (_int(self.test_examples) and self.test_examples >= 1), "an int >= 1, or none for all"),
-            ("round_to", _int(self.round_to) and self.round_to >= 1, "an int >= 1 (1: prune rounds no width)"),
-            ("hidden_gate", isinstance(self.hidden_gate, bool), "true or false (a gate on the encoder's hidden size)"),
-            ("seed", _int(self.seed) and 0 <= self.seed <= SEED_MAX, f"an int in [0, {SEED_MAX}] (numpy's range for a random state)"),
-        ]
-        for key, ok, allowed in checks:
+        """Check every key's value (:data:`_KEY_RULES`), then the keys that only go together; return the config."""
+        # every value is read before the first error: one no check can read (data = [1], unhashable) fails as TypeError
+        verdicts = [(key, accepts(getattr(self, key)), allowed) for key, accepts, allowed in _KEY_RULES]
+        for key, ok, allowed in verdicts:
             if not ok:
                 raise ValueError(f"config key {key!r} = {getattr(self, key)!r}: must be {allowed}")
+        self._check_regularizer_keys()
+        self._check_model_keys()
+        return self
+
+    def _check_regularizer_keys(self) -> None:
+        """The keys that need a regularizer (a target controller, the paper's layers) or a target."""
         if self.delay and (self.target is None or self.regularizer != "l0"):
             raise ValueError(f"config key 'delay' = {self.delay!r}: delays the target controller's schedule, so it needs "
                              "regularizer = 'l0' and a target (target = 0.25)")
@@ -197,6 +166,9 @@ class TrainConfig:
             raise ValueError("config key 'droprate_init' = a list: one rate per layer needs regularizer = 'l0' with gates = 'units'")
         if self.conditional and (self.regularizer != "l0" or self.gates != "units"):
             raise ValueError("config key 'conditional' = true: needs regularizer = 'l0' with gates = 'units' (the paper's layers)")
+
+    def _check_model_keys(self) -> None:
+        """The keys that need a model (MiniLM's text, LeNet-5's images) or a teacher."""
         if self.regularizer == "importance" and (self.model != "minilm" or self.target is None or self.metric != "flops"):
             raise ValueError("config key 'regularizer' = 'importance': the head/unit importance baseline needs model = 'minilm' "
                              "and a FLOPs target (target = 0.5, metric = 'flops')")
@@ -232,7 +204,6 @@ class TrainConfig:
             raise ValueError(f"config key 'teacher': distillation is built for model = 'minilm', not {self.model!r}")
         if self.model == "lenet5" and self.data not in ("fashion-mnist", "mnist-5k"):
             raise ValueError(f"config key 'data' = {self.data!r}: model 'lenet5' needs 28×28 images (fashion-mnist or mnist-5k)")
-        return self
 
     def check_read(self, keys: Iterable[str] | None = None) -> TrainConfig:
         """Refuse a key of ``keys`` (default: all) set away from its default that this run would never read (issue #27:
@@ -289,6 +260,49 @@ def _int(value) -> bool:
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: (key, whether a value is allowed, what is allowed) for each key, in the order validate reports them
+_KEY_RULES: tuple[tuple[str, Callable[[object], bool], str], ...] = (
+    ("model", lambda value: value in MODELS, f"one of {MODELS}"),
+    ("hidden", lambda value: isinstance(value, list) and all(_int(h) and 0 < h <= WIDTH_MAX for h in value),
+     f"a list of positive ints of at most {WIDTH_MAX}"),
+    ("data", lambda value: value in DATASETS, f"one of {tuple(DATASETS)}"),
+    ("regularizer", lambda value: value in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
+    ("importance", lambda value: value in IMPORTANCE_CHOICES, f"one of {IMPORTANCE_CHOICES}"),
+    ("gate_start", lambda value: value in GATE_STARTS, f"one of {GATE_STARTS}"),
+    ("threshold", lambda value: value is None or (_number(value) and value >= 0), "a number >= 0"),
+    ("epochs", lambda value: _int(value) and value >= 1, "an int >= 1"),
+    ("batch_size", lambda value: _int(value) and 1 <= value <= INT64_MAX, f"an int in [1, {INT64_MAX}]"),
+    ("lr", lambda value: _number(value) and value > 0, "a number > 0"),
+    ("gate_lr", lambda value: value is None or (_number(value) and value > 0), "a number > 0, or none for the weights' lr"),
+    ("lam", lambda value: _number(value) and value >= 0, "a number >= 0"),
+    ("target", lambda value: value is None or (_number(value) and 0 < value <= 1), "a fraction in (0, 1]"),
+    ("target_mode", lambda value: value in TARGET_MODES, f"one of {TARGET_MODES}"),
+    ("metric", lambda value: value in METRICS, f"one of {METRICS}"),
+    ("warmup", lambda value: _number(value) and 0 <= value <= 1, "a fraction of the training steps in [0, 1]"),
+    ("delay", lambda value: _number(value) and 0 <= value <= 1, "a fraction of the training steps in [0, 1]"),
+    ("landing", lambda value: value in LANDINGS, f"one of {LANDINGS}"),
+    ("controller_lr", lambda value: _number(value) and value > 0, "a number > 0"),
+    ("weight_decay", lambda value: _number(value) and value >= 0, "a number >= 0"),
+    ("droprate_init", _droprates_ok, "a number in (0, 1), or a list of them (one per gated layer, in order)"),
+    ("per_example_noise", lambda value: isinstance(value, bool), "true or false"),
+    ("clamp_log_alpha", lambda value: isinstance(value, bool), "true or false (the paper's clamp of log α to [log 1e-2, log 1e2])"),
+    ("init", lambda value: value in INITS, f"one of {INITS}"),
+    ("ema", lambda value: _number(value) and 0 <= value < 1, "a decay in [0, 1) (0: no moving average)"),
+    ("conditional", lambda value: isinstance(value, bool), "true or false"),
+    ("gates", lambda value: value in ("units", "weights"), "'units' (the paper's layers) or 'weights' (one gate per weight)"),
+    ("teacher", lambda value: value is None or (isinstance(value, str) and bool(value)), "a run directory, or none"),
+    ("distill_weight", lambda value: _number(value) and 0 <= value <= 1, "a number in [0, 1]"),
+    ("temperature", lambda value: _number(value) and value > 0, "a number > 0"),
+    ("distill_hidden", lambda value: _number(value) and value >= 0,
+     "a number >= 0 (the weight of the layer-wise hidden-state loss; 0: logits only)"),
+    ("train_examples", lambda value: value is None or (_int(value) and value >= 1), "an int >= 1, or none for all"),
+    ("test_examples", lambda value: value is None or (_int(value) and value >= 1), "an int >= 1, or none for all"),
+    ("round_to", lambda value: _int(value) and value >= 1, "an int >= 1 (1: prune rounds no width)"),
+    ("hidden_gate", lambda value: isinstance(value, bool), "true or false (a gate on the encoder's hidden size)"),
+    ("seed", lambda value: _int(value) and 0 <= value <= SEED_MAX, f"an int in [0, {SEED_MAX}] (numpy's range for a random state)"),
+)
 
 
 def _parse_override(text: str) -> tuple[str, object]:

@@ -6,12 +6,16 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .files import read_json
 from ..core.report import gate_units
 from .runs import RunFolder, reconcile_history
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["report_runs"]
 
@@ -147,7 +151,6 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
     ``say``: called with a line before each slow step (a run's data and model, loaded for gates.png).
     """
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -158,28 +161,30 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
     out_dir.mkdir(parents=True, exist_ok=True)
     palette = plt.cm.tab10.colors
     color_of = {run["name"]: palette[index % len(palette)] for index, run in enumerate(runs)}  # one colour per run, every plot
-    written = {}
+    written = {"training": _plot_training(runs, color_of, out_dir / "training.png")}
+    # the importance baseline's gates are set once and frozen: what it kept reads beside what L0 kept
+    gated_runs = [run for run in runs if run["config"].get("regularizer", "l0") in ("l0", "importance")]
+    if gated_runs:
+        written["gates"] = _plot_gates(gated_runs, color_of, out_dir / "gates.png", say)
+    written["pareto"] = _plot_pareto(runs, color_of, out_dir / "pareto.png")
+    markdown = _markdown(runs, images=dict(written))
+    written["markdown"] = out_dir / "report.md"
+    written["markdown"].write_text(markdown)
+    return written
 
-    # 1. expected L0 and % FLOPs kept over training; a marker on every epoch of a short run (one epoch: one point,
-    # which a line alone does not draw)
+
+def _plot_training(runs: list[dict], color_of: dict, path: Path) -> Path:
+    """training.png: expected L0 and % FLOPs kept over training; a marker on every epoch of a short run (one epoch: one
+    point, which a line alone does not draw)."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    last_epoch = max(run["metrics"][-1]["epoch"] for run in runs)
     for run in runs:
-        color = color_of[run["name"]]
-        records = run["metrics"]
-        epochs = [m["epoch"] for m in records]
-        marker = {"marker": "o", "markersize": 5} if len(epochs) <= FEW_EPOCHS else {}
-        if "expected_l0" in records[0]:
-            left.plot(epochs, [m["expected_l0"] for m in records], color=color, lw=2, label=run["name"], **marker)
-        if records[0].get("flops_kept") is not None:
-            right.plot(epochs, [100 * m["flops_kept"] for m in records], color=color, lw=2, label=f"{run['name']} (pruned)", **marker)
-        elif run["config"].get("regularizer") == "none":  # a dense run (a teacher) keeps everything: the reference line
-            right.plot(epochs, [100.0] * len(epochs), color=color, lw=2, label=f"{run['name']} (dense)", **marker)
-        if "expected_flops_kept" in records[0]:
-            right.plot(epochs, [100 * m["expected_flops_kept"] for m in records], color=color, lw=1.2, ls="--",
-                       label=f"{run['name']} (expected)", **{**marker, "marker": "x"} if marker else {})
+        _plot_sizes_over_training(left, right, run, color_of[run["name"]])
     left.set(xlabel="epoch", ylabel="expected L0 (open gates)", title="Expected number of open gates")
     right.set(xlabel="epoch", ylabel="% of dense FLOPs", title="FLOPs kept", ylim=(0, 105))
+    last_epoch = max(run["metrics"][-1]["epoch"] for run in runs)
     for axis in (left, right):
         axis.grid(alpha=0.3)
         if axis.get_legend_handles_labels()[0]:
@@ -189,86 +194,114 @@ def report_runs(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLik
             axis.set_xlim(0.5, last_epoch + 0.5)
         else:
             axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    written["training"] = out_dir / "training.png"
-    fig.savefig(written["training"], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
-    # 2. the fraction kept per layer, one panel per kind of gate (heads, inputs, channels...: counts of different
-    # sizes), and 3. the histogram of P(z != 0), from each run's final checkpoint
-    # the importance baseline's gates are set once and frozen: what it kept reads beside what L0 kept
-    gated_runs = [run for run in runs if run["config"].get("regularizer", "l0") in ("l0", "importance")]
-    if gated_runs:
-        panels = []
-        datasets = {}  # runs on the same data share one load (MiniLM's: tokenizing WordNet)
-        for run in gated_runs:
-            config = run["config"]
-            key = (config["data"], config.get("train_examples"), config.get("test_examples"))
-            if say is not None:
-                say(f"{run['name']}: its gates (the model and its data)")
-            _, model, datasets[key] = run["run"].load(data=datasets.get(key), say=say)
-            units = gate_units(model)
-            widths = _saved_widths(run["run"]) or [{"layer": owner, "counts": what, "total": gate.log_alpha.numel(),
-                                                     "open": int(gate.is_open().sum()), "saved": None} for owner, what, gate in units]
-            probabilities = torch.cat([g.prob_nonzero().detach().flatten() for _, _, g in units]).numpy()
-            panels.append((run, widths, probabilities))
-        kinds_per_run = [list(dict.fromkeys(w["counts"] for w in widths)) for _, widths, _ in panels]
-        columns = max(len(kinds) for kinds in kinds_per_run) + 1
-        fig, axes = plt.subplots(len(panels), columns, figsize=(4.6 * columns, 3.9 * len(panels)), squeeze=False,
-                                 constrained_layout=True)
-        for row, ((run, widths, probabilities), kinds) in enumerate(zip(panels, kinds_per_run)):
-            color = color_of[run["name"]]
-            for column, kind in enumerate(kinds):
-                _kept_panel(axes[row][column], run["name"], kind, [w for w in widths if w["counts"] == kind], color,
-                            _rounding(run["run"]))
-            axis = axes[row][len(kinds)]
-            axis.hist(probabilities, bins=40, range=(0, 1), color=color)
-            axis.set(title=f"{run['name']}: P(z ≠ 0) at the end", xlabel="P(z ≠ 0)", ylabel="gates")
-            axis.title.set_fontsize(10)
-            for column in range(len(kinds) + 1, columns):
-                axes[row][column].axis("off")
-        written["gates"] = out_dir / "gates.png"
-        fig.savefig(written["gates"], dpi=120)
-        plt.close(fig)
 
-    # 4. accuracy against % FLOPs kept across runs (a run that did not measure its FLOPs has no place on it)
+def _plot_sizes_over_training(left, right, run: dict, color) -> None:
+    """One run's lines of training.png: its expected L0 on the left, its % FLOPs kept (and expected) on the right."""
+    records = run["metrics"]
+    epochs = [m["epoch"] for m in records]
+    marker = {"marker": "o", "markersize": 5} if len(epochs) <= FEW_EPOCHS else {}
+    if "expected_l0" in records[0]:
+        left.plot(epochs, [m["expected_l0"] for m in records], color=color, lw=2, label=run["name"], **marker)
+    if records[0].get("flops_kept") is not None:
+        right.plot(epochs, [100 * m["flops_kept"] for m in records], color=color, lw=2, label=f"{run['name']} (pruned)", **marker)
+    elif run["config"].get("regularizer") == "none":  # a dense run (a teacher) keeps everything: the reference line
+        right.plot(epochs, [100.0] * len(epochs), color=color, lw=2, label=f"{run['name']} (dense)", **marker)
+    if "expected_flops_kept" in records[0]:
+        right.plot(epochs, [100 * m["expected_flops_kept"] for m in records], color=color, lw=1.2, ls="--",
+                   label=f"{run['name']} (expected)", **{**marker, "marker": "x"} if marker else {})
+
+
+def _plot_gates(gated_runs: list[dict], color_of: dict, path: Path, say: Callable[[str], None] | None) -> Path:
+    """gates.png, a row per run from its final checkpoint: the fraction kept per layer, one panel per kind of gate
+    (heads, inputs, channels...: counts of different sizes), then the histogram of P(z != 0)."""
+    import matplotlib.pyplot as plt
+
+    datasets: dict = {}  # runs on the same data share one load (MiniLM's: tokenizing WordNet)
+    panels = [_gate_widths(run, datasets, say) for run in gated_runs]
+    kinds_per_run = [list(dict.fromkeys(w["counts"] for w in widths)) for _, widths, _ in panels]
+    columns = max(len(kinds) for kinds in kinds_per_run) + 1
+    fig, axes = plt.subplots(len(panels), columns, figsize=(4.6 * columns, 3.9 * len(panels)), squeeze=False,
+                             constrained_layout=True)
+    for row, ((run, widths, probabilities), kinds) in enumerate(zip(panels, kinds_per_run)):
+        color = color_of[run["name"]]
+        for column, kind in enumerate(kinds):
+            _kept_panel(axes[row][column], run["name"], kind, [w for w in widths if w["counts"] == kind], color,
+                        _rounding(run["run"]))
+        axis = axes[row][len(kinds)]
+        axis.hist(probabilities, bins=40, range=(0, 1), color=color)
+        axis.set(title=f"{run['name']}: P(z ≠ 0) at the end", xlabel="P(z ≠ 0)", ylabel="gates")
+        axis.title.set_fontsize(10)
+        for column in range(len(kinds) + 1, columns):
+            axes[row][column].axis("off")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _gate_widths(run: dict, datasets: dict, say: Callable[[str], None] | None) -> tuple[dict, list[dict], np.ndarray]:
+    """(run, its widths per layer as prune saved them, else its open gates, every gate's P(z != 0)), from the run's model;
+    ``datasets``: the data loaded so far, by what it is (a run loads it there if it is not)."""
+    config = run["config"]
+    key = (config["data"], config.get("train_examples"), config.get("test_examples"))
+    if say is not None:
+        say(f"{run['name']}: its gates (the model and its data)")
+    _, model, datasets[key] = run["run"].load(data=datasets.get(key), say=say)
+    units = gate_units(model)
+    widths = _saved_widths(run["run"]) or [{"layer": owner, "counts": what, "total": gate.log_alpha.numel(),
+                                             "open": int(gate.is_open().sum()), "saved": None} for owner, what, gate in units]
+    probabilities = torch.cat([g.prob_nonzero().detach().flatten() for _, _, g in units]).numpy()
+    return run, widths, probabilities
+
+
+def _plot_pareto(runs: list[dict], color_of: dict, path: Path) -> Path:
+    """pareto.png: accuracy against % FLOPs kept across runs (a run that did not measure its FLOPs has no place on it)."""
+    import matplotlib.pyplot as plt
+
     fig, axis = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
     for run in runs:
-        color = color_of[run["name"]]
-        last = run["metrics"][-1]
         if _kept(run, "flops_kept") is None:
             continue
-        flops = 100 * _kept(run, "flops_kept")
-        axis.scatter(flops, 100 * last["test_accuracy"], s=60, color=color, zorder=3)
+        flops, accuracy = 100 * _kept(run, "flops_kept"), 100 * run["metrics"][-1]["test_accuracy"]
+        axis.scatter(flops, accuracy, s=60, color=color_of[run["name"]], zorder=3)
         right_side = flops > 70  # the name to the left of a point near the right edge, where it would be cut off
-        axis.annotate(run["name"], (flops, 100 * last["test_accuracy"]), textcoords="offset points", xytext=(-6 if right_side else 6, 4),
+        axis.annotate(run["name"], (flops, accuracy), textcoords="offset points", xytext=(-6 if right_side else 6, 4),
                       ha="right" if right_side else "left", fontsize=8)
     axis.set(xlabel="% of dense FLOPs kept", ylabel="test accuracy (%)", title="Accuracy against FLOPs kept", xlim=(0, 105))
     axis.grid(alpha=0.3)
-    written["pareto"] = out_dir / "pareto.png"
-    fig.savefig(written["pareto"], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path
 
+
+def _markdown(runs: list[dict], images: dict[str, Path]) -> str:
+    """report.md: a row per run (what training recorded, and what prune measured), then the plots."""
     lines = ["| run | data | model | regularizer | λ / target | epochs | test accuracy | % params kept | % FLOPs kept "
              "| accuracy after prune | % FLOPs after prune | latency pruned / unpruned | speed-up |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for run in runs:
-        config, last = run["config"], run["metrics"][-1]
-        strength = "-" if config.get("regularizer") == "none" else (
-            f"target {config['target']:g} {config['metric']}" if config.get("target") is not None else f"λ = {config['lam']:g}/N")
-        pruned = _prune_result(run["run"]) or {}
-        timing = pruned.get("latency")
-        after = "not pruned" if not pruned else f"{100 * pruned['test_accuracy']:.2f}%"
-        flops_after = "-" if not pruned else _percent_or_unknown(pruned["flops"]["kept"])
-        latency = "-" if not timing else f"{_milliseconds(timing['pruned_s'])} / {_milliseconds(timing['unpruned_s'])}"
-        speedup = "-" if not timing else f"{timing['speedup']:.2f}×"
-        lines.append(f"| {run['name']} | {config['data']} | {config['model']} | {config['regularizer']} | {strength} | {last['epoch']} | "
-                     f"{100 * last['test_accuracy']:.2f}% | {_percent_or_unknown(_kept(run, 'params_kept'))} | "
-                     f"{_percent_or_unknown(_kept(run, 'flops_kept'))} | {after} | {flops_after} | {latency} | {speedup} |")
+    lines += [_table_row(run) for run in runs]
     lines += ["", "% FLOPs kept: what training recorded, the whole model as the run's target counts it. After prune: `l0sparse prune`'s figures "
               "(pruned.json): the pruned model's accuracy, its FLOPs with attention's products (a text classifier's encoder "
               "only, without the classification layer: docs/hf.md's count), its latency beside the unpruned model's (a "
               "batch of `batch_size` test examples, the median of the turns) and the speed-up; a run not pruned has none."]
-    lines += ["", *[f"![{key}]({path.name})" for key, path in written.items()]]
-    written["markdown"] = out_dir / "report.md"
-    written["markdown"].write_text("\n".join(lines) + "\n")
-    return written
+    lines += ["", *[f"![{key}]({path.name})" for key, path in images.items()]]
+    return "\n".join(lines) + "\n"
+
+
+def _table_row(run: dict) -> str:
+    """One run's row of report.md."""
+    config, last = run["config"], run["metrics"][-1]
+    strength = "-" if config.get("regularizer") == "none" else (
+        f"target {config['target']:g} {config['metric']}" if config.get("target") is not None else f"λ = {config['lam']:g}/N")
+    pruned = _prune_result(run["run"]) or {}
+    timing = pruned.get("latency")
+    after = "not pruned" if not pruned else f"{100 * pruned['test_accuracy']:.2f}%"
+    flops_after = "-" if not pruned else _percent_or_unknown(pruned["flops"]["kept"])
+    latency = "-" if not timing else f"{_milliseconds(timing['pruned_s'])} / {_milliseconds(timing['unpruned_s'])}"
+    speedup = "-" if not timing else f"{timing['speedup']:.2f}×"
+    return (f"| {run['name']} | {config['data']} | {config['model']} | {config['regularizer']} | {strength} | {last['epoch']} | "
+            f"{100 * last['test_accuracy']:.2f}% | {_percent_or_unknown(_kept(run, 'params_kept'))} | "
+            f"{_percent_or_unknown(_kept(run, 'flops_kept'))} | {after} | {flops_after} | {latency} | {speedup} |")

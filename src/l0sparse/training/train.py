@@ -16,8 +16,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,11 @@ from .distributed import RankGroup
 from .regularizers import L0, Regularizer, regularizer_for
 from .runs import (CHECKPOINT, CONFIG_FILE, RunFolder, StagedRunFolder, accuracy, check_replaceable, check_resumable, check_run_directory, load_state,
                    reconcile_history)
+
+if TYPE_CHECKING:
+    from ..hf.distill import LayerDistillation
+    from .config import TrainConfig
+    from .data import Split
 
 __all__ = ["configure_torch", "fit", "train_epoch", "recalibrate_batchnorm", "run_training", "load_teacher", "TrainingDiverged"]
 
@@ -469,48 +475,111 @@ def run_training(config, out_dir, resume: bool = False, force: bool = False, thr
             raise
 
 
-def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threads: int | None, progress: bool,
+def _train_into(run_dir: StagedRunFolder, config: TrainConfig, checkpoint: dict | None, threads: int | None, progress: bool,
                 on_epoch_end: Callable[[dict], None] | None, ranks: RankGroup, log_every: int = 50) -> list[dict]:
-    from tqdm.auto import tqdm
+    """Build the run, bring it to its first epoch (from the checkpoint, or new), add the teacher's part, train the epochs."""
+    configure_torch(threads)
+    shown = progress and ranks.is_main  # what the user sees: one process speaks
+    say = functools.partial(_say_before, shown)
+    resumed = checkpoint is not None
+    run, teacher = _build_run(run_dir, config, ranks, resumed, say)
+    if resumed:
+        _restore(run, checkpoint)
+    else:
+        _start(run, shown, say)
+    run.teacher_logits, run.layer_distillation = _distillation(run, teacher, resumed, say, shown)
+    del teacher  # the hidden-state term keeps it where it needs it; nothing else does
+    return _train_epochs(run, resumed, shown, on_epoch_end, log_every)
 
+
+def _say_before(shown: bool, line: str) -> None:
+    """A line on stderr before a set-up step that can take more than a few seconds (MiniLM: minutes in all)."""
+    if shown:
+        print(f"{line} ...", file=sys.stderr, flush=True)
+
+
+@dataclass
+class _Run:
+    """What a configured run trains, built once by :func:`_build_run`, and where it stands: the epochs it holds."""
+
+    run_dir: StagedRunFolder
+    config: TrainConfig
+    ranks: RankGroup
+    data: Split
+    model: nn.Module
+    forward: nn.Module  # what computes the logits: the model, or its DDP wrapper
+    averaged: nn.Module | None  # the moving average (AveragedModel), when config.ema > 0
+    evaluated: nn.Module  # what is measured, recorded and pruned: the moving average's model, else the model
+    optimizer: torch.optim.Optimizer
+    regularizer: Regularizer
+    steps_per_epoch: int
+    total_epochs: int
+    teacher_logits: Tensor | None = None
+    layer_distillation: LayerDistillation | None = None
+    start_epoch: int = 0  # the checkpoint's epoch, for a resumed run
+    history: list[dict] = field(default_factory=list)  # one record per epoch done
+
+    @property
+    def n_train(self) -> int:
+        return len(self.data.x_train)
+
+    def batch(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        return _batch_inputs(self.data.x_train[index], self.data.pad_id), self.data.y_train[index]
+
+    def task_loss(self, logits: Tensor, targets: Tensor, index: Tensor) -> Tensor:
+        if self.teacher_logits is None:
+            return F.cross_entropy(logits, targets)
+        config = self.config
+        loss = distillation_loss(logits, targets, self.teacher_logits[index], config.distill_weight, config.temperature)
+        if self.layer_distillation is not None:  # the student's hidden states are those of the forward that gave ``logits``
+            loss = loss + config.distill_hidden * self.layer_distillation(self.batch(index)[0])
+        return loss
+
+    def order(self, epoch: int) -> Tensor:
+        """The indices of the training examples this process takes in epoch ``epoch`` (from 0), in order."""
+        if self.ranks.world_size == 1:
+            return torch.randperm(self.n_train)
+        # one permutation on every rank (its own generator), each rank its slice of it: equal, disjoint shares (as
+        # _build_run counts the steps), the remainder of n / world_size left out
+        order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
+        return order[self.ranks.rank:self.n_train // self.ranks.world_size * self.ranks.world_size:self.ranks.world_size]
+
+    def kept_epoch(self) -> int:
+        """The last epoch the checkpoint holds (0: none yet)."""
+        return self.history[-1]["epoch"] if self.history else self.start_epoch
+
+    def diverged(self, epoch: int, step: int | str, what: str) -> TrainingDiverged:
+        """The error for ``what`` went wrong at ``step`` of ``epoch``, saying what the run directory still holds."""
+        done = self.kept_epoch()
+        if done:
+            kept = f"{self.run_dir.out_dir / CHECKPOINT} keeps epoch {done}, the last good one"
+        elif self.run_dir.staged:
+            kept = f"no checkpoint was written, and the run that was in {self.run_dir.out_dir} is untouched"
+        else:
+            kept = "no checkpoint was written"
+        return TrainingDiverged(f"training diverged at epoch {epoch}, step {step} of {self.steps_per_epoch}: {what}; {kept}; "
+                                "start a new run with a lower lr or gate_lr")
+
+    def loss_diverged(self, epoch: int, step: int, loss: float) -> TrainingDiverged:
+        return self.diverged(epoch, step, f"the loss is {loss}")
+
+
+def _build_run(run_dir: StagedRunFolder, config: TrainConfig, ranks: RankGroup, resumed: bool,
+               say: Callable[[str], None]) -> tuple[_Run, nn.Module | None]:
+    """The data, the teacher (:func:`_teacher`), the model, its optimizer, DDP wrapper and moving average, and the
+    regularizer, in the order that the seeds make reproducible. Returns the run and the teacher."""
     from .data import load_dataset
 
-    resume = checkpoint is not None
-    configure_torch(threads)
-    shown = progress and ranks.is_main
-    terminal = sys.stderr.isatty()
-
-    def say(line: str) -> None:  # before each set-up step that can take more than a few seconds (MiniLM: minutes in all)
-        if shown:
-            print(f"{line} ...", file=sys.stderr, flush=True)
-
-    # 1. data, model (from the teacher's weights, if one is named), optimizer, moving average, regularizer
     say(f"loading the data ({config.data})")
     data = load_dataset(config.data).subset(config.train_examples, config.test_examples)
-    teacher = None
-    if config.teacher is not None and not resume:
-        say(f"loading the teacher ({config.teacher})")
-        teacher = load_teacher(config, data)
-    elif config.teacher is not None and config.distill_hidden:  # resumed: the teacher's weights as this run stored them
-        from .build import build_model
-
-        teacher = run_dir.folder.read_teacher_weights(build_model(config.model, 0, data.num_classes, gated=False))
+    teacher = _teacher(run_dir.folder, config, data, resumed, say)
     torch.manual_seed(config.seed)
     say(f"building the model ({config.model}, regularizer {config.regularizer})")
-    try:
-        model = model_for(config, data, initial=None if resume else teacher)
-    except RuntimeError as error:  # torch's allocator names bytes, not the key that asked for them
-        if "allocate" not in str(error):
-            raise
-        raise ValueError(f"config key 'hidden' = {config.hidden!r}: the {config.model} with these widths does not fit in this "
-                         f"machine's memory ({' '.join(str(error).split())[:160]}); choose smaller widths") from None
-    example = data.x_train[:2]
-    pad_id = data.pad_id
+    model = _new_model(config, data, initial=None if resumed else teacher)
     optimizer = _optimizer_for(model, config)
     n_train = len(data.x_train)
     # under DDP each rank takes an equal, disjoint share of the epoch: the remainder of n / world_size is left out
-    per_rank = n_train // ranks.world_size
-    steps_per_epoch = math.ceil(per_rank / config.batch_size)
+    steps_per_epoch = math.ceil(n_train // ranks.world_size / config.batch_size)
     forward = model
     if ranks.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -519,160 +588,200 @@ def _train_into(run_dir: StagedRunFolder, config, checkpoint: dict | None, threa
     # the paper's temporal average of every parameter (log α included): what is evaluated, recorded and pruned
     averaged = ema(model, config.ema) if config.ema > 0 else None
     evaluated = model if averaged is None else averaged.module
+    regularizer = regularizer_for(config, model, evaluated, data.x_train[:2], n_train, steps_per_epoch,
+                                  functools.partial(_scoring_batches, config, data), F.cross_entropy)
+    run = _Run(run_dir, config, ranks, data, model, forward, averaged, evaluated, optimizer, regularizer, steps_per_epoch,
+               regularizer.total_epochs(config.epochs))
+    return run, teacher
 
-    def scoring_batches() -> list[tuple[Tensor, Tensor]]:  # the importance baseline's, from a generator of their own
-        scoring = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed))[:IMPORTANCE_EXAMPLES]
-        return [(_batch_inputs(data.x_train[index], pad_id), data.y_train[index]) for index in scoring.split(config.batch_size)]
 
-    regularizer = regularizer_for(config, model, evaluated, example, n_train, steps_per_epoch, scoring_batches,
-                                  F.cross_entropy)
-    total_epochs = regularizer.total_epochs(config.epochs)
+def _teacher(folder: RunFolder, config: TrainConfig, data: Split, resumed: bool, say: Callable[[str], None]) -> nn.Module | None:
+    """The teacher of a distilled run: a new run loads the run ``config.teacher`` names; a resumed one needs it only for the
+    hidden-state term, and takes the teacher's weights as this run stored them (its logits are stored too)."""
+    if config.teacher is None:
+        return None
+    if not resumed:
+        say(f"loading the teacher ({config.teacher})")
+        return load_teacher(config, data)
+    if not config.distill_hidden:
+        return None
+    from .build import build_model
 
-    # 2. a resumed run takes its checkpoint's state; a new one writes its config and starts its regularizer
-    folder = run_dir.folder
-    start_epoch, history = 0, []
-    if resume:
-        regularizer.resume(checkpoint["epoch"])
-        load_state(model, checkpoint["model"], folder.checkpoint_path)
-        if averaged is not None:
-            load_state(averaged, checkpoint["ema"], folder.checkpoint_path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        regularizer.load_checkpoint_state(checkpoint)
-        rng_per_rank = checkpoint.get("rng_per_rank", [checkpoint["rng"]])
-        if len(rng_per_rank) != ranks.world_size:
-            raise ValueError(f"--resume: the checkpoint was written by {len(rng_per_rank)} process(es); resume it with as many, "
-                             f"not {ranks.world_size}")
-        torch.set_rng_state(rng_per_rank[ranks.rank])
-        start_epoch = checkpoint["epoch"]
-        history, note = reconcile_history(folder.read_metrics(), checkpoint, folder.metrics_path)
-        ranks.barrier()  # every rank has read the metrics before rank 0 trims them
-        if ranks.is_main:  # drop lines past the checkpoint (and a partial last line), restore lost ones; say what runs now
-            if note:
-                print(f"--resume: {note}", file=sys.stderr)
-            folder.write_metrics(history)
-            folder.write_config(config)
+    return folder.read_teacher_weights(build_model(config.model, 0, data.num_classes, gated=False))
+
+
+def _new_model(config: TrainConfig, data: Split, initial: nn.Module | None) -> nn.Module:
+    """:func:`model_for`, with a model too large for memory named by its config key."""
+    try:
+        return model_for(config, data, initial=initial)
+    except RuntimeError as error:  # torch's allocator names bytes, not the key that asked for them
+        if "allocate" not in str(error):
+            raise
+        raise ValueError(f"config key 'hidden' = {config.hidden!r}: the {config.model} with these widths does not fit in this "
+                         f"machine's memory ({' '.join(str(error).split())[:160]}); choose smaller widths") from None
+
+
+def _scoring_batches(config: TrainConfig, data: Split) -> list[tuple[Tensor, Tensor]]:
+    """The importance baseline's batches, from a generator of their own: the same examples on every run of a seed."""
+    n_train = len(data.x_train)
+    scoring = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed))[:IMPORTANCE_EXAMPLES]
+    return [(_batch_inputs(data.x_train[index], data.pad_id), data.y_train[index]) for index in scoring.split(config.batch_size)]
+
+
+def _restore(run: _Run, checkpoint: dict) -> None:
+    """A resumed run takes its checkpoint's state (weights, optimizer, regularizer, each process's RNG) and its metrics,
+    trimmed to the checkpoint's epochs; rank 0 rewrites metrics.jsonl and config.json to say what runs now."""
+    folder, ranks = run.run_dir.folder, run.ranks
+    run.regularizer.resume(checkpoint["epoch"])
+    load_state(run.model, checkpoint["model"], folder.checkpoint_path)
+    if run.averaged is not None:
+        load_state(run.averaged, checkpoint["ema"], folder.checkpoint_path)
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    run.regularizer.load_checkpoint_state(checkpoint)
+    rng_per_rank = checkpoint.get("rng_per_rank", [checkpoint["rng"]])
+    if len(rng_per_rank) != ranks.world_size:
+        raise ValueError(f"--resume: the checkpoint was written by {len(rng_per_rank)} process(es); resume it with as many, "
+                         f"not {ranks.world_size}")
+    torch.set_rng_state(rng_per_rank[ranks.rank])
+    run.start_epoch = checkpoint["epoch"]
+    run.history, note = reconcile_history(folder.read_metrics(), checkpoint, folder.metrics_path)
+    ranks.barrier()  # every rank has read the metrics before rank 0 trims them
+    if ranks.is_main:  # drop lines past the checkpoint (and a partial last line), restore lost ones; say what runs now
+        if note:
+            print(f"--resume: {note}", file=sys.stderr)
+        folder.write_metrics(run.history)
+        folder.write_config(run.config)
+
+
+def _start(run: _Run, shown: bool, say: Callable[[str], None]) -> None:
+    """A new run writes its config and starts its regularizer; under DDP each process then draws its own noise."""
+    config, ranks = run.config, run.ranks
+    if ranks.is_main:
+        run.run_dir.folder.write_config(config)
+    if config.regularizer == "importance":
+        say(f"scoring the heads and units on {min(IMPORTANCE_EXAMPLES, run.n_train):,} training examples")
+    message = run.regularizer.start()  # the importance baseline's structure, chosen once: the checkpoint keeps it
+    if message and shown:
+        print(message, file=sys.stderr)
+    if ranks.world_size > 1:
+        torch.manual_seed(config.seed + ranks.rank)  # the same initial model everywhere, then each rank its own noise
+
+
+def _distillation(run: _Run, teacher: nn.Module | None, resumed: bool, say: Callable[[str], None],
+                  shown: bool) -> tuple[Tensor | None, LayerDistillation | None]:
+    """What a distilled run learns from: the teacher's logits for every training example and the hidden-state term.
+
+    The logits are computed once (the teacher is fixed, and deterministic in eval mode) and kept in the run directory:
+    a resumed run learns from the same numbers even if the teacher's run was changed since. The hidden-state term runs
+    the teacher on every batch, so then its weights are kept there too. ``shown``: a bar over the teacher's batches on a
+    terminal.
+    """
+    config, folder, data = run.config, run.run_dir.folder, run.data
+    if config.teacher is None:
+        return None, None
+    if resumed:
+        teacher_logits = folder.read_teacher_logits(run.n_train, data.num_classes)
     else:
-        if ranks.is_main:
-            folder.write_config(config)
-        if config.regularizer == "importance":
-            say(f"scoring the heads and units on {min(IMPORTANCE_EXAMPLES, n_train):,} training examples")
-        message = regularizer.start()  # the importance baseline's structure, chosen once: the checkpoint keeps it
-        if message and ranks.is_main and progress:
-            print(message, file=sys.stderr)
-        if ranks.world_size > 1:
-            torch.manual_seed(config.seed + ranks.rank)  # the same initial model everywhere, then each rank its own noise
+        from ..hf.task import predict_logits
 
-    # 3. the teacher's logits for every training example, once (it is fixed, and deterministic in eval mode), kept in the
-    # run directory: a resumed run learns from the same numbers even if the teacher's run was changed since; the
-    # hidden-state term runs the teacher on every batch, so then its weights are kept there too
-    teacher_logits, layer_distillation = None, None
-    if config.teacher is not None:
-        if resume:
-            teacher_logits = folder.read_teacher_logits(n_train, data.num_classes)
-        else:
-            from ..hf.task import predict_logits
+        say(f"the teacher's logits for the {run.n_train:,} training examples, once")
+        teacher_logits = predict_logits(teacher, data.x_train, data.pad_id, progress=shown and sys.stderr.isatty())
+        if run.ranks.is_main:
+            folder.write_teacher_logits(teacher_logits)
+            if config.distill_hidden:
+                folder.write_teacher_weights(teacher)
+    if not config.distill_hidden:
+        return teacher_logits, None
+    from ..hf.distill import LayerDistillation
 
-            say(f"the teacher's logits for the {n_train:,} training examples, once")
-            teacher_logits = predict_logits(teacher, data.x_train, pad_id, progress=shown and terminal)
-            if ranks.is_main:
-                folder.write_teacher_logits(teacher_logits)
-                if config.distill_hidden:
-                    folder.write_teacher_weights(teacher)
-        if config.distill_hidden:
-            from ..hf.distill import LayerDistillation
+    return teacher_logits, LayerDistillation(run.model, teacher, data.pad_id)
 
-            layer_distillation = LayerDistillation(model, teacher, pad_id)
-        del teacher
 
-    def task_loss(logits: Tensor, targets: Tensor, index: Tensor) -> Tensor:
-        if teacher_logits is None:
-            return F.cross_entropy(logits, targets)
-        loss = distillation_loss(logits, targets, teacher_logits[index], config.distill_weight, config.temperature)
-        if layer_distillation is not None:  # the student's hidden states are those of the forward that gave ``logits``
-            loss = loss + config.distill_hidden * layer_distillation(batch_of(index)[0])
-        return loss
+def _train_epochs(run: _Run, resumed: bool, shown: bool, on_epoch_end: Callable[[dict], None] | None,
+                  log_every: int) -> list[dict]:
+    """The epochs left: train, measure, write the metrics and then the checkpoint. SIGINT and SIGTERM stop the run
+    with its last checkpoint in place; the hidden-state term's hooks come off however it ends."""
+    from tqdm.auto import tqdm
 
-    def diverged(epoch: int, step: int | str, what: str) -> TrainingDiverged:
-        done = history[-1]["epoch"] if history else start_epoch
-        if done:
-            kept = f"{run_dir.out_dir / CHECKPOINT} keeps epoch {done}, the last good one"
-        elif run_dir.staged:
-            kept = f"no checkpoint was written, and the run that was in {run_dir.out_dir} is untouched"
-        else:
-            kept = "no checkpoint was written"
-        return TrainingDiverged(f"training diverged at epoch {epoch}, step {step} of {steps_per_epoch}: {what}; {kept}; "
-                                "start a new run with a lower lr or gate_lr")
-
-    def loss_diverged(epoch: int, step: int, loss: float) -> TrainingDiverged:
-        return diverged(epoch, step, f"the loss is {loss}")
-
-    def batch_of(index: Tensor) -> tuple[Tensor, Tensor]:
-        return _batch_inputs(data.x_train[index], pad_id), data.y_train[index]
-
-    # 4. the epochs: train, measure, write the metrics and then the checkpoint
-    steps = StepProgress(regularizer, total_epochs, steps_per_epoch, enabled=shown, terminal=terminal, every=log_every)
+    steps = StepProgress(run.regularizer, run.total_epochs, run.steps_per_epoch, enabled=shown, terminal=sys.stderr.isatty(),
+                         every=log_every)
     with _SigtermToInterrupt():
         try:
-            for epoch in range(start_epoch, total_epochs):
-                regularizer.before_epoch(epoch)
-                started = time.perf_counter()
-                if ranks.world_size == 1:
-                    order = torch.randperm(n_train)
-                else:  # one permutation on every rank (its own generator), each rank its slice of it
-                    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-                    order = order[ranks.rank:per_rank * ranks.world_size:ranks.world_size]
-                # a single process stops before a bad step spreads into the weights; under DDP the epoch's end does
-                stop = None if ranks.world_size > 1 else functools.partial(loss_diverged, epoch + 1)
-                try:
-                    totals = train_epoch(model, optimizer, regularizer, steps.batches(epoch, order.split(config.batch_size)), batch_of,
-                                         task_loss, forward=forward, averaged=averaged, diverged=stop, on_step=steps)
-                finally:
-                    steps.close()
-                total_loss, correct, seen = ranks.sum([totals.loss, totals.correct, totals.examples])
-                if not math.isfinite(total_loss):
-                    raise diverged(epoch + 1, totals.first_bad_step or "unknown (on another process)", "the loss is not finite")
-                bad_entry = _non_finite_entry(model)
-                if bad_entry is not None:  # the last step of the epoch can break the weights with a finite loss
-                    raise diverged(epoch + 1, totals.steps, f"{bad_entry} holds NaN or inf after the optimizer step")
-                record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
-                          "test_accuracy": accuracy(evaluated, data.x_test, data.y_test, pad_id=pad_id),
-                          "seconds": time.perf_counter() - started}
-                if averaged is not None:
-                    record["test_accuracy_without_ema"] = accuracy(model, data.x_test, data.y_test, pad_id=pad_id)
-                if ranks.world_size > 1:  # the ranks compare their gates (and multipliers), which DDP should keep equal
-                    shared = regularizer.shared_values()
-                    mine = ([g.log_alpha.detach().flatten().tolist() for g in find_gates(model)], shared)
-                    everyone = ranks.gather(mine)
-                    record.update({"world_size": ranks.world_size, "steps": totals.steps, "examples": int(seen),
-                                   "gates_identical_on_ranks": all(other[0] == mine[0] for other in everyone)})
-                    record.update({f"{name}_identical_on_ranks": all(other[1][name] == value for other in everyone)
-                                   for name, value in shared.items()})
-                record.update(regularizer.metrics())
-                rng_per_rank = ranks.gather(torch.get_rng_state())
-                # the metrics first, then the checkpoint: a resumed run trims lines past its checkpoint
-                if ranks.is_main:
-                    run_dir.folder.write_metrics([*history, record])
-                    run_dir.folder.write_checkpoint({
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        **({"ema": averaged.state_dict()} if averaged is not None else {}),
-                        **regularizer.checkpoint_state(), "epoch": epoch + 1, "rng": rng_per_rank[0], "config": config.to_dict(),
-                        "history": [*history, record],  # a copy of metrics.jsonl, which a resume restores if it is lost
-                        **({"rng_per_rank": rng_per_rank} if ranks.world_size > 1 else {})})
-                run_dir.commit()  # the first checkpoint is in place: the new run takes the old one's place
-                history.append(record)
-                if progress and ranks.is_main:
-                    shown = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "test_accuracy", "expected_l0", "flops_kept")}
-                    tqdm.write(f"epoch {epoch + 1}/{total_epochs} " + " ".join(f"{k}={v}" for k, v in shown.items()))
+            for epoch in range(run.start_epoch, run.total_epochs):
+                record = _train_one_epoch(run, epoch, steps)
+                _write_epoch(run, record)
+                run.run_dir.commit()  # the first checkpoint is in place: the new run takes the old one's place
+                run.history.append(record)
+                if shown:
+                    figures = {k: round(v, 4) for k, v in record.items() if k in ("train_loss", "test_accuracy", "expected_l0", "flops_kept")}
+                    tqdm.write(f"epoch {epoch + 1}/{run.total_epochs} " + " ".join(f"{k}={v}" for k, v in figures.items()))
                 if on_epoch_end is not None:
                     on_epoch_end(record)
         except KeyboardInterrupt:
-            done = history[-1]["epoch"] if history else start_epoch
-            if done or resume:
-                print(f"interrupted: {run_dir.out_dir / CHECKPOINT} holds epoch {done}; continue with --resume", file=sys.stderr)
+            done = run.kept_epoch()
+            if done or resumed:
+                print(f"interrupted: {run.run_dir.out_dir / CHECKPOINT} holds epoch {done}; continue with --resume", file=sys.stderr)
             else:
                 print("interrupted before the first checkpoint: nothing of this run was kept", file=sys.stderr)
             raise
         finally:
-            if layer_distillation is not None:
-                layer_distillation.remove()
-    return history
+            if run.layer_distillation is not None:
+                run.layer_distillation.remove()
+    return run.history
+
+
+def _train_one_epoch(run: _Run, epoch: int, steps: StepProgress) -> dict:
+    """Epoch ``epoch`` (from 0) trained on every process and checked for divergence; its record for metrics.jsonl."""
+    run.regularizer.before_epoch(epoch)
+    started = time.perf_counter()
+    order = run.order(epoch)
+    # a single process stops before a bad step spreads into the weights; under DDP the epoch's end does
+    stop = None if run.ranks.world_size > 1 else functools.partial(run.loss_diverged, epoch + 1)
+    try:
+        totals = train_epoch(run.model, run.optimizer, run.regularizer, steps.batches(epoch, order.split(run.config.batch_size)),
+                             run.batch, run.task_loss, forward=run.forward, averaged=run.averaged, diverged=stop, on_step=steps)
+    finally:
+        steps.close()
+    total_loss, correct, seen = run.ranks.sum([totals.loss, totals.correct, totals.examples])
+    if not math.isfinite(total_loss):
+        raise run.diverged(epoch + 1, totals.first_bad_step or "unknown (on another process)", "the loss is not finite")
+    bad_entry = _non_finite_entry(run.model)
+    if bad_entry is not None:  # the last step of the epoch can break the weights with a finite loss
+        raise run.diverged(epoch + 1, totals.steps, f"{bad_entry} holds NaN or inf after the optimizer step")
+    data = run.data
+    record = {"epoch": epoch + 1, "train_loss": total_loss / seen, "train_accuracy": correct / seen,
+              "test_accuracy": accuracy(run.evaluated, data.x_test, data.y_test, pad_id=data.pad_id),
+              "seconds": time.perf_counter() - started}
+    if run.averaged is not None:
+        record["test_accuracy_without_ema"] = accuracy(run.model, data.x_test, data.y_test, pad_id=data.pad_id)
+    if run.ranks.world_size > 1:
+        record.update(_agreement_of_ranks(run, totals, seen))
+    record.update(run.regularizer.metrics())
+    return record
+
+
+def _agreement_of_ranks(run: _Run, totals: EpochTotals, seen: float) -> dict:
+    """Under DDP, what the epoch's record adds: the shares of the ranks, and whether they hold the same gates (and
+    multipliers), which DDP should keep equal."""
+    shared = run.regularizer.shared_values()
+    mine = ([g.log_alpha.detach().flatten().tolist() for g in find_gates(run.model)], shared)
+    everyone = run.ranks.gather(mine)
+    return {"world_size": run.ranks.world_size, "steps": totals.steps, "examples": int(seen),
+            "gates_identical_on_ranks": all(other[0] == mine[0] for other in everyone),
+            **{f"{name}_identical_on_ranks": all(other[1][name] == value for other in everyone) for name, value in shared.items()}}
+
+
+def _write_epoch(run: _Run, record: dict) -> None:
+    """Rank 0 writes the epoch's record, then the checkpoint (a resumed run trims lines past its checkpoint); every rank
+    gives its RNG state to it."""
+    rng_per_rank = run.ranks.gather(torch.get_rng_state())
+    if not run.ranks.is_main:
+        return
+    folder, averaged = run.run_dir.folder, run.averaged
+    folder.write_metrics([*run.history, record])
+    folder.write_checkpoint({
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        **({"ema": averaged.state_dict()} if averaged is not None else {}),
+        **run.regularizer.checkpoint_state(), "epoch": record["epoch"], "rng": rng_per_rank[0], "config": run.config.to_dict(),
+        "history": [*run.history, record],  # a copy of metrics.jsonl, which a resume restores if it is lost
+        **({"rng_per_rank": rng_per_rank} if run.ranks.world_size > 1 else {})})
