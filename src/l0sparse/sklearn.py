@@ -314,38 +314,17 @@ class _L0Selector(SelectorMixin, BaseEstimator):
 
         rng = check_random_state(self.random_state)
         seed = int(rng.randint(np.iinfo(np.int32).max))
-        validation_rows = None
-        if hidden and self.lam is None and n_samples >= 10:
-            order = rng.permutation(n_samples)
-            n_validation = max(1, int(round(self.validation_fraction * n_samples)))
-            validation_rows, train_rows = order[:n_validation], order[n_validation:]
-        else:
-            train_rows = np.arange(n_samples)
-
+        train_rows, validation_rows = self._split_rows(rng, n_samples, hidden)
         x_torch = torch.as_tensor(x_std, dtype=torch.float32)
         gate_kwargs = {"beta": float(self.beta), "gamma": float(self.gamma), "zeta": float(self.zeta), "droprate_init": float(self.droprate_init)}
+        learning_rate = self.learning_rate
+        if learning_rate == "auto":
+            learning_rate = _MLP_LEARNING_RATE if hidden else _LINEAR_LEARNING_RATE
+        grid = self._lambda_grid()
         with torch.random.fork_rng(devices=[]):  # leave the caller's torch RNG untouched
             torch.manual_seed(seed)
             network = _GatedNetwork(n_features, n_outputs, hidden, gate_kwargs)
-            learning_rate = self.learning_rate
-            if learning_rate == "auto":
-                learning_rate = _MLP_LEARNING_RATE if hidden else _LINEAR_LEARNING_RATE
-            # fused: one kernel for all parameters; the per-tensor loop is a fifth of a linear step at this size
-            self._optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, fused=True)
-            stages = []
-            grid = self._lambda_grid()
-            if hidden:  # fit the MLP without penalty first, so that slow-to-learn features are in use before λ acts
-                self._train_stage(network, x_torch[train_rows], targets[train_rows], 0.0, seed - 1)
-            for stage, lam in enumerate(grid):
-                self._train_stage(network, x_torch[train_rows], targets[train_rows], float(lam), seed + stage)
-                support = np.flatnonzero(network.gate.is_open().numpy())
-                stages.append({"lam": float(lam), "support": support, "log_alpha": network.gate.log_alpha.detach().numpy().copy(),
-                               "state": copy.deepcopy(network.state_dict())})
-                if self.verbose:
-                    print(f"[{type(self).__name__}] lam={lam:.4g}: {support.size} features open")
-                if support.size == 0 and self.lam is None:
-                    break
-        del self._optimizer
+            stages = self._fit_path(network, x_torch[train_rows], targets[train_rows], grid, learning_rate, seed)
         if self.lam is None and len(grid) > 1 and stages[0]["support"].size == 0:
             # the weakest λ of the path closed everything: the gates were not learned, so the path chose nothing
             warnings.warn(f"{type(self).__name__}: every gate closed at the smallest lam of the path ({stages[0]['lam']:.3g}), so "
@@ -356,6 +335,47 @@ class _L0Selector(SelectorMixin, BaseEstimator):
             chosen = self._choose_mlp(stages, network, x_torch, targets, validation_rows)
         else:
             chosen = self._choose_linear(stages, x_std, y)
+        support = self._keep_chosen(chosen, stages, network, n_features)
+        if not hidden:
+            self._set_linear_coefficients(x_std, y, support, network)
+        if support.size == 0:
+            warnings.warn(f"{type(self).__name__} selected no feature: every gate closed, so predictions ignore X; "
+                          "give a smaller lam or n_features_to_select", UserWarning, stacklevel=2)
+        return self
+
+    def _split_rows(self, rng: np.random.RandomState, n_samples: int, hidden: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(training rows, validation rows): an MLP whose λ is to be chosen holds out ``validation_fraction`` of the rows
+        (from 10 samples on); otherwise every row trains."""
+        if hidden and self.lam is None and n_samples >= 10:
+            order = rng.permutation(n_samples)
+            n_validation = max(1, int(round(self.validation_fraction * n_samples)))
+            return order[n_validation:], order[:n_validation]
+        return np.arange(n_samples), None
+
+    def _fit_path(self, network: _GatedNetwork, x: torch.Tensor, target: torch.Tensor, grid: np.ndarray, learning_rate: float,
+                  seed: int) -> list[dict]:
+        """Train ``network`` along the increasing λ of ``grid``, each stage warm-started from the last: a record per stage
+        (its λ, open features, log α and weights), up to the first that closes every gate when ``lam`` is not given."""
+        # fused: one kernel for all parameters; the per-tensor loop is a fifth of a linear step at this size
+        self._optimizer = torch.optim.Adam(network.parameters(), lr=learning_rate, fused=True)
+        stages = []
+        if not network.linear:  # fit the MLP without penalty first, so that slow-to-learn features are in use before λ acts
+            self._train_stage(network, x, target, 0.0, seed - 1)
+        for stage, lam in enumerate(grid):
+            self._train_stage(network, x, target, float(lam), seed + stage)
+            support = np.flatnonzero(network.gate.is_open().numpy())
+            stages.append({"lam": float(lam), "support": support, "log_alpha": network.gate.log_alpha.detach().numpy().copy(),
+                           "state": copy.deepcopy(network.state_dict())})
+            if self.verbose:
+                print(f"[{type(self).__name__}] lam={lam:.4g}: {support.size} features open")
+            if support.size == 0 and self.lam is None:
+                break
+        del self._optimizer
+        return stages
+
+    def _keep_chosen(self, chosen: dict, stages: list[dict], network: _GatedNetwork, n_features: int) -> np.ndarray:
+        """Record the chosen stage (``lam_``, ``path_``, ``n_iter_``, ``support_``) and set ``network`` to it in eval mode as
+        ``network_``, with the unselected features closed for good; returns the selected features' indices."""
         self.lam_ = chosen["lam"]
         self.path_ = [{"lam": s["lam"], "n_selected": int(s["support"].size)} for s in stages]
         self.n_iter_ = len(stages)
@@ -369,12 +389,7 @@ class _L0Selector(SelectorMixin, BaseEstimator):
             network.gate.log_alpha[closed] = _CLOSED_LOG_ALPHA
         network.eval()
         self.network_ = network
-        if not hidden:
-            self._set_linear_coefficients(x_std, y, support, network)
-        if support.size == 0:
-            warnings.warn(f"{type(self).__name__} selected no feature: every gate closed, so predictions ignore X; "
-                          "give a smaller lam or n_features_to_select", UserWarning, stacklevel=2)
-        return self
+        return support
 
     def _choose_linear(self, stages, x_std, y):
         if self.n_features_to_select is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,9 @@ from torch import Tensor, nn
 from .costs import CostModel, expected_l0
 from .graph import check_module
 from .sites import find_gates
+
+if TYPE_CHECKING:
+    from .gates import Gate
 
 __all__ = ["TargetController", "METRICS", "LANDINGS", "param_groups"]
 
@@ -283,61 +287,69 @@ class TargetController(nn.Module):
         fraction = self.deterministic_fraction()
         target = self.current_target()
         scheduled = int(self.steps) >= self.delay_steps + self.warmup_steps  # the target itself, not a point on the way
+        if not self._left_the_band(fraction, target, scheduled):
+            return
+        gates = _LandingGates(find_gates(self._model[0]), growing=fraction < target)
+        best, low, high = self._bisect(gates, fraction, target)
+        if best[1] > self.tolerance and scheduled:
+            # no cut hits the band: one unit next to it is worth more than the band. Step past it from the cut on
+            # the near side of the target (above it when shrinking, below when growing), unit by unit. Only at
+            # the target itself: on the way there the next steps' cuts take the large unit in its log α order.
+            near = high if gates.growing else low
+            gates.apply_cut(near)
+            error = self._step_past_large_units(gates.gates, gates.originals, gates.thresholds, near, gates.growing, target)
+            if error < best[1] and self._allowed(self.deterministic_fraction(), target):
+                best = (math.nan, error)  # keep the state just reached
+        if best[0] is None:
+            gates.restore()
+        elif not math.isnan(best[0]):
+            gates.apply_cut(best[0])
+        self.residual.fill_(best[1] * (1 + 1e-6))
+        self.landings += 1
+
+    def _left_the_band(self, fraction: float, target: float, scheduled: bool) -> bool:
+        """Whether :meth:`_land` moves gates at this step: the pruned size ``fraction`` is outside the band around
+        ``target``, and neither a ceiling nor ``landing = "target"`` leaves it to the penalty. Zeroes the residual where
+        the schedule has just reached the target, and where the size is within the tolerance of it."""
         if int(self.steps) == self.delay_steps + self.warmup_steps:
             self.residual.zero_()  # the schedule just reached the target: land on it within the tolerance
         # a band no choice of gates can hit (one unit is worth more than it) widens to what the last landing reached
         band = max(self.tolerance, float(self.residual))
         if self.ceiling and fraction <= target + self.tolerance:
-            return  # a budget, not a size to reach: below it λ alone decides (and it never widens upwards)
+            return False  # a budget, not a size to reach: below it λ alone decides (and it never widens upwards)
         if self.landing == "target" and not scheduled and fraction > target + band:
-            return  # on the way to the target only the penalty closes gates
+            return False  # on the way to the target only the penalty closes gates
         if target - band <= fraction <= target + band:
             if abs(fraction - target) <= self.tolerance:
                 self.residual.zero_()
-            return
-        all_gates = find_gates(self._model[0])
-        originals = [g.log_alpha.detach().clone() for g in all_gates]
-        thresholds = [math.log(-g.gamma / g.zeta) for g in all_gates]  # Eq. 13 opens a gate above log(−γ/ζ)
-        growing = fraction < target
+            return False
+        return True
 
-        def moved(cut: float) -> float:
-            for gate, original, threshold in zip(all_gates, originals, thresholds):
-                if growing:  # reopen the closed gates at or above the cut
-                    crossing = (original >= cut) & (original <= threshold)
-                    gate.log_alpha.copy_(torch.where(crossing, torch.full_like(original, threshold + 1.0), original))
-                else:  # close the open gates below the cut
-                    crossing = (original < cut) & (original > threshold)
-                    gate.log_alpha.copy_(torch.where(crossing, torch.full_like(original, threshold - 2.0), original))
-            return self.deterministic_fraction()
-
-        low = min(float(o.min()) for o in originals) - 1.0
-        high = max(float(o.max()) for o in originals) + 1.0
-        # a ceiling takes only sizes at or under target + tolerance, however near a larger one is
-        allowed = (lambda size: size <= target + self.tolerance) if self.ceiling else (lambda size: True)
-        best = (None, abs(fraction - target) if allowed(fraction) else math.inf)
+    def _bisect(self, gates: _LandingGates, fraction: float, target: float) -> tuple[tuple[float | None, float], float, float]:
+        """((the cut whose size is nearest ``target``, or None where none beats ``fraction``; its distance), low, high):
+        thirty halvings of the log α range, the last ``low`` and ``high`` bracketing the target."""
+        low = min(float(o.min()) for o in gates.originals) - 1.0
+        high = max(float(o.max()) for o in gates.originals) + 1.0
+        best = (None, abs(fraction - target) if self._allowed(fraction, target) else math.inf)
         for _ in range(30):  # the size falls as the cut rises, whichever way the gates cross
             cut = (low + high) / 2
-            reached = moved(cut)
-            if abs(reached - target) < best[1] and allowed(reached):
+            reached = self._size_at(gates, cut)
+            if abs(reached - target) < best[1] and self._allowed(reached, target):
                 best = (cut, abs(reached - target))
             low, high = (cut, high) if reached > target else (low, cut)
-        if best[0] is None and not allowed(fraction):
-            best = (high, abs(moved(high) - target))  # every open gate below the last cut under the target closes
-        if best[1] > self.tolerance and scheduled:
-            # no cut hits the band: one unit next to it is worth more than the band. Step past it from the cut on
-            # the near side of the target (above it when shrinking, below when growing), unit by unit. Only at
-            # the target itself: on the way there the next steps' cuts take the large unit in its log α order.
-            moved(high if growing else low)
-            error = self._step_past_large_units(all_gates, originals, thresholds, high if growing else low, growing, target)
-            if error < best[1] and allowed(self.deterministic_fraction()):
-                best = (math.nan, error)  # keep the state just reached
-        if best[0] is None:
-            for gate, original in zip(all_gates, originals):
-                gate.log_alpha.copy_(original)
-        elif not math.isnan(best[0]):
-            moved(best[0])
-        self.residual.fill_(best[1] * (1 + 1e-6))
-        self.landings += 1
+        if best[0] is None and not self._allowed(fraction, target):
+            best = (high, abs(self._size_at(gates, high) - target))  # every open gate below the last cut under the target closes
+        return best, low, high
+
+    def _size_at(self, gates: _LandingGates, cut: float) -> float:
+        """The pruned size with the gates moved by ``cut``."""
+        gates.apply_cut(cut)
+        return self.deterministic_fraction()
+
+    def _allowed(self, size: float, target: float) -> bool:
+        """Whether a landing may end at ``size``: a ceiling takes only sizes at or under target + tolerance, however near
+        a larger one is."""
+        return not self.ceiling or size <= target + self.tolerance
 
     def _step_past_large_units(self, all_gates, originals, thresholds, cut: float, growing: bool, target: float,
                                trials: int = 64) -> float:
@@ -426,6 +438,29 @@ class TargetController(nn.Module):
         return (f"target={self.target:g}, metric={self.metric!r}, warmup_steps={self.warmup_steps}"
                 + (f", delay_steps={self.delay_steps}" if self.delay_steps else "") + (", ceiling=True" if self.ceiling else "")
                 + (f", landing={self.landing!r}" if self.landing != "schedule" else ""))
+
+
+class _LandingGates:
+    """The gates of one landing as it found them, and what a cut does to them: where the size grows, the closed gates
+    at or above the cut reopen (to threshold + 1); where it shrinks, the open gates below it close (to threshold − 2)."""
+
+    def __init__(self, gates: list[Gate], growing: bool) -> None:
+        self.gates, self.growing = gates, growing
+        self.originals = [g.log_alpha.detach().clone() for g in gates]
+        self.thresholds = [math.log(-g.gamma / g.zeta) for g in gates]  # Eq. 13 opens a gate above log(−γ/ζ)
+
+    def apply_cut(self, cut: float) -> None:
+        for gate, original, threshold in zip(self.gates, self.originals, self.thresholds):
+            if self.growing:  # reopen the closed gates at or above the cut
+                crossing = (original >= cut) & (original <= threshold)
+                gate.log_alpha.copy_(torch.where(crossing, torch.full_like(original, threshold + 1.0), original))
+            else:  # close the open gates below the cut
+                crossing = (original < cut) & (original > threshold)
+                gate.log_alpha.copy_(torch.where(crossing, torch.full_like(original, threshold - 2.0), original))
+
+    def restore(self) -> None:
+        for gate, original in zip(self.gates, self.originals):
+            gate.log_alpha.copy_(original)
 
 
 def param_groups(model: nn.Module, lr: float, gate_lr: float | None = None, weight_decay: float = 0.0) -> list[dict]:

@@ -152,56 +152,64 @@ def summary(model: nn.Module, example_inputs, round_to: int = 1, pruned: tuple[n
     pruned_model, plan = pruned if pruned is not None else prune(model, example_inputs, return_plan=True, round_to=round_to)
     flops_before = count_flops(dense, example_inputs, per_module=True)
     flops_after = count_flops(pruned_model, example_inputs, per_module=True)
-    pruned_modules = dict(pruned_model.named_modules())
-    gates_by_owner: dict[str, list[Gate]] = {}
-    counted_as: dict[str, str] = {}
-    unit_order: dict[str, int] = {}
-    for owner, what, gate in gate_units(model):
-        gates_by_owner.setdefault(owner, []).append(gate)
-        counted_as.setdefault(owner, what)
-        unit_order.setdefault(owner, len(unit_order))
-
-    def width(owner: str) -> int | None:
-        return saved_width(counted_as[owner], pruned_modules.get(owner), plan.get("hidden")) if owner in counted_as else None
-    rows = []
-    for name, module in dense.named_modules():
-        if name not in flops_before:
-            continue
-        owned = gates_by_owner.get(name, [])
-        kept_module = pruned_modules.get(name)
-        rows.append({
-            "layer": name,
-            "owner": name,
-            "counts": counted_as.get(name),
-            "unit_order": unit_order.get(name),
-            "width_saved": width(name),
-            "gates_total": sum(g.log_alpha.numel() for g in owned),
-            "gates_kept": sum(int(g.is_open().sum()) for g in owned),
-            "expected_l0": float(sum(float(g.expected_l0().detach()) for g in owned)),
-            "params": sum(p.numel() for p in module.parameters(recurse=False)),
-            "params_kept": 0 if kept_module is None else sum(p.numel() for p in kept_module.parameters(recurse=False)),
-            "flops": flops_before[name],
-            "flops_kept": flops_after.get(name, 0),
-        })
+    owners = _GateOwners(model, dict(pruned_model.named_modules()), plan.get("hidden"))
+    rows = [owners.layer_row(name, module, flops_before[name], flops_after.get(name, 0))
+            for name, module in dense.named_modules() if name in flops_before]
     layers = {row["layer"] for row in rows}
-    for owner, owned in gates_by_owner.items():
-        if owner in layers:
-            continue
-        row = {"layer": f"{owner} ({counted_as[owner]})", "owner": owner, "counts": counted_as[owner], "unit_order": unit_order[owner],
-               "width_saved": width(owner),
-               "gates_total": sum(g.log_alpha.numel() for g in owned),
-               "gates_kept": sum(int(g.is_open().sum()) for g in owned),
-               "expected_l0": float(sum(float(g.expected_l0().detach()) for g in owned)),
-               "params": 0, "params_kept": 0, "flops": 0, "flops_kept": 0, "counted_in_layers": True}
-        # before the first layer inside the owner (an attention module), else inside the module holding it (the hidden
-        # gate "encoder.hidden": the encoder's layers), else at the end
-        scopes = [owner, owner.rpartition(".")[0]]
-        position = next((i for scope in scopes for i, r in enumerate(rows)
-                         if not r.get("counted_in_layers") and (not scope or r["layer"].startswith(f"{scope}."))), len(rows))
-        rows.insert(position, row)
+    for owner in owners.gates:
+        if owner not in layers:  # an owner that is no layer: a row of its own, among its layers
+            _insert_owner_row(rows, owners.owner_row(owner))
     # count_flops keeps the products of attention outside modules (a Hugging Face or a pruned model's) under this name
     before, after = flops_before.get("scaled_dot_product_attention", 0), flops_after.get("scaled_dot_product_attention", 0)
     if before or after:
         rows.append({"layer": ATTENTION_PRODUCTS, "owner": None, "counts": None, "unit_order": None, "width_saved": None, "gates_total": 0,
                      "gates_kept": 0, "expected_l0": 0.0, "params": 0, "params_kept": 0, "flops": before, "flops_kept": after})
     return Summary(rows)
+
+
+class _GateOwners:
+    """The gates of a model by owner (:func:`gate_units`), what they count and in which order, and the rows they give."""
+
+    def __init__(self, model: nn.Module, pruned_modules: dict[str, nn.Module], hidden_plan: dict | None) -> None:
+        self.pruned_modules, self.hidden_plan = pruned_modules, hidden_plan
+        self.gates: dict[str, list[Gate]] = {}
+        self.counted_as: dict[str, str] = {}
+        self.unit_order: dict[str, int] = {}
+        for owner, what, gate in gate_units(model):
+            self.gates.setdefault(owner, []).append(gate)
+            self.counted_as.setdefault(owner, what)
+            self.unit_order.setdefault(owner, len(self.unit_order))
+
+    def _gate_cells(self, owner: str) -> dict:
+        """The row's cells for the owner's gates: what they count, the width the pruned model saved, kept/total, expected L0."""
+        owned = self.gates.get(owner, [])
+        width = None
+        if owner in self.counted_as:
+            width = saved_width(self.counted_as[owner], self.pruned_modules.get(owner), self.hidden_plan)
+        return {"counts": self.counted_as.get(owner), "unit_order": self.unit_order.get(owner), "width_saved": width,
+                "gates_total": sum(g.log_alpha.numel() for g in owned),
+                "gates_kept": sum(int(g.is_open().sum()) for g in owned),
+                "expected_l0": float(sum(float(g.expected_l0().detach()) for g in owned))}
+
+    def layer_row(self, name: str, module: nn.Module, flops: int, flops_kept: int) -> dict:
+        """The row of a Linear or conv layer: its gates, and its parameters and MACs before and after pruning."""
+        kept_module = self.pruned_modules.get(name)
+        return {"layer": name, "owner": name, **self._gate_cells(name),
+                "params": sum(p.numel() for p in module.parameters(recurse=False)),
+                "params_kept": 0 if kept_module is None else sum(p.numel() for p in kept_module.parameters(recurse=False)),
+                "flops": flops, "flops_kept": flops_kept}
+
+    def owner_row(self, owner: str) -> dict:
+        """The row of gates whose owner is no layer (heads, dimensions): no parameters or MACs of its own."""
+        return {"layer": f"{owner} ({self.counted_as[owner]})", "owner": owner, **self._gate_cells(owner),
+                "params": 0, "params_kept": 0, "flops": 0, "flops_kept": 0, "counted_in_layers": True}
+
+
+def _insert_owner_row(rows: list[dict], row: dict) -> None:
+    """Put an owner's row before the first layer inside the owner (an attention module), else inside the module holding
+    it (the hidden gate "encoder.hidden": the encoder's layers), else at the end."""
+    owner = row["owner"]
+    scopes = [owner, owner.rpartition(".")[0]]
+    position = next((i for scope in scopes for i, r in enumerate(rows)
+                     if not r.get("counted_in_layers") and (not scope or r["layer"].startswith(f"{scope}."))), len(rows))
+    rows.insert(position, row)

@@ -57,25 +57,9 @@ def _make_l0_callback():
             self.pruned_ = None
 
         def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-            from ..core.sites import find_gates
-
             if getattr(args, "fp16", False):
                 raise ValueError("L0Callback: fp16=True scales the loss's gradients and not the penalty's: train in bf16 or float32")
-            gates = {id(gate.log_alpha): gate.log_alpha for gate in find_gates(model)}
-            if not gates:
-                raise ValueError("L0Callback: the model has no l0sparse gates: call l0sparse.sparsify(model, ...) before the Trainer")
-            if optimizer is None:
-                return
-            decayed = [group for group in optimizer.param_groups if group.get("weight_decay", 0.0) > 0
-                       and any(id(p) in gates for p in group["params"])]
-            undecayed = next((group for group in optimizer.param_groups if group.get("weight_decay", 0.0) == 0), None)
-            if decayed and undecayed is None:
-                raise ValueError("L0Callback: every parameter group of the optimizer decays its weights, log α included (decay "
-                                 "pulls every gate to P(open) = 0.83): pass Trainer(..., optimizers=(torch.optim.AdamW("
-                                 "l0sparse.param_groups(model, lr, gate_lr, weight_decay)), None))")
-            for group in decayed:  # into the Trainer's no-decay group (biases, norms), with its lr and schedule
-                group["params"] = [p for p in group["params"] if id(p) not in gates]
-                undecayed["params"].extend(p for p in gates.values() if all(p is not q for q in undecayed["params"]))
+            _move_gates_out_of_weight_decay(model, optimizer)
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
             self.penalty().backward()
@@ -85,34 +69,65 @@ def _make_l0_callback():
                 self.regularizer.step()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is None:
-                return
-            sizes = {}
-            if callable(getattr(self.regularizer, "deterministic_fraction", None)):
-                sizes["l0_pruned_fraction"] = round(float(self.regularizer.deterministic_fraction()), 4)
-            if callable(getattr(self.regularizer, "expected_counts", None)):
-                with torch.no_grad():
-                    counts = self.regularizer.expected_counts()
-                for dimension in ("heads", "kv_heads", "units"):  # the mean over layers
-                    values = [float(count[dimension]) for count in counts if dimension in count]
-                    if values:
-                        sizes[f"l0_expected_{dimension}"] = round(sum(values) / len(values), 3)
-            logs.update(sizes)  # for the loggers after this one (the console, TensorBoard...)
-            if state.log_history and all(state.log_history[-1].get(key) == value for key, value in logs.items() if key not in sizes):
-                state.log_history[-1].update(sizes)  # the Trainer recorded this entry before calling the callbacks
+            if logs is not None:
+                _log_sizes(self.regularizer, state, logs)
 
         def on_train_end(self, args, state, control, model=None, **kwargs):
             if self.example_inputs is None:
                 return
-            from ..core.prune import prune
-
-            with evaluating(model):
-                self.pruned_ = (prune_to_shape(model, self.example_inputs, self.shape) if self.shape is not None
-                                else prune(model, self.example_inputs))
+            self.pruned_ = _pruned(model, self.example_inputs, self.shape)
             if self.output_dir is not None:
                 self.pruned_.save_pretrained(self.output_dir)
 
     return L0Callback
+
+
+def _move_gates_out_of_weight_decay(model, optimizer) -> None:
+    """Refuse a model without gates; move the gates' log α from the optimizer's decayed groups to its no-decay group (the
+    Trainer's biases and norms, with its lr and schedule): decay would pull every gate to P(open) = 0.83."""
+    from ..core.sites import find_gates
+
+    gates = {id(gate.log_alpha): gate.log_alpha for gate in find_gates(model)}
+    if not gates:
+        raise ValueError("L0Callback: the model has no l0sparse gates: call l0sparse.sparsify(model, ...) before the Trainer")
+    if optimizer is None:
+        return
+    decayed = [group for group in optimizer.param_groups if group.get("weight_decay", 0.0) > 0
+               and any(id(p) in gates for p in group["params"])]
+    undecayed = next((group for group in optimizer.param_groups if group.get("weight_decay", 0.0) == 0), None)
+    if decayed and undecayed is None:
+        raise ValueError("L0Callback: every parameter group of the optimizer decays its weights, log α included (decay "
+                         "pulls every gate to P(open) = 0.83): pass Trainer(..., optimizers=(torch.optim.AdamW("
+                         "l0sparse.param_groups(model, lr, gate_lr, weight_decay)), None))")
+    for group in decayed:
+        group["params"] = [p for p in group["params"] if id(p) not in gates]
+        undecayed["params"].extend(p for p in gates.values() if all(p is not q for q in undecayed["params"]))
+
+
+def _log_sizes(regularizer, state, logs: dict) -> None:
+    """Add to the Trainer's ``logs`` the pruned fraction (a TargetController's) and the expected heads, key/value heads
+    and units, each the mean over layers (a ShapeController's)."""
+    sizes = {}
+    if callable(getattr(regularizer, "deterministic_fraction", None)):
+        sizes["l0_pruned_fraction"] = round(float(regularizer.deterministic_fraction()), 4)
+    if callable(getattr(regularizer, "expected_counts", None)):
+        with torch.no_grad():
+            counts = regularizer.expected_counts()
+        for dimension in ("heads", "kv_heads", "units"):
+            values = [float(count[dimension]) for count in counts if dimension in count]
+            if values:
+                sizes[f"l0_expected_{dimension}"] = round(sum(values) / len(values), 3)
+    logs.update(sizes)  # for the loggers after this one (the console, TensorBoard...)
+    if state.log_history and all(state.log_history[-1].get(key) == value for key, value in logs.items() if key not in sizes):
+        state.log_history[-1].update(sizes)  # the Trainer recorded this entry before calling the callbacks
+
+
+def _pruned(model, example_inputs, shape: DecoderShape | None):
+    """The trained model pruned (to ``shape`` if given) at its test-time gates: in eval mode, then back in its own."""
+    from ..core.prune import prune
+
+    with evaluating(model):
+        return prune_to_shape(model, example_inputs, shape) if shape is not None else prune(model, example_inputs)
 
 
 _LAZY: dict[str, object] = {}

@@ -205,6 +205,25 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
         if not isinstance(value, bool):
             raise TypeError(f"decoder_rules: {flag} must be True or False, got {value!r}")
     config = next((m.config for m in model.modules() if hasattr(m, "config")), None)
+    attention = _decoder_attention_or_refuse(model, heads)
+    rules: dict = {}
+    for name in attention if heads else []:
+        rules[name] = ("heads+block" if blocks else "heads", _decoder_head_gates(name, model.get_submodule(name), config, groups))
+    _refuse_per_head_tables(model, rules, "decoder_rules")
+    units = "in+block" if blocks else "in"
+    feed_forward = feed_forward_outputs(model, attention)
+    if not rules and not feed_forward:
+        raise ValueError(f"decoder_rules found no feed-forward block in {type(model).__name__}: it looks for a d → f, f → d pair of "
+                         "nn.Linear next to each attention module (a fused gate_up projection, as Phi-3's, is not supported)")
+    rules.update({name: units for name in feed_forward})
+    _refuse_linears_with_own_forward(model, rules)
+    rules[nn.Linear] = "skip"
+    return rules
+
+
+def _decoder_attention_or_refuse(model: nn.Module, heads: bool) -> list[str]:
+    """The decoder's attention modules (:func:`decoder_attention_modules`); with ``heads=False``, where there are none,
+    the fused ones, which still say where each layer's feed-forward block is. Refuses a model with neither."""
     attention = decoder_attention_modules(model)
     fused = [] if attention else _fused_attention_modules(model)
     if not attention and (heads or not fused):
@@ -214,37 +233,33 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
                          f"projections in {type(model).__name__}{where}; heads of fused projections (Phi-3 qkv_proj, GPT-2 c_attn, "
                          "GPT-NeoX/Falcon/BLOOM query_key_value) are not supported"
                          + ("; decoder_rules(model, heads=False) gates the feed-forward units only" if fused else ""))
-    attention = attention or fused  # heads=False: a fused attention module still says where each layer's feed-forward block is
-    rules: dict = {}
-    for name in attention if heads else []:
-        module = model.get_submodule(name)
-        queries, projection = decoder_attention(module)
-        if linear_children(module)[-1] is not projection:
-            raise ValueError(f"decoder_rules: the output projection of {name!r} ({type(module).__name__}) is not its last nn.Linear, "
-                             "where sparsify puts head gates; its heads cannot be gated")
-        head_dim = _decoder_head_dim(module, config, queries)
-        if not head_dim or queries.out_features % head_dim:
-            raise ValueError(f"decoder_rules: cannot tell the head width of {name!r} ({type(module).__name__}): no head_dim or head "
-                             "count on it or the model's config")
-        kv_width = next(m.out_features for m in linear_children(module) if m is not queries and m is not projection)
-        count = kv_width // head_dim if groups else queries.out_features // head_dim
-        rules[name] = ("heads+block" if blocks else "heads", count)
-    _refuse_per_head_tables(model, rules, "decoder_rules")
-    units = "in+block" if blocks else "in"
-    feed_forward = feed_forward_outputs(model, attention)
-    if not rules and not feed_forward:
-        raise ValueError(f"decoder_rules found no feed-forward block in {type(model).__name__}: it looks for a d → f, f → d pair of "
-                         "nn.Linear next to each attention module (a fused gate_up projection, as Phi-3's, is not supported)")
-    rules.update({name: units for name in feed_forward})
+    return attention or fused
+
+
+def _decoder_head_gates(name: str, module: nn.Module, config, groups: bool) -> int:
+    """How many head gates the attention module ``name`` gets: one per query head, or with ``groups`` one per key/value
+    group. Refuses a module whose output projection is not its last Linear, or whose head width cannot be told."""
+    queries, projection = decoder_attention(module)
+    if linear_children(module)[-1] is not projection:
+        raise ValueError(f"decoder_rules: the output projection of {name!r} ({type(module).__name__}) is not its last nn.Linear, "
+                         "where sparsify puts head gates; its heads cannot be gated")
+    head_dim = _decoder_head_dim(module, config, queries)
+    if not head_dim or queries.out_features % head_dim:
+        raise ValueError(f"decoder_rules: cannot tell the head width of {name!r} ({type(module).__name__}): no head_dim or head "
+                         "count on it or the model's config")
+    kv_width = next(m.out_features for m in linear_children(module) if m is not queries and m is not projection)
+    return kv_width // head_dim if groups else queries.out_features // head_dim
+
+
+def _refuse_linears_with_own_forward(model: nn.Module, rules: dict) -> None:
+    """Refuse a gated module holding a Linear subclass with a forward of its own (Falcon's): it is not traced as a Linear,
+    so nothing could be removed. A parametrized Linear inherits nn.Linear.forward."""
     modules = dict(model.named_modules())
-    for name in rules:  # a Linear subclass with a forward of its own (Falcon's) is not traced as a Linear: nothing could be removed
+    for name in rules:
         for linear in linear_children(modules[name]):
-            if type(linear).forward is not nn.Linear.forward:  # a parametrized Linear inherits nn.Linear.forward
+            if type(linear).forward is not nn.Linear.forward:
                 raise ValueError(f"decoder_rules: {name!r} holds a {type(linear).__name__}, an nn.Linear with a forward of its own, "
                                  "which l0sparse's tracing does not follow: its gates could not be removed (Falcon is not supported)")
-    rules[nn.Linear] = "skip"
-    return rules
-
 
 def _refuse_per_head_tables(model: nn.Module, rules: dict, caller: str) -> None:
     """Refuse head rules where the model holds a table of one column per head outside one layer (an ``nn.Embedding``:

@@ -74,27 +74,7 @@ def _check_shape(layers: list[_ShapedLayer], shape: DecoderShape) -> dict[str, i
         if not attention:
             raise ValueError("the shape names heads, but the model has no head gates: gate it with sparsify(model, decoder_rules(model))")
         for layer in attention:
-            per_group = layer.heads // layer.kv_heads
-            if shape.kv_heads is not None:
-                kv_heads = shape.kv_heads
-            elif per_group == 1:  # multi-head attention: a key/value head per query head
-                kv_heads = shape.heads
-            elif layer.kind == "groups":  # each group keeps all its query heads
-                kv_heads = shape.heads // per_group if shape.heads % per_group == 0 else shape.heads / per_group
-            else:  # query heads only: every group stays
-                kv_heads = layer.kv_heads
-            heads = shape.heads if shape.heads is not None else kv_heads * per_group
-            if kv_heads > layer.kv_heads or heads > layer.heads:
-                raise ValueError(f"the shape ({heads} heads, {kv_heads} key/value heads) is larger than {layer.name!r} "
-                                 f"({layer.heads} heads, {layer.kv_heads} key/value heads)")
-            if not isinstance(kv_heads, int) or heads % kv_heads or not 1 <= heads // kv_heads <= per_group:
-                raise ValueError(f"the shape's {heads} heads cannot be shared equally by {kv_heads} key/value heads of at most "
-                                 f"{per_group} query heads each ({layer.name!r}); give kv_heads so that heads / kv_heads is a whole "
-                                 f"number from 1 to {per_group}")
-            if layer.kind == "groups" and heads != kv_heads * per_group:
-                raise ValueError(f"{layer.name!r} has one gate per key/value group of {per_group} query heads, so {kv_heads} groups "
-                                 f"keep {kv_heads * per_group} heads, not {heads}: gate it with decoder_rules(model) (per query head) "
-                                 "to choose heads within groups")
+            heads, kv_heads = _head_targets(layer, shape)
             targets.setdefault("heads", heads)
             targets.setdefault("kv_heads", kv_heads)
     if shape.intermediate_size is not None:
@@ -116,6 +96,33 @@ def _check_shape(layers: list[_ShapedLayer], shape: DecoderShape) -> dict[str, i
     if not targets:
         raise ValueError("the shape names nothing to prune: give heads, kv_heads, intermediate_size or hidden_size")
     return targets
+
+
+def _head_targets(layer: _ShapedLayer, shape: DecoderShape) -> tuple[int, int]:
+    """(query heads, key/value heads) that ``shape`` leaves in one attention layer, the one it does not name completed
+    from the layer's grouping; refused where the layer cannot take them."""
+    per_group = layer.heads // layer.kv_heads
+    if shape.kv_heads is not None:
+        kv_heads = shape.kv_heads
+    elif per_group == 1:  # multi-head attention: a key/value head per query head
+        kv_heads = shape.heads
+    elif layer.kind == "groups":  # each group keeps all its query heads
+        kv_heads = shape.heads // per_group if shape.heads % per_group == 0 else shape.heads / per_group
+    else:  # query heads only: every group stays
+        kv_heads = layer.kv_heads
+    heads = shape.heads if shape.heads is not None else kv_heads * per_group
+    if kv_heads > layer.kv_heads or heads > layer.heads:
+        raise ValueError(f"the shape ({heads} heads, {kv_heads} key/value heads) is larger than {layer.name!r} "
+                         f"({layer.heads} heads, {layer.kv_heads} key/value heads)")
+    if not isinstance(kv_heads, int) or heads % kv_heads or not 1 <= heads // kv_heads <= per_group:
+        raise ValueError(f"the shape's {heads} heads cannot be shared equally by {kv_heads} key/value heads of at most "
+                         f"{per_group} query heads each ({layer.name!r}); give kv_heads so that heads / kv_heads is a whole "
+                         f"number from 1 to {per_group}")
+    if layer.kind == "groups" and heads != kv_heads * per_group:
+        raise ValueError(f"{layer.name!r} has one gate per key/value group of {per_group} query heads, so {kv_heads} groups "
+                         f"keep {kv_heads * per_group} heads, not {heads}: gate it with decoder_rules(model) (per query head) "
+                         "to choose heads within groups")
+    return heads, kv_heads
 
 
 def _layer_counts(layer: _ShapedLayer, open_probability: Tensor) -> dict[str, Tensor]:
