@@ -87,3 +87,21 @@ def test_the_package_has_no_import_cycle():
 
 def test_the_harness_is_not_imported_by_what_it_reports_on():
     assert "l0sparse.training.train" not in GRAPH["l0sparse.core.report"] | GRAPH["l0sparse.training.runs"]
+
+
+#: the longest a function in src may be, from ``def`` to its last line (docstring included); McCabe 15 is ruff's C901
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_in_src_is_longer_than_the_limit():
+    """Long functions are where the bugs hid (issue #24); a justified exception says ``# long: why`` on its def line."""
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and "# long:" not in lines[node.lineno - 1]:
+                    too_long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
+    assert too_long == []

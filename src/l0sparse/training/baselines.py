@@ -34,6 +34,7 @@ from torch.nn.utils import prune as torch_prune
 
 from ..core.costs import CostModel, count_flops
 from ..core.gates import Gate, accumulation_dtype
+from ..core.graph import evaluating
 from ..core.models import LeNet5
 from ..core.sites import find_gates, gate_masks
 
@@ -110,19 +111,17 @@ def _gates_held_open(model: nn.Module):
     mode (no dropout) inside; log α, the mode and the gradients as they were (none) afterwards, also when it fails."""
     model_gates = find_gates(model)
     log_alphas = [gate.log_alpha.detach().clone() for gate in model_gates]
-    was_training = model.training
     try:
         with torch.no_grad():
             for gate in model_gates:
                 gate.log_alpha.fill_(FIXED_OPEN)
-        model.eval()
-        yield model_gates
+        with evaluating(model):
+            yield model_gates
     finally:
         model.zero_grad(set_to_none=True)
         with torch.no_grad():
             for gate, log_alpha in zip(model_gates, log_alphas):
                 gate.log_alpha.copy_(log_alpha)
-        model.train(was_training)
 
 
 def gate_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Tensor]:
@@ -263,26 +262,30 @@ def taylor_importance(model: nn.Module, batches, loss_fn) -> dict[int, torch.Ten
                 batch_count += 1
                 uses.clear()
                 loss = loss_fn(model(inputs), targets)
-                unused = [gate.owner or type(gate).__name__ for gate in model_gates if id(gate) not in uses]
-                if unused:
-                    raise ValueError(f"taylor_importance: the gates of {unused[0]!r} are not used by the model's forward, "
-                                     "so they cannot be scored")
-                xis = [xi for gate in model_gates for xi in uses[id(gate)]]
-                grads = iter(torch.autograd.grad(loss, xis, allow_unused=True))
-                for gate in model_gates:
-                    per_use = [next(grads) for _ in uses[id(gate)]]
-                    if all(grad is None for grad in per_use):
-                        raise ValueError(f"taylor_importance: the loss does not depend on the gates of {gate.owner!r} (not on "
-                                         "the path from the inputs to the loss): they cannot be scored")
-                    # every use of the gate adds to one derivative per gate (over a sample shape in front of its own too)
-                    gradient = sum(grad.reshape(-1, *gate.shape).sum(0) for grad in per_use if grad is not None)
-                    scores[id(gate)] += gradient.to(scores[id(gate)].dtype).abs()
+                _add_batch_scores(model_gates, uses, loss, scores)
         finally:
             for handle in handles:
                 handle.remove()
     if batch_count == 0:
         raise ValueError("taylor_importance: batches is empty; the scores need at least one (inputs, targets) batch")
     return scores
+
+
+def _add_batch_scores(model_gates: list[Gate], uses: dict[int, list[torch.Tensor]], loss: torch.Tensor, scores: dict) -> None:
+    """Add one batch's |∂L/∂z| to ``scores``: ``uses`` holds, per gate, the ξ of each of its uses in the forward."""
+    unused = [gate.owner or type(gate).__name__ for gate in model_gates if id(gate) not in uses]
+    if unused:
+        raise ValueError(f"taylor_importance: the gates of {unused[0]!r} are not used by the model's forward, so they cannot be scored")
+    xis = [xi for gate in model_gates for xi in uses[id(gate)]]
+    grads = iter(torch.autograd.grad(loss, xis, allow_unused=True))
+    for gate in model_gates:
+        per_use = [next(grads) for _ in uses[id(gate)]]
+        if all(grad is None for grad in per_use):
+            raise ValueError(f"taylor_importance: the loss does not depend on the gates of {gate.owner!r} (not on "
+                             "the path from the inputs to the loss): they cannot be scored")
+        # every use of the gate adds to one derivative per gate (over a sample shape in front of its own too)
+        gradient = sum(grad.reshape(-1, *gate.shape).sum(0) for grad in per_use if grad is not None)
+        scores[id(gate)] += gradient.to(scores[id(gate)].dtype).abs()
 
 
 @torch.no_grad()
