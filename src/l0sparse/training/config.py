@@ -104,6 +104,7 @@ class TrainConfig:
     regularizer: str = "l0"
     importance: str = "taylor"
     gate_start: str = "open"
+    settle: float = 0.0  # L0 with a target: the last fraction of the steps trains the weights under gates fixed as prune keeps them
     epochs: int = 200
     batch_size: int = 100
     lr: float = 1e-3
@@ -178,6 +179,10 @@ class TrainConfig:
         if self.model == "minilm" and self.regularizer not in ("l0", "none", "importance"):
             raise ValueError(f"config key 'regularizer' = {self.regularizer!r}: model 'minilm' takes 'l0', 'none' or 'importance' "
                              "(the other baselines are built for the MLP and LeNet-5)")
+        if self.settle and (self.regularizer != "l0" or self.target is None or self.target_mode != "exact"
+                            or self.warmup + self.delay > 1 - self.settle):
+            raise ValueError(f"config key 'settle' = {self.settle!r}: the last steps with the gates fixed need regularizer = 'l0' "
+                             "with an exact target, reached before they start (delay + warmup <= 1 - settle)")
         if self.gate_start != "open" and (self.model != "minilm" or self.regularizer != "l0" or self.target is None
                                           or self.metric != "flops" or self.teacher is None):
             raise ValueError(f"config key 'gate_start' = {self.gate_start!r}: starts the gates of model 'minilm' from the importance "
@@ -271,6 +276,7 @@ _KEY_RULES: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("regularizer", lambda value: value in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
     ("importance", lambda value: value in IMPORTANCE_CHOICES, f"one of {IMPORTANCE_CHOICES}"),
     ("gate_start", lambda value: value in GATE_STARTS, f"one of {GATE_STARTS}"),
+    ("settle", lambda value: _number(value) and 0 <= value < 1, "a fraction of the training steps in [0, 1)"),
     ("threshold", lambda value: value is None or (_number(value) and value >= 0), "a number >= 0"),
     ("epochs", lambda value: _int(value) and value >= 1, "an int >= 1"),
     ("batch_size", lambda value: _int(value) and 1 <= value <= INT64_MAX, f"an int in [1, {INT64_MAX}]"),

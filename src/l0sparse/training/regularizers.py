@@ -133,23 +133,43 @@ class L0WithTarget(L0):
     ``exact``: λ is the controller's, and the penalty holds the weight decay only. ``ceiling``: λ stays the
     configured one and the controller caps the pruned size after its warm-up. ``start_from``: what sets the
     gates before the first step (config key ``gate_start``), returning what it did in a line; None: they stay as built.
+    ``settle_step``: from this step on (config key ``settle``) every gate is fixed as prune would keep it (open ones at
+    exactly 1, the others at 0, no longer trained) and the controller stops, so the weights train the structure that
+    will be kept; None: the gates train to the end.
     """
 
     def __init__(self, model: nn.Module, controller, lam: float = 0.0, weight_decay: float = 0.0, N: int = 1,
                  evaluated: nn.Module | None = None, size: PrunedSize | None = None,
-                 start_from: Callable[[], str] | None = None) -> None:
+                 start_from: Callable[[], str] | None = None, settle_step: int | None = None) -> None:
         super().__init__(model, lam if controller.ceiling else 0.0, weight_decay, N, evaluated, size)
-        self.controller, self.start_from = controller, start_from
+        self.controller, self.start_from, self.settle_step = controller, start_from, settle_step
 
     def start(self) -> str | None:
         return self.start_from() if self.start_from is not None else None
 
+    @property
+    def settled(self) -> bool:
+        return self.settle_step is not None and int(self.controller.steps) >= self.settle_step
+
     def loss(self, task_loss: Tensor) -> Tensor:
-        return super().loss(task_loss + self.controller.penalty())
+        return super().loss(task_loss if self.settled else task_loss + self.controller.penalty())
 
     def after_step(self) -> None:
         super().after_step()
+        if self.settled:
+            return
         self.controller.step()
+        if self.settled:
+            self._fix_gates()
+
+    def _fix_gates(self) -> None:
+        """Fix every gate as prune keeps it: test-time z > 0 -> exactly 1, else 0; log α no longer trains."""
+        from .baselines import FIXED_OPEN, FIXED_SHUT
+
+        with torch.no_grad():
+            for gate in self.gates:
+                gate.log_alpha.copy_(torch.where(gate.deterministic() > 0, FIXED_OPEN, FIXED_SHUT))
+                gate.log_alpha.requires_grad_(False)
 
     def metrics(self) -> dict[str, float]:
         record = super().metrics()
@@ -170,6 +190,9 @@ class L0WithTarget(L0):
 
     def load_checkpoint_state(self, checkpoint: dict) -> None:
         self.controller.load_state_dict(checkpoint["controller"])
+        if self.settled:  # the checkpoint holds the fixed log α; only the freezing is not part of it
+            for gate in self.gates:
+                gate.log_alpha.requires_grad_(False)
 
 
 class LkPenalty(Regularizer):
@@ -292,7 +315,8 @@ def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inpu
                 scores = baselines.taylor_importance(model, scoring_batches(), loss_fn)
                 kept = baselines.taylor_start_(model, config.target, example_inputs, scores)
                 return f"the gates start from the importance baseline's choice: {100 * kept:.1f}% of the FLOPs open"
-        return L0WithTarget(model, controller, config.lam, config.weight_decay, n_train, evaluated, size, start_from)
+        settle_step = round((1 - config.settle) * steps) if config.settle else None
+        return L0WithTarget(model, controller, config.lam, config.weight_decay, n_train, evaluated, size, start_from, settle_step)
     if kind in ("l1", "group_l1", "l2"):
         return LkPenalty(model, kind, config.lam, n_train, config.threshold_value)
     if kind == "magnitude":
