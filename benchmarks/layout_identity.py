@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -133,7 +135,8 @@ def main() -> None:
         rows = compare(torch.load(args.compare, weights_only=True), found)
         print(json.dumps(rows, indent=1))
         if args.results is not None:
-            args.results.write_text(json.dumps({"command": "benchmarks/layout_identity.py (see its docstring)", "cases": rows}, indent=1) + "\n")
+            command = f"PYTHONPATH={os.environ.get('PYTHONPATH', '')} python " + " ".join(sys.argv)
+            args.results.write_text(json.dumps({"command": command, "compared_with": str(args.compare), "cases": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
