@@ -340,7 +340,7 @@ class CostModel:
             self._sites.setdefault(id(site.module), []).append(site)
         # traced with torch.export, prune slices the model's own modules: heads of attention modules of other
         # libraries leave with their q/k/v rows, and no column is dropped that its producer still makes
-        self._head_layouts = head_layouts(model) if self.graph.tracer == "export" else {}
+        self._head_layouts = head_layouts(model) if self.graph.slices_in_place else {}
         self._head_of = {linear: owner for owner, layout in self._head_layouts.items()
                          for linear in (*layout["qkv"], *layout.get("kv", ()), layout["projection"])}
         # a hidden gate (l0sparse.core.stream; found by l0sparse.hf.hidden): its stream's readers lose columns, its writers rows, and the embedding columns
@@ -532,7 +532,7 @@ class CostModel:
         p_in = self._columns(name, prob, cache)
         p_in = torch.ones(n_in, device=self.device) if p_in is None else p_in
         p_out = torch.ones(n_out, device=self.device)
-        if self.graph.tracer == "export":  # no index_select: a column goes only with its channel
+        if self.graph.slices_in_place:  # no index_select: a column goes only with its channel
             source = self.graph.space_of_input(name)
             removable = source is not None and source.removable
             p_in = self._space_kept(source, prob, cache).repeat_interleave(n_in // source.size) if removable else torch.ones_like(p_in)
@@ -551,7 +551,7 @@ class CostModel:
         if space is not None and space.removable:
             p_out = p_out * self._space_kept(space, prob, cache)
         source = self.graph.space_of_input(name)
-        made = None if source is None or self.graph.tracer == "export" else self._produced(source, prob)
+        made = None if source is None or self.graph.slices_in_place else self._produced(source, prob)
         if made is not None:  # a channel no producer makes goes with every consumer's column of it
             p_in = p_in * made.repeat_interleave(n_in // source.size)
         kept_out, kept_in = p_out.sum(), p_in.sum()

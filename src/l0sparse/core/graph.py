@@ -103,6 +103,12 @@ class ChannelGraph:
         # ATen graph, for the analysis only (prune then slices the model's own modules)
         self.tracer = "fx"
 
+    @property
+    def slices_in_place(self) -> bool:
+        """Whether prune slices the model's own modules, its forward unchanged (no graph to rewrite, so no index_select:
+        a column goes only with its channel): the torch.export path. On the fx path prune rewrites the graph."""
+        return self.tracer == "export"
+
     def space_of_output(self, name: str) -> Space | None:
         index = self.module_output.get(name)
         return None if index is None else self.spaces[index]
@@ -115,7 +121,7 @@ class ChannelGraph:
         """Whether prune may remove every channel of ``space``: on the torch.export path (layers sliced in place,
         no index_select) when only nn.Linear layers make and read it, which run with zero features (a
         feed-forward block whose units are all closed); elsewhere one zero channel stays."""
-        if self.tracer != "export" or not space.removable or space.followers or not space.producers:
+        if not self.slices_in_place or not space.removable or space.followers or not space.producers:
             return False
         if not hasattr(self, "_modules"):  # CostModel asks on every costs() call: look the modules up once
             self._modules = dict(self.graph_module.named_modules())

@@ -398,7 +398,7 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     work = plain_copy(model)
     hidden = prune_hidden(work)  # the closed dimensions of a hidden gate's residual stream (l0sparse.core.stream; found by l0sparse.hf.hidden), first
     graph = trace_channels(work, example_inputs)
-    if graph.tracer == "export":  # no fx graph to rewrite: slice the copy's own modules, its forward unchanged
+    if graph.slices_in_place:  # no fx graph to rewrite: slice the copy's own modules, its forward unchanged
         plan = _make_plan(graph, column_gated, round_to, can_select=False)
         plan.tracer, plan.head_layouts = "export", _head_layouts(model, work)
         pruned = _apply_module_plan(work, plan)
