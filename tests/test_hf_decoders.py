@@ -116,7 +116,12 @@ def test_every_family_prunes_exactly_with_the_cache_on_and_generates_the_same_to
 @pytest.mark.usefixtures("torch_export_loaded")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_pruned_decoder_exports_and_reloads_with_weights_only(family):
-    model = gated(family)
+    assert_exports_and_reloads(family, gated(family))
+
+
+def assert_exports_and_reloads(family: str, model: nn.Module) -> None:
+    """``prune`` of ``model``: torch.export gives its logits, and its state dict, reloaded with ``weights_only`` into
+    ``rebuild`` of a fresh model of ``family``, the same logits exactly (a head tied in the fresh model still tied)."""
     pruned, plan = l0sparse.prune(model, batch(), return_plan=True)
     inputs = batch()
     with torch.no_grad():
@@ -127,10 +132,11 @@ def test_the_pruned_decoder_exports_and_reloads_with_weights_only(family):
     torch.save(pruned.state_dict(), saved)
     saved.seek(0)
     torch.manual_seed(1)  # another init: every value must come from the file
-    empty = l0sparse.rebuild(FAMILIES[family](), plan, batch())
+    fresh = FAMILIES[family]()
+    tied = fresh.lm_head.weight is fresh.get_input_embeddings().weight
+    empty = l0sparse.rebuild(fresh, plan, batch())
     empty.load_state_dict(torch.load(saved, weights_only=True))
-    if family.endswith("tied"):
-        assert empty.lm_head.weight is empty.get_input_embeddings().weight
+    assert (empty.lm_head.weight is empty.get_input_embeddings().weight) == tied
     with torch.no_grad():
         assert torch.equal(empty.eval()(**inputs).logits, got)
 
@@ -450,7 +456,9 @@ def test_prune_warns_by_name_where_closed_columns_stay_as_zeros():
         l0sparse.prune(shaped, batch())
 
 
-HIDDEN_FAMILIES = ["llama-gqa", "llama-gqa-tied", "mistral", "qwen2", "qwen3"]
+HIDDEN_FAMILIES = ["llama-gqa", "llama-gqa-tied", "mistral", "qwen2", "qwen3",
+                   "gemma-mqa",  # RMSNorms scaling by 1 + weight
+                   "opt", "gpt-neo"]  # LayerNorms, learned position embeddings, heads tied to the token embedding
 
 
 def gated_with_hidden(family: str, seed: int = 0) -> nn.Module:
@@ -467,15 +475,17 @@ def gated_with_hidden(family: str, seed: int = 0) -> nn.Module:
 @pytest.mark.slow
 @pytest.mark.usefixtures("torch_export_loaded")
 @pytest.mark.parametrize("family", HIDDEN_FAMILIES)
-def test_the_hidden_size_of_an_rmsnorm_stream_prunes_exactly(family):
+def test_the_hidden_size_of_a_pre_norm_stream_prunes_exactly(family):
     model = gated_with_hidden(family)
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
     kept = int(l0sparse.core.stream.hidden_gate(model).is_open().sum())
     costs = CostModel(model, batch()).costs(deterministic=True)
-    pruned = l0sparse.prune(model, batch())
+    pruned, plan = l0sparse.prune(model, batch(), return_plan=True)
     embedding = pruned.get_input_embeddings()
-    assert embedding.embedding_dim == kept < WIDTH
-    assert pruned.lm_head.in_features == kept and pruned.model.norm.weight.shape == (kept,)
-    assert (pruned.lm_head.weight is embedding.weight) == family.endswith("tied")  # a tied head stays tied
+    assert embedding.embedding_dim == kept < WIDTH and pruned.lm_head.in_features == kept
+    assert all(pruned.get_submodule(name).embedding_dim == kept for name in plan["hidden"]["tables"])  # position embeddings too
+    assert all(pruned.get_submodule(name).weight.shape == (kept,) for name in plan["hidden"]["norms"])  # every norm, the final one too
+    assert (pruned.lm_head.weight is embedding.weight) == tied  # a tied head stays tied
     assert_same_logits(model, pruned, batch())
     assert_same_logits(model, pruned, batch(length=5, padded=False, seed=1))
     assert l0sparse.count_flops(pruned, batch()) == float(costs["flops"])
@@ -483,6 +493,13 @@ def test_the_hidden_size_of_an_rmsnorm_stream_prunes_exactly(family):
     prompt = batch(padded=False)["input_ids"][:1]
     with torch.no_grad():
         assert torch.equal(pruned.generate(prompt, max_new_tokens=6, do_sample=False), model.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("torch_export_loaded")
+@pytest.mark.parametrize("family", ["gemma-mqa", "opt", "gpt-neo"])
+def test_a_hidden_pruned_decoder_exports_and_reloads_with_weights_only(family):
+    assert_exports_and_reloads(family, gated_with_hidden(family))  # their heads are tied: still tied after the reload
 
 
 @pytest.mark.usefixtures("torch_export_loaded")
@@ -503,6 +520,23 @@ def test_a_hidden_pruned_decoder_reloads_through_rebuild_and_the_gate_trains():
     assert gate.log_alpha.grad is not None and bool(gate.log_alpha.grad.ne(0).any())
 
 
+@pytest.mark.parametrize("family", ["gemma-mqa", "opt", "gpt-neo"])
+def test_a_hidden_gate_acting_in_its_norms_alone_is_charged_and_trains(family):
+    """Gemma's and the LayerNorm decoders' norms read the gate themselves (no parametrization carries it): the penalty
+    still charges it for the embedding columns and writer rows it removes, and the task loss reaches it."""
+    model = gated_with_hidden(family)
+    gate = l0sparse.core.stream.hidden_gate(model)
+    with torch.no_grad():
+        gate.log_alpha.zero_()  # sampled gates away from the clamps: the task loss has a gradient to give
+    model.train()
+    model(**batch(), labels=batch()["input_ids"]).loss.backward()
+    assert gate.log_alpha.grad is not None and bool(gate.log_alpha.grad.ne(0).any())
+    gate.log_alpha.grad = None
+    l0sparse.penalty(model, lam=0.1, N=100).backward()
+    assert gate.log_alpha.grad is not None and bool(gate.log_alpha.grad.gt(0).all())
+    assert id(gate) in CostModel(model.eval(), batch()).gate_costs()
+
+
 def test_the_hidden_size_in_a_shape_and_a_stock_config():
     torch.manual_seed(0)
     model = llama(tie_word_embeddings=True).eval()
@@ -519,19 +553,48 @@ def test_the_hidden_size_in_a_shape_and_a_stock_config():
     assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
 
 
+class DoubledNorm(nn.Module):
+    """A norm with a weight and an epsilon that computes neither an RMSNorm's x̂ · w nor Gemma's x̂ · (1 + w)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(width)), 1e-6
+
+    def forward(self, x):
+        return 2 * x * self.weight
+
+
+def opt(**extra) -> nn.Module:
+    config = dict(vocab_size=VOCAB, hidden_size=WIDTH, ffn_dim=FFN, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    return hf().OPTForCausalLM(hf().OPTConfig(**{**config, "word_embed_proj_dim": WIDTH, **extra}))
+
+
 def test_streams_the_hidden_gate_cannot_make_exact_are_refused_by_name():
-    gemma = FAMILIES["gemma-mqa"]().eval()
-    with pytest.raises(ValueError, match=r"'model.layers.0.input_layernorm' \(GemmaRMSNorm\) does not compute .*1 \+ weight"):
-        l0hf.gate_decoder_hidden(gemma, batch())
-    opt = FAMILIES["opt"]().eval()
-    with pytest.raises(ValueError, match="has no RMSNorm of width 32.*LayerNorm decoders"):
-        l0hf.gate_decoder_hidden(opt, batch())
+    odd = llama().eval()
+    odd.model.layers[1].post_attention_layernorm = DoubledNorm(WIDTH)
+    with pytest.raises(ValueError, match=r"'model.layers.1.post_attention_layernorm' \(DoubledNorm\) computes neither .* \(1 \+ weight\)"):
+        l0hf.gate_decoder_hidden(odd, batch())
+    post_norm = opt(do_layer_norm_before=False).eval()
+    with pytest.raises(ValueError, match=r"'model.decoder.layers.0.self_attn.[kvq]_proj' reads the residual stream of OPTForCausalLM "
+                                         r"where no norm stands before it \(a post-norm decoder"):
+        l0hf.gate_decoder_hidden(post_norm, batch())
+    assert not any(isinstance(m, l0sparse.core.stream.OPEN_NORMS) for m in post_norm.modules())  # refused before any change
+    with pytest.raises(ValueError, match=r"token embedding of OPTForCausalLM is 16 wide but 'model.decoder.layers.0.self_attn.out_proj' "
+                                         r"writes a stream of 32, joined by 'model.decoder.project_\w+' .*not supported"):
+        l0hf.gate_decoder_hidden(opt(word_embed_proj_dim=16).eval(), batch())
+    with pytest.raises(ValueError, match=r"'gpt_neox.layers.0.attention' fuses its q/k/v projections"):
+        l0hf.gate_decoder_hidden(gpt_neox().eval(), batch())
     model = llama().eval()
     l0hf.gate_decoder_hidden(model, batch())
     with pytest.raises(ValueError, match="already has a hidden gate"):
         l0hf.gate_decoder_hidden(model, batch())
     with pytest.raises(ValueError, match="no hidden gate: attach one with l0sparse.hf.gate_decoder_hidden"):
         l0hf.ShapeController(llama(), l0hf.DecoderShape(hidden_size=8))
+    gemma = FAMILIES["gemma-mqa"]().eval()  # its embedding is scaled by sqrt(hidden_size), read from the config at load
+    l0sparse.sparsify(gemma, l0hf.decoder_rules(gemma), example_inputs=batch())
+    l0hf.gate_decoder_hidden(gemma, batch())
+    with pytest.raises(ValueError, match=r"'model.embed_tokens' .*scales by the square root of hidden_size"):
+        l0hf.prune_to_shape(gemma, batch(), l0hf.DecoderShape(hidden_size=24))
 
 
 def test_a_heads_rule_on_phi3_lands_on_its_output_projection_and_prune_says_it_kept_the_heads():

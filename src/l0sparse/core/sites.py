@@ -166,14 +166,20 @@ def charges(model: nn.Module) -> list[Charge]:
         gate, entry = site.gate, found.get(id(site.gate))
         producers = getattr(gate, "producers", ())
         if producers and entry is None:
-            # a producer's unit is a row (dim 0) of a Linear or conv, a column of an embedding table (a hidden gate's)
-            paid = tuple(GateSite(names[id(producer)], producer, tensor, gate, 1 if isinstance(producer, nn.Embedding) else 0, 1,
-                                  site.owner) for producer in producers
-                         for tensor in ("weight", "bias") if getattr(producer, tensor, None) is not None)
-            found[id(gate)] = Charge(gate, site.owner, paid)
+            found[id(gate)] = Charge(gate, site.owner, _paid_by_producers(gate, site.owner, names))
         elif not producers:
             found[id(gate)] = Charge(gate, site.owner, (*(entry.paid if entry else ()), site))
+    for gate in find_gates(model):  # a gate that multiplies no tensor itself but pays for producers: a hidden gate that acts
+        if id(gate) not in found and getattr(gate, "producers", ()):  # in its norms alone (OpenLayerNorm in a decoder)
+            found[id(gate)] = Charge(gate, gate.owner or "", _paid_by_producers(gate, gate.owner or "", names))
     return list(found.values())
+
+
+def _paid_by_producers(gate: Gate, owner: str, names: dict[int, str]) -> tuple[GateSite, ...]:
+    """The sites a gate with ``producers`` pays for: a producer's unit is a row (dim 0) of a Linear or conv, a column of
+    an embedding table (a hidden gate's)."""
+    return tuple(GateSite(names[id(producer)], producer, tensor, gate, 1 if isinstance(producer, nn.Embedding) else 0, 1, owner)
+                 for producer in gate.producers for tensor in ("weight", "bias") if getattr(producer, tensor, None) is not None)
 
 
 def ungated_l2_tensors(model: nn.Module) -> list[Tensor]:

@@ -2,8 +2,8 @@
 run over the open dimensions, and the plan that prunes the closed dimensions exactly.
 
 Which modules form a model's stream is family knowledge and lives in an adapter (``l0sparse.hf.hidden`` finds them
-in BERT-like encoders and RMSNorm decoders); the adapter builds a :class:`HiddenStream`, swaps the stream's norms for
-:class:`OpenLayerNorm` / :class:`OpenRMSNorm` and sets ``gate.stream``. From there the core counts the gate
+in BERT-like encoders and pre-norm decoders); the adapter builds a :class:`HiddenStream`, swaps the stream's norms for
+:class:`OpenLayerNorm` / :class:`OpenRMSNorm` / :class:`OpenOffsetRMSNorm` and sets ``gate.stream``. From there the core counts the gate
 (:class:`l0sparse.CostModel`), prunes it (:func:`prune_hidden`, which :func:`l0sparse.prune` calls first) and
 rebuilds it (:func:`apply_hidden_plan`).
 """
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .gates import Gate
 from .ops import module_rule, set_submodule
 
-__all__ = ["HiddenStream", "OpenLayerNorm", "OpenRMSNorm", "OPEN_NORMS", "hidden_gate", "prune_hidden", "apply_hidden_plan",
+__all__ = ["HiddenStream", "OpenLayerNorm", "OpenRMSNorm", "OpenOffsetRMSNorm", "OPEN_NORMS", "hidden_gate", "prune_hidden", "apply_hidden_plan",
            "compare_on_kept"]
 
 
@@ -111,7 +111,43 @@ class OpenRMSNorm(nn.Module):
         return f"eps={self.eps}, statistic over the open dimensions of a hidden gate"
 
 
-OPEN_NORMS = (OpenLayerNorm, OpenRMSNorm)
+class OpenOffsetRMSNorm(nn.Module):
+    """An RMSNorm that scales by ``offset + w`` (Gemma's ``x̂ · (1 + w)``, all in float32, cast at the end) whose
+    statistic runs over the open dimensions of a hidden gate only: ``y = x · rsqrt(Σ_open x² / n_open + eps) ·
+    (offset + w) · z``, one sample of z per call (the test-time gate in eval), the open set {i : z_i > 0}. Gating
+    the weight alone would not do: a closed ``w · z = 0`` still scales by ``offset``. ``norm`` (the model's own
+    module) is kept inside, ungated; :meth:`plain` gives it back over the kept dimensions with z folded in
+    (``w' = (offset + w) · z − offset``), so the pruned model's own norm computes the same numbers.
+    """
+
+    def __init__(self, norm: nn.Module, gate: Gate, eps: float, offset: float = 1.0) -> None:
+        super().__init__()
+        self.norm, self.gate, self.eps, self.offset = norm, gate, float(eps), float(offset)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.gate().to(torch.float32)
+        is_open = (z > 0).to(torch.float32)
+        count = is_open.sum().clamp_min(1.0)  # every dimension closed: the output is 0, not 0/0
+        x32 = x.to(torch.float32)
+        mean_square = (x32.square() * is_open).sum(-1, keepdim=True) / count
+        scale = (self.offset + self.norm.weight.to(torch.float32)) * z
+        return (x32 * torch.rsqrt(mean_square + self.eps) * scale).to(x.dtype)
+
+    @torch.no_grad()
+    def plain(self, kept: list[int]) -> nn.Module:
+        """The model's own norm over the ``kept`` dimensions, the test-time gate folded into its weight."""
+        weight = self.norm.weight
+        z = self.gate.deterministic().to(torch.float32)
+        folded = ((self.offset + weight.to(torch.float32)) * z - self.offset).to(weight.dtype)
+        index = torch.as_tensor(kept, dtype=torch.long, device=weight.device)
+        self.norm.weight = nn.Parameter(folded.index_select(0, index))
+        return self.norm
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, scale {self.offset:g} + weight, statistic over the open dimensions of a hidden gate"
+
+
+OPEN_NORMS = (OpenLayerNorm, OpenRMSNorm, OpenOffsetRMSNorm)
 
 
 def hidden_gate(model: nn.Module) -> Gate | None:

@@ -4,7 +4,7 @@ One module a purpose:
 
 - ``rules``: where gates go, found by structure (:func:`encoder_rules`, :func:`decoder_rules`);
 - ``hidden``: the hidden-size gate of a residual stream (:func:`gate_hidden` for BERT-like encoders,
-  :func:`gate_decoder_hidden` for RMSNorm decoders);
+  :func:`gate_decoder_hidden` for pre-norm decoders);
 - ``shapes``: a target architecture for a decoder (:class:`DecoderShape`, :class:`ShapeController`,
   :func:`prune_to_shape`);
 - ``callback``: :class:`L0Callback` for a user's own ``transformers.Trainer``;

@@ -33,11 +33,11 @@ from ..core.graph import check_example_batch, evaluating, example_tuple, placeme
 from ..core.layers import L0Layer
 from ..core.ops import set_submodule
 from ..core.sites import GateMask
-from ..core.stream import OPEN_NORMS, HiddenStream, OpenLayerNorm, OpenRMSNorm, hidden_gate
-from .rules import decoder_attention, decoder_attention_modules, feed_forward_outputs
+from ..core.stream import OPEN_NORMS, HiddenStream, OpenLayerNorm, OpenOffsetRMSNorm, OpenRMSNorm, hidden_gate
+from .rules import _fused_attention_modules, decoder_attention, decoder_attention_modules, feed_forward_outputs
 
 
-__all__ = ["gate_hidden", "gate_decoder_hidden", "attach_rms_hidden_gate"]
+__all__ = ["gate_hidden", "gate_decoder_hidden", "attach_prenorm_hidden_gate"]
 
 # the modules of one encoder layer, per family: (q, k, v, first feed-forward Linear), (writers), (norms)
 _LAYER_LAYOUTS = {
@@ -128,9 +128,11 @@ def _probe_inputs(model: nn.Module, example_inputs: Tensor | tuple | list) -> tu
 
 
 @torch.no_grad()
-def _probe_readers(model: nn.Module, names: dict[str, list[str]], width: int, example_inputs: tuple) -> list[str]:
-    """The Linear layers that read the stream: one eval forward with every stream module's output zeroed on the odd
-    dimensions; a Linear of ``width`` inputs whose every input is zero there (and not everywhere) reads it."""
+def _probe_readers(model: nn.Module, names: dict[str, list[str]], width: int, example_inputs: tuple,
+                   only: list[str] | None = None) -> list[str]:
+    """The Linear layers that read the stream: one eval forward with every stream module's output (or of those named in
+    ``only``) zeroed on the odd dimensions; a Linear of ``width`` inputs, not a writer, whose every input is zero
+    there (and not everywhere) reads it."""
     modules = dict(model.named_modules())
     closed = torch.arange(width) % 2 == 1
     reads_stream: dict[str, bool] = {}  # per Linear: every call's input had the probe's pattern
@@ -145,7 +147,7 @@ def _probe_readers(model: nn.Module, names: dict[str, list[str]], width: int, ex
             reads_stream[name] = reads_stream.get(name, True) and reads
         return hook
 
-    stream = {*names["tables"], *names["writers"], *names["norms"]}
+    stream = {*names["tables"], *names["writers"], *names["norms"]} if only is None else set(only)
     handles = [modules[name].register_forward_hook(close) for name in stream]
     handles += [m.register_forward_pre_hook(record(name)) for name, m in modules.items()
                 if isinstance(m, nn.Linear) and m.in_features == width and name not in names["writers"]]
@@ -217,34 +219,52 @@ def gate_hidden(model: nn.Module, example_inputs: Tensor | tuple | list, **gate_
     return gate
 
 
-def attach_rms_hidden_gate(model: nn.Module, names: dict[str, list[str]], eps: dict[str, float], example_inputs, owner: str,
-                           **gate_kwargs) -> Gate:
-    """Attach one hidden-size gate to a pre-norm residual stream whose norms are RMSNorms (an adapter names its
-    modules: ``names`` with ``"tables"``, ``"writers"`` and ``"norms"``, ``eps`` per norm); return it.
+def _attach_decoder_norm(model: nn.Module, name: str, offset: float | None, eps: float, gate: Gate) -> nn.Module:
+    """Swap one norm of a pre-norm stream for its open version: an :class:`OpenLayerNorm` (``offset`` None), an
+    :class:`OpenRMSNorm` whose weight the gate multiplies (``offset`` 0) or an :class:`OpenOffsetRMSNorm` (``offset + w``)."""
+    norm = model.get_submodule(name)
+    if offset is None:
+        opened = OpenLayerNorm(norm, gate)
+    elif offset == 0:
+        parametrize.register_parametrization(norm, "weight", GateMask(gate, dim=0))
+        opened = OpenRMSNorm(norm, gate, eps)
+    else:
+        opened = OpenOffsetRMSNorm(norm, gate, eps, offset)
+    set_submodule(model, name, opened)
+    return opened
+
+
+def attach_prenorm_hidden_gate(model: nn.Module, names: dict[str, list[str]], norms: dict[str, tuple[float | None, float]], width: int,
+                               example_inputs, owner: str, **gate_kwargs) -> Gate:
+    """Attach one hidden-size gate to a pre-norm residual stream of ``width`` (an adapter names its modules: ``names``
+    with ``"tables"`` and ``"writers"``; ``norms``: name → (offset, eps), offset None for a LayerNorm, 0 for an RMSNorm
+    ``x̂ · w``, 1 for Gemma's ``x̂ · (1 + w)``); return it.
 
     Unlike a post-norm encoder's (:func:`gate_hidden`), nothing that writes the stream is gated: every reader reads a
-    norm's output, so the gate multiplies the norms' weights alone (an :class:`OpenRMSNorm` each, the mean square
-    over the open dimensions) and the closed dimensions of the stream, which no reader sees, go with their
-    embedding columns and writer rows when pruned. The embedding table stays whole until then, so a language-model
-    head tied to it stays tied. The readers are found by a probe forward (every Linear that reads a norm's output).
+    norm's output, so the gate acts in the norms alone (statistics over the open dimensions, output zero on the closed
+    ones) and the closed dimensions of the stream, which no reader sees, go with their embedding columns and writer
+    rows when pruned. The embedding table stays whole until then, so a language-model head tied to it stays tied.
+    Two probe forwards find the readers (every Linear whose input is a norm's output) and refuse a stream that a
+    Linear reads before any norm (a post-norm decoder), naming it.
     """
+    names = {**names, "norms": list(norms), "readers": []}
+    example_inputs = _probe_inputs(model, example_inputs)
+    names["readers"] = _probe_readers(model, names, width, example_inputs)
+    through_norms = set(_probe_readers(model, {**names, "readers": []}, width, example_inputs, only=names["norms"]))
+    raw = [name for name in names["readers"] if name not in through_norms]
+    if raw:
+        raise ValueError(f"gate_decoder_hidden: {raw[0]!r} reads the residual stream of {type(model).__name__} where no norm stands "
+                         "before it (a post-norm decoder, such as OPT with do_layer_norm_before=False): closing a dimension in "
+                         "the norms would not hide it from that layer, so pruning it could not be exact")
     modules = dict(model.named_modules())
-    width = modules[names["norms"][0]].weight.shape[0]
-    names = {**names, "readers": []}
-    names["readers"] = _probe_readers(model, names, width, _probe_inputs(model, example_inputs))
     reference = next(model.parameters())
     gate = Gate(width, **gate_kwargs).to(device=reference.device)
     gate.owner, gate.granularity = owner, "hidden"
     tables = tuple(modules[n] for n in names["tables"])
     writers = tuple(modules[n] for n in names["writers"])
     gate.producers = tables + writers  # the penalty's charge: the weights that make the stream
-    norms = []
-    for name in names["norms"]:
-        parametrize.register_parametrization(modules[name], "weight", GateMask(gate, dim=0))
-        norm = OpenRMSNorm(modules[name], gate, eps[name])
-        set_submodule(model, name, norm)
-        norms.append(norm)
-    gate.stream = HiddenStream(tables, writers, tuple(modules[n] for n in names["readers"]), tuple(norms), width)
+    opened = tuple(_attach_decoder_norm(model, name, *norms[name], gate) for name in names["norms"])
+    gate.stream = HiddenStream(tables, writers, tuple(modules[n] for n in names["readers"]), opened, width)
     return gate
 
 
@@ -257,22 +277,82 @@ def _rms_eps(module: nn.Module) -> float | None:
     return None
 
 
-def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
-    """Attach one hidden-size gate (one gate per residual-stream dimension) to a pre-norm decoder whose norms are
-    RMSNorms (Llama, Mistral, Qwen2/3; after :func:`decoder_rules`' ``sparsify``); return the gate.
+@torch.no_grad()
+def _rms_offset(name: str, norm: nn.Module, probe: Tensor) -> float:
+    """0 for a norm computing ``x · rsqrt(mean(x²) + eps) · w`` (Llama's), 1 for ``… · (1 + w)`` (Gemma's), checked on
+    ``probe`` with every dimension open; refused otherwise, naming the norm."""
+    x32 = probe.float()
+    normed = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + _rms_eps(norm))
+    got = norm(probe)
+    if torch.allclose(got, norm.weight * normed.to(probe.dtype), rtol=1e-5, atol=1e-6):
+        return 0.0
+    if torch.allclose(got, (normed * (1.0 + norm.weight.float())).to(probe.dtype), rtol=1e-5, atol=1e-6):
+        return 1.0
+    raise ValueError(f"gate_decoder_hidden: {name!r} ({type(norm).__name__}) computes neither x · rsqrt(mean(x²) + eps) · weight "
+                     "(an RMSNorm) nor x · rsqrt(mean(x²) + eps) · (1 + weight) (Gemma's), so the gate could not reproduce it "
+                     "over the open dimensions")
 
-    The stream is found by structure: the token embedding (``get_input_embeddings()``), the writers (each attention
-    module's output projection and each feed-forward block's down projection, as :func:`decoder_rules` finds them)
-    and every module with a one-dimensional ``weight`` as wide as the stream and an epsilon (``variance_epsilon`` or
-    ``eps``): the RMSNorms before each block and the final one. Each norm becomes an
-    :class:`~l0sparse.core.stream.OpenRMSNorm` whose weight the gate multiplies (docs/decoders.md, "The hidden size");
-    :func:`l0sparse.prune` then removes the closed dimensions from the embedding, every norm, every writer's rows and
-    every reader's columns (q, k, v, gate, up, the language-model head), a tied head staying tied.
+
+def _decoder_norms(model: nn.Module, width: int, probe: Tensor) -> dict[str, tuple[float | None, float]]:
+    """The stream's norms (every LayerNorm, or every RMSNorm-like module, of its width): name → (offset, eps)."""
+    layer = [name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (width,)]
+    rms = [name for name, m in model.named_modules() if not isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm))
+           and _rms_eps(m) is not None and isinstance(getattr(m, "weight", None), torch.Tensor) and tuple(m.weight.shape) == (width,)]
+    if layer and rms:
+        raise ValueError(f"gate_decoder_hidden: the stream of {type(model).__name__} has both LayerNorms ({layer[0]!r}) and "
+                         f"RMSNorms ({rms[0]!r}) of width {width}; one kind is supported per stream")
+    if not layer and not rms:
+        raise ValueError(f"gate_decoder_hidden: {type(model).__name__} has no norm of width {width} (an nn.LayerNorm, or an RMSNorm: "
+                         "a module with a weight of that width and variance_epsilon or eps)")
+    modules = dict(model.named_modules())
+    if layer:
+        return {name: (None, modules[name].eps) for name in layer}
+    return {name: (_rms_offset(name, modules[name], probe), _rms_eps(modules[name])) for name in rms}
+
+
+def _decoder_writers(model: nn.Module, width: int) -> list[str]:
+    """Each attention module's output projection and each feed-forward block's down projection (as decoder_rules finds
+    them); refuses fused q/k/v projections and a token embedding narrower or wider than the stream, by name."""
+    attention = decoder_attention_modules(model)
+    if not attention:
+        fused = _fused_attention_modules(model)
+        where = f" ({fused[0]!r} fuses its q/k/v projections into one Linear)" if fused else ""
+        raise ValueError(f"gate_decoder_hidden found no attention module with separate q, k, v and output projections in "
+                         f"{type(model).__name__}{where}; the stream's readers in a fused projection cannot be sliced yet")
+    names = {id(m): name for name, m in model.named_modules()}
+    writers = [names[id(decoder_attention(model.get_submodule(name))[1])] for name in attention]  # the output projections
+    writers += feed_forward_outputs(model, attention)
+    modules = dict(model.named_modules())
+    other = next((name for name in writers if modules[name].out_features != width), None)
+    if other is not None:  # OPT's word_embed_proj_dim ≠ hidden_size: project_in / project_out between table and stream
+        joins = [name for name, m in modules.items() if isinstance(m, nn.Linear) and {m.in_features, m.out_features}
+                 == {width, modules[other].out_features}]
+        raise ValueError(f"gate_decoder_hidden: the token embedding of {type(model).__name__} is {width} wide but {other!r} writes "
+                         f"a stream of {modules[other].out_features}" + (f", joined by {joins[0]!r}" if joins else "")
+                         + " (OPT's project_in/project_out when word_embed_proj_dim ≠ hidden_size): not supported")
+    return writers
+
+
+def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
+    """Attach one hidden-size gate (one gate per residual-stream dimension) to a pre-norm decoder (after
+    :func:`decoder_rules`' ``sparsify``); return the gate. Its norms may be RMSNorms (Llama, Mistral, Qwen2/3), Gemma's
+    RMSNorms scaling by ``1 + weight``, or LayerNorms (OPT with ``do_layer_norm_before``, GPT-Neo).
+
+    The stream is found by structure: the token embedding (``get_input_embeddings()``) and any other ``nn.Embedding`` as
+    wide (a learned position embedding: OPT's, GPT-Neo's), the writers (each attention module's output projection and
+    each feed-forward block's down projection, as :func:`decoder_rules` finds them) and its norms: every
+    ``nn.LayerNorm`` of its width, else every module with a one-dimensional ``weight`` as wide and an epsilon
+    (``variance_epsilon`` or ``eps``). Each norm becomes an :class:`~l0sparse.core.stream.OpenLayerNorm`,
+    :class:`~l0sparse.core.stream.OpenRMSNorm` or :class:`~l0sparse.core.stream.OpenOffsetRMSNorm`, whose statistics
+    run over the open dimensions and whose output is zero on the closed ones (docs/decoders.md, "The hidden size");
+    :func:`l0sparse.prune` then removes the closed dimensions from the embeddings, every norm, every writer's rows and
+    every reader's columns (q, k, v, the first feed-forward layers, the language-model head), a tied head staying tied.
 
     Raises:
-        ValueError: no such stream (a LayerNorm decoder: OPT, GPT-Neo; fused projections), a norm that does not
-            compute ``x · rsqrt(mean(x²) + eps) · w`` (Gemma's ``1 + w``), or ``example_inputs`` the model refuses.
-            The model is unchanged then.
+        ValueError: no such stream (fused q/k/v projections: GPT-NeoX, BLOOM, Phi-3; OPT's project_in/project_out), a
+            Linear that reads the stream before any norm (post-norm OPT), a norm computing neither an RMSNorm's
+            ``x̂ · w`` nor Gemma's ``x̂ · (1 + w)``, or ``example_inputs`` the model refuses; each names the module. The
+            model is unchanged then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gate_decoder_hidden: model must be an nn.Module (a decoder language model), got {type(model).__name__}")
@@ -282,27 +362,9 @@ def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
     if not isinstance(table, nn.Embedding):
         raise ValueError(f"gate_decoder_hidden: {type(model).__name__} has no token embedding (get_input_embeddings())")
     width = table.embedding_dim
-    attention = decoder_attention_modules(model)
-    if not attention:
-        raise ValueError(f"gate_decoder_hidden found no attention module with separate q, k, v and output projections in {type(model).__name__}")
-    names = {id(m): name for name, m in model.named_modules()}
-    writers = [names[id(decoder_attention(model.get_submodule(name))[1])] for name in attention]  # the output projections
-    writers += feed_forward_outputs(model, attention)
-    norms = [name for name, m in model.named_modules() if not isinstance(m, (nn.Linear, nn.Embedding, nn.LayerNorm)) and _rms_eps(m) is not None
-             and isinstance(getattr(m, "weight", None), torch.Tensor) and tuple(m.weight.shape) == (width,)]
-    if not norms:
-        raise ValueError(f"gate_decoder_hidden: {type(model).__name__} has no RMSNorm of width {width} (a module with a weight of "
-                         "that width and variance_epsilon or eps): LayerNorm decoders (OPT, GPT-Neo) are not supported")
-    modules = dict(model.named_modules())
-    probe = torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(table.weight)
-    for name in norms:  # the computation OpenRMSNorm reproduces, checked with every dimension open
-        norm = modules[name]
-        with torch.no_grad():
-            x32 = probe.float()
-            expected = norm.weight * (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + _rms_eps(norm))).to(probe.dtype)
-            if not torch.allclose(norm(probe), expected, rtol=1e-5, atol=1e-6):
-                raise ValueError(f"gate_decoder_hidden: {name!r} ({type(norm).__name__}) does not compute x · rsqrt(mean(x²) + eps) · "
-                                 "weight, an RMSNorm's computation (Gemma's norms scale by 1 + weight), so closing a dimension could not zero it")
+    writers = _decoder_writers(model, width)
+    norms = _decoder_norms(model, width, torch.randn(3, width, generator=torch.Generator().manual_seed(0)).to(table.weight))
+    tables = [name for name, m in model.named_modules() if isinstance(m, nn.Embedding) and m.embedding_dim == width]
+    tables.sort(key=lambda name: model.get_submodule(name) is not table)  # the token embedding first
     owner = f"{model.base_model_prefix}.hidden" if getattr(model, "base_model_prefix", "") in dict(model.named_children()) else "hidden"
-    return attach_rms_hidden_gate(model, {"tables": [n for n, m in modules.items() if m is table], "writers": writers, "norms": norms},
-                                  {name: _rms_eps(modules[name]) for name in norms}, example_inputs, owner, **gate_kwargs)
+    return attach_prenorm_hidden_gate(model, {"tables": tables, "writers": writers}, norms, width, example_inputs, owner, **gate_kwargs)

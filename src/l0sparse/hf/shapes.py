@@ -306,6 +306,7 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape, scores
     if config is None or not callable(getattr(config, "to_dict", None)):
         raise TypeError(f"prune_to_shape writes the shape into a Hugging Face config; {type(model).__name__} has none")
     keys = _config_keys(config, targets)
+    _check_embedding_scale(model, targets)
     work = copy.deepcopy(model)
     for layer, copied in zip(layers, _shaped_layers(work)):
         if not any(dimension in targets for dimension in ShapeController._full(layer)):
@@ -324,6 +325,18 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape, scores
     if getattr(pruned.config, "pruned_heads", None):
         pruned.config.pruned_heads = {}  # the config's own counts now say what is left
     return pruned
+
+
+def _check_embedding_scale(model: nn.Module, targets: dict[str, int]) -> None:
+    """Refuse a narrower stream where the token embedding scales by √hidden_size (Gemma's ``embed_scale``): a stock
+    config sets that scale from ``hidden_size`` when it loads, so the loaded model would compute something else."""
+    table = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    if "hidden" not in targets or getattr(table, "embed_scale", None) is None:
+        return
+    name = next(name for name, m in model.named_modules() if m is table)
+    raise ValueError(f"{name!r} ({type(table).__name__}) scales by the square root of hidden_size, which a stock config sets "
+                     "from hidden_size when it loads: a narrower stream would load with another scale. Leave hidden_size out "
+                     "of the shape, or prune with l0sparse.prune (the scale is kept) and reload through l0sparse.rebuild")
 
 
 def _config_keys(config, targets: dict[str, int]) -> dict[str, str]:
