@@ -34,7 +34,7 @@ from ..core.layers import L0Layer
 from ..core.ops import set_submodule
 from ..core.sites import GateMask
 from ..core.stream import OPEN_NORMS, HiddenStream, OpenLayerNorm, OpenOffsetRMSNorm, OpenRMSNorm, hidden_gate
-from .rules import _fused_attention_modules, decoder_attention, decoder_attention_modules, feed_forward_outputs
+from .rules import fused_attention_modules, decoder_attention, decoder_attention_modules, feed_forward_outputs
 
 
 __all__ = ["gate_hidden", "gate_decoder_hidden", "attach_prenorm_hidden_gate"]
@@ -315,7 +315,7 @@ def _decoder_writers(model: nn.Module, width: int) -> list[str]:
     them); refuses fused q/k/v projections and a token embedding narrower or wider than the stream, by name."""
     attention = decoder_attention_modules(model)
     if not attention:
-        fused = _fused_attention_modules(model)
+        fused = fused_attention_modules(model)
         where = f" ({fused[0]!r} fuses its q/k/v projections into one Linear)" if fused else ""
         raise ValueError(f"gate_decoder_hidden found no attention module with separate q, k, v and output projections in "
                          f"{type(model).__name__}{where}; the stream's readers in a fused projection cannot be sliced yet")

@@ -150,7 +150,7 @@ def decoder_attention_modules(model: nn.Module) -> list[str]:
     return found
 
 
-def _fused_attention_modules(model: nn.Module) -> list[str]:
+def fused_attention_modules(model: nn.Module) -> list[str]:
     """The outermost modules named as attention (class ``…Attention``) whose last nn.Linear maps back to the stream:
     fused projections (GPT-NeoX, Falcon, BLOOM, Phi-3), whose layers still have feed-forward blocks to find."""
     found: list[str] = []
@@ -225,7 +225,7 @@ def _decoder_attention_or_refuse(model: nn.Module, heads: bool) -> list[str]:
     """The decoder's attention modules (:func:`decoder_attention_modules`); with ``heads=False``, where there are none,
     the fused ones, which still say where each layer's feed-forward block is. Refuses a model with neither."""
     attention = decoder_attention_modules(model)
-    fused = [] if attention else _fused_attention_modules(model)
+    fused = [] if attention else fused_attention_modules(model)
     if not attention and (heads or not fused):
         named = fused[0] if fused else next((name for name, m in model.named_modules() if type(m).__name__.endswith("Attention")), None)
         where = f": {named!r} ({type(model.get_submodule(named)).__name__}) has no four separate nn.Linear projections" if named else ""
