@@ -234,3 +234,27 @@ def test_every_results_file_the_docs_name_exists():
     for doc in [ROOT / "README.md", ROOT / "benchmarks" / "RESULTS.md", *sorted((ROOT / "docs").glob("*.md"))]:
         named |= set(re.findall(r"benchmarks/results/([\w./-]+\.(?:jsonl|json|log|md))\b", doc.read_text()))
     assert named and all((RESULTS / name).exists() for name in named), sorted(n for n in named if not (RESULTS / n).exists())
+
+
+FLOPS10_RUNS = RESULTS / "minilm_flops10_issue26"
+FLOPS10_ROWS = {("Taylor (importance baseline)", "—", "—"): "minilm-taylor-flops10-s0",
+                ("L0", "Taylor's choice", "0"): "minilm-l0-taylor-flops10-s0",
+                ("L0", "Taylor's choice", "0.5"): "minilm-l0-taylor-settle0.5-flops10-s0",
+                ("L0", "Taylor's choice", "0.8"): "minilm-l0-taylor-settle0.8-flops10-s0",
+                ("L0", "open", "0"): "minilm-l0-flops10-s0",
+                ("L0", "open", "0.5"): "minilm-l0-settle0.5-flops10-s0"}
+
+
+def test_the_hf_md_ten_percent_table_is_its_runs_files():
+    teacher = read_jsonl(PATH_RUNS / "minilm-teacher" / "metrics.jsonl")[-1]["test_accuracy"]
+    rows = markdown_table(ROOT / "docs" / "hf.md", "| run (seed 0, 10% of the encoder FLOPs) |")
+    assert len(rows) >= 4
+    for run, start, settle, accuracy, of_teacher, flops, kept in rows:
+        folder = FLOPS10_RUNS / FLOPS10_ROWS[(run, start, settle)]
+        last = read_jsonl(folder / "metrics.jsonl")[-1]
+        config = json.loads((folder / "config.json").read_text())
+        assert float(settle if settle != "—" else 0) == config.get("settle", 0.0)
+        assert (accuracy, of_teacher, flops) == (percent(last["test_accuracy"], 2), percent(last["test_accuracy"] / teacher, 1),
+                                                 percent(last["flops_kept"], 1))
+        widths = re.search(r"kept, open gates: .*-> ([\d-]+)", (folder / "prune.log").read_text()).group(1).split("-")
+        assert kept == f"{'-'.join(widths[0::2])}, {'-'.join(widths[1::2])}"
