@@ -241,8 +241,7 @@ FLOPS10_ROWS = {("Taylor (importance baseline)", "—", "—"): "minilm-taylor-f
                 ("L0", "Taylor's choice", "0"): "minilm-l0-taylor-flops10-s0",
                 ("L0", "Taylor's choice", "0.5"): "minilm-l0-taylor-settle0.5-flops10-s0",
                 ("L0", "Taylor's choice", "0.8"): "minilm-l0-taylor-settle0.8-flops10-s0",
-                ("L0", "open", "0"): "minilm-l0-flops10-s0",
-                ("L0", "open", "0.5"): "minilm-l0-settle0.5-flops10-s0"}
+                ("L0 (the recipe's, `--set target=0.1`)", "open", "0"): "minilm-l0-flops10-s0"}
 
 
 def test_the_hf_md_ten_percent_table_is_its_runs_files():

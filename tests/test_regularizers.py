@@ -66,8 +66,8 @@ def test_settle_fixes_the_gates_as_prune_keeps_them_for_the_last_steps(tmp_path)
 def test_settle_needs_an_l0_target_reached_before_it_starts():
     import pytest
 
-    with pytest.raises(ValueError, match=r"config key 'settle' = 0.6: .*delay \+ warmup <= 1 - settle"):
-        quick_config(target=0.5, warmup=0.5, settle=0.6)
+    with pytest.raises(ValueError, match=r"config key 'settle' = 0.5: .*delay \+ warmup < 1 - settle"):
+        quick_config(target=0.5, warmup=0.5, settle=0.5)  # fixed at the step the warm-up ends: before the landing
     with pytest.raises(ValueError, match=r"config key 'settle' = 0.2: .*regularizer = 'l0'"):
         quick_config(regularizer="none", settle=0.2)
     with pytest.raises(ValueError, match=r"config key 'settle' = 1: must be a fraction of the training steps in \[0, 1\)"):

@@ -180,9 +180,10 @@ class TrainConfig:
             raise ValueError(f"config key 'regularizer' = {self.regularizer!r}: model 'minilm' takes 'l0', 'none' or 'importance' "
                              "(the other baselines are built for the MLP and LeNet-5)")
         if self.settle and (self.regularizer != "l0" or self.target is None or self.target_mode != "exact"
-                            or self.warmup + self.delay > 1 - self.settle):
+                            or self.warmup + self.delay >= 1 - self.settle):
             raise ValueError(f"config key 'settle' = {self.settle!r}: the last steps with the gates fixed need regularizer = 'l0' "
-                             "with an exact target, reached before they start (delay + warmup <= 1 - settle)")
+                             "with an exact target, reached before they start (delay + warmup < 1 - settle; leave L0 steps at the target "
+                             "for the gates to land)")
         if self.gate_start != "open" and (self.model != "minilm" or self.regularizer != "l0" or self.target is None
                                           or self.metric != "flops" or self.teacher is None):
             raise ValueError(f"config key 'gate_start' = {self.gate_start!r}: starts the gates of model 'minilm' from the importance "
