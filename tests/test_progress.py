@@ -85,7 +85,7 @@ def test_a_distilled_text_run_says_it_computes_the_teacher_s_logits(tmp_path, ca
     from l0sparse.training.data import DATASETS
 
     monkeypatch.setitem(DATASETS, "wordnet", test_hf_task.fake_wordnet)
-    monkeypatch.setattr(hf, "build_minilm", test_hf_task.tiny_classifier)
+    monkeypatch.setattr(hf.task, "build_minilm", test_hf_task.tiny_classifier)  # the harness builds MiniLM through hf.task
     run_training(test_hf_task.config(regularizer="none"), tmp_path / "teacher", progress=False)
     capsys.readouterr()
     run_training(test_hf_task.config(regularizer="importance", target=0.5, teacher=str(tmp_path / "teacher")), tmp_path / "imp")
@@ -110,7 +110,7 @@ def test_the_packaged_model_loads_without_transformers_report_and_its_settings_a
         seen.append((logging.is_progress_bar_enabled(), logging.get_verbosity()))
         return test_hf_task.tiny_classifier().encoder
 
-    monkeypatch.setattr(hf, "minilm_path", lambda: Path("unused"))
+    monkeypatch.setattr(hf.task, "minilm_path", lambda: Path("unused"))  # build_minilm reads it from hf.task
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained", from_pretrained)
     hf.build_minilm(3)
     assert seen == [(False, logging.ERROR)]  # the "Loading weights" bar and the load report are off while it loads

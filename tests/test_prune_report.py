@@ -84,7 +84,7 @@ def text_task(monkeypatch):
     from l0sparse.training.data import DATASETS
 
     monkeypatch.setitem(DATASETS, "wordnet", test_hf_task.fake_wordnet)
-    monkeypatch.setattr(hf, "build_minilm", test_hf_task.tiny_classifier)
+    monkeypatch.setattr(hf.task, "build_minilm", test_hf_task.tiny_classifier)  # the harness builds MiniLM through hf.task
     return test_hf_task
 
 
