@@ -93,20 +93,16 @@ def test_the_handle_removes_the_rule():
     assert l0sparse.core.ops.module_rule(ChannelScale(3)) is None
 
 
-def test_a_function_rule_maps_its_aten_ops():
-    class Softsign(l0sparse.FunctionRule):
-        functions = frozenset({nn.functional.softsign})
-        aten = {ATEN.softsign.default: nn.functional.softsign} if hasattr(ATEN, "softsign") else {ATEN.abs.default: torch.abs}
+def test_a_function_rule_maps_its_aten_ops_while_registered():
+    """hardsigmoid has no built-in rule: registered, its ATen op reads as the function; removed, it does not."""
+    class Hardsigmoid(l0sparse.FunctionRule):
+        functions = frozenset({nn.functional.hardsigmoid})
+        aten = {ATEN.hardsigmoid.default: nn.functional.hardsigmoid}
 
-        def trace(self, trace, node, source) -> bool:
-            if source is not None:
-                trace.pass_on(node, source)
-            return True
-
-    with l0sparse.register_rule(Softsign()) as handle:
-        assert l0sparse.core.ops.aten_as_torch().items() >= handle.rule.aten.items()
-    assert not (l0sparse.core.ops.aten_as_torch().items() >= {ATEN.softsign.default: nn.functional.softsign}.items()
-                if hasattr(ATEN, "softsign") else False)
+    assert ATEN.hardsigmoid.default not in l0sparse.core.ops.aten_as_torch()
+    with l0sparse.register_rule(Hardsigmoid()):
+        assert l0sparse.core.ops.aten_as_torch()[ATEN.hardsigmoid.default] is nn.functional.hardsigmoid
+    assert ATEN.hardsigmoid.default not in l0sparse.core.ops.aten_as_torch()
 
 
 @pytest.mark.parametrize("rule, error, match", [

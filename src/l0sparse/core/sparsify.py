@@ -242,10 +242,6 @@ def _gate_weights(placement: _Placement, name: str, module: nn.Module) -> None:
     parametrize.register_parametrization(module, "weight", GateMask(gate, dim=None))
 
 
-def _gate_head_units(placement: _Placement, name: str, module: nn.Module) -> None:
-    _gate_heads(name, module, placement.gate_kwargs, placement.head_counts.get(name))
-
-
 def _gate_outputs(placement: _Placement, name: str, module: nn.Module) -> None:
     """One gate per output channel, on every consumer of the module's output channels."""
     graph, modules = placement.graph, placement.modules
@@ -265,10 +261,6 @@ def _gate_outputs(placement: _Placement, name: str, module: nn.Module) -> None:
     placement.space_gates[index] = gate
     for consumer in space.consumers:
         parametrize.register_parametrization(modules[consumer.name], "weight", GateMask(gate, dim=consumer.dim, block=consumer.block))
-
-
-#: how each granularity is placed (a block gate comes on top, in sparsify)
-_GATE_BY_GRANULARITY = {"in": _gate_inputs, "weight": _gate_weights, "heads": _gate_head_units, "out": _gate_outputs}
 
 
 def _check_not_gated(model: nn.Module) -> None:
@@ -381,13 +373,17 @@ def _check_block(name: str, module: nn.Module, granularity: str) -> None:
         raise ValueError(f"sparsify: {where}: it has no output projection. Allowed: {allowed}")
 
 
-def _gate_heads(name: str, module: nn.Module, gate_kwargs: dict, num_heads: int | None = None) -> None:
+def _gate_heads(placement: _Placement, name: str, module: nn.Module) -> None:
     """One gate per head: through the module's rule (PyTorch's attention), or on the output projection's column
     blocks of an attention module of the user's own (its ``("heads", n)`` rule)."""
-    rule = module_rule(module)
+    rule, gate_kwargs, num_heads = module_rule(module), placement.gate_kwargs, placement.head_counts.get(name)
     if rule is not None and rule.allows(module, "heads"):
         rule.gate_heads(name, module, lambda shape, granularity, charged: _new_gate(shape, name, granularity, charged, gate_kwargs))
         return
     projection = _output_projection(module)
     gate = _new_gate(num_heads, name, "heads", projection, gate_kwargs)
     parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features // num_heads))
+
+
+#: how each granularity is placed (a block gate comes on top, in sparsify)
+_GATE_BY_GRANULARITY = {"in": _gate_inputs, "weight": _gate_weights, "heads": _gate_heads, "out": _gate_outputs}

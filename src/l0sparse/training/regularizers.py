@@ -143,13 +143,14 @@ class L0WithTarget(L0):
                  start_from: Callable[[], str] | None = None, settle_step: int | None = None) -> None:
         super().__init__(model, lam if controller.ceiling else 0.0, weight_decay, N, evaluated, size)
         self.controller, self.start_from, self.settle_step = controller, start_from, settle_step
+        self._steps = 0  # counted here: reading the controller's step tensor each step would wait for an accelerator
 
     def start(self) -> str | None:
         return self.start_from() if self.start_from is not None else None
 
     @property
     def settled(self) -> bool:
-        return self.settle_step is not None and int(self.controller.steps) >= self.settle_step
+        return self.settle_step is not None and self._steps >= self.settle_step
 
     def loss(self, task_loss: Tensor) -> Tensor:
         return super().loss(task_loss if self.settled else task_loss + self.controller.penalty())
@@ -159,6 +160,7 @@ class L0WithTarget(L0):
         if self.settled:
             return
         self.controller.step()
+        self._steps += 1
         if self.settled:
             self._fix_gates()
 
@@ -190,6 +192,7 @@ class L0WithTarget(L0):
 
     def load_checkpoint_state(self, checkpoint: dict) -> None:
         self.controller.load_state_dict(checkpoint["controller"])
+        self._steps = int(self.controller.steps)  # once, at resume
         if self.settled:  # the checkpoint holds the fixed log α; only the freezing is not part of it
             for gate in self.gates:
                 gate.log_alpha.requires_grad_(False)

@@ -49,6 +49,13 @@ _BUILT_IN_FUNCTION_RULES: tuple[FunctionRule, ...] = (
 # rules added with register_rule, newest first: they are asked before the built-in ones
 _user_module_rules: list[ModuleRule] = []
 _user_function_rules: list[FunctionRule] = []
+# the order in which rules are asked, rebuilt only when a rule comes or goes (CostModel asks on every step)
+_asked: dict[str, tuple] = {"modules": _BUILT_IN_MODULE_RULES, "functions": _BUILT_IN_FUNCTION_RULES}
+
+
+def _reorder() -> None:
+    _asked["modules"] = (*_user_module_rules, *_BUILT_IN_MODULE_RULES)
+    _asked["functions"] = (*_user_function_rules, *_BUILT_IN_FUNCTION_RULES)
 
 
 class RuleHandle:
@@ -60,6 +67,7 @@ class RuleHandle:
     def remove(self) -> None:
         if self.rule in self._registry:
             self._registry.remove(self.rule)
+            _reorder()
 
     def __enter__(self) -> RuleHandle:
         return self
@@ -95,15 +103,16 @@ def register_rule(rule: ModuleRule | FunctionRule) -> RuleHandle:
         raise TypeError(f"register_rule: rule must be an instance of l0sparse.ModuleRule or l0sparse.FunctionRule, got "
                         f"{type(rule).__name__}" + (" (a class: pass an instance)" if isinstance(rule, type) else ""))
     registry.insert(0, rule)
+    _reorder()
     return RuleHandle(rule, registry)
 
 
-def _module_rules() -> list[ModuleRule]:
-    return [*_user_module_rules, *_BUILT_IN_MODULE_RULES]
+def _module_rules() -> tuple[ModuleRule, ...]:
+    return _asked["modules"]
 
 
-def _function_rules() -> list[FunctionRule]:
-    return [*_user_function_rules, *_BUILT_IN_FUNCTION_RULES]
+def _function_rules() -> tuple[FunctionRule, ...]:
+    return _asked["functions"]
 
 
 def module_rule(module: nn.Module) -> ModuleRule | None:
