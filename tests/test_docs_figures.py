@@ -257,3 +257,17 @@ def test_the_hf_md_ten_percent_table_is_its_runs_files():
                                                  percent(last["flops_kept"], 1))
         widths = re.search(r"kept, open gates: .*-> ([\d-]+)", (folder / "prune.log").read_text()).group(1).split("-")
         assert kept == f"{'-'.join(widths[0::2])}, {'-'.join(widths[1::2])}"
+
+
+def test_the_hf_md_kept_unit_comparison_is_the_runs_pruned_json():
+    """'with settle = 0.8 the kept units are the baseline's own, index for index; without settle 12 kept indices differ'."""
+    def differing(a: str, b: str, key: str) -> int:
+        plan_a, plan_b = (json.loads((FLOPS10_RUNS / f / "pruned.json").read_text())["plan"][key] for f in (a, b))
+        return sum(len(set(plan_a[name]) ^ set(plan_b.get(name, []))) for name in plan_a)
+
+    taylor = "minilm-taylor-flops10-s0"
+    text = (ROOT / "docs" / "hf.md").read_text()
+    assert "index for index" in text and "12 kept indices" in text
+    assert differing(taylor, "minilm-l0-taylor-settle0.8-flops10-s0", "rows") == 0
+    assert differing(taylor, "minilm-l0-taylor-settle0.8-flops10-s0", "heads") == 0
+    assert differing(taylor, "minilm-l0-taylor-flops10-s0", "rows") == 12
