@@ -40,9 +40,19 @@ from l0sparse.training.train import configure_torch, run_training  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
-#: each method's recipe (its target is set by --targets)
-METHODS = {"l0": "minilm-wordnet-l0-flops50.toml", "importance": "minilm-wordnet-importance-flops50.toml",
-           "taylor": "minilm-wordnet-taylor-flops50.toml"}
+#: each method's recipe and the config keys it sets on top (its target is set by --targets)
+METHODS = {
+    "l0": ("minilm-wordnet-l0-flops50.toml", []),
+    "importance": ("minilm-wordnet-importance-flops50.toml", []),
+    "taylor": ("minilm-wordnet-taylor-flops50.toml", []),
+    # issue #26's variants: the last 30% of the steps with the gates fixed as prune keeps them (the warm-up ends at
+    # 50%, so L0 steps at the target come between); the hidden-size gate, for L0 and for the Taylor ranking alike
+    "l0-settle": ("minilm-wordnet-l0-flops50.toml", ["settle=0.3"]),
+    "l0-hidden": ("minilm-wordnet-l0-flops50.toml", ["hidden_gate=true", "settle=0.3"]),
+    "taylor-hidden": ("minilm-wordnet-taylor-flops50.toml", ["hidden_gate=true"]),
+    # L0 started from the Taylor ranking's choice, its gates fixed for the last 80% of the steps
+    "l0-from-taylor": ("minilm-wordnet-l0-taylor-flops10.toml", ["settle=0.8"]),
+}
 
 
 def finished(run_dir: Path, config) -> bool:
@@ -83,20 +93,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "hf_minilm")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "hf_minilm.json")
     parser.add_argument("--fresh", action="store_true", help="retrain runs that already exist")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="a finished teacher run to distil from (default: train one in RUNS/teacher)")
+    parser.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, then stop: no pruning, timing or file")
+    parser.add_argument("--plot", type=Path, default=None, help="also plot test accuracy against encoder FLOPs to this image")
     args = parser.parse_args(argv)
     reuse_freed_memory()
     configure_torch(args.threads)
     sizes = [f"train_examples={args.train_examples}", f"test_examples={args.test_examples}"]
-    teacher_dir = args.runs / "teacher"
-    wall = {"teacher": train("minilm-wordnet-teacher.toml", teacher_dir, sizes, args.threads, args.fresh)}
+    teacher_dir = args.teacher or args.runs / "teacher"
+    wall = {"teacher": 0.0 if args.teacher else train("minilm-wordnet-teacher.toml", teacher_dir, sizes, args.threads, args.fresh)}
     runs = {}
     for target in args.targets:
         for seed in args.seeds:
             keys = [*sizes, f"teacher={str(teacher_dir)!r}", f"target={target}", f"epochs={args.epochs}", f"seed={seed}"]
             for method in args.methods:
                 name = f"{method}-{round(100 * target)}" + (f"-s{seed}" if seed else "")
-                wall[name] = train(METHODS[method], args.runs / name, keys, args.threads, args.fresh)
+                recipe, method_keys = METHODS[method]
+                wall[name] = train(recipe, args.runs / name, [*keys, *method_keys], args.threads, args.fresh)
                 runs[name] = args.runs / name
+    if args.train_only:
+        return {}
     epoch_seconds = {name: sum(record["seconds"] for record in read_metrics(run_dir / "metrics.jsonl"))
                      for name, run_dir in {"teacher": teacher_dir, **runs}.items()}
 
@@ -139,12 +156,65 @@ def main(argv=None) -> dict:
     payload = {"command": "python benchmarks/hf_minilm.py " + " ".join(sys.argv[1:] if argv is None else argv),
                "seeds": args.seeds, "train_examples": args.train_examples, "test_examples": args.test_examples, "epochs": args.epochs,
                "training_wall_seconds": wall, "epoch_seconds": epoch_seconds, "threads": args.threads, "results": results}
+    payload["summary"] = summarise(results, args.methods, args.targets, args.seeds)
     save_json(payload, args.out)
+    if args.plot:
+        plot(payload, args.plot)
     print(f"{'model':<24}{'test acc':>10}{'vs teacher':>12}{'enc FLOPs':>11}{'latency ms':>12}{'speed-up':>10}")
     for name, row in results.items():
         print(f"{name:<24}{100 * row['test_accuracy']:>9.2f}%{100 * row.get('accuracy_vs_teacher', 1):>11.1f}%"
               f"{100 * row.get('encoder_flops_kept', 1):>10.1f}%{1000 * row['latency_s']:>12.1f}{row.get('speedup', 1):>10.2f}")
     return payload
+
+
+def summarise(results: dict, methods: list[str], targets: list[float], seeds: list[int], baseline: str = "taylor") -> dict:
+    """Per target and method: the test accuracy's mean and standard error over the seeds, and the paired difference
+    from ``baseline``'s run of the same seed (mean ± standard error of the differences), in points."""
+    import statistics
+
+    def mean_se(values: list[float]) -> dict:
+        se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else None
+        return {"mean": statistics.fmean(values), "se": se, "n": len(values)}
+
+    summary = {}
+    for target in targets:
+        rows = {}
+        for method in methods:
+            names = [f"{method}-{round(100 * target)}" + (f"-s{seed}" if seed else "") for seed in seeds]
+            row = {"test_accuracy": mean_se([100 * results[name]["test_accuracy"] for name in names]),
+                   "encoder_flops_kept": mean_se([100 * results[name]["encoder_flops_kept"] for name in names])}
+            if baseline in methods and method != baseline:
+                base = [f"{baseline}-{round(100 * target)}" + (f"-s{seed}" if seed else "") for seed in seeds]
+                row["minus_" + baseline] = mean_se([100 * (results[a]["test_accuracy"] - results[b]["test_accuracy"])
+                                                    for a, b in zip(names, base)])
+            rows[method] = row
+        summary[f"{round(100 * target)}%"] = rows
+    return summary
+
+
+def plot(payload: dict, path: Path) -> None:
+    """Test accuracy (mean ± s.e. over the seeds) against the encoder FLOPs kept, one line per method, the teacher as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    methods = sorted({method for rows in payload["summary"].values() for method in rows})
+    for method in methods:
+        points = sorted((row[method]["encoder_flops_kept"]["mean"], row[method]["test_accuracy"]["mean"], row[method]["test_accuracy"]["se"] or 0)
+                        for row in payload["summary"].values() if method in row)
+        axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=method)
+    axes.axhline(100 * payload["results"]["teacher"]["test_accuracy"], color="black", linestyle="--", label="teacher (dense)")
+    axes.set_xscale("log")
+    axes.set_xlabel("encoder FLOPs kept (% of the teacher's)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(f"MiniLM on WordNet glosses, seeds {payload['seeds']}")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -9,19 +9,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .rules import decoder_attention, decoder_attention_modules, feed_forward_outputs, linear_children
+from .rules import decoder_attention, decoder_attention_modules, feed_forward_outputs, layers_around, linear_children
 
 
 @dataclass(frozen=True)
 class DecoderShape:
-    """The shape every decoder layer is pruned to: query heads, key/value heads and feed-forward units (``None``:
-    as the model has it). The pruned model's config then says it in its own keys (``num_attention_heads``,
-    ``num_key_value_heads``, ``head_dim``, ``intermediate_size``), which plain ``transformers`` loads."""
+    """The shape every decoder layer is pruned to: query heads, key/value heads and feed-forward units, the residual
+    stream's width and the number of layers kept whole (``None``: as the model has it). The pruned model's config then
+    says it in its own keys (``num_attention_heads``, ``num_key_value_heads``, ``head_dim``, ``intermediate_size``,
+    ``hidden_size``, ``num_hidden_layers``), which plain ``transformers`` loads."""
 
     heads: int | None = None
     kv_heads: int | None = None
     intermediate_size: int | None = None
     hidden_size: int | None = None  # the residual stream's width: needs gate_decoder_hidden
+    layers: int | None = None  # decoder layers kept whole: needs decoder_rules(model, blocks=True)
 
 
 @dataclass
@@ -30,7 +32,8 @@ class _ShapedLayer:
 
     name: str
     gate: object  # l0sparse.Gate
-    kind: str  # "heads", "groups" (one gate per key/value group), "units" or "hidden" (the residual stream's dimensions)
+    kind: str  # "heads", "groups" (one gate per key/value group), "units", "hidden" (the residual stream's dimensions)
+    # or "layers" (every decoder layer's two block gates: a _LayerGates)
     heads: int = 0  # query heads and key/value heads of the attention module (0 for units)
     kv_heads: int = 0
 
@@ -56,14 +59,70 @@ def _shaped_layers(model: nn.Module) -> list[_ShapedLayer]:
     hidden = hidden_gate(model)
     if hidden is not None:
         layers.append(_ShapedLayer(hidden.owner, hidden, "hidden"))
+    blocks = _layer_gates(model)
+    if blocks is not None:
+        layers.append(_ShapedLayer(blocks.list_name, blocks, "layers"))
     return layers
+
+
+class _LayerGates:
+    """The block gates of every decoder layer (``decoder_rules(model, blocks=True)``: one on the attention block, one on
+    the feed-forward block), read as one gate per layer, as a shape counts layers: a layer stays while both of its
+    blocks do, and goes (``prune_to_shape`` drops it from the model) when both are closed."""
+
+    def __init__(self, list_name: str, pairs: list[tuple[object, object]]) -> None:
+        self.list_name, self.pairs = list_name, pairs
+        self.gamma, self.zeta = pairs[0][0].gamma, pairs[0][0].zeta
+
+    @property
+    def log_alpha(self) -> Tensor:
+        """Per layer, the mean log α of its two block gates (what ranks the layers)."""
+        return torch.stack([(first.log_alpha.detach() + second.log_alpha.detach()).reshape(()) / 2 for first, second in self.pairs])
+
+    def prob_nonzero(self) -> Tensor:
+        """Per layer, the mean probability of its two blocks being open: its expected share of a kept layer."""
+        return torch.stack([(first.prob_nonzero() + second.prob_nonzero()).reshape(()) / 2 for first, second in self.pairs])
+
+    def is_open(self) -> Tensor:
+        return torch.stack([(first.is_open() & second.is_open()).reshape(()) for first, second in self.pairs])
+
+    def per_gate(self, keep: Tensor) -> list[tuple[object, Tensor]]:
+        """(block gate, whether it stays) for both gates of every layer."""
+        return [(gate, keep[index:index + 1]) for index, pair in enumerate(self.pairs) for gate in pair]
+
+
+def _layer_gates(model: nn.Module) -> _LayerGates | None:
+    """The decoder layers' block gates, when every layer of one ``nn.ModuleList`` has one on its attention and one on its
+    feed-forward block (else None: a shape cannot count layers)."""
+    from ..core.sites import gate_masks
+
+    attention = decoder_attention_modules(model)
+    around = layers_around(model, attention)
+    layer_names = [around[name] for name in attention if name in around]
+    parents = {name.rpartition(".")[0] for name in layer_names}
+    if not layer_names or len(parents) != 1 or not isinstance(model.get_submodule(next(iter(parents))), nn.ModuleList):
+        return None
+    blocks: dict[str, list] = {name: [] for name in layer_names}
+    for _, _, _, mask in gate_masks(model):
+        if getattr(mask.gate, "granularity", None) == "block":
+            owner = next((name for name in layer_names if mask.gate.owner.startswith(name + ".")), None)
+            if owner is not None and all(mask.gate is not gate for gate in blocks[owner]):
+                blocks[owner].append(mask.gate)
+    if any(len(gates) != 2 for gates in blocks.values()):
+        return None
+    return _LayerGates(next(iter(parents)), [tuple(blocks[name]) for name in layer_names])
+
+
+def _gates_to_set(layer: _ShapedLayer, keep: Tensor) -> list[tuple[object, Tensor]]:
+    """(gate, which of its entries stay) for the gates that carry ``layer``'s selection."""
+    return layer.gate.per_gate(keep) if layer.kind == "layers" else [(layer.gate, keep)]
 
 
 def _check_shape(layers: list[_ShapedLayer], shape: DecoderShape) -> dict[str, int]:
     """The shape's targets per counted dimension (``heads``, ``kv_heads``, ``units``), checked against every layer."""
     if not isinstance(shape, DecoderShape):
         raise TypeError(f"shape must be an l0sparse.hf.DecoderShape, got {type(shape).__name__}")
-    for field_name in ("heads", "kv_heads", "intermediate_size", "hidden_size"):
+    for field_name in ("heads", "kv_heads", "intermediate_size", "hidden_size", "layers"):
         value = getattr(shape, field_name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"DecoderShape.{field_name} must be a positive int or None, got {value!r}")
@@ -93,9 +152,22 @@ def _check_shape(layers: list[_ShapedLayer], shape: DecoderShape) -> dict[str, i
         if shape.hidden_size > stream[0].gate.log_alpha.numel():
             raise ValueError(f"DecoderShape.hidden_size={shape.hidden_size} is more than the stream's {stream[0].gate.log_alpha.numel()} dimensions")
         targets["hidden"] = shape.hidden_size
+    if shape.layers is not None:
+        targets["layers"] = _layer_target(layers, shape.layers)
     if not targets:
-        raise ValueError("the shape names nothing to prune: give heads, kv_heads, intermediate_size or hidden_size")
+        raise ValueError("the shape names nothing to prune: give heads, kv_heads, intermediate_size, hidden_size or layers")
     return targets
+
+
+def _layer_target(layers: list[_ShapedLayer], count: int) -> int:
+    """The shape's number of layers, checked against the model's layers and their block gates."""
+    blocks = [layer for layer in layers if layer.kind == "layers"]
+    if not blocks:
+        raise ValueError("the shape names layers, but the model's decoder layers have no block gates on both their attention "
+                         "and feed-forward blocks: gate it with sparsify(model, decoder_rules(model, blocks=True))")
+    if count > len(blocks[0].gate.pairs):
+        raise ValueError(f"DecoderShape.layers={count} is more than the {len(blocks[0].gate.pairs)} layers of {blocks[0].name!r}")
+    return count
 
 
 def _head_targets(layer: _ShapedLayer, shape: DecoderShape) -> tuple[int, int]:
@@ -128,7 +200,7 @@ def _head_targets(layer: _ShapedLayer, shape: DecoderShape) -> tuple[int, int]:
 def _layer_counts(layer: _ShapedLayer, open_probability: Tensor) -> dict[str, Tensor]:
     """Heads, key/value heads or units of one layer, given each gate's probability of being open (0/1: what prune keeps
     before a shape's selection)."""
-    if layer.kind in ("units", "hidden"):
+    if layer.kind in ("units", "hidden", "layers"):
         return {layer.kind: open_probability.sum()}
     per_group = layer.heads // layer.kv_heads
     if layer.kind == "groups":
@@ -182,7 +254,7 @@ class ShapeController(nn.Module):
 
     @staticmethod
     def _full(layer: _ShapedLayer) -> dict[str, int]:
-        if layer.kind in ("units", "hidden"):
+        if layer.kind in ("units", "hidden", "layers"):
             return {layer.kind: layer.gate.log_alpha.numel()}
         if layer.heads == layer.kv_heads:  # multi-head: one count, one constraint
             return {"heads": layer.heads}
@@ -199,10 +271,11 @@ class ShapeController(nn.Module):
         for layer in self._layers:
             if not any(dimension in self.targets for dimension in self._full(layer)):
                 continue
-            keep = _select(layer, self.targets)
-            log_alpha, opening = layer.gate.log_alpha, _opening(layer.gate)
+            opening = _opening(layer.gate)
             closing = opening - 2e-2  # just below the threshold: test-time gate 0
-            log_alpha.copy_(torch.where(keep, log_alpha.clamp(min=opening), log_alpha.clamp(max=closing)))
+            for gate, keep in _gates_to_set(layer, _select(layer, self.targets)):
+                gate.log_alpha.copy_(torch.where(keep.view_as(gate.log_alpha), gate.log_alpha.clamp(min=opening),
+                                                 gate.log_alpha.clamp(max=closing)))
 
     @torch.no_grad()
     def deterministic_counts(self) -> list[dict[str, Tensor]]:
@@ -257,7 +330,7 @@ def _select(layer: _ShapedLayer, targets: dict[str, int], scores: Tensor | None 
     groups (by the summed log α of the query heads they would keep), and in each the top query heads."""
     log_alpha = layer.gate.log_alpha.detach() if scores is None else scores.detach().to(layer.gate.log_alpha.device).float()
     keep = torch.zeros(log_alpha.numel(), dtype=torch.bool, device=log_alpha.device)
-    if layer.kind in ("units", "hidden"):
+    if layer.kind in ("units", "hidden", "layers"):
         keep[torch.topk(log_alpha, targets[layer.kind]).indices] = True
         return keep
     if layer.kind == "groups":
@@ -311,15 +384,19 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape, scores
     for layer, copied in zip(layers, _shaped_layers(work)):
         if not any(dimension in targets for dimension in ShapeController._full(layer)):
             continue
-        keep = _select(layer, targets, scores.get(layer.name))
-        log_alpha = copied.gate.log_alpha.data
-        log_alpha.copy_(torch.where(keep, log_alpha.clamp(min=_opening(copied.gate)), torch.full_like(log_alpha, -30.0)))
+        for gate, keep in _gates_to_set(copied, _select(layer, targets, scores.get(layer.name))):
+            log_alpha = gate.log_alpha.data
+            log_alpha.copy_(torch.where(keep.view_as(log_alpha), log_alpha.clamp(min=_opening(gate)), torch.full_like(log_alpha, -30.0)))
     pruned = prune(work.eval(), example_inputs)
-    widths = _pruned_widths(pruned, layers)
+    blocks = next((layer for layer in _shaped_layers(work) if layer.kind == "layers"), None) if "layers" in targets else None
+    dropped = [] if blocks is None else [f"{blocks.name}.{index}." for index, kept in enumerate(blocks.gate.is_open().tolist()) if not kept]
+    widths = _pruned_widths(pruned, [layer for layer in layers if not any(layer.name.startswith(name) for name in dropped)])
     for dimension, target in targets.items():
         found = {width[dimension] for width in widths if dimension in width}
         if found and found != {target}:  # the selection is uniform by construction: anything else is a bug
             raise RuntimeError(f"prune_to_shape: layers kept {sorted(found)} {dimension}, not {target}; please report it")
+    if blocks is not None:
+        _drop_closed_layers(pruned, blocks, example_inputs)
     for dimension, key in keys.items():
         setattr(pruned.config, key, targets[dimension] if dimension in targets else getattr(config, key))
     if getattr(pruned.config, "pruned_heads", None):
@@ -354,6 +431,10 @@ def _config_keys(config, targets: dict[str, int]) -> dict[str, str]:
         keys["hidden"] = "hidden_size"
     if "kv_heads" in targets:
         keys["kv_heads"] = "num_key_value_heads"
+    if "layers" in targets:
+        if not isinstance(getattr(config, "num_hidden_layers", None), int):
+            raise ValueError(f"{type(config).__name__} has no num_hidden_layers to write the layers to")
+        keys["layers"] = "num_hidden_layers"
     if "units" in targets:
         key = next((key for key in ("intermediate_size", "ffn_dim", "n_inner") if isinstance(getattr(config, key, None), int)), None)
         if key is None:
@@ -369,6 +450,8 @@ def _pruned_widths(pruned: nn.Module, layers: list[_ShapedLayer]) -> list[dict[s
         if layer.kind == "hidden":
             widths.append({"hidden": pruned.get_input_embeddings().embedding_dim})
             continue
+        if layer.kind == "layers":
+            continue  # counted when the closed layers are dropped
         module = pruned.get_submodule(layer.name)
         if layer.kind == "units":
             widths.append({"units": module.in_features})
@@ -378,3 +461,40 @@ def _pruned_widths(pruned: nn.Module, layers: list[_ShapedLayer]) -> list[dict[s
         kv = next(m for m in linear_children(module) if m is not queries and m is not projection)
         widths.append({"heads": queries.out_features // head_dim, "kv_heads": kv.out_features // head_dim})
     return widths
+
+
+@torch.no_grad()
+def _drop_closed_layers(pruned: nn.Module, blocks: _ShapedLayer, example_inputs) -> None:
+    """Remove from ``pruned`` the decoder layers whose two blocks the selection closed, renumbering the rest (their
+    ``layer_idx``, which indexes the KV cache) and the config's per-layer lists; refused where a closed layer still adds
+    something to the stream (an output bias), since a stock config cannot keep a layer that is only a bias."""
+    from ..core.graph import evaluating, example_tuple
+
+    batch = example_tuple(example_inputs, "prune_to_shape")
+    closed = [index for index, is_open in enumerate(blocks.gate.is_open().tolist()) if not is_open]
+    layer_list = pruned.get_submodule(blocks.name)
+    with evaluating(pruned):
+        before = _logits(pruned(*batch, **batch.kwargs))
+        kept = [layer for index, layer in enumerate(layer_list) if index not in closed]
+        removed = [layer for index, layer in enumerate(layer_list) if index in closed]
+        pruned.get_submodule(blocks.name.rpartition(".")[0] or "").__setattr__(blocks.name.rpartition(".")[2], nn.ModuleList(kept))
+        for index, layer in enumerate(kept):
+            for module in layer.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = index
+        config = pruned.config
+        config.num_hidden_layers = len(kept)
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [kind for index, kind in enumerate(config.layer_types) if index not in closed]
+        after = _logits(pruned(*batch, **batch.kwargs))
+    scale = float(before.abs().max())
+    if before.shape != after.shape or float((before - after).abs().max()) > 1e-4 * max(scale, 1e-30):
+        names = [f"{blocks.name}.{index}" for index in closed]
+        pruned.get_submodule(blocks.name.rpartition(".")[0] or "").__setattr__(blocks.name.rpartition(".")[2], layer_list)
+        raise ValueError(f"prune_to_shape: the closed layers {names} still change the output (an output bias of a closed block, "
+                         f"{type(removed[0]).__name__}): a stock config cannot hold them; leave layers out of the shape or "
+                         "use l0sparse.prune")
+
+
+def _logits(output) -> Tensor:
+    return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, tuple) else output
