@@ -24,8 +24,8 @@ from .gates import Gate, accumulation_dtype, as_number, check_lam
 from .graph import check_example_batch, check_module, evaluating, example_tuple, run_batch, trace_channels
 from .stream import hidden_gate
 from .layers import L0Layer
-from .ops import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, grouped_heads_kept, head_layouts,
-                         module_rule, scaled_dot_product_macs, weight_product)
+from .ops import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, fused_unit_layouts, grouped_heads_kept,
+                  head_layouts, module_rule, scaled_dot_product_macs, weight_product)
 from .sites import Charge, GateSite, charges, find_gates, gate_sites, raw_tensor, tied_tensors, ungated_l2_tensors
 
 __all__ = ["expected_l0", "penalty", "Penalty", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params",
@@ -342,7 +342,10 @@ class CostModel:
         # libraries leave with their q/k/v rows, and no column is dropped that its producer still makes
         self._head_layouts = head_layouts(model) if self.graph.slices_in_place else {}
         self._head_of = {linear: owner for owner, layout in self._head_layouts.items()
-                         for linear in (*layout["qkv"], *layout.get("kv", ()), layout["projection"])}
+                         for linear in (*layout["qkv"], *layout.get("kv", ()), *layout.get("fused", ()), layout["projection"])}
+        # feed-forward blocks with a fused input projection: consumer or producer -> (the consumer, segments)
+        self._fused_units = {name: (consumer, layout["segments"]) for consumer, layout in fused_unit_layouts(model).items()
+                             for name in (consumer, layout["producer"])}
         # a hidden gate (l0sparse.core.stream; found by l0sparse.hf.hidden): its stream's readers lose columns, its writers rows, and the embedding columns
         # and LayerNorm entries of each closed dimension go
         self._hidden = hidden_gate(model)
@@ -411,6 +414,31 @@ class CostModel:
         else:
             kept = per_head
         return kept.repeat_interleave(head_dim)
+
+    def _qkv_rows(self, name: str, prob, deterministic: bool) -> Tensor:
+        """Per output row of the q, k, v or fused projection ``name`` of an export-traced attention module: P(kept)."""
+        owner = self._head_of[name]
+        layout = self._head_layouts[owner]
+        blocks = layout.get("fused", {}).get(name)
+        if blocks is None:
+            return self._kept_rows(owner, prob, deterministic, keys_values=name in layout.get("kv", ()))
+        head_dim = layout["head_dim"]  # a fused projection: each block of rows is one query head's, or one key/value head's
+        per_head = {"q": self._kept_rows(owner, prob, deterministic).view(-1, head_dim),
+                    "kv": self._kept_rows(owner, prob, deterministic, keys_values=True).view(-1, head_dim)}
+        return torch.cat([per_head[kind][head] for kind, head in blocks])
+
+    def _fused_unit_rows(self, name: str, p_in: Tensor, p_out: Tensor, prob, deterministic: bool) -> tuple[Tensor, Tensor]:
+        """(p_in, p_out) of a layer of a feed-forward block with a fused input projection (:class:`l0sparse.core.ops.FusedUnits`):
+        the consumer's columns and the producer's rows in every segment go with their unit, of which prune keeps one
+        where all are closed."""
+        consumer, segments = self._fused_units[name]
+        units = _column_probabilities(self._sites_of(self.modules[consumer]), prob)
+        if units is None:
+            return p_in, p_out
+        if deterministic and not bool(units.sum() > 0):
+            units = torch.zeros_like(units)
+            units[0] = 1
+        return (units, p_out) if name == consumer else (p_in, units.repeat(segments))
 
     def _sites_of(self, module: nn.Module) -> list[GateSite]:
         return self._sites.get(id(module), [])
@@ -537,12 +565,12 @@ class CostModel:
             removable = source is not None and source.removable
             p_in = self._space_kept(source, prob, cache).repeat_interleave(n_in // source.size) if removable else torch.ones_like(p_in)
         if name in self._head_of:  # q/k/v rows and output projection columns go with their head
-            layout = self._head_layouts[self._head_of[name]]
-            per_row = self._kept_rows(self._head_of[name], prob, deterministic, keys_values=name in layout.get("kv", ()))
-            if name == layout["projection"]:
-                p_in = per_row
+            if name == self._head_layouts[self._head_of[name]]["projection"]:
+                p_in = self._kept_rows(self._head_of[name], prob, deterministic)
             else:
-                p_out = per_row
+                p_out = self._qkv_rows(name, prob, deterministic)
+        if name in self._fused_units:  # a fused feed-forward input projection, or the layer that reads its units
+            p_in, p_out = self._fused_unit_rows(name, p_in, p_out, prob, deterministic)
         if hidden is not None and name in self._hidden_readers:
             p_in = p_in * hidden
         if hidden is not None and name in self._hidden_writers:

@@ -29,8 +29,9 @@ from torch.nn.utils import parametrize
 from .graph import ChannelGraph, check_module, evaluating, example_tuple, run_batch, trace_channels
 from .stream import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
-from .ops import (LinearRule, grouped_heads_kept, head_layouts, inline_encoder, module_rule, record_pruned_heads, remove_heads,
-                         set_head_count, set_kv_groups, set_submodule)
+from .ops import (LinearRule, fused_head_layout, fused_rows, fused_unit_layouts, grouped_heads_kept, head_layouts, inline_encoder,
+                  module_rule, quantities, record_pruned_heads, remove_heads, set_attributes, set_head_count, set_kv_groups, set_submodule,
+                  unit_rows)
 from .sites import find_gates, gate_masks, gate_sites, run_plainly, tied_tensors
 
 __all__ = ["prune", "rebuild", "plain_copy", "PrunePlan", "Selection"]
@@ -218,6 +219,22 @@ def _plan_units_inside(modules: dict, round_to: int, rows: dict, remaining: dict
             revived[f"{name}.{consumer}"] = (rounded & ~is_open)[keep]
 
 
+def _plan_fused_units(work: nn.Module, plan: PrunePlan, round_to: int) -> None:
+    """Add the units of feed-forward blocks with a fused input projection (:class:`l0sparse.core.ops.FusedUnits`): the
+    consumer keeps its open columns (at least one), the producer those units' rows in every segment. The split of the
+    fused rows locks their channel space, so the plan has nothing for them yet."""
+    modules = dict(work.named_modules())
+    for consumer, layout in fused_unit_layouts(work).items():
+        producer = layout["producer"]
+        if consumer in plan.columns or producer in plan.rows:
+            continue
+        is_open = _round_up(_column_open(modules[consumer].weight), round_to)
+        if not is_open.all():
+            kept = torch.nonzero(is_open).flatten().tolist()
+            plan.columns[consumer] = kept
+            plan.rows[producer] = unit_rows(kept, is_open.numel(), layout["segments"])
+
+
 def _plan_columns(graph: ChannelGraph, modules: dict, remaining: dict, revived: dict, column_gated: set[str], round_to: int,
                   can_select: bool) -> tuple[dict[str, list[int]], list[Selection]]:
     """The columns each consumer keeps, and the index_selects that feed it only those (see :func:`_make_plan`)."""
@@ -306,6 +323,7 @@ def _apply_module_plan(work: nn.Module, plan: PrunePlan) -> nn.Module:
     and a Hugging Face model's ``config.pruned_heads`` records the removed ones (:func:`record_pruned_heads`).
     """
     modules = dict(work.named_modules())
+    shared = _shared_settings(modules, plan.head_layouts)  # refused before anything is sliced
     _slice_layers(modules, plan)
     for owner, layout in plan.head_layouts.items():
         kept, head_dim = layout["kept"], layout["head_dim"]
@@ -325,7 +343,44 @@ def _apply_module_plan(work: nn.Module, plan: PrunePlan) -> nn.Module:
         _slice(modules[layout["projection"]], layout["projection"], columns=index)
         set_head_count(modules[owner], layout["heads"], heads, head_dim, width)
     record_pruned_heads(work, plan.head_layouts)  # a Hugging Face model's config.pruned_heads
+    for config, attribute, value in shared:  # after the record, which reads the original head count
+        setattr(config, attribute, value)
     return work
+
+
+def _kept_quantities(layout: dict) -> dict[str, int]:
+    """:func:`quantities` of what prune keeps of a fused or grouped attention module (:func:`grouped_heads_kept`)."""
+    if len(layout["kept"]) == layout["heads"]:
+        return quantities(layout["heads"], layout["kv_heads"], layout["head_dim"])
+    query_heads, groups = grouped_heads_kept(layout["kept"], layout["heads"], layout["kv_heads"])
+    return quantities(len(query_heads), len(groups), layout["head_dim"])
+
+
+def _shared_settings(modules: dict[str, nn.Module], layouts: dict[str, dict]) -> list[tuple[object, str, int]]:
+    """(config, attribute, value) for each ``"shared"`` setting of a fused layout (:class:`l0sparse.core.ops.FusedHeads`): a
+    head count that every layer's forward reads from one config. Refused, naming the modules, where the layers sharing
+    the config keep different counts (a module of the kind without a plan keeps all its heads)."""
+    values: dict[tuple[int, str], dict[int, list[str]]] = {}
+    configs: dict[int, object] = {}
+    for name, module in modules.items():
+        config = getattr(module, "config", None)
+        layout = layouts.get(name)
+        if layout is None and config is not None and (found := fused_head_layout(name, module)) is not None:
+            layout = {**found, "kept": list(range(found["heads"]))}
+        if layout is None or not layout.get("shared"):
+            continue
+        kept = _kept_quantities(layout)
+        configs[id(config)] = config
+        for attribute, quantity in layout["shared"].items():
+            values.setdefault((id(config), attribute), {}).setdefault(kept[quantity], []).append(name)
+    for (_, attribute), found in values.items():
+        if len(found) > 1:
+            listed = "; ".join(f"{value} in {names[0]!r}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+                               for value, names in sorted(found.items()))
+            raise ValueError(f"prune: the attention modules read config.{attribute} (one value for every layer) but keep different "
+                             f"counts: {listed}. Their heads can be pruned only to the same count in every layer: a shape "
+                             "(l0sparse.hf.prune_to_shape), or gates that close as many heads in every layer")
+    return [(configs[key], attribute, next(iter(found))) for (key, attribute), found in values.items()]
 
 
 def _remove_grouped_heads(modules: dict[str, nn.Module], owner: str, layout: dict) -> None:
@@ -338,8 +393,11 @@ def _remove_grouped_heads(modules: dict[str, nn.Module], owner: str, layout: dic
         _slice(modules[name], name, rows=rows(query_heads))
     for name in layout["kv"]:
         _slice(modules[name], name, rows=rows(groups))
+    for name, blocks in layout.get("fused", {}).items():  # fused q/k/v: the rows of the heads kept
+        _slice(modules[name], name, rows=fused_rows(blocks, head_dim, query_heads, groups))
     _slice(modules[layout["projection"]], layout["projection"], columns=rows(query_heads))
     set_kv_groups(modules[owner], len(query_heads) // len(groups))
+    set_attributes(modules[owner], layout.get("set", {}), quantities(len(query_heads), len(groups), head_dim))
 
 
 def _check_values(model: nn.Module, example_inputs: tuple) -> None:
@@ -400,10 +458,12 @@ def prune(model: nn.Module, example_inputs, return_plan: bool = False, round_to:
     graph = trace_channels(work, example_inputs)
     if graph.slices_in_place:  # no fx graph to rewrite: slice the copy's own modules, its forward unchanged
         plan = _make_plan(graph, column_gated, round_to, can_select=False)
+        _plan_fused_units(work, plan, round_to)
         plan.tracer, plan.head_layouts = "export", _head_layouts(model, work)
         pruned = _apply_module_plan(work, plan)
     else:
         plan = _make_plan(graph, column_gated, round_to)
+        _plan_fused_units(work, plan, round_to)
         pruned = _apply_plan(graph, plan)
     plan.hidden = hidden or {}
     with evaluating(model), torch.no_grad():  # the user's model leaves in the mode it came in, whatever happened

@@ -336,12 +336,14 @@ def _check_supported(name: str, module: nn.Module, granularity: str, num_heads: 
 def _check_own_attention(name: str, module: nn.Module, num_heads: int) -> None:
     """A ``("heads", n)`` rule on an attention module of the user's own (or a library's): its output projection
     must split into ``n`` heads, and a declared head count or grouped-query layout must agree."""
-    projection = _output_projection(module)
+    projection = _block_projection(module)
     if projection is None or projection.in_features % num_heads:
         found = "it has no nn.Linear" if projection is None else f"its last Linear has {projection.in_features} inputs"
         raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the output projection "
                          f"must be its last nn.Linear with inputs divisible by {num_heads}; {found}")
-    grouped = grouped_projections(module, projection)
+    rule = module_rule(module)
+    grouped = rule.head_layout(module) if rule is not None else None  # fused projections: the layout an adapter's rule gives
+    grouped = grouped or grouped_projections(module, projection)
     if grouped is not None and num_heads not in (grouped["heads"], grouped["kv_heads"]):  # a gate across heads removes none
         raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
                          f"{grouped['heads']} query heads in {grouped['kv_heads']} key/value groups; give ('heads', "
@@ -380,7 +382,7 @@ def _gate_heads(placement: _Placement, name: str, module: nn.Module) -> None:
     if rule is not None and rule.allows(module, "heads"):
         rule.gate_heads(name, module, lambda shape, granularity, charged: _new_gate(shape, name, granularity, charged, gate_kwargs))
         return
-    projection = _output_projection(module)
+    projection = _block_projection(module)
     gate = _new_gate(num_heads, name, "heads", projection, gate_kwargs)
     parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features // num_heads))
 

@@ -3,6 +3,7 @@
 One module a purpose:
 
 - ``rules``: where gates go, found by structure (:func:`encoder_rules`, :func:`decoder_rules`);
+- ``fused``: which rows of a fused q/k/v or gate/up projection are whose (GPT-NeoX, Phi-3), as rules registered on import;
 - ``hidden``: the hidden-size gate of a residual stream (:func:`gate_hidden` for BERT-like encoders,
   :func:`gate_decoder_hidden` for pre-norm decoders);
 - ``shapes``: a target architecture for a decoder (:class:`DecoderShape`, :class:`ShapeController`,
@@ -15,6 +16,7 @@ transformers itself is imported only where a function needs it.
 """
 
 from .distill import LayerDistillation, encoder_layers
+from .fused import register_fused_rules
 from .hidden import gate_decoder_hidden, gate_hidden
 from .rules import decoder_rules, encoder_rules
 from .shapes import DecoderShape, ShapeController, prune_to_shape
@@ -25,6 +27,8 @@ from .task import (MINILM_PACKAGE, SentenceClassifier, build_minilm, encoder_flo
 __all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifier", "build_minilm", "encoder_rules", "decoder_rules",
            "trim_padding", "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation", "encoder_flops", "gate_hidden",
            "gate_decoder_hidden", "DecoderShape", "ShapeController", "prune_to_shape", "L0Callback"]
+
+register_fused_rules()  # the fused q/k/v and gate/up layouts of GPT-NeoX and Phi-3 (hf.fused), matched by class name
 
 
 def __getattr__(name: str):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..core.ops import fused_unit_layouts, module_rule
+from .fused import FUSED_HEADS, REFUSED_HEADS, fused_head_modules
+
 
 def linear_children(module: nn.Module) -> list[nn.Linear]:
     """Every Linear inside ``module``, in registration order."""
@@ -64,12 +67,23 @@ def feed_forward_outputs(model: nn.Module, attention: list[str]) -> list[str]:
     in_attention = {id(m) for name in attention for m in linear_children(modules[name])}
     found: dict[str, None] = {}
     for name, layer in layers_around(model, attention).items():
-        width = linear_children(modules[name])[-1].out_features
+        width = _output_width(modules[name])
         others = [(n, m) for n, m in modules[layer].named_modules() if isinstance(m, nn.Linear) and id(m) not in in_attention]
         for (_, up), (down_name, down) in zip(others, others[1:]):
             if up.in_features == down.out_features == width and up.out_features == down.in_features:
                 found[f"{layer}.{down_name}" if layer else down_name] = None
     return list(found)
+
+
+def _output_width(attention: nn.Module) -> int:
+    """The width an attention module writes back: its output projection's (as its rule names it, or found by structure),
+    else its last Linear's (Phi-3 registers o_proj before its fused qkv_proj)."""
+    rule = module_rule(attention)
+    projection = rule.block_projection(attention) if rule is not None else None
+    if projection is None:
+        found = decoder_attention(attention)
+        projection = found[1] if found else linear_children(attention)[-1]
+    return projection.out_features
 
 
 def encoder_rules(model: nn.Module, heads: bool = True) -> dict:
@@ -212,6 +226,7 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
     _refuse_per_head_tables(model, rules, "decoder_rules")
     units = "in+block" if blocks else "in"
     feed_forward = feed_forward_outputs(model, attention)
+    feed_forward += [name for name in fused_unit_layouts(model) if name not in feed_forward]  # Phi-3's gate_up_proj
     if not rules and not feed_forward:
         raise ValueError(f"decoder_rules found no feed-forward block in {type(model).__name__}: it looks for a d → f, f → d pair of "
                          "nn.Linear next to each attention module (a fused gate_up projection, as Phi-3's, is not supported)")
@@ -222,16 +237,21 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
 
 
 def _decoder_attention_or_refuse(model: nn.Module, heads: bool) -> list[str]:
-    """The decoder's attention modules (:func:`decoder_attention_modules`); with ``heads=False``, where there are none,
-    the fused ones, which still say where each layer's feed-forward block is. Refuses a model with neither."""
-    attention = decoder_attention_modules(model)
+    """The decoder's attention modules: those of separate projections (:func:`decoder_attention_modules`) and those whose
+    fused projections a registered rule lays out (:mod:`l0sparse.hf.fused`), in model order; with ``heads=False``, where
+    there are none, the other fused ones, which still say where each layer's feed-forward block is. Refuses heads of
+    a family whose fused heads cannot be sliced (naming the module and why), and a model with no attention at all."""
+    order = {name: position for position, (name, _) in enumerate(model.named_modules())}
+    attention = sorted({*decoder_attention_modules(model), *fused_head_modules(model)}, key=order.__getitem__)
     fused = [] if attention else fused_attention_modules(model)
     if not attention and (heads or not fused):
         named = fused[0] if fused else next((name for name, m in model.named_modules() if type(m).__name__.endswith("Attention")), None)
-        where = f": {named!r} ({type(model.get_submodule(named)).__name__}) has no four separate nn.Linear projections" if named else ""
-        raise ValueError(f"decoder_rules found no attention module with separate query, key, value and output nn.Linear "
-                         f"projections in {type(model).__name__}{where}; heads of fused projections (Phi-3 qkv_proj, GPT-2 c_attn, "
-                         "GPT-NeoX/Falcon/BLOOM query_key_value) are not supported"
+        kind = type(model.get_submodule(named)).__name__ if named else None
+        why = f": {named!r} ({kind}) has no four separate nn.Linear projections" if named else ""
+        if kind in REFUSED_HEADS:
+            why = f": the heads of {named!r} ({kind}) cannot be removed: {REFUSED_HEADS[kind]}"
+        raise ValueError(f"decoder_rules found no attention module whose heads it can gate in {type(model).__name__}{why}; fused "
+                         f"projections are laid out for {', '.join(FUSED_HEADS)} only"
                          + ("; decoder_rules(model, heads=False) gates the feed-forward units only" if fused else ""))
     return attention or fused
 
@@ -239,6 +259,10 @@ def _decoder_attention_or_refuse(model: nn.Module, heads: bool) -> list[str]:
 def _decoder_head_gates(name: str, module: nn.Module, config, groups: bool) -> int:
     """How many head gates the attention module ``name`` gets: one per query head, or with ``groups`` one per key/value
     group. Refuses a module whose output projection is not its last Linear, or whose head width cannot be told."""
+    rule = module_rule(module)
+    layout = rule.head_layout(module) if rule is not None else None
+    if layout is not None:  # fused projections (hf.fused): the gates go on the output projection the layout names
+        return layout["kv_heads"] if groups else layout["heads"]
     queries, projection = decoder_attention(module)
     if linear_children(module)[-1] is not projection:
         raise ValueError(f"decoder_rules: the output projection of {name!r} ({type(module).__name__}) is not its last nn.Linear, "

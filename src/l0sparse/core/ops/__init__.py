@@ -22,6 +22,7 @@ from .attention import (AtenProducts, AttentionRule, EncoderLayerRule, ScaledDot
                         attention_module_is_plain, inline_encoder, remove_heads, scaled_dot_product_macs)
 from .base import FunctionRule, ModuleRule, Trace, flatten, node_inputs, set_submodule
 from .elementwise import BinaryFunctions, ChannelwiseFunctions, ChannelwiseRule, ScalarFunctions
+from .fused import FusedHeads, FusedUnits, fused_head_layout, fused_rows, fused_unit_layouts, quantities, set_attributes, unit_rows
 from .heads import (declared_head_count, grouped_heads_kept, grouped_projections, head_layouts, query_key_value, record_pruned_heads,
                     set_head_count, set_kv_groups)
 from .norms import BatchNormRule, ChannelLayerNormRule, GroupNormRule
@@ -35,7 +36,8 @@ __all__ = [
     "user_rule_applies", "node_inputs", "is_depthwise", "flatten", "set_submodule",
     "attention_cost", "attention_layout", "attention_module_is_plain", "scaled_dot_product_macs", "inline_encoder", "remove_heads",
     "head_layouts", "declared_head_count", "set_head_count", "record_pruned_heads", "query_key_value", "grouped_projections",
-    "grouped_heads_kept", "set_kv_groups",
+    "grouped_heads_kept", "set_kv_groups", "FusedHeads", "FusedUnits", "fused_head_layout", "fused_rows", "fused_unit_layouts",
+    "quantities", "set_attributes", "unit_rows",
 ]
 
 _BUILT_IN_MODULE_RULES: tuple[ModuleRule, ...] = (
@@ -122,7 +124,7 @@ def module_rule(module: nn.Module) -> ModuleRule | None:
 
 def user_rule_applies(module: nn.Module) -> bool:
     """Whether a rule added with :func:`register_rule` covers ``module`` (torch.fx then keeps it a leaf)."""
-    return any(rule.applies(module) for rule in _user_module_rules)
+    return any(rule.leaf and rule.applies(module) for rule in _user_module_rules)
 
 
 def weight_product(module: nn.Module) -> WeightProduct | None:

@@ -58,6 +58,9 @@ class ModuleRule:
     covers_submodules: bool = False
     #: why a "block" gate cannot go on such a module, where the general "no output projection" says too little
     block_refusal: str | None = None
+    #: whether torch.fx keeps such modules leaves (a rule that only describes a module's insides, such as
+    #: :meth:`head_layout`, lets fx trace through it)
+    leaf: bool = True
 
     def applies(self, module: nn.Module) -> bool:
         return isinstance(module, self.kinds)
@@ -80,6 +83,16 @@ class ModuleRule:
     def gate_heads(self, name: str, module: nn.Module, new_gate) -> None:
         """Attach the ``"heads"`` gates; ``new_gate(shape, granularity, charged_module)`` makes each."""
         raise NotImplementedError(f"{type(module).__name__} has no heads to gate")
+
+    def head_layout(self, module: nn.Module) -> dict | None:
+        """Where the heads of an attention module with FUSED projections lie (:class:`l0sparse.core.ops.fused.FusedHeads`),
+        or None: an attention module of separate q/k/v Linear layers is read by structure instead."""
+        return None
+
+    def unit_layout(self, module: nn.Module) -> dict | None:
+        """Where the units of a feed-forward block with a FUSED input projection lie
+        (:class:`l0sparse.core.ops.fused.FusedUnits`), or None."""
+        return None
 
     def units_inside(self, module: nn.Module) -> tuple[str, str] | None:
         """(producer, consumer) names inside the module whose units prune slices within it (a traced leaf), or None."""

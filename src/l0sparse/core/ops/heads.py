@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..sites import gate_masks
+from .fused import fused_head_layout
 
 
 # where attention modules of other libraries (Hugging Face BERT-like encoders) keep their head count and
@@ -151,7 +152,8 @@ def head_layouts(model: nn.Module) -> dict[str, dict]:
     layers as wide as the projection's input (q, k, v), "heads": its head count, "head_dim": the width of
     one head, "min_width": the q/k/v rows kept when every head is closed}`` (JSON-serialisable). For
     grouped-query attention (:func:`grouped_projections`) ``"qkv"`` names the queries alone, ``"kv"`` the keys
-    and values, and ``"kv_heads"`` their head count."""
+    and values, and ``"kv_heads"`` their head count. An attention module with fused projections (:class:`l0sparse.core.ops.FusedHeads`)
+    has empty ``"qkv"`` and ``"kv"`` and its projections' rows under ``"fused"`` (:func:`fused_head_layout`)."""
     layouts = {}
     modules = dict(model.named_modules())
     for name, module, _, mask in gate_masks(model):
@@ -159,6 +161,11 @@ def head_layouts(model: nn.Module) -> dict[str, dict]:
         attention = modules.get(owner)
         if getattr(mask.gate, "granularity", None) not in ("heads", "block") or attention is None or owner in layouts or isinstance(
                 attention, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Linear)):
+            continue
+        fused = fused_head_layout(owner, attention)
+        if fused is not None:  # fused q/k/v projections (an adapter's FusedHeads rule says which rows are whose)
+            if fused["projection"] == name:
+                layouts[owner] = fused
             continue
         qkv = query_key_value(attention, module)
         grouped = grouped_projections(attention, module) if len(qkv) != 3 else None
