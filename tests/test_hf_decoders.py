@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import l0sparse
+import l0sparse.core.ops
 import l0sparse.core.stream
 import l0sparse.hf.shapes
 from l0sparse import hf as l0hf
@@ -47,7 +48,14 @@ FAMILIES = {
                                                                 intermediate_size=FFN, attention_types=[[["global", "local"], 1]],
                                                                 max_position_embeddings=64, window_size=4, bos_token_id=1,
                                                                 eos_token_id=2)),
+    # fused query_key_value, rows interleaved per head; partial rotary (half of each head's 8 dimensions turn)
+    "gpt-neox": lambda: gpt_neox(rotary_pct=0.5),
+    # fused qkv_proj [q | k | v] (grouped-query) and gate_up_proj [gate | up]; the query width read from the shared config
+    "phi3": lambda: phi3(),
 }
+#: families whose forward reads the query head count from the config every layer shares: prune keeps the same count in
+#: every layer or refuses, so their gates close the same heads in every layer here
+SHARED_HEAD_COUNT = {"phi3"}
 VARIANTS = {"heads": {}, "groups": {"groups": True}, "blocks": {"blocks": True}}
 
 
@@ -70,6 +78,8 @@ def gated(family: str, seed: int = 0, **rule_options) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for gate in find_gates(model):
+            if family in SHARED_HEAD_COUNT:  # every layer draws the same: the same heads close in every layer
+                generator.manual_seed(seed)
             gate.log_alpha.copy_(torch.where(torch.rand(gate.log_alpha.shape, generator=generator) < 0.5, -10.0, 10.0))
     return model.eval()
 
@@ -202,9 +212,8 @@ def test_a_head_rule_across_groups_and_fused_projections_are_refused_by_name():
     model = llama()
     with pytest.raises(ValueError, match=r"8 query heads in 2 key/value groups.*\('heads', 8\).*\('heads', 2\)"):
         l0sparse.sparsify(model, {"model.layers.*.self_attn": ("heads", 4), nn.Linear: "skip"})
-    phi3 = hf().Phi3ForCausalLM(hf().Phi3Config(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **COMMON))
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn' \(Phi3Attention\).*fused projections"):
-        l0hf.decoder_rules(phi3)
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn' \(Phi3Attention\): the module has 4 query heads in 2 key/value groups"):
+        l0sparse.sparsify(phi3(), {"model.layers.*.self_attn": ("heads", 8), nn.Linear: "skip"})  # fused: its layout's counts
     gpt2 = hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64))
     with pytest.raises(ValueError, match=r"'transformer.h.0.attn' \(GPT2Attention\)"):
         l0hf.decoder_rules(gpt2)
@@ -597,26 +606,91 @@ def test_streams_the_hidden_gate_cannot_make_exact_are_refused_by_name():
         l0hf.prune_to_shape(gemma, batch(), l0hf.DecoderShape(hidden_size=24))
 
 
-def test_a_heads_rule_on_phi3_lands_on_its_output_projection_and_prune_says_it_kept_the_heads():
-    """Phi-3 registers o_proj before its fused qkv_proj: the head gates go on o_proj's columns (not on qkv_proj's
-    input columns, residual-stream features), and prune, which cannot slice the fused projection per head yet, keeps
-    the closed heads as zeros and names the layer."""
+def phi3() -> nn.Module:  # 4 query heads of 8 in 2 key/value groups
+    return hf().Phi3ForCausalLM(hf().Phi3Config(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **COMMON))
+
+
+def test_a_heads_rule_on_phi3_lands_on_its_output_projection_and_prune_slices_the_fused_rows():
+    """Phi-3 registers o_proj before its fused qkv_proj: a hand-written head rule's gates go on o_proj's columns (not on
+    qkv_proj's input columns, residual-stream features), and prune removes each closed head's query rows of qkv_proj and
+    the key and value rows of a group none of whose heads is open, setting the module's and the config's head counts."""
     torch.manual_seed(0)
-    phi3 = hf().Phi3ForCausalLM(hf().Phi3Config(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **COMMON)).eval()
-    l0sparse.sparsify(phi3, {"model.layers.*.self_attn": ("heads", 4), nn.Linear: "skip"})
-    gated_modules = {site.name for site in l0sparse.gate_sites(phi3)}
+    model = phi3().eval()
+    l0sparse.sparsify(model, {"model.layers.*.self_attn": ("heads", 4), nn.Linear: "skip"})
+    gated_modules = {site.name for site in l0sparse.gate_sites(model)}
     assert gated_modules == {f"model.layers.{i}.self_attn.o_proj" for i in range(2)}
     with torch.no_grad():
-        for gate in find_gates(phi3):
-            gate.log_alpha.copy_(torch.tensor([10.0, -10.0, 10.0, -10.0]))
-    with pytest.warns(UserWarning, match=r"closed input columns stay as zeros in 'model.layers.0.self_attn.o_proj' \(16 of 32\)"):
-        pruned = l0sparse.prune(phi3, batch())
-    assert_same_logits(phi3, pruned, batch())
+        for gate in find_gates(model):
+            gate.log_alpha.copy_(torch.tensor([10.0, 10.0, -10.0, -10.0]))  # group 0 keeps both its heads, group 1 goes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing closed stays
+        pruned = l0sparse.prune(model, batch())
+    for layer in pruned.model.layers:
+        attention = layer.self_attn
+        assert (attention.qkv_proj.out_features, attention.o_proj.in_features) == ((2 + 1 + 1) * 8, 2 * 8)
+        assert (attention.num_key_value_heads, attention.num_key_value_groups) == (1, 2)
+    assert pruned.config.num_attention_heads == 2 and model.config.num_attention_heads == 4  # the user's config is left as it was
+    assert_same_logits(model, pruned, batch())
 
 
-def gpt_neox() -> nn.Module:
+def test_phi3_heads_are_refused_by_name_where_layers_keep_different_counts():
+    """Phi-3's forward takes its queries as the first config.num_attention_heads · head_dim rows of qkv_proj, one config
+    for every layer: prune cannot leave layers with different query head counts, and says so before slicing anything."""
+    model = phi3().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # embeddings and norms have weights but no gate
+        l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.parametrizations.weight[0].gate.log_alpha.copy_(torch.tensor([10.0, -10.0, -10.0, -10.0]))
+    with pytest.raises(ValueError, match=r"read config.num_attention_heads .* keep different counts: 1 in 'model.layers.0.self_attn'; "
+                                         r"4 in 'model.layers.1.self_attn'.*prune_to_shape"):
+        l0sparse.prune(model, batch())
+
+
+def gpt_neox(**extra) -> nn.Module:
     return hf().GPTNeoXForCausalLM(hf().GPTNeoXConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
-                                                      intermediate_size=FFN))
+                                                      intermediate_size=FFN, **extra))
+
+
+@pytest.mark.usefixtures("torch_export_loaded")
+@pytest.mark.parametrize("family", ["gpt-neox", "phi3"])
+def test_closed_heads_and_units_leave_fused_projections_with_their_rows(family):
+    """Each layer's fused q/k/v projection keeps the rows of its kept heads only (GPT-NeoX: 3 · 8 per head; Phi-3: 8 per
+    query head and 2 · 8 per key/value head kept), and Phi-3's gate_up_proj two rows per kept unit."""
+    model = gated(family)
+    pruned = l0sparse.prune(model, batch())
+    for name, before in model.named_modules():
+        after = pruned.get_submodule(name) if type(before).__name__ in ("GPTNeoXAttention", "Phi3Attention", "Phi3MLP") else None
+        if type(before).__name__ in ("GPTNeoXAttention", "Phi3Attention"):
+            projection = before.dense if family == "gpt-neox" else before.o_proj
+            is_open = projection.parametrizations.weight[0].gate.is_open()
+            heads = int(after.dense.in_features if family == "gpt-neox" else after.o_proj.in_features) // 8
+            if family == "gpt-neox":
+                assert heads == int(is_open.sum()) and after.query_key_value.out_features == 3 * 8 * heads
+            else:
+                query_heads, groups = grouped_heads_kept(torch.nonzero(is_open).flatten().tolist(), 4, 2)
+                assert heads == len(query_heads) < 4 and after.qkv_proj.out_features == 8 * (heads + 2 * len(groups))
+        if type(before).__name__ == "Phi3MLP":
+            units = int(before.down_proj.parametrizations.weight[0].gate.is_open().sum())
+            assert after.down_proj.in_features == units < FFN and after.gate_up_proj.out_features == 2 * units
+
+
+def test_fused_layouts_are_read_from_the_families_own_modules():
+    """GPT-NeoX: head h owns rows [3hd, 3(h+1)d) of query_key_value, its q, k and v (the forward views them as (heads, 3d)
+    and chunks each in three); partial rotary turns part of each head. Phi-3: [q | k | v] and [gate | up]."""
+    neox = FAMILIES["gpt-neox"]()
+    attention = neox.gpt_neox.layers[0].attention
+    assert attention.rotary_ndims == 4 < attention.head_size == 8
+    layout = l0sparse.core.ops.fused_head_layout("a", attention)
+    assert layout["fused"]["a.query_key_value"][:4] == [["q", 0], ["kv", 0], ["kv", 0], ["q", 1]] and layout["projection"] == "a.dense"
+    assert l0hf.decoder_rules(neox, groups=True)["gpt_neox.layers.0.attention"] == ("heads", 4)  # multi-head: a group is a head
+    model = phi3()
+    layout = l0sparse.core.ops.fused_head_layout("a", model.model.layers[0].self_attn)
+    assert layout["fused"]["a.qkv_proj"] == [["q", 0], ["q", 1], ["q", 2], ["q", 3], ["kv", 0], ["kv", 1], ["kv", 0], ["kv", 1]]
+    assert l0sparse.core.ops.fused_unit_layouts(model)["model.layers.1.mlp.down_proj"] == {"producer": "model.layers.1.mlp.gate_up_proj",
+                                                                                          "segments": 2}
+    assert l0hf.decoder_rules(model, groups=True) == {**{f"model.layers.{i}.self_attn": ("heads", 2) for i in range(2)},
+                                                       **{f"model.layers.{i}.mlp.down_proj": "in" for i in range(2)}, nn.Linear: "skip"}
 
 
 def bloom() -> nn.Module:
@@ -627,12 +701,14 @@ def bloom() -> nn.Module:
 @pytest.mark.usefixtures("torch_export_loaded")
 @pytest.mark.parametrize("build", [gpt_neox, bloom], ids=["gpt-neox", "bloom"])
 def test_fused_attention_families_prune_their_units_exactly(build):
-    """GPT-NeoX and BLOOM fuse q, k and v into one query_key_value Linear (heads refused by name), but their
-    feed-forward units are gated and removed with decoder_rules(model, heads=False)."""
+    """GPT-NeoX and BLOOM fuse q, k and v into one query_key_value Linear (BLOOM's heads refused by name: its ALiBi
+    slopes), and their feed-forward units are gated and removed with decoder_rules(model, heads=False)."""
     torch.manual_seed(0)
     model = build().eval()
-    with pytest.raises(ValueError, match=r"query_key_value.*heads=False\) gates the feed-forward units only"):
-        l0hf.decoder_rules(model)
+    if build is bloom:
+        with pytest.raises(ValueError, match=r"'transformer.h.0.self_attention' \(BloomAttention\) is not supported: its ALiBi .*"
+                                             r"heads=False\) gates the feed-forward units only"):
+            l0hf.decoder_rules(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         l0sparse.sparsify(model, l0hf.decoder_rules(model, heads=False), example_inputs=batch())
@@ -655,9 +731,8 @@ def test_families_l0sparse_cannot_follow_are_refused_by_name():
     falcon = hf().FalconForCausalLM(hf().FalconConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4))
     with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.dense_4h_to_h' holds a FalconLinear, an nn.Linear with a forward of its own"):
         l0hf.decoder_rules(falcon, heads=False)
-    phi3 = hf().Phi3ForCausalLM(hf().Phi3Config(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **COMMON))
-    with pytest.raises(ValueError, match="found no feed-forward block in Phi3ForCausalLM.*fused gate_up"):
-        l0hf.decoder_rules(phi3, heads=False)
+    with pytest.raises(ValueError, match=r"'transformer.h.0.self_attention' \(FalconAttention\) is not supported: its layers are FalconLinear"):
+        l0hf.decoder_rules(falcon)
     gpt2 = hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64))
-    with pytest.raises(ValueError, match=r"'transformer.h.0.attn' \(GPT2Attention\)"):
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn' \(GPT2Attention\) is not supported: its layers are transformers' Conv1D"):
         l0hf.decoder_rules(gpt2, heads=False)  # Conv1D layers: no nn.Linear at all

@@ -44,7 +44,8 @@ FUSED_UNITS = {"Phi3MLP": ("gate_up_proj", "down_proj", 2)}
 #: attention classes with fused projections whose heads are refused, and why
 REFUSED_HEADS = {
     "BloomAttention": "its ALiBi biases come from one slope per head that BloomModel computes from the model's head count "
-                      "and each head's index, shared by every layer: a layer without some heads would read other slopes",
+                      "and each head's index, shared by every layer: a layer without some of its heads would give the others "
+                      "the wrong slopes, so its heads are not gated",
     "FalconAttention": "its layers are FalconLinear (an nn.Linear with a forward of its own) that l0sparse's tracing does not follow",
     "GPT2Attention": "its layers are transformers' Conv1D (a Linear with a transposed weight), which l0sparse does not slice yet",
 }

@@ -249,7 +249,7 @@ def _decoder_attention_or_refuse(model: nn.Module, heads: bool) -> list[str]:
         kind = type(model.get_submodule(named)).__name__ if named else None
         why = f": {named!r} ({kind}) has no four separate nn.Linear projections" if named else ""
         if kind in REFUSED_HEADS:
-            why = f": the heads of {named!r} ({kind}) cannot be removed: {REFUSED_HEADS[kind]}"
+            why = f": {named!r} ({kind}) is not supported: {REFUSED_HEADS[kind]}"
         raise ValueError(f"decoder_rules found no attention module whose heads it can gate in {type(model).__name__}{why}; fused "
                          f"projections are laid out for {', '.join(FUSED_HEADS)} only"
                          + ("; decoder_rules(model, heads=False) gates the feed-forward units only" if fused else ""))

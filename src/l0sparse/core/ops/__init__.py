@@ -22,9 +22,10 @@ from .attention import (AtenProducts, AttentionRule, EncoderLayerRule, ScaledDot
                         attention_module_is_plain, inline_encoder, remove_heads, scaled_dot_product_macs)
 from .base import FunctionRule, ModuleRule, Trace, flatten, node_inputs, set_submodule
 from .elementwise import BinaryFunctions, ChannelwiseFunctions, ChannelwiseRule, ScalarFunctions
-from .fused import FusedHeads, FusedUnits, fused_head_layout, fused_rows, fused_unit_layouts, quantities, set_attributes, unit_rows
-from .heads import (declared_head_count, grouped_heads_kept, grouped_projections, head_layouts, query_key_value, record_pruned_heads,
-                    set_head_count, set_kv_groups)
+from . import fused, heads
+from .fused import FusedHeads, FusedUnits, fused_rows, quantities, set_attributes, unit_rows
+from .heads import (declared_head_count, grouped_heads_kept, grouped_projections, query_key_value, record_pruned_heads, set_head_count,
+                    set_kv_groups)
 from .norms import BatchNormRule, ChannelLayerNormRule, GroupNormRule
 from .shapes import FlattenFunctions, FlattenRule, PermuteFunctions, ReduceFunctions, ShapeQueries
 from .weights import ConvRule, LinearRule, WeightProduct, is_depthwise
@@ -156,3 +157,18 @@ def function_rule(node: fx.Node) -> FunctionRule | None:
         if (node.op == "call_function" and node.target in rule.functions) or (node.op == "call_method" and node.target in rule.methods):
             return rule
     return None
+
+
+def fused_head_layout(owner: str, attention: nn.Module) -> dict | None:
+    """The fused head layout that the rule of ``attention`` (named ``owner``) gives (:func:`fused.fused_head_layout`), or None."""
+    return fused.fused_head_layout(owner, attention, module_rule(attention))
+
+
+def fused_unit_layouts(model: nn.Module) -> dict[str, dict]:
+    """:func:`fused.fused_unit_layouts` through the registered rules."""
+    return fused.fused_unit_layouts(model, module_rule)
+
+
+def head_layouts(model: nn.Module) -> dict[str, dict]:
+    """:func:`heads.head_layouts`, fused projections laid out by the registered rules (:class:`FusedHeads`)."""
+    return heads.head_layouts(model, fused_head_layout)

@@ -94,12 +94,9 @@ def _out_width(module: nn.Module) -> int:
     return next(getattr(module, name) for name in ("out_features", "nf") if isinstance(getattr(module, name, None), int))
 
 
-def fused_head_layout(owner: str, attention: nn.Module) -> dict | None:
-    """The layout (:class:`FusedHeads`) of the attention module ``owner`` with names from the model's root, as prune
-    and the cost model read it (``"qkv"`` and ``"kv"`` empty, ``"fused"`` by full name), or None."""
-    from . import module_rule  # the registry imports this module
-
-    rule = module_rule(attention)
+def fused_head_layout(owner: str, attention: nn.Module, rule: ModuleRule | None) -> dict | None:
+    """The layout that ``rule`` (the module's, :class:`FusedHeads`) gives the attention module ``owner``, with names from the
+    model's root, as prune and the cost model read it (``"qkv"`` and ``"kv"`` empty, ``"fused"`` by full name), or None."""
     layout = rule.head_layout(attention) if rule is not None else None
     if layout is None:
         return None
@@ -128,14 +125,12 @@ def set_attributes(module: nn.Module, settings: dict[str, str], values: dict[str
         setattr(module, attribute, values[quantity])
 
 
-def fused_unit_layouts(model: nn.Module) -> dict[str, dict]:
-    """Per feed-forward block with a fused input projection (:class:`FusedUnits`): ``{consumer: {"producer": name,
-    "segments": n}}``, names from the model's root."""
-    from . import module_rule
-
+def fused_unit_layouts(model: nn.Module, rule_of: Callable[[nn.Module], ModuleRule | None]) -> dict[str, dict]:
+    """Per feed-forward block with a fused input projection (:class:`FusedUnits`, as ``rule_of`` a module gives):
+    ``{consumer: {"producer": name, "segments": n}}``, names from the model's root."""
     found: dict[str, dict] = {}
     for name, module in model.named_modules():
-        rule = module_rule(module)
+        rule = rule_of(module)
         layout = rule.unit_layout(module) if rule is not None else None
         if layout is not None:
             prefix = f"{name}." if name else ""

@@ -7,7 +7,6 @@ from __future__ import annotations
 from torch import nn
 
 from ..sites import gate_masks
-from .fused import fused_head_layout
 
 
 # where attention modules of other libraries (Hugging Face BERT-like encoders) keep their head count and
@@ -146,14 +145,15 @@ def set_kv_groups(module: nn.Module, groups: int) -> None:
             setattr(module, name, groups)
 
 
-def head_layouts(model: nn.Module) -> dict[str, dict]:
+def head_layouts(model: nn.Module, fused_layout=None) -> dict[str, dict]:
     """Per attention module of the user's own gated with ``("heads", n)`` or ``"block"`` whose heads prune
     can remove: ``{"projection": name of its output projection, "qkv": names of its three other Linear
     layers as wide as the projection's input (q, k, v), "heads": its head count, "head_dim": the width of
     one head, "min_width": the q/k/v rows kept when every head is closed}`` (JSON-serialisable). For
     grouped-query attention (:func:`grouped_projections`) ``"qkv"`` names the queries alone, ``"kv"`` the keys
     and values, and ``"kv_heads"`` their head count. An attention module with fused projections (:class:`l0sparse.core.ops.FusedHeads`)
-    has empty ``"qkv"`` and ``"kv"`` and its projections' rows under ``"fused"`` (:func:`fused_head_layout`)."""
+    has empty ``"qkv"`` and ``"kv"`` and its projections' rows under ``"fused"``: ``fused_layout(owner, module)`` gives it
+    (:func:`l0sparse.core.ops.fused_head_layout`, through the module's rule), or None."""
     layouts = {}
     modules = dict(model.named_modules())
     for name, module, _, mask in gate_masks(model):
@@ -162,7 +162,7 @@ def head_layouts(model: nn.Module) -> dict[str, dict]:
         if getattr(mask.gate, "granularity", None) not in ("heads", "block") or attention is None or owner in layouts or isinstance(
                 attention, (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Linear)):
             continue
-        fused = fused_head_layout(owner, attention)
+        fused = fused_layout(owner, attention) if fused_layout is not None else None
         if fused is not None:  # fused q/k/v projections (an adapter's FusedHeads rule says which rows are whose)
             if fused["projection"] == name:
                 layouts[owner] = fused
