@@ -647,6 +647,27 @@ def test_phi3_heads_are_refused_by_name_where_layers_keep_different_counts():
         l0sparse.prune(model, batch())
 
 
+def test_phi3_prunes_to_a_shape_that_plain_transformers_loads():
+    """A shape gives every layer the same heads, so Phi-3's shared config can say them: prune_to_shape writes
+    num_attention_heads, num_key_value_heads, head_dim (Phi3Config has none; its attention reads one where given) and
+    intermediate_size (gate_up_proj keeps two rows per unit), and from_pretrained gives the same logits."""
+    torch.manual_seed(0)
+    model = phi3().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
+    pruned = l0hf.prune_to_shape(model, batch(), l0hf.DecoderShape(heads=2, kv_heads=1, intermediate_size=24))
+    attention, mlp = pruned.model.layers[1].self_attn, pruned.model.layers[1].mlp
+    assert (attention.qkv_proj.out_features, mlp.gate_up_proj.out_features, mlp.down_proj.in_features) == ((2 + 2) * 8, 48, 24)
+    config = pruned.config
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.intermediate_size) == (2, 1, 8, 24)
+    with tempfile.TemporaryDirectory() as folder:
+        pruned.save_pretrained(folder)
+        loaded = hf().AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch()).logits, pruned(**batch()).logits)
+
+
 def gpt_neox(**extra) -> nn.Module:
     return hf().GPTNeoXForCausalLM(hf().GPTNeoXConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
                                                       intermediate_size=FFN, **extra))

@@ -225,8 +225,7 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
         rules[name] = ("heads+block" if blocks else "heads", _decoder_head_gates(name, model.get_submodule(name), config, groups))
     _refuse_per_head_tables(model, rules, "decoder_rules")
     units = "in+block" if blocks else "in"
-    feed_forward = feed_forward_outputs(model, attention)
-    feed_forward += [name for name in fused_unit_layouts(model) if name not in feed_forward]  # Phi-3's gate_up_proj
+    feed_forward = decoder_feed_forward(model, attention)
     if not rules and not feed_forward:
         raise ValueError(f"decoder_rules found no feed-forward block in {type(model).__name__}: it looks for a d → f, f → d pair of "
                          "nn.Linear next to each attention module (a fused gate_up projection, as Phi-3's, is not supported)")
@@ -236,13 +235,27 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
     return rules
 
 
+def decoder_feed_forward(model: nn.Module, attention: list[str]) -> list[str]:
+    """The units' layers of a decoder: the second of each ``d → f``, ``f → d`` pair next to the ``attention`` modules
+    (:func:`feed_forward_outputs`), and the down projection of each feed-forward block with a fused input projection
+    (Phi-3's ``gate_up_proj``: :mod:`l0sparse.hf.fused`)."""
+    found = feed_forward_outputs(model, attention)
+    return found + [name for name in fused_unit_layouts(model) if name not in found]
+
+
+def decoder_attention_all(model: nn.Module) -> list[str]:
+    """The attention modules whose heads :func:`decoder_rules` gates: separate projections, or fused ones laid out by a
+    registered rule (:mod:`l0sparse.hf.fused`), in model order."""
+    order = {name: position for position, (name, _) in enumerate(model.named_modules())}
+    return sorted({*decoder_attention_modules(model), *fused_head_modules(model)}, key=order.__getitem__)
+
+
 def _decoder_attention_or_refuse(model: nn.Module, heads: bool) -> list[str]:
     """The decoder's attention modules: those of separate projections (:func:`decoder_attention_modules`) and those whose
     fused projections a registered rule lays out (:mod:`l0sparse.hf.fused`), in model order; with ``heads=False``, where
     there are none, the other fused ones, which still say where each layer's feed-forward block is. Refuses heads of
     a family whose fused heads cannot be sliced (naming the module and why), and a model with no attention at all."""
-    order = {name: position for position, (name, _) in enumerate(model.named_modules())}
-    attention = sorted({*decoder_attention_modules(model), *fused_head_modules(model)}, key=order.__getitem__)
+    attention = decoder_attention_all(model)
     fused = [] if attention else fused_attention_modules(model)
     if not attention and (heads or not fused):
         named = fused[0] if fused else next((name for name, m in model.named_modules() if type(m).__name__.endswith("Attention")), None)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .rules import decoder_attention, decoder_attention_modules, feed_forward_outputs, layers_around, linear_children
+from ..core.ops import fused_head_layout
+from .rules import decoder_attention, decoder_attention_all, decoder_feed_forward, layers_around, linear_children
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def _shaped_layers(model: nn.Module) -> list[_ShapedLayer]:
     from ..core.sites import gate_masks
 
     layouts = head_layouts(model)
-    units = set(feed_forward_outputs(model, decoder_attention_modules(model)))
+    units = set(decoder_feed_forward(model, decoder_attention_all(model)))
     layers = []
     for name, _, _, mask in gate_masks(model):
         gate, granularity = mask.gate, getattr(mask.gate, "granularity", None)
@@ -96,7 +97,7 @@ def _layer_gates(model: nn.Module) -> _LayerGates | None:
     feed-forward block (else None: a shape cannot count layers)."""
     from ..core.sites import gate_masks
 
-    attention = decoder_attention_modules(model)
+    attention = decoder_attention_all(model)
     around = layers_around(model, attention)
     layer_names = [around[name] for name in attention if name in around]
     parents = {name.rpartition(".")[0] for name in layer_names}
@@ -378,7 +379,10 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape, scores
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(config, "to_dict", None)):
         raise TypeError(f"prune_to_shape writes the shape into a Hugging Face config; {type(model).__name__} has none")
-    keys = _config_keys(config, targets)
+    # a family whose forward reads head_dim from the config (Phi-3: hf.fused) takes it written out, where it had none
+    reads_head_dim = any("head_dim" in layout.get("shared", {}) for name, module in model.named_modules()
+                         if (layout := fused_head_layout(name, module)) is not None)
+    keys = _config_keys(config, targets, reads_head_dim)
     _check_embedding_scale(model, targets)
     work = copy.deepcopy(model)
     for layer, copied in zip(layers, _shaped_layers(work)):
@@ -398,7 +402,7 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape, scores
     if blocks is not None:
         _drop_closed_layers(pruned, blocks, example_inputs)
     for dimension, key in keys.items():
-        setattr(pruned.config, key, targets[dimension] if dimension in targets else getattr(config, key))
+        setattr(pruned.config, key, targets[dimension] if dimension in targets else getattr(config, key, getattr(pruned.config, key, None)))
     if getattr(pruned.config, "pruned_heads", None):
         pruned.config.pruned_heads = {}  # the config's own counts now say what is left
     return pruned
@@ -416,11 +420,12 @@ def _check_embedding_scale(model: nn.Module, targets: dict[str, int]) -> None:
                      "of the shape, or prune with l0sparse.prune (the scale is kept) and reload through l0sparse.rebuild")
 
 
-def _config_keys(config, targets: dict[str, int]) -> dict[str, str]:
-    """The config keys a shape is written to, refused where the config cannot say it."""
+def _config_keys(config, targets: dict[str, int], reads_head_dim: bool = False) -> dict[str, str]:
+    """The config keys a shape is written to, refused where the config cannot say it (``reads_head_dim``: the model's
+    forward reads ``config.head_dim`` where the config has one, so it may be written out)."""
     keys: dict[str, str] = {}
     if "heads" in targets or "hidden" in targets:
-        if not isinstance(getattr(config, "head_dim", None), int):  # the head width would be read as width / heads
+        if not isinstance(getattr(config, "head_dim", None), int) and not reads_head_dim:  # the head width would be read as width / heads
             raise ValueError(f"{type(config).__name__} has no head_dim: a stock config cannot describe fewer heads or a narrower "
                              "stream with heads of the same width; prune the feed-forward units only "
                              "(DecoderShape(intermediate_size=...)) or use l0sparse.prune")
@@ -455,6 +460,10 @@ def _pruned_widths(pruned: nn.Module, layers: list[_ShapedLayer]) -> list[dict[s
         module = pruned.get_submodule(layer.name)
         if layer.kind == "units":
             widths.append({"units": module.in_features})
+            continue
+        fused = fused_head_layout(layer.name, module)  # fused projections (hf.fused): the counts the pruned module's layout says
+        if fused is not None:
+            widths.append({"heads": fused["heads"], "kv_heads": fused["kv_heads"]})
             continue
         queries, projection = decoder_attention(module)
         head_dim = getattr(module, "head_dim", None) or queries.out_features // layer.heads
