@@ -188,8 +188,8 @@ def _decoder_head_dim(module: nn.Module, config, queries: nn.Linear) -> int | No
 
 
 def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, blocks: bool = False) -> dict:
-    """``sparsify`` rules for a Hugging Face decoder language model (Llama, Mistral, Qwen2/3, Gemma, OPT, GPT-Neo...):
-    the heads of every attention module and the units of every feed-forward block.
+    """``sparsify`` rules for a Hugging Face decoder language model (Llama, Mistral, Qwen2/3, Gemma, OPT, GPT-Neo,
+    GPT-NeoX, Phi-3...): the heads of every attention module and the units of every feed-forward block.
 
     Found by structure, as :func:`encoder_rules` finds them: an attention module holds a query projection, key and
     value projections of one width (as wide as the queries, or narrower: grouped-query attention, one group for
@@ -197,6 +197,14 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
     output projection registered last. The feed-forward block is the ``d → f``, ``f → d`` pair next to it; a gated
     MLP (SwiGLU, GeGLU: ``gate_proj``, ``up_proj``, ``down_proj``) has its unit gate on the down projection's columns,
     and prune removes the unit's gate and up rows with it.
+
+    Fused projections are laid out per family (:mod:`l0sparse.hf.fused`, rules registered on import): GPT-NeoX's
+    ``query_key_value`` (rows interleaved per head, ``[q | k | v]`` of each), Phi-3's ``qkv_proj`` (``[q | k | v]``,
+    grouped-query) and ``gate_up_proj`` (``[gate | up]``: a unit's two rows). The head gates go on the output
+    projection's columns (``dense``, ``o_proj``, wherever it is registered) and prune removes a closed head's rows of the
+    fused projection. Phi-3's forward reads its query width from the config every layer shares: prune keeps the same
+    number of query heads in every layer or refuses, naming the layers (a shape, :func:`l0sparse.hf.prune_to_shape`,
+    keeps them equal).
 
     Args:
         model: the model (``LlamaForCausalLM``...), or the part of it to gate.
@@ -209,9 +217,12 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
             unit gates (CoFi's and Sheared-LLaMA's layer masks).
 
     Raises:
-        ValueError: no attention module is found (fused q/k/v projections such as Phi-3's ``qkv_proj``, GPT-2's
-            ``c_attn`` and GPT-NeoX's ``query_key_value`` are not supported yet: the error names the first such module),
-            or the output projection is not the module's last ``nn.Linear``, where a head gate would land.
+        ValueError: no attention module whose heads can be gated is found; where the model has fused attention of a
+            family without a layout the error names the module and why: BLOOM (its ALiBi slopes depend on each head's
+            index and the model's head count), Falcon (``FalconLinear``), GPT-2 (``Conv1D``), and says that
+            ``heads=False`` gates the units where it can. Also: a Linear with a forward of its own in a gated module
+            (Falcon), a per-head table shared by the layers (T5), or an output projection that is not the module's
+            last ``nn.Linear`` (separate projections), where a head gate would land.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"decoder_rules: model must be an nn.Module (a decoder language model), got {type(model).__name__}")
