@@ -52,6 +52,8 @@ FAMILIES = {
     "gpt-neox": lambda: gpt_neox(rotary_pct=0.5),
     # fused qkv_proj [q | k | v] (grouped-query) and gate_up_proj [gate | up]; the query width read from the shared config
     "phi3": lambda: phi3(),
+    # every layer a transformers Conv1D (weight [in, out]); fused c_attn [q | k | v]; tied head
+    "gpt2": lambda: gpt2(),
 }
 #: families whose forward reads the query head count from the config every layer shares: prune keeps the same count in
 #: every layer or refuses, so their gates close the same heads in every layer here
@@ -214,9 +216,9 @@ def test_a_head_rule_across_groups_and_fused_projections_are_refused_by_name():
         l0sparse.sparsify(model, {"model.layers.*.self_attn": ("heads", 4), nn.Linear: "skip"})
     with pytest.raises(ValueError, match=r"'model.layers.0.self_attn' \(Phi3Attention\): the module has 4 query heads in 2 key/value groups"):
         l0sparse.sparsify(phi3(), {"model.layers.*.self_attn": ("heads", 8), nn.Linear: "skip"})  # fused: its layout's counts
-    gpt2 = hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64))
-    with pytest.raises(ValueError, match=r"'transformer.h.0.attn' \(GPT2Attention\)"):
-        l0hf.decoder_rules(gpt2)
+    crossed = hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64, add_cross_attention=True))
+    with pytest.raises(ValueError, match=r"'transformer.h.0.crossattention': GPT2Attention as cross-attention .* is not laid out"):
+        l0hf.decoder_rules(crossed)
     with pytest.raises(TypeError, match="groups must be True or False"):
         l0hf.decoder_rules(model, groups="yes")
 
@@ -668,19 +670,27 @@ def test_phi3_prunes_to_a_shape_that_plain_transformers_loads():
         assert torch.equal(loaded(**batch()).logits, pruned(**batch()).logits)
 
 
+def gpt2() -> nn.Module:
+    return hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64, n_inner=FFN,
+                                                bos_token_id=1, eos_token_id=2))
+
+
 def gpt_neox(**extra) -> nn.Module:
     return hf().GPTNeoXForCausalLM(hf().GPTNeoXConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
                                                       intermediate_size=FFN, **extra))
 
 
 @pytest.mark.usefixtures("torch_export_loaded")
-@pytest.mark.parametrize("family", ["gpt-neox", "phi3"])
+@pytest.mark.parametrize("family", ["gpt-neox", "phi3", "gpt2"])
 def test_closed_heads_and_units_leave_fused_projections_with_their_rows(family):
-    """Each layer's fused q/k/v projection keeps the rows of its kept heads only (GPT-NeoX: 3 · 8 per head; Phi-3: 8 per
-    query head and 2 · 8 per key/value head kept), and Phi-3's gate_up_proj two rows per kept unit."""
+    """Each layer's fused q/k/v projection keeps the rows of its kept heads only (GPT-NeoX and GPT-2: 3 · 8 per head;
+    Phi-3: 8 per query head and 2 · 8 per key/value head kept), Phi-3's gate_up_proj two rows per kept unit, and GPT-2's
+    Conv1D layers (weights [in, out]) their kept heads' and units' rows and columns, its split_size the queries' width."""
     model = gated(family)
     pruned = l0sparse.prune(model, batch())
     for name, before in model.named_modules():
+        if type(before).__name__ in ("GPT2Attention", "GPT2MLP"):
+            assert_gpt2_layer_pruned(before, pruned.get_submodule(name))
         after = pruned.get_submodule(name) if type(before).__name__ in ("GPTNeoXAttention", "Phi3Attention", "Phi3MLP") else None
         if type(before).__name__ in ("GPTNeoXAttention", "Phi3Attention"):
             projection = before.dense if family == "gpt-neox" else before.o_proj
@@ -694,6 +704,17 @@ def test_closed_heads_and_units_leave_fused_projections_with_their_rows(family):
         if type(before).__name__ == "Phi3MLP":
             units = int(before.down_proj.parametrizations.weight[0].gate.is_open().sum())
             assert after.down_proj.in_features == units < FFN and after.gate_up_proj.out_features == 2 * units
+
+
+def assert_gpt2_layer_pruned(before: nn.Module, after: nn.Module) -> None:
+    """A GPT-2 attention module or MLP of ``gated("gpt2")`` after prune: as many heads or units as its gate leaves open."""
+    if hasattr(before, "c_attn"):
+        heads = int(before.c_proj.parametrizations.weight[0].gate.is_open().sum())
+        assert 0 < heads < 4 and after.num_heads == heads and after.split_size == 8 * heads
+        assert tuple(after.c_attn.weight.shape) == (WIDTH, 3 * 8 * heads) and tuple(after.c_proj.weight.shape) == (8 * heads, WIDTH)
+    else:
+        units = int(before.c_proj.parametrizations.weight[0].gate.is_open().sum())
+        assert tuple(after.c_fc.weight.shape) == (WIDTH, units) and after.c_fc.bias.shape == (units,) and after.c_proj.nx == units < FFN
 
 
 def test_fused_layouts_are_read_from_the_families_own_modules():
@@ -754,6 +775,4 @@ def test_families_l0sparse_cannot_follow_are_refused_by_name():
         l0hf.decoder_rules(falcon, heads=False)
     with pytest.raises(ValueError, match=r"'transformer.h.0.self_attention' \(FalconAttention\) is not supported: its layers are FalconLinear"):
         l0hf.decoder_rules(falcon)
-    gpt2 = hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64))
-    with pytest.raises(ValueError, match=r"'transformer.h.0.attn' \(GPT2Attention\) is not supported: its layers are transformers' Conv1D"):
-        l0hf.decoder_rules(gpt2, heads=False)  # Conv1D layers: no nn.Linear at all
+

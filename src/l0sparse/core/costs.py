@@ -8,6 +8,7 @@ the code says ``macs`` (docs/design.md, "Names").
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import math
@@ -25,7 +26,7 @@ from .graph import check_example_batch, check_module, evaluating, example_tuple,
 from .stream import hidden_gate
 from .layers import L0Layer
 from .ops import (AttentionRule, EncoderLayerRule, WeightProduct, attention_cost, attention_layout, fused_unit_layouts, grouped_heads_kept,
-                  head_layouts, module_rule, scaled_dot_product_macs, weight_product)
+                  head_layouts, input_dim, module_rule, scaled_dot_product_macs, weight_product)
 from .sites import Charge, GateSite, charges, find_gates, gate_sites, raw_tensor, tied_tensors, ungated_l2_tensors
 
 __all__ = ["expected_l0", "penalty", "Penalty", "CostModel", "expected_flops", "expected_params", "count_flops", "count_params",
@@ -260,6 +261,14 @@ def _read_probability(reads: list[tuple[dict, Tensor | None]], size: int, device
     return 1 - unread
 
 
+def _as_out_in(site: GateSite) -> GateSite:
+    """``site`` as on an [out, in] weight: a layer whose weight is stored [in, out] (``input_dim`` 0) has its gate's
+    dimension swapped, so that columns are dimension 1 everywhere in the counts (a per-weight gate cannot go there)."""
+    if site.tensor != "weight" or input_dim(site.module) == 1 or site.dim is None:
+        return site
+    return dataclasses.replace(site, dim=1 - site.dim)
+
+
 def _column_probabilities(sites: list[GateSite], prob) -> Tensor | None:
     """P(input column j is read) from the gates on a module's weight columns (``sites``: its gate sites); None if ungated."""
     return _gated_probabilities(sites, (1, None), prob)
@@ -336,8 +345,8 @@ class CostModel:
             handled |= {id(p) for p in self.modules[follower].parameters(recurse=False)}
         gate_parameters = {id(g.log_alpha) for g in find_gates(model)}
         self._sites: dict[int, list[GateSite]] = {}  # id(module) -> the gate sites on its tensors
-        for site in gate_sites(model):
-            self._sites.setdefault(id(site.module), []).append(site)
+        for site in gate_sites(model):  # read as if every weight were [out, in] (a transposed one's dims swapped)
+            self._sites.setdefault(id(site.module), []).append(_as_out_in(site))
         # traced with torch.export, prune slices the model's own modules: heads of attention modules of other
         # libraries leave with their q/k/v rows, and no column is dropped that its producer still makes
         self._head_layouts = head_layouts(model) if self.graph.slices_in_place else {}
@@ -556,7 +565,7 @@ class CostModel:
         rule = weight_product(module)
         weight = raw_tensor(module, "weight")
         positions = sum(rule.positions(out_shape) for _, out_shape in calls) / self._batch
-        per_pair, (n_out, n_in) = rule.pair_macs(weight.shape), weight.shape[:2]
+        per_pair, (n_out, n_in) = rule.pair_macs(weight.shape), (weight.shape[1 - rule.in_dim], weight.shape[rule.in_dim])
         p_in = self._columns(name, prob, cache)
         p_in = torch.ones(n_in, device=self.device) if p_in is None else p_in
         p_out = torch.ones(n_out, device=self.device)

@@ -42,7 +42,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .gates import Gate
 from .layers import L0Layer
-from .ops import ConvRule, LinearRule, aten_as_torch, aten_owner_kinds, function_rule, module_rule, node_inputs, user_rule_applies
+from .ops import ConvRule, LinearRule, aten_as_torch, aten_owners, function_rule, module_rule, node_inputs, user_rule_applies
 
 __all__ = ["Space", "Consumer", "ChannelGraph", "Batch", "trace_channels", "check_example_batch", "example_tuple", "check_module",
            "run_batch"]
@@ -525,7 +525,7 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
     held = {**signature.inputs_to_parameters, **signature.inputs_to_buffers,
             **getattr(signature, "inputs_to_lifted_tensor_constants", {})}
     modules = dict(model.named_modules())
-    module_ops, function_ops = aten_owner_kinds(), aten_as_torch()
+    module_ops, function_ops = aten_owners(), aten_as_torch()
     state = {**dict(exported.named_parameters()), **dict(exported.named_buffers()), **exported.constants}
     graph = fx.Graph()
     root: dict[str, object] = {}
@@ -538,7 +538,9 @@ def _exported_graph(model: nn.Module, example_inputs: tuple, fx_error: Exception
         elif node.op == "call_function" and node.target in module_ops and node.args and (
                 owner := _owning_module(node, modules, module_ops[node.target])) is not None:
             root[owner] = modules[owner]
-            copied = graph.call_module(owner, (env[node.args[0]],))
+            # the module's input: the op's first argument that is no parameter (addmm takes the bias first: Conv1D's)
+            data = next((arg for arg in node.args if isinstance(arg, fx.Node) and arg.name not in held), node.args[0])
+            copied = graph.call_module(owner, (env[data],))
         elif node.op == "call_function" and node.target in function_ops:  # an op a module rule names, outside such a module, too
             copied = graph.node_copy(node, lambda n: env[n])
             copied.target = function_ops[node.target]
@@ -596,14 +598,14 @@ def _module_paths(node: fx.Node) -> tuple[str, ...]:
 _FROM_START = re.compile(r"\.slice\((?:None|0), [^,()]*, (?:None|1)\)")
 
 
-def _owning_module(node: fx.Node, modules: dict[str, nn.Module], kinds: tuple) -> str | None:
-    """The innermost module whose call made ``node``, if it is one of ``kinds`` (its weight then is the module's)."""
+def _owning_module(node: fx.Node, modules: dict[str, nn.Module], rules: tuple) -> str | None:
+    """The innermost module whose call made ``node``, if one of ``rules`` applies to it (its weight then is the module's)."""
     paths = _module_paths(node)  # a module's second call is recorded as "name@1": stripped
     if not paths:
         return None
     path = paths[-1]
     module = modules.get(path)
-    return path if isinstance(module, kinds) else None
+    return path if module is not None and any(rule.applies(module) for rule in rules) else None
 
 
 def _untraceable_message(model: nn.Module, fx_error: Exception, export_error: Exception) -> str:

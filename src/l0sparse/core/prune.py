@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from .graph import ChannelGraph, check_module, evaluating, example_tuple, run_batch, trace_channels
 from .stream import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
-from .ops import (LinearRule, fused_head_layout, fused_rows, fused_unit_layouts, grouped_heads_kept, head_layouts, inline_encoder,
+from .ops import (LinearRule, fused_head_layout, input_dim, fused_rows, fused_unit_layouts, grouped_heads_kept, head_layouts, inline_encoder,
                   module_rule, quantities, record_pruned_heads, remove_heads, set_attributes, set_head_count, set_kv_groups, set_submodule,
                   unit_rows)
 from .sites import find_gates, gate_masks, gate_sites, run_plainly, tied_tensors
@@ -116,9 +116,17 @@ def _retie(model: nn.Module, tied: list[list[tuple[str, str]]]) -> None:
                 setattr(module, tensor_name, first)
 
 
-def _column_open(weight: Tensor) -> Tensor:
-    """Per input column (dim 1): does any weight in it differ from zero? On the CPU, where plans are made."""
-    return weight.ne(0).movedim(1, 0).reshape(weight.shape[1], -1).any(1).cpu()
+def _column_open(module: nn.Module) -> Tensor:
+    """Per input column of ``module``'s weight (dim 1, or 0 for a weight stored [in, out]): does any weight in it differ
+    from zero? On the CPU, where plans are made."""
+    columns = input_dim(module)
+    return module.weight.ne(0).movedim(columns, 0).reshape(module.weight.shape[columns], -1).any(1).cpu()
+
+
+def _row_open(module: nn.Module) -> Tensor:
+    """Per output row of ``module``'s weight (dim 0, or 1 for a weight stored [in, out]): does any weight differ from zero?"""
+    rows = 1 - input_dim(module)
+    return module.weight.ne(0).movedim(rows, 0).flatten(1).any(1).cpu()
 
 
 def _round_up(is_open: Tensor, multiple: int, minimum: int = 1) -> Tensor:
@@ -188,13 +196,13 @@ def _space_kept(graph: ChannelGraph, space, modules: dict, round_to: int) -> tup
         return everything, everything, torch.arange(space.size)
     is_open = torch.zeros(space.size, dtype=torch.bool)
     for consumer in space.consumers:
-        is_open |= _column_open(modules[consumer.name].weight).view(space.size, consumer.block).any(1)
+        is_open |= _column_open(modules[consumer.name]).view(space.size, consumer.block).any(1)
     if space.zero_preserving and not space.followers and space.producers:
         # channels that every producer outputs as exactly 0 (closed L0Conv2d channels) reach no one
         produced = torch.zeros(space.size, dtype=torch.bool)
         for producer in space.producers:
             module = modules[producer]
-            produced |= module.weight.ne(0).flatten(1).any(1).cpu()
+            produced |= _row_open(module)
             if module.bias is not None:
                 produced |= module.bias.ne(0).cpu()
         is_open &= produced
@@ -210,7 +218,7 @@ def _plan_units_inside(modules: dict, round_to: int, rows: dict, remaining: dict
         if not inside:
             continue
         producer, consumer = inside
-        is_open = _column_open(module.get_submodule(consumer).weight)
+        is_open = _column_open(module.get_submodule(consumer))
         rounded = _round_up(is_open, round_to)
         keep = torch.nonzero(rounded).flatten()
         if keep.numel() < is_open.numel():
@@ -228,7 +236,7 @@ def _plan_fused_units(work: nn.Module, plan: PrunePlan, round_to: int) -> None:
         producer = layout["producer"]
         if consumer in plan.columns or producer in plan.rows:
             continue
-        is_open = _round_up(_column_open(modules[consumer].weight), round_to)
+        is_open = _round_up(_column_open(modules[consumer]), round_to)
         if not is_open.all():
             kept = torch.nonzero(is_open).flatten().tolist()
             plan.columns[consumer] = kept
@@ -241,7 +249,7 @@ def _plan_columns(graph: ChannelGraph, modules: dict, remaining: dict, revived: 
     columns: dict[str, list[int]] = {}
     selections: list[Selection] = []
     for name, fed in remaining.items():
-        is_open = _round_up(_column_open(modules[name].weight)[fed] | revived[name], round_to)
+        is_open = _round_up(_column_open(modules[name])[fed] | revived[name], round_to)
         if not can_select:
             is_open = torch.ones_like(is_open)
         kept = fed[is_open]
@@ -252,7 +260,7 @@ def _plan_columns(graph: ChannelGraph, modules: dict, remaining: dict, revived: 
             selections.append(Selection(name, dim, positions.tolist()))
     called = {node.target for node in graph.graph_module.graph.nodes if node.op == "call_module"}
     for name in sorted((column_gated & called) - remaining.keys() if can_select else ()):  # not the insides of attention modules
-        is_open = _round_up(_column_open(modules[name].weight), round_to)
+        is_open = _round_up(_column_open(modules[name]), round_to)
         if isinstance(modules[name], nn.Linear) and not is_open.all():
             kept = torch.nonzero(is_open).flatten().tolist()
             columns[name] = kept
@@ -272,7 +280,7 @@ def _slice_layers(modules: dict[str, nn.Module], plan: PrunePlan) -> None:
     for name, entries in plan.followers.items():
         _slice(modules[name], name, follower=entries)
     for name, columns in plan.columns.items():
-        if len(columns) != modules[name].weight.shape[1]:
+        if len(columns) != modules[name].weight.shape[input_dim(modules[name])]:
             _slice(modules[name], name, columns=columns)
 
 
@@ -307,7 +315,7 @@ def _head_layouts(gated: nn.Module, work: nn.Module) -> dict[str, dict]:
     layouts = head_layouts(gated)
     for layout in layouts.values():
         projection = modules[layout["projection"]]
-        is_open = projection.weight.ne(0).any(0).view(layout["heads"], layout["head_dim"]).any(1)
+        is_open = _column_open(projection).view(layout["heads"], layout["head_dim"]).any(1)
         layout["kept"] = torch.nonzero(is_open).flatten().tolist()
         if "kv" in layout:
             layout["kept"] = grouped_heads_kept(layout["kept"], layout["heads"], layout["kv_heads"])[0]

@@ -58,7 +58,7 @@ from torch.nn.utils import parametrize
 from .gates import Gate
 from .graph import check_module, evaluating, example_tuple, trace_channels
 from .layers import L0Layer
-from .ops import declared_head_count, grouped_projections, head_layouts, module_rule, query_key_value
+from .ops import declared_head_count, fused_head_layout, grouped_projections, head_layouts, input_dim, module_rule, query_key_value
 from .sites import GateMask, gate_masks, sum_per_gate
 from .stream import hidden_gate
 
@@ -163,7 +163,8 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
         if block:
             projection = _block_projection(module)
             gate = _new_gate(1, name, "block", projection, gate_kwargs)
-            parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features))
+            columns = input_dim(projection)
+            parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=columns, block=projection.weight.shape[columns]))
     return model
 
 
@@ -233,8 +234,9 @@ class _Placement:
 
 
 def _gate_inputs(placement: _Placement, name: str, module: nn.Module) -> None:
-    gate = _new_gate(module.weight.shape[1], name, "in", module, placement.gate_kwargs)
-    parametrize.register_parametrization(module, "weight", GateMask(gate, dim=1))
+    columns = input_dim(module)  # 1, or 0 for a weight stored [in, out]
+    gate = _new_gate(module.weight.shape[columns], name, "in", module, placement.gate_kwargs)
+    parametrize.register_parametrization(module, "weight", GateMask(gate, dim=columns))
 
 
 def _gate_weights(placement: _Placement, name: str, module: nn.Module) -> None:
@@ -337,13 +339,12 @@ def _check_own_attention(name: str, module: nn.Module, num_heads: int) -> None:
     """A ``("heads", n)`` rule on an attention module of the user's own (or a library's): its output projection
     must split into ``n`` heads, and a declared head count or grouped-query layout must agree."""
     projection = _block_projection(module)
-    if projection is None or projection.in_features % num_heads:
-        found = "it has no nn.Linear" if projection is None else f"its last Linear has {projection.in_features} inputs"
+    inputs = projection.weight.shape[input_dim(projection)] if projection is not None else 0
+    if projection is None or inputs % num_heads:
+        found = "it has no nn.Linear" if projection is None else f"its last Linear has {inputs} inputs"
         raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the output projection "
                          f"must be its last nn.Linear with inputs divisible by {num_heads}; {found}")
-    rule = module_rule(module)
-    grouped = rule.head_layout(module) if rule is not None else None  # fused projections: the layout an adapter's rule gives
-    grouped = grouped or grouped_projections(module, projection)
+    grouped = fused_head_layout(name, module) or grouped_projections(module, projection)  # fused: the layout an adapter's rule gives
     if grouped is not None and num_heads not in (grouped["heads"], grouped["kv_heads"]):  # a gate across heads removes none
         raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the module has "
                          f"{grouped['heads']} query heads in {grouped['kv_heads']} key/value groups; give ('heads', "
@@ -384,7 +385,8 @@ def _gate_heads(placement: _Placement, name: str, module: nn.Module) -> None:
         return
     projection = _block_projection(module)
     gate = _new_gate(num_heads, name, "heads", projection, gate_kwargs)
-    parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=1, block=projection.in_features // num_heads))
+    columns = input_dim(projection)
+    parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=columns, block=projection.weight.shape[columns] // num_heads))
 
 
 #: how each granularity is placed (a block gate comes on top, in sparsify)

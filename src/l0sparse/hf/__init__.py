@@ -3,7 +3,8 @@
 One module a purpose:
 
 - ``rules``: where gates go, found by structure (:func:`encoder_rules`, :func:`decoder_rules`);
-- ``fused``: which rows of a fused q/k/v or gate/up projection are whose (GPT-NeoX, Phi-3), as rules registered on import;
+- ``fused``: which rows of a fused q/k/v or gate/up projection are whose (GPT-NeoX, Phi-3, GPT-2), as rules registered on import;
+- ``conv1d``: transformers' ``Conv1D`` (GPT-2) as the transposed Linear it is, a rule registered on import;
 - ``hidden``: the hidden-size gate of a residual stream (:func:`gate_hidden` for BERT-like encoders,
   :func:`gate_decoder_hidden` for pre-norm decoders);
 - ``shapes``: a target architecture for a decoder (:class:`DecoderShape`, :class:`ShapeController`,
@@ -16,6 +17,7 @@ transformers itself is imported only where a function needs it.
 """
 
 from .distill import LayerDistillation, encoder_layers
+from .conv1d import register_conv1d_rule
 from .fused import register_fused_rules
 from .hidden import gate_decoder_hidden, gate_hidden
 from .rules import decoder_rules, encoder_rules
@@ -28,7 +30,8 @@ __all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifie
            "trim_padding", "token_lengths", "predict_logits", "encoder_layers", "LayerDistillation", "encoder_flops", "gate_hidden",
            "gate_decoder_hidden", "DecoderShape", "ShapeController", "prune_to_shape", "L0Callback"]
 
-register_fused_rules()  # the fused q/k/v and gate/up layouts of GPT-NeoX and Phi-3 (hf.fused), matched by class name
+register_fused_rules()  # the fused q/k/v and gate/up layouts of GPT-NeoX, Phi-3 and GPT-2 (hf.fused), matched by class name
+register_conv1d_rule()  # transformers' Conv1D (GPT-2): a Linear with a transposed weight (hf.conv1d)
 
 
 def __getattr__(name: str):

@@ -10,6 +10,9 @@ are parameterised here and registered through :func:`l0sparse.register_rule` for
   ``gate_up_proj`` rows ``[gate (f) | up (f)]``: unit i owns rows i and f + i, and ``down_proj``'s column i. The
   forward takes the queries as the first ``config.num_attention_heads · head_dim`` rows, from the config every layer
   shares: prune writes it, so every layer must keep the same number of query heads (else prune refuses, by name).
+- GPT-2: ``c_attn`` (a ``Conv1D``: :mod:`l0sparse.hf.conv1d`) rows ``[q | k | v]``, each ``H · d``, split by the module's
+  ``split_size``, which prune writes with ``num_heads``; ``c_proj`` per head. Its feed-forward ``c_fc`` and ``c_proj``
+  are Conv1D too, found by :data:`UNIT_PAIRS`.
 """
 
 from __future__ import annotations
@@ -37,8 +40,22 @@ def _phi3_heads(module: nn.Module) -> dict:
             "shared": {"num_attention_heads": "heads", "head_dim": "head_dim"}}
 
 
+def _gpt2_heads(module: nn.Module) -> dict:
+    """GPT2Attention: ``c_attn`` (a Conv1D) rows [q (H·d) | k (H·d) | v (H·d)], split by ``split_size``; ``c_proj`` per head."""
+    if hasattr(module, "q_attn"):
+        raise ValueError(f"{type(module).__name__} as cross-attention (q_attn, and c_attn making keys and values only) is not "
+                         "laid out: its heads cannot be gated")
+    head_dim = module.head_dim
+    heads = module.c_proj.nx // head_dim
+    blocks = [["q", h] for h in range(heads)] + [["kv", h] for h in range(heads)] * 2
+    return {"projection": "c_proj", "fused": {"c_attn": blocks}, "heads": heads, "kv_heads": heads, "head_dim": head_dim,
+            "set": {"split_size": "width", "num_heads": "heads"}}
+
+
 #: attention classes with fused q/k/v whose heads l0sparse slices, by class name: the layout of each
-FUSED_HEADS = {"GPTNeoXAttention": _neox_heads, "Phi3Attention": _phi3_heads}
+FUSED_HEADS = {"GPTNeoXAttention": _neox_heads, "Phi3Attention": _phi3_heads, "GPT2Attention": _gpt2_heads}
+#: feed-forward classes whose layers are no nn.Linear (GPT-2's Conv1D): (up projection, down projection) by class name
+UNIT_PAIRS = {"GPT2MLP": ("c_fc", "c_proj")}
 #: feed-forward classes with a fused input projection: (producer, consumer, rows per unit)
 FUSED_UNITS = {"Phi3MLP": ("gate_up_proj", "down_proj", 2)}
 #: attention classes with fused projections whose heads are refused, and why
@@ -47,7 +64,6 @@ REFUSED_HEADS = {
                       "and each head's index, shared by every layer: a layer without some of its heads would give the others "
                       "the wrong slopes, so its heads are not gated",
     "FalconAttention": "its layers are FalconLinear (an nn.Linear with a forward of its own) that l0sparse's tracing does not follow",
-    "GPT2Attention": "its layers are transformers' Conv1D (a Linear with a transposed weight), which l0sparse does not slice yet",
 }
 
 
@@ -86,6 +102,13 @@ def fused_head_modules(model: nn.Module) -> list[str]:
     found: list[str] = []
     for name, module in model.named_modules():
         rule = module_rule(module)
-        if rule is not None and not any(name.startswith(f"{outer}.") for outer in found) and rule.head_layout(module) is not None:
+        if rule is None or any(name.startswith(f"{outer}.") for outer in found):
+            continue
+        try:
+            layout = rule.head_layout(module)
+        except ValueError as error:  # a module of the class the layout does not describe (GPT-2's cross-attention)
+            raise ValueError(f"decoder_rules: {name!r}: {error}; decoder_rules(model, heads=False) gates the feed-forward units "
+                             "only") from None
+        if layout is not None:
             found.append(name)
     return found

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..core.ops import fused_unit_layouts, module_rule
-from .fused import FUSED_HEADS, REFUSED_HEADS, fused_head_modules
+from ..core.ops import fused_unit_layouts, module_rule, weight_widths
+from .fused import FUSED_HEADS, REFUSED_HEADS, UNIT_PAIRS, fused_head_modules
 
 
 def linear_children(module: nn.Module) -> list[nn.Linear]:
@@ -83,7 +83,7 @@ def _output_width(attention: nn.Module) -> int:
     if projection is None:
         found = decoder_attention(attention)
         projection = found[1] if found else linear_children(attention)[-1]
-    return projection.out_features
+    return weight_widths(projection)[0]  # a Linear's out_features, a Conv1D's nf
 
 
 def encoder_rules(model: nn.Module, heads: bool = True) -> dict:
@@ -251,7 +251,8 @@ def decoder_feed_forward(model: nn.Module, attention: list[str]) -> list[str]:
     (:func:`feed_forward_outputs`), and the down projection of each feed-forward block with a fused input projection
     (Phi-3's ``gate_up_proj``: :mod:`l0sparse.hf.fused`)."""
     found = feed_forward_outputs(model, attention)
-    return found + [name for name in fused_unit_layouts(model) if name not in found]
+    pairs = [f"{name}.{UNIT_PAIRS[type(module).__name__][1]}" for name, module in model.named_modules() if type(module).__name__ in UNIT_PAIRS]
+    return found + [name for name in [*fused_unit_layouts(model), *pairs] if name not in found]
 
 
 def decoder_attention_all(model: nn.Module) -> list[str]:

@@ -27,18 +27,18 @@ from .fused import FusedHeads, FusedUnits, fused_rows, quantities, set_attribute
 from .heads import (declared_head_count, grouped_heads_kept, grouped_projections, query_key_value, record_pruned_heads, set_head_count,
                     set_kv_groups)
 from .norms import BatchNormRule, ChannelLayerNormRule, GroupNormRule
-from .shapes import FlattenFunctions, FlattenRule, PermuteFunctions, ReduceFunctions, ShapeQueries
+from .shapes import FlattenFunctions, FlattenRule, PermuteFunctions, ReduceFunctions, ReshapeFunctions, ShapeQueries
 from .weights import ConvRule, LinearRule, WeightProduct, is_depthwise
 
 __all__ = [
     "Trace", "ModuleRule", "FunctionRule", "WeightProduct", "LinearRule", "ConvRule", "BatchNormRule", "GroupNormRule",
     "ChannelLayerNormRule", "ChannelwiseRule", "FlattenRule", "AttentionRule", "EncoderLayerRule", "ScalarFunctions",
-    "register_rule", "RuleHandle", "module_rule", "weight_product", "function_rule", "aten_owner_kinds", "aten_as_torch",
+    "register_rule", "RuleHandle", "module_rule", "weight_product", "input_dim", "function_rule", "aten_owner_kinds", "aten_owners", "aten_as_torch",
     "user_rule_applies", "node_inputs", "is_depthwise", "flatten", "set_submodule",
     "attention_cost", "attention_layout", "attention_module_is_plain", "scaled_dot_product_macs", "inline_encoder", "remove_heads",
     "head_layouts", "declared_head_count", "set_head_count", "record_pruned_heads", "query_key_value", "grouped_projections",
     "grouped_heads_kept", "set_kv_groups", "FusedHeads", "FusedUnits", "fused_head_layout", "fused_rows", "fused_unit_layouts",
-    "quantities", "set_attributes", "unit_rows",
+    "quantities", "set_attributes", "unit_rows", "weight_widths",
 ]
 
 _BUILT_IN_MODULE_RULES: tuple[ModuleRule, ...] = (
@@ -46,8 +46,8 @@ _BUILT_IN_MODULE_RULES: tuple[ModuleRule, ...] = (
     AttentionRule(), EncoderLayerRule(),
 )
 _BUILT_IN_FUNCTION_RULES: tuple[FunctionRule, ...] = (
-    ChannelwiseFunctions(), ScalarFunctions(), BinaryFunctions(), FlattenFunctions(), PermuteFunctions(), ReduceFunctions(),
-    ShapeQueries(), ScaledDotProductAttention(), AtenProducts(),
+    ChannelwiseFunctions(), ScalarFunctions(), BinaryFunctions(), FlattenFunctions(), PermuteFunctions(), ReshapeFunctions(),
+    ReduceFunctions(), ShapeQueries(), ScaledDotProductAttention(), AtenProducts(),
 )
 # rules added with register_rule, newest first: they are asked before the built-in ones
 _user_module_rules: list[ModuleRule] = []
@@ -134,12 +134,28 @@ def weight_product(module: nn.Module) -> WeightProduct | None:
     return rule if isinstance(rule, WeightProduct) else None
 
 
+def input_dim(module: nn.Module) -> int:
+    """The dimension of ``module``'s weight that holds its input columns, as its rule says (:attr:`WeightProduct.in_dim`):
+    1 for Linear and convolutions (and anything without a weight-product rule), 0 for a transposed weight."""
+    rule = weight_product(module)
+    return rule.in_dim if rule is not None else 1
+
+
 def aten_owner_kinds() -> dict:
     """ATen op -> the module classes whose calls make it (for reading torch.export's graph at module level)."""
     owners: dict = {}
     for rule in _module_rules():
         for op in rule.aten:
             owners[op] = owners.get(op, ()) + rule.kinds
+    return owners
+
+
+def aten_owners() -> dict:
+    """ATen op -> the module rules whose modules make it (their ``applies`` says which modules own such a node)."""
+    owners: dict = {}
+    for rule in _module_rules():
+        for op in rule.aten:
+            owners[op] = owners.get(op, ()) + (rule,)
     return owners
 
 
@@ -161,7 +177,13 @@ def function_rule(node: fx.Node) -> FunctionRule | None:
 
 def fused_head_layout(owner: str, attention: nn.Module) -> dict | None:
     """The fused head layout that the rule of ``attention`` (named ``owner``) gives (:func:`fused.fused_head_layout`), or None."""
-    return fused.fused_head_layout(owner, attention, module_rule(attention))
+    return fused.fused_head_layout(owner, attention, module_rule(attention), weight_widths)
+
+
+def weight_widths(module: nn.Module) -> tuple[int, int]:
+    """(output rows, input columns) of a weight product's weight, as its rule stores them (:func:`input_dim`)."""
+    columns = input_dim(module)
+    return module.weight.shape[1 - columns], module.weight.shape[columns]
 
 
 def fused_unit_layouts(model: nn.Module) -> dict[str, dict]:

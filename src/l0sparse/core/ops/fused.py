@@ -45,9 +45,7 @@ class FusedHeads(ModuleRule):
         self._layout = layout
 
     def head_layout(self, module: nn.Module) -> dict:
-        layout = self._layout(module)
-        check_head_layout(module, layout)
-        return layout
+        return self._layout(module)
 
     def block_projection(self, module: nn.Module) -> nn.Module:
         return module.get_submodule(self._layout(module)["projection"])
@@ -73,14 +71,15 @@ class FusedUnits(ModuleRule):
         return dict(self._layout(module))
 
 
-def check_head_layout(module: nn.Module, layout: dict) -> None:
-    """Refuse, naming the module's class, a layout whose blocks do not tile its fused projections' rows."""
+def check_head_layout(module: nn.Module, layout: dict, widths: Callable[[nn.Module], tuple[int, int]]) -> None:
+    """Refuse, naming the module's class, a layout whose blocks do not tile its fused projections' rows (``widths``: a
+    layer's (output rows, input columns), as its rule reads its weight)."""
     where = f"the head layout of {type(module).__name__}"
     heads, kv_heads, head_dim = layout["heads"], layout["kv_heads"], layout["head_dim"]
-    if heads % kv_heads or module.get_submodule(layout["projection"]).in_features != heads * head_dim:
+    if heads % kv_heads or widths(module.get_submodule(layout["projection"]))[1] != heads * head_dim:
         raise ValueError(f"{where}: {heads} query heads of {head_dim} in {kv_heads} key/value heads do not fit its output projection")
     for name, blocks in layout["fused"].items():
-        rows = _out_width(module.get_submodule(name))
+        rows = widths(module.get_submodule(name))[0]
         valid = all(kind == "q" and 0 <= h < heads or kind == "kv" and 0 <= h < kv_heads for kind, h in blocks)
         if not valid or len(blocks) * head_dim != rows:
             raise ValueError(f"{where}: the blocks of {name!r} do not tile its {rows} output rows by heads of {head_dim}")
@@ -89,17 +88,14 @@ def check_head_layout(module: nn.Module, layout: dict) -> None:
             raise ValueError(f"{where}: {attribute!r} is set to {quantity!r}, not one of {QUANTITIES}")
 
 
-def _out_width(module: nn.Module) -> int:
-    """Output rows of a Linear (or of a module of the same kind that declares them: ``out_features``, ``nf``)."""
-    return next(getattr(module, name) for name in ("out_features", "nf") if isinstance(getattr(module, name, None), int))
-
-
-def fused_head_layout(owner: str, attention: nn.Module, rule: ModuleRule | None) -> dict | None:
-    """The layout that ``rule`` (the module's, :class:`FusedHeads`) gives the attention module ``owner``, with names from the
-    model's root, as prune and the cost model read it (``"qkv"`` and ``"kv"`` empty, ``"fused"`` by full name), or None."""
+def fused_head_layout(owner: str, attention: nn.Module, rule: ModuleRule | None, widths) -> dict | None:
+    """The layout that ``rule`` (the module's, :class:`FusedHeads`) gives the attention module ``owner``, checked
+    (:func:`check_head_layout`), with names from the model's root, as prune and the cost model read it (``"qkv"`` and
+    ``"kv"`` empty, ``"fused"`` by full name), or None."""
     layout = rule.head_layout(attention) if rule is not None else None
     if layout is None:
         return None
+    check_head_layout(attention, layout, widths)
     full = lambda inner: f"{owner}.{inner}"  # noqa: E731
     return {"projection": full(layout["projection"]), "qkv": [], "kv": [],
             "fused": {full(name): [list(block) for block in blocks] for name, blocks in layout["fused"].items()},

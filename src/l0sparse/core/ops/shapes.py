@@ -52,6 +52,25 @@ class PermuteFunctions(FunctionRule):
         return True
 
 
+class ReshapeFunctions(FunctionRule):
+    """``view`` and ``reshape`` that keep the last dimension whole where the channels are (merging or splitting the
+    positions before it: a Conv1D's ``x.view(-1, x.size(-1))`` and back): the channels pass on, still last. Any other
+    reshape of the channels (into heads) is left to lock them."""
+
+    aten = {aten.view.default: torch.reshape, aten.reshape.default: torch.reshape}
+    functions = frozenset({torch.reshape})
+    methods = frozenset({"view", "reshape"})
+
+    def trace(self, trace, node, source) -> bool:
+        in_shape, out_shape = trace.shape(node.args[0]), trace.shape(node)
+        if source is None or source.block != 1 or in_shape is None or out_shape is None or len(out_shape) == 0:
+            return False
+        if source.dim != len(in_shape) - 1 or out_shape[-1] != in_shape[-1]:
+            return False
+        trace.pass_on(node, source, dim=len(out_shape) - 1)
+        return True
+
+
 class ReduceFunctions(FunctionRule):
     """Means, sums and maxima over other dimensions (global pooling): the channels pass on."""
 

@@ -16,6 +16,9 @@ class WeightProduct(ModuleRule):
     its input channels and produces a new space of output channels (rows)."""
 
     widths: tuple[str, str]  # the module's attributes that hold its output and input widths
+    #: the weight's dimension that holds the input columns (the output rows are the other of its first two): 1 for
+    #: Linear and convolutions, 0 for a layer whose weight is stored transposed, [in, out] (transformers' Conv1D)
+    in_dim: int = 1
 
     def slice(self, module, rows=None, columns=None, entries=None) -> None:
         if rows is not None:
