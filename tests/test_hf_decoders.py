@@ -670,6 +670,26 @@ def test_phi3_prunes_to_a_shape_that_plain_transformers_loads():
         assert torch.equal(loaded(**batch()).logits, pruned(**batch()).logits)
 
 
+@pytest.mark.parametrize("family", ["gpt-neox", "gpt2"])
+def test_units_of_gpt_neox_and_gpt2_prune_to_a_shape_that_plain_transformers_loads(family):
+    """Their configs have no head_dim, so a shape's heads are refused (as OPT's); its units are written to the config
+    (intermediate_size, GPT-2's n_inner) and the Conv1D layers load at their new widths."""
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
+    with pytest.raises(ValueError, match="has no head_dim"):
+        l0hf.prune_to_shape(model, batch(), l0hf.DecoderShape(heads=2))
+    pruned = l0hf.prune_to_shape(model, batch(), l0hf.DecoderShape(intermediate_size=24))
+    with tempfile.TemporaryDirectory() as folder:
+        pruned.save_pretrained(folder)
+        loaded = hf().AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch()).logits, pruned(**batch()).logits)
+    assert l0sparse.count_params(loaded) < l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in find_gates(model))
+
+
 def gpt2() -> nn.Module:
     return hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64, n_inner=FFN,
                                                 bos_token_id=1, eos_token_id=2))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core.ops import fused_head_layout
+from ..core.ops import fused_head_layout, weight_widths
 from .rules import decoder_attention, decoder_attention_all, decoder_feed_forward, layers_around, linear_children
 
 
@@ -459,7 +459,7 @@ def _pruned_widths(pruned: nn.Module, layers: list[_ShapedLayer]) -> list[dict[s
             continue  # counted when the closed layers are dropped
         module = pruned.get_submodule(layer.name)
         if layer.kind == "units":
-            widths.append({"units": module.in_features})
+            widths.append({"units": weight_widths(module)[1]})  # a Linear's in_features, a Conv1D's nx
             continue
         fused = fused_head_layout(layer.name, module)  # fused projections (hf.fused): the counts the pruned module's layout says
         if fused is not None:
