@@ -54,6 +54,10 @@ FAMILIES = {
     "phi3": lambda: phi3(),
     # every layer a transformers Conv1D (weight [in, out]); fused c_attn [q | k | v]; tied head
     "gpt2": lambda: gpt2(),
+    # FalconLinear layers (a forward of their own); multi-query query_key_value [q (4 heads) | k | v], parallel attention
+    "falcon": lambda: falcon(),
+    # the new decoder architecture: query_key_value per key/value group [q of its 2 heads | k | v]
+    "falcon-grouped": lambda: falcon(new_decoder_architecture=True, num_kv_heads=2),
 }
 #: families whose forward reads the query head count from the config every layer shares: prune keeps the same count in
 #: every layer or refuses, so their gates close the same heads in every layer here
@@ -690,6 +694,11 @@ def test_units_of_gpt_neox_and_gpt2_prune_to_a_shape_that_plain_transformers_loa
     assert l0sparse.count_params(loaded) < l0sparse.count_params(model) - sum(g.log_alpha.numel() for g in find_gates(model))
 
 
+def falcon(**extra) -> nn.Module:
+    return hf().FalconForCausalLM(hf().FalconConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4,
+                                                    ffn_hidden_size=FFN, **extra))
+
+
 def gpt2() -> nn.Module:
     return hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, n_positions=64, n_inner=FFN,
                                                 bos_token_id=1, eos_token_id=2))
@@ -789,10 +798,36 @@ def test_fused_attention_families_prune_their_units_exactly(build):
         assert torch.equal(pruned.generate(prompt, max_new_tokens=5, do_sample=False), model.generate(prompt, max_new_tokens=5, do_sample=False))
 
 
+def test_falcon_with_biases_keeps_its_closed_units_as_zeros_and_says_so():
+    """torch.export shows a FalconLinear's bias as an add after its matmul, which locks the units' channels: its heads
+    go, its closed units stay as zero columns, and prune names the layers (exact all the same)."""
+    model = falcon(bias=True, multi_query=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
+    with torch.no_grad():
+        for gate in find_gates(model):
+            gate.log_alpha.copy_(torch.tensor([10.0, -10.0]).repeat(gate.log_alpha.numel() // 2))
+    with pytest.warns(UserWarning, match=r"closed input columns stay as zeros in 'transformer.h.0.mlp.dense_4h_to_h' \(24 of 48\)"):
+        pruned = l0sparse.prune(model, batch())
+    assert pruned.transformer.h[0].self_attention.query_key_value.out_features == 2 * 3 * 8  # heads 0 and 2 of 4
+    assert_same_logits(model, pruned, batch())
+
+
+class OwnLinear(nn.Linear):
+    """An nn.Linear with a forward of its own and no rule: tracing sees a matmul, not this layer."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
 def test_families_l0sparse_cannot_follow_are_refused_by_name():
-    falcon = hf().FalconForCausalLM(hf().FalconConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=4))
-    with pytest.raises(ValueError, match=r"'transformer.h.0.mlp.dense_4h_to_h' holds a FalconLinear, an nn.Linear with a forward of its own"):
-        l0hf.decoder_rules(falcon, heads=False)
-    with pytest.raises(ValueError, match=r"'transformer.h.0.self_attention' \(FalconAttention\) is not supported: its layers are FalconLinear"):
-        l0hf.decoder_rules(falcon)
+    model = llama()
+    model.model.layers[0].mlp.down_proj = OwnLinear(FFN, WIDTH)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.down_proj' holds a OwnLinear, an nn.Linear with a forward of its own"):
+        l0hf.decoder_rules(model, heads=False)
+    alibi = falcon(alibi=True)  # ALiBi slopes per head index, as BLOOM's: heads refused, units gated
+    with pytest.raises(ValueError, match=r"'transformer.h.0.self_attention': FalconAttention with ALiBi .* wrong slopes.*heads=False"):
+        l0hf.decoder_rules(alibi)
+    assert set(l0hf.decoder_rules(alibi, heads=False)) == {f"transformer.h.{i}.mlp.dense_4h_to_h" for i in range(2)} | {nn.Linear}
 

@@ -4,7 +4,8 @@ One module a purpose:
 
 - ``rules``: where gates go, found by structure (:func:`encoder_rules`, :func:`decoder_rules`);
 - ``fused``: which rows of a fused q/k/v or gate/up projection are whose (GPT-NeoX, Phi-3, GPT-2), as rules registered on import;
-- ``conv1d``: transformers' ``Conv1D`` (GPT-2) as the transposed Linear it is, a rule registered on import;
+- ``linears``: transformers' ``Conv1D`` (GPT-2, a transposed weight) and ``FalconLinear`` as the Linear layers they are,
+  rules registered on import;
 - ``hidden``: the hidden-size gate of a residual stream (:func:`gate_hidden` for BERT-like encoders,
   :func:`gate_decoder_hidden` for pre-norm decoders);
 - ``shapes``: a target architecture for a decoder (:class:`DecoderShape`, :class:`ShapeController`,
@@ -17,8 +18,8 @@ transformers itself is imported only where a function needs it.
 """
 
 from .distill import LayerDistillation, encoder_layers
-from .conv1d import register_conv1d_rule
 from .fused import register_fused_rules
+from .linears import register_linear_rules
 from .hidden import gate_decoder_hidden, gate_hidden
 from .rules import decoder_rules, encoder_rules
 from .shapes import DecoderShape, ShapeController, prune_to_shape
@@ -31,7 +32,7 @@ __all__ = ["MINILM_PACKAGE", "minilm_path", "load_tokenizer", "SentenceClassifie
            "gate_decoder_hidden", "DecoderShape", "ShapeController", "prune_to_shape", "L0Callback"]
 
 register_fused_rules()  # the fused q/k/v and gate/up layouts of GPT-NeoX, Phi-3 and GPT-2 (hf.fused), matched by class name
-register_conv1d_rule()  # transformers' Conv1D (GPT-2): a Linear with a transposed weight (hf.conv1d)
+register_linear_rules()  # transformers' Conv1D (GPT-2: a transposed weight) and FalconLinear as Linear layers (hf.linears)
 
 
 def __getattr__(name: str):

@@ -10,9 +10,11 @@ are parameterised here and registered through :func:`l0sparse.register_rule` for
   ``gate_up_proj`` rows ``[gate (f) | up (f)]``: unit i owns rows i and f + i, and ``down_proj``'s column i. The
   forward takes the queries as the first ``config.num_attention_heads · head_dim`` rows, from the config every layer
   shares: prune writes it, so every layer must keep the same number of query heads (else prune refuses, by name).
-- GPT-2: ``c_attn`` (a ``Conv1D``: :mod:`l0sparse.hf.conv1d`) rows ``[q | k | v]``, each ``H · d``, split by the module's
+- GPT-2: ``c_attn`` (a ``Conv1D``: :mod:`l0sparse.hf.linears`) rows ``[q | k | v]``, each ``H · d``, split by the module's
   ``split_size``, which prune writes with ``num_heads``; ``c_proj`` per head. Its feed-forward ``c_fc`` and ``c_proj``
   are Conv1D too, found by :data:`UNIT_PAIRS`.
+- Falcon: ``query_key_value`` (a ``FalconLinear``) in one of three layouts, as its config says (:func:`_falcon_heads`);
+  the module's ``num_heads``, ``num_kv_heads`` and ``num_key_value_groups`` are what its forward reads. ALiBi refused.
 """
 
 from __future__ import annotations
@@ -52,8 +54,29 @@ def _gpt2_heads(module: nn.Module) -> dict:
             "set": {"split_size": "width", "num_heads": "heads"}}
 
 
+def _falcon_heads(module: nn.Module) -> dict:
+    """FalconAttention (its layers FalconLinear: :mod:`l0sparse.hf.linears`), as its forward splits ``query_key_value``:
+    the new decoder architecture per key/value group ``[q of its heads | k | v]``; multi-query ``[q (H·d) | k (d) | v (d)]``;
+    otherwise per head ``[q | k | v]`` (as GPT-NeoX). With ALiBi (``config.alibi``) refused, as BLOOM's heads are."""
+    if module.config.alibi:
+        raise ValueError(f"{type(module).__name__} with ALiBi (config.alibi) is not laid out: FalconModel computes one slope per "
+                         "head from the model's head count and each head's index, shared by every layer, so a layer without some "
+                         "of its heads would give the others the wrong slopes")
+    head_dim, kv_heads = module.head_dim, module.num_kv_heads
+    heads = module.dense.in_features // head_dim
+    if module.new_decoder_architecture:
+        per_group = heads // kv_heads
+        blocks = [block for g in range(kv_heads) for block in [["q", g * per_group + i] for i in range(per_group)] + [["kv", g], ["kv", g]]]
+    elif module.multi_query:
+        blocks = [["q", h] for h in range(heads)] + [["kv", 0], ["kv", 0]]
+    else:
+        blocks = [[kind, h] for h in range(heads) for kind in ("q", "kv", "kv")]
+    return {"projection": "dense", "fused": {"query_key_value": blocks}, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+            "set": {"num_heads": "heads", "num_kv_heads": "kv_heads", "num_key_value_groups": "per_group"}}
+
+
 #: attention classes with fused q/k/v whose heads l0sparse slices, by class name: the layout of each
-FUSED_HEADS = {"GPTNeoXAttention": _neox_heads, "Phi3Attention": _phi3_heads, "GPT2Attention": _gpt2_heads}
+FUSED_HEADS = {"GPTNeoXAttention": _neox_heads, "Phi3Attention": _phi3_heads, "GPT2Attention": _gpt2_heads, "FalconAttention": _falcon_heads}
 #: feed-forward classes whose layers are no nn.Linear (GPT-2's Conv1D): (up projection, down projection) by class name
 UNIT_PAIRS = {"GPT2MLP": ("c_fc", "c_proj")}
 #: feed-forward classes with a fused input projection: (producer, consumer, rows per unit)
@@ -63,7 +86,6 @@ REFUSED_HEADS = {
     "BloomAttention": "its ALiBi biases come from one slope per head that BloomModel computes from the model's head count "
                       "and each head's index, shared by every layer: a layer without some of its heads would give the others "
                       "the wrong slopes, so its heads are not gated",
-    "FalconAttention": "its layers are FalconLinear (an nn.Linear with a forward of its own) that l0sparse's tracing does not follow",
 }
 
 
@@ -97,8 +119,10 @@ def register_fused_rules() -> None:
         _handles.extend(register_rule(rule) for rule in (FamilyHeads(), FamilyUnits()))
 
 
-def fused_head_modules(model: nn.Module) -> list[str]:
-    """The outermost modules whose rule gives a fused head layout (:func:`register_fused_rules` first), in model order."""
+def fused_head_modules(model: nn.Module, refuse: bool = True) -> list[str]:
+    """The outermost modules whose rule gives a fused head layout (:func:`register_fused_rules`), in model order. A module
+    of such a class whose layout is refused (GPT-2's cross-attention, Falcon with ALiBi) raises a ValueError naming it,
+    or with ``refuse=False`` is listed anyway (it still says where a layer's feed-forward block is)."""
     found: list[str] = []
     for name, module in model.named_modules():
         rule = module_rule(module)
@@ -107,8 +131,10 @@ def fused_head_modules(model: nn.Module) -> list[str]:
         try:
             layout = rule.head_layout(module)
         except ValueError as error:  # a module of the class the layout does not describe (GPT-2's cross-attention)
-            raise ValueError(f"decoder_rules: {name!r}: {error}; decoder_rules(model, heads=False) gates the feed-forward units "
-                             "only") from None
+            if refuse:
+                raise ValueError(f"decoder_rules: {name!r}: {error}; decoder_rules(model, heads=False) gates the feed-forward "
+                                 "units only") from None
+            layout = {}
         if layout is not None:
             found.append(name)
     return found

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..core.ops import fused_unit_layouts, module_rule, weight_widths
+from ..core.ops import LinearRule, fused_unit_layouts, module_rule, weight_widths
 from .fused import FUSED_HEADS, REFUSED_HEADS, UNIT_PAIRS, fused_head_modules
 
 
@@ -79,7 +79,10 @@ def _output_width(attention: nn.Module) -> int:
     """The width an attention module writes back: its output projection's (as its rule names it, or found by structure),
     else its last Linear's (Phi-3 registers o_proj before its fused qkv_proj)."""
     rule = module_rule(attention)
-    projection = rule.block_projection(attention) if rule is not None else None
+    try:
+        projection = rule.block_projection(attention) if rule is not None else None
+    except ValueError:  # a fused layout refused for this module (Falcon with ALiBi): found by structure below
+        projection = None
     if projection is None:
         found = decoder_attention(attention)
         projection = found[1] if found else linear_children(attention)[-1]
@@ -189,7 +192,7 @@ def _decoder_head_dim(module: nn.Module, config, queries: nn.Linear) -> int | No
 
 def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, blocks: bool = False) -> dict:
     """``sparsify`` rules for a Hugging Face decoder language model (Llama, Mistral, Qwen2/3, Gemma, OPT, GPT-Neo,
-    GPT-NeoX, Phi-3...): the heads of every attention module and the units of every feed-forward block.
+    GPT-NeoX, Phi-3, GPT-2, Falcon...): the heads of every attention module and the units of every feed-forward block.
 
     Found by structure, as :func:`encoder_rules` finds them: an attention module holds a query projection, key and
     value projections of one width (as wide as the queries, or narrower: grouped-query attention, one group for
@@ -200,7 +203,9 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
 
     Fused projections are laid out per family (:mod:`l0sparse.hf.fused`, rules registered on import): GPT-NeoX's
     ``query_key_value`` (rows interleaved per head, ``[q | k | v]`` of each), Phi-3's ``qkv_proj`` (``[q | k | v]``,
-    grouped-query) and ``gate_up_proj`` (``[gate | up]``: a unit's two rows). The head gates go on the output
+    grouped-query) and ``gate_up_proj`` (``[gate | up]``: a unit's two rows), GPT-2's ``c_attn`` (``[q | k | v]``; its
+    layers are ``Conv1D``, a transposed Linear: :mod:`l0sparse.hf.linears`), Falcon's ``query_key_value`` (per group,
+    multi-query or per head, as its config says; ``FalconLinear`` layers). The head gates go on the output
     projection's columns (``dense``, ``o_proj``, wherever it is registered) and prune removes a closed head's rows of the
     fused projection. Phi-3's forward reads its query width from the config every layer shares: prune keeps the same
     number of query heads in every layer or refuses, naming the layers (a shape, :func:`l0sparse.hf.prune_to_shape`,
@@ -219,9 +224,9 @@ def decoder_rules(model: nn.Module, heads: bool = True, groups: bool = False, bl
     Raises:
         ValueError: no attention module whose heads can be gated is found; where the model has fused attention of a
             family without a layout the error names the module and why: BLOOM (its ALiBi slopes depend on each head's
-            index and the model's head count), Falcon (``FalconLinear``), GPT-2 (``Conv1D``), and says that
-            ``heads=False`` gates the units where it can. Also: a Linear with a forward of its own in a gated module
-            (Falcon), a per-head table shared by the layers (T5), or an output projection that is not the module's
+            index and the model's head count), Falcon with ALiBi (the same), GPT-2's cross-attention, and says that
+            ``heads=False`` gates the units where it can. Also: a Linear with a forward of its own and no rule in a
+            gated module, a per-head table shared by the layers (T5), or an output projection that is not the module's
             last ``nn.Linear`` (separate projections), where a head gate would land.
     """
     if not isinstance(model, nn.Module):
@@ -255,11 +260,12 @@ def decoder_feed_forward(model: nn.Module, attention: list[str]) -> list[str]:
     return found + [name for name in [*fused_unit_layouts(model), *pairs] if name not in found]
 
 
-def decoder_attention_all(model: nn.Module) -> list[str]:
+def decoder_attention_all(model: nn.Module, refuse: bool = False) -> list[str]:
     """The attention modules whose heads :func:`decoder_rules` gates: separate projections, or fused ones laid out by a
-    registered rule (:mod:`l0sparse.hf.fused`), in model order."""
+    registered rule (:mod:`l0sparse.hf.fused`; ``refuse``: a module of such a class whose heads cannot be laid out
+    raises, naming it), in model order."""
     order = {name: position for position, (name, _) in enumerate(model.named_modules())}
-    return sorted({*decoder_attention_modules(model), *fused_head_modules(model)}, key=order.__getitem__)
+    return sorted({*decoder_attention_modules(model), *fused_head_modules(model, refuse)}, key=order.__getitem__)
 
 
 def _decoder_attention_or_refuse(model: nn.Module, heads: bool) -> list[str]:
@@ -267,7 +273,7 @@ def _decoder_attention_or_refuse(model: nn.Module, heads: bool) -> list[str]:
     fused projections a registered rule lays out (:mod:`l0sparse.hf.fused`), in model order; with ``heads=False``, where
     there are none, the other fused ones, which still say where each layer's feed-forward block is. Refuses heads of
     a family whose fused heads cannot be sliced (naming the module and why), and a model with no attention at all."""
-    attention = decoder_attention_all(model)
+    attention = decoder_attention_all(model, refuse=heads)
     fused = [] if attention else fused_attention_modules(model)
     if not attention and (heads or not fused):
         named = fused[0] if fused else next((name for name, m in model.named_modules() if type(m).__name__.endswith("Attention")), None)
@@ -306,9 +312,9 @@ def _refuse_linears_with_own_forward(model: nn.Module, rules: dict) -> None:
     modules = dict(model.named_modules())
     for name in rules:
         for linear in linear_children(modules[name]):
-            if type(linear).forward is not nn.Linear.forward:
+            if type(linear).forward is not nn.Linear.forward and type(module_rule(linear)) is LinearRule:  # no rule of its own
                 raise ValueError(f"decoder_rules: {name!r} holds a {type(linear).__name__}, an nn.Linear with a forward of its own, "
-                                 "which l0sparse's tracing does not follow: its gates could not be removed (Falcon is not supported)")
+                                 "which l0sparse's tracing does not follow: its gates could not be removed (register a rule for it: l0sparse.register_rule)")
 
 def _refuse_per_head_tables(model: nn.Module, rules: dict, caller: str) -> None:
     """Refuse head rules where the model holds a table of one column per head outside one layer (an ``nn.Embedding``:

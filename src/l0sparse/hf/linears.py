@@ -1,8 +1,12 @@
-"""transformers' ``Conv1D`` (GPT-2, and the models that copy its layers): a Linear whose weight is stored transposed,
-``[in, out]``, computed as ``addmm(bias, x.view(-1, in), weight).view(..., out)``. Its rule, registered when
-``l0sparse.hf`` is imported and matched by class name (so that registering it imports nothing of transformers), reads
-it as the Linear it is: input columns are the weight's dimension 0 (:attr:`l0sparse.core.ops.WeightProduct.in_dim`),
-output rows its dimension 1 and the bias."""
+"""transformers' own forms of a Linear layer, read as the Linear each is by rules registered when ``l0sparse.hf`` is
+imported (matched by class name, so that registering them imports nothing of transformers):
+
+- ``Conv1D`` (GPT-2, and the models that copy its layers): a Linear whose weight is stored transposed, ``[in, out]``,
+  computed as ``addmm(bias, x.view(-1, in), weight).view(..., out)``: input columns are the weight's dimension 0
+  (:attr:`l0sparse.core.ops.WeightProduct.in_dim`), output rows its dimension 1 and the bias;
+- ``FalconLinear``: an ``nn.Linear`` with a forward of its own, ``input @ weight.T (+ bias)``, which torch.export shows
+  as a ``matmul`` (and an ``add``) instead of a ``linear``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from ..core.ops import WeightProduct, register_rule
+from ..core.ops import LinearRule, WeightProduct, register_rule
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -65,10 +69,20 @@ class Conv1DRule(WeightProduct):
         return math.prod(out_shape[:-1])
 
 
+class FalconLinearRule(LinearRule):
+    """``FalconLinear`` as the nn.Linear it subclasses: its call is the ``matmul`` torch.export shows (a bias, where it
+    has one, is added after it)."""
+
+    aten = (torch.ops.aten.matmul.default,)
+
+    def applies(self, module: nn.Module) -> bool:
+        return isinstance(module, nn.Linear) and any(kind.__name__ == "FalconLinear" for kind in type(module).__mro__)
+
+
 _handles: list = []
 
 
-def register_conv1d_rule() -> None:
-    """Register :class:`Conv1DRule` (once; ``import l0sparse.hf`` does it)."""
+def register_linear_rules() -> None:
+    """Register :class:`Conv1DRule` and :class:`FalconLinearRule` (once; ``import l0sparse.hf`` does it)."""
     if not _handles:
-        _handles.append(register_rule(Conv1DRule()))
+        _handles.extend(register_rule(rule) for rule in (Conv1DRule(), FalconLinearRule()))
