@@ -59,7 +59,7 @@ from .gates import Gate
 from .graph import check_module, evaluating, example_tuple, trace_channels
 from .layers import L0Layer
 from .ops import declared_head_count, fused_head_layout, grouped_projections, head_layouts, input_dim, module_rule, query_key_value
-from .sites import GateMask, gate_masks, sum_per_gate
+from .sites import GateMask, gate_masks, raw_tensor, sum_per_gate
 from .stream import hidden_gate
 
 __all__ = ["sparsify", "GateMask", "GRANULARITIES", "gate_masks", "sum_per_gate", "head_layouts"]
@@ -164,7 +164,8 @@ def sparsify(model: nn.Module, rules: Mapping | None = None, example_inputs: tup
             projection = _block_projection(module)
             gate = _new_gate(1, name, "block", projection, gate_kwargs)
             columns = input_dim(projection)
-            parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=columns, block=projection.weight.shape[columns]))
+            width = raw_tensor(projection, "weight").shape[columns]  # not the gated weight: reading it would draw a sample
+            parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=columns, block=width))
     return model
 
 
@@ -235,7 +236,7 @@ class _Placement:
 
 def _gate_inputs(placement: _Placement, name: str, module: nn.Module) -> None:
     columns = input_dim(module)  # 1, or 0 for a weight stored [in, out]
-    gate = _new_gate(module.weight.shape[columns], name, "in", module, placement.gate_kwargs)
+    gate = _new_gate(raw_tensor(module, "weight").shape[columns], name, "in", module, placement.gate_kwargs)
     parametrize.register_parametrization(module, "weight", GateMask(gate, dim=columns))
 
 
@@ -339,7 +340,7 @@ def _check_own_attention(name: str, module: nn.Module, num_heads: int) -> None:
     """A ``("heads", n)`` rule on an attention module of the user's own (or a library's): its output projection
     must split into ``n`` heads, and a declared head count or grouped-query layout must agree."""
     projection = _block_projection(module)
-    inputs = projection.weight.shape[input_dim(projection)] if projection is not None else 0
+    inputs = raw_tensor(projection, "weight").shape[input_dim(projection)] if projection is not None else 0
     if projection is None or inputs % num_heads:
         found = "it has no nn.Linear" if projection is None else f"its last Linear has {inputs} inputs"
         raise ValueError(f"sparsify: rule ('heads', {num_heads}) on {name!r} ({type(module).__name__}): the output projection "
@@ -386,7 +387,7 @@ def _gate_heads(placement: _Placement, name: str, module: nn.Module) -> None:
     projection = _block_projection(module)
     gate = _new_gate(num_heads, name, "heads", projection, gate_kwargs)
     columns = input_dim(projection)
-    parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=columns, block=projection.weight.shape[columns] // num_heads))
+    parametrize.register_parametrization(projection, "weight", GateMask(gate, dim=columns, block=raw_tensor(projection, "weight").shape[columns] // num_heads))
 
 
 #: how each granularity is placed (a block gate comes on top, in sparsify)

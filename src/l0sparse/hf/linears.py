@@ -14,17 +14,21 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..core.ops import LinearRule, WeightProduct, register_rule
+from ..core.sites import raw_tensor
 
 
 def is_conv1d(module: nn.Module) -> bool:
     """A transformers ``Conv1D`` (or a subclass: parametrize's ``ParametrizedConv1D``): that class name, ``nf`` outputs, ``nx``
-    inputs and a weight of shape (nx, nf)."""
-    weight = getattr(module, "weight", None)
+    inputs and a weight stored (nx, nf). Asked of every module a rule is looked up for: the class name first, and a gated
+    weight read without running its parametrization (which would draw a gate sample)."""
+    if not any(kind.__name__ == "Conv1D" for kind in type(module).__mro__):
+        return False
     widths = (getattr(module, "nx", None), getattr(module, "nf", None))
-    return (any(kind.__name__ == "Conv1D" for kind in type(module).__mro__) and all(isinstance(width, int) for width in widths)
-            and isinstance(weight, torch.Tensor) and tuple(weight.shape) == widths)
+    weight = raw_tensor(module, "weight") if parametrize.is_parametrized(module, "weight") else module._parameters.get("weight")
+    return all(isinstance(width, int) for width in widths) and isinstance(weight, torch.Tensor) and tuple(weight.shape) == widths
 
 
 class Conv1DRule(WeightProduct):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from ..sites import raw_tensor
+
 from .attention import (AtenProducts, AttentionRule, EncoderLayerRule, ScaledDotProductAttention, attention_cost, attention_layout,
                         attention_module_is_plain, inline_encoder, remove_heads, scaled_dot_product_macs)
 from .base import FunctionRule, ModuleRule, Trace, flatten, node_inputs, set_submodule
@@ -181,9 +183,10 @@ def fused_head_layout(owner: str, attention: nn.Module) -> dict | None:
 
 
 def weight_widths(module: nn.Module) -> tuple[int, int]:
-    """(output rows, input columns) of a weight product's weight, as its rule stores them (:func:`input_dim`)."""
-    columns = input_dim(module)
-    return module.weight.shape[1 - columns], module.weight.shape[columns]
+    """(output rows, input columns) of a weight product's weight, as its rule stores them (:func:`input_dim`); a gated
+    weight is read without running its parametrization (which would draw a gate sample)."""
+    columns, shape = input_dim(module), raw_tensor(module, "weight").shape
+    return shape[1 - columns], shape[columns]
 
 
 def fused_unit_layouts(model: nn.Module) -> dict[str, dict]:
