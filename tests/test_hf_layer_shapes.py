@@ -12,7 +12,7 @@ import l0sparse.hf.shapes
 from l0sparse import hf as l0hf
 from l0sparse.core.sites import find_gates
 
-from test_hf_decoders import COMMON, VOCAB, WIDTH, FFN, assert_same_logits, batch
+from test_hf_decoders import COMMON, FFN, VOCAB, WIDTH, assert_same_logits, batch, gated
 from test_hf_encoders import hf
 
 pytestmark = pytest.mark.usefixtures("torch_export_loaded")  # conftest.py: torch.export's set-up, paid outside the tests
@@ -113,3 +113,24 @@ def test_layers_in_a_shape_are_refused_by_name_where_they_cannot_be_dropped():
     keep_layers(opt, [1])
     with pytest.raises(ValueError, match=r"the closed layers \['model.decoder.layers.0'\] still change the output"):
         l0hf.prune_to_shape(opt, batch(), l0hf.DecoderShape(layers=1))
+
+
+@pytest.mark.parametrize("family", ["llama-gqa-tied", "gemma-mqa", "gpt-neox", "phi3", "gpt2", "falcon"])
+def test_every_family_with_block_gates_drops_a_layer_to_a_stock_config(family, tmp_path):
+    """The layers are found from the block gates' owners, fused families included; the family's closed layer adds no
+    bias (random initialisation leaves output biases at zero where a family has them), so it drops exactly."""
+    model = gated(family, blocks=True)
+    with torch.no_grad():
+        for gate in find_gates(model):
+            gate.log_alpha.fill_(10.0)
+    keep_layers(model, [1])
+    pruned = l0hf.prune_to_shape(model, batch(), l0hf.DecoderShape(layers=1))
+    assert pruned.config.num_hidden_layers == 1
+    assert_same_logits(model, pruned, batch())
+    pruned.save_pretrained(tmp_path)
+    loaded = hf().AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = batch(padded=False)["input_ids"][:1]
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch()).logits, pruned(**batch()).logits)
+        assert torch.equal(loaded.generate(prompt, max_new_tokens=6, do_sample=False),
+                           model.generate(prompt, max_new_tokens=6, do_sample=False))

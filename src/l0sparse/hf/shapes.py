@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.ops import fused_head_layout, weight_widths
-from .rules import decoder_attention, decoder_attention_all, decoder_feed_forward, layers_around, linear_children
+from .rules import decoder_attention, decoder_attention_all, decoder_feed_forward, linear_children
 
 
 @dataclass(frozen=True)
@@ -93,25 +93,30 @@ class _LayerGates:
 
 
 def _layer_gates(model: nn.Module) -> _LayerGates | None:
-    """The decoder layers' block gates, when every layer of one ``nn.ModuleList`` has one on its attention and one on its
-    feed-forward block (else None: a shape cannot count layers)."""
+    """The decoder layers' block gates, when every layer of one ``nn.ModuleList`` has two: one on its attention block
+    and one on its feed-forward block (else None: a shape cannot count layers). Found from the block gates' owners, so
+    any family whose blocks ``decoder_rules(model, blocks=True)`` gates is covered."""
     from ..core.sites import gate_masks
 
-    attention = decoder_attention_all(model)
-    around = layers_around(model, attention)
-    layer_names = [around[name] for name in attention if name in around]
-    parents = {name.rpartition(".")[0] for name in layer_names}
-    if not layer_names or len(parents) != 1 or not isinstance(model.get_submodule(next(iter(parents))), nn.ModuleList):
-        return None
-    blocks: dict[str, list] = {name: [] for name in layer_names}
+    lists = {name for name, module in model.named_modules() if isinstance(module, nn.ModuleList)}
+    blocks: dict[tuple[str, int], list] = {}
     for _, _, _, mask in gate_masks(model):
-        if getattr(mask.gate, "granularity", None) == "block":
-            owner = next((name for name in layer_names if mask.gate.owner.startswith(name + ".")), None)
-            if owner is not None and all(mask.gate is not gate for gate in blocks[owner]):
-                blocks[owner].append(mask.gate)
-    if any(len(gates) != 2 for gates in blocks.values()):
+        gate = mask.gate
+        if getattr(gate, "granularity", None) != "block":
+            continue
+        parts = (gate.owner or "").split(".")
+        layer = next(((".".join(parts[:i]), int(parts[i])) for i in range(len(parts) - 1, 0, -1)
+                      if parts[i].isdigit() and ".".join(parts[:i]) in lists), None)
+        if layer is not None and all(gate is not other for other in blocks.setdefault(layer, [])):
+            blocks[layer].append(gate)
+    list_names = {name for name, _ in blocks}
+    if len(list_names) != 1:
         return None
-    return _LayerGates(next(iter(parents)), [tuple(blocks[name]) for name in layer_names])
+    list_name = next(iter(list_names))
+    count = len(model.get_submodule(list_name))
+    if sorted(index for _, index in blocks) != list(range(count)) or any(len(gates) != 2 for gates in blocks.values()):
+        return None
+    return _LayerGates(list_name, [tuple(blocks[(list_name, index)]) for index in range(count)])
 
 
 def _gates_to_set(layer: _ShapedLayer, keep: Tensor) -> list[tuple[object, Tensor]]:
@@ -391,16 +396,14 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape, scores
         for gate, keep in _gates_to_set(copied, _select(layer, targets, scores.get(layer.name))):
             log_alpha = gate.log_alpha.data
             log_alpha.copy_(torch.where(keep.view_as(log_alpha), log_alpha.clamp(min=_opening(gate)), torch.full_like(log_alpha, -30.0)))
+    if "layers" in targets:  # before prune: a closed attention block would keep one head, where a config may share the count
+        layers = _drop_closed_layers(work, layers, example_inputs)
     pruned = prune(work.eval(), example_inputs)
-    blocks = next((layer for layer in _shaped_layers(work) if layer.kind == "layers"), None) if "layers" in targets else None
-    dropped = [] if blocks is None else [f"{blocks.name}.{index}." for index, kept in enumerate(blocks.gate.is_open().tolist()) if not kept]
-    widths = _pruned_widths(pruned, [layer for layer in layers if not any(layer.name.startswith(name) for name in dropped)])
+    widths = _pruned_widths(pruned, layers)
     for dimension, target in targets.items():
         found = {width[dimension] for width in widths if dimension in width}
         if found and found != {target}:  # the selection is uniform by construction: anything else is a bug
             raise RuntimeError(f"prune_to_shape: layers kept {sorted(found)} {dimension}, not {target}; please report it")
-    if blocks is not None:
-        _drop_closed_layers(pruned, blocks, example_inputs)
     for dimension, key in keys.items():
         setattr(pruned.config, key, targets[dimension] if dimension in targets else getattr(config, key, getattr(pruned.config, key, None)))
     if getattr(pruned.config, "pruned_heads", None):
@@ -473,36 +476,47 @@ def _pruned_widths(pruned: nn.Module, layers: list[_ShapedLayer]) -> list[dict[s
 
 
 @torch.no_grad()
-def _drop_closed_layers(pruned: nn.Module, blocks: _ShapedLayer, example_inputs) -> None:
-    """Remove from ``pruned`` the decoder layers whose two blocks the selection closed, renumbering the rest (their
-    ``layer_idx``, which indexes the KV cache) and the config's per-layer lists; refused where a closed layer still adds
-    something to the stream (an output bias), since a stock config cannot keep a layer that is only a bias."""
+def _drop_closed_layers(work: nn.Module, layers: list[_ShapedLayer], example_inputs) -> list[_ShapedLayer]:
+    """Remove from the gated copy ``work`` the decoder layers whose two blocks the selection closed, renumbering the rest:
+    their place in the list, the owners their gates name, their ``layer_idx`` (the KV cache's index) and the config's
+    per-layer lists. Refused where a closed layer still changes the output (an output bias): a stock config cannot keep
+    a layer that is only a bias. Returns ``layers`` (the shaped records) without the dropped ones, renamed."""
     from ..core.graph import evaluating, example_tuple
+    from ..core.sites import find_gates
 
     batch = example_tuple(example_inputs, "prune_to_shape")
-    closed = [index for index, is_open in enumerate(blocks.gate.is_open().tolist()) if not is_open]
-    layer_list = pruned.get_submodule(blocks.name)
-    with evaluating(pruned):
-        before = _logits(pruned(*batch, **batch.kwargs))
-        kept = [layer for index, layer in enumerate(layer_list) if index not in closed]
-        removed = [layer for index, layer in enumerate(layer_list) if index in closed]
-        pruned.get_submodule(blocks.name.rpartition(".")[0] or "").__setattr__(blocks.name.rpartition(".")[2], nn.ModuleList(kept))
-        for index, layer in enumerate(kept):
-            for module in layer.modules():
+    blocks = next(layer for layer in _shaped_layers(work) if layer.kind == "layers")
+    kept = [index for index, is_open in enumerate(blocks.gate.is_open().tolist()) if is_open]
+    owner_name, _, attribute = blocks.name.rpartition(".")
+    owner, layer_list = work.get_submodule(owner_name), work.get_submodule(blocks.name)
+    with evaluating(work):
+        before = _logits(work(*batch, **batch.kwargs))
+        setattr(owner, attribute, nn.ModuleList([layer_list[index] for index in kept]))
+        for new_index, old_index in enumerate(kept):
+            for module in layer_list[old_index].modules():
                 if isinstance(getattr(module, "layer_idx", None), int):
-                    module.layer_idx = index
-        config = pruned.config
-        config.num_hidden_layers = len(kept)
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = [kind for index, kind in enumerate(config.layer_types) if index not in closed]
-        after = _logits(pruned(*batch, **batch.kwargs))
-    scale = float(before.abs().max())
-    if before.shape != after.shape or float((before - after).abs().max()) > 1e-4 * max(scale, 1e-30):
-        names = [f"{blocks.name}.{index}" for index in closed]
-        pruned.get_submodule(blocks.name.rpartition(".")[0] or "").__setattr__(blocks.name.rpartition(".")[2], layer_list)
-        raise ValueError(f"prune_to_shape: the closed layers {names} still change the output (an output bias of a closed block, "
-                         f"{type(removed[0]).__name__}): a stock config cannot hold them; leave layers out of the shape or "
+                    module.layer_idx = new_index
+        work.config.num_hidden_layers = len(kept)
+        if isinstance(getattr(work.config, "layer_types", None), list):
+            work.config.layer_types = [work.config.layer_types[index] for index in kept]
+        after = _logits(work(*batch, **batch.kwargs))
+    if before.shape != after.shape or float((before - after).abs().max()) > 1e-4 * max(float(before.abs().max()), 1e-30):
+        closed = [f"{blocks.name}.{index}" for index in range(len(layer_list)) if index not in kept]
+        raise ValueError(f"prune_to_shape: the closed layers {closed} still change the output (an output bias of a closed block, "
+                         f"{type(layer_list[0]).__name__}): a stock config cannot hold them; leave layers out of the shape or "
                          "use l0sparse.prune")
+    renamed = {f"{blocks.name}.{old}.": f"{blocks.name}.{new}." for new, old in enumerate(kept)}
+
+    def rename(name: str) -> str | None:  # None: inside a dropped layer
+        prefix = next((prefix for prefix in renamed if name.startswith(prefix)), None)
+        if prefix is not None:
+            return renamed[prefix] + name[len(prefix):]
+        return None if name.startswith(blocks.name + ".") else name
+
+    for gate in find_gates(work):
+        gate.owner = rename(gate.owner or "") or gate.owner
+    return [_ShapedLayer(rename(layer.name), layer.gate, layer.kind, layer.heads, layer.kv_heads) for layer in layers
+            if layer.kind != "layers" and rename(layer.name) is not None]
 
 
 def _logits(output) -> Tensor:
