@@ -22,6 +22,7 @@ Needs: make hf and apt-get install wordnet-base. Run:
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -53,6 +54,15 @@ METHODS = {
     # L0 started from the Taylor ranking's choice, its gates fixed for the last 80% of the steps
     "l0-from-taylor": ("minilm-wordnet-l0-taylor-flops10.toml", ["settle=0.8"]),
 }
+
+#: the plot's names of the methods whose key does not say what they are
+LABELS = {"importance": "importance (heads by gradient, units by magnitude)", "taylor": "taylor (strong importance baseline)",
+          "l0": "L0 (open start)", "l0-from-taylor": "L0 from taylor's choice, settle 0.8"}
+
+
+def run_name(method: str, target: float, seed: int) -> str:
+    """A run's folder: METHOD-PERCENT for seed 0, METHOD-PERCENT-sSEED for the others."""
+    return f"{method}-{round(100 * target)}" + (f"-s{seed}" if seed else "")
 
 
 def finished(run_dir: Path, config) -> bool:
@@ -96,7 +106,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher", type=Path, default=None,
                         help="a finished teacher run to distil from (default: train one in RUNS/teacher)")
     parser.add_argument("--train-only", action="store_true", help="train (or reuse) the runs, then stop: no pruning, timing or file")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="train nothing: prune, evaluate and time the runs of --methods x --targets x --seeds that are finished, "
+                             "leaving out the others (runs trained by --train-only processes side by side)")
     parser.add_argument("--plot", type=Path, default=None, help="also plot test accuracy against encoder FLOPs to this image")
+    parser.add_argument("--plot-with", nargs="*", default=[], help="results files (of this script) whose runs the plot adds")
     args = parser.parse_args(argv)
     reuse_freed_memory()
     configure_torch(args.threads)
@@ -108,8 +122,14 @@ def main(argv=None) -> dict:
         for seed in args.seeds:
             keys = [*sizes, f"teacher={str(teacher_dir)!r}", f"target={target}", f"epochs={args.epochs}", f"seed={seed}"]
             for method in args.methods:
-                name = f"{method}-{round(100 * target)}" + (f"-s{seed}" if seed else "")
+                name = run_name(method, target, seed)
                 recipe, method_keys = METHODS[method]
+                if args.collect_only:
+                    if finished(args.runs / name, load_config(RECIPES / recipe, [*keys, *method_keys])):
+                        wall[name], runs[name] = 0.0, args.runs / name
+                    else:
+                        print(f"left out (not finished with this config): {args.runs / name}", flush=True)
+                    continue
                 wall[name] = train(recipe, args.runs / name, [*keys, *method_keys], args.threads, args.fresh)
                 runs[name] = args.runs / name
     if args.train_only:
@@ -159,7 +179,7 @@ def main(argv=None) -> dict:
     payload["summary"] = summarise(results, args.methods, args.targets, args.seeds)
     save_json(payload, args.out)
     if args.plot:
-        plot(payload, args.plot)
+        plot([payload, *(json.loads(Path(extra).read_text()) for extra in args.plot_with)], args.plot)
     print(f"{'model':<24}{'test acc':>10}{'vs teacher':>12}{'enc FLOPs':>11}{'latency ms':>12}{'speed-up':>10}")
     for name, row in results.items():
         print(f"{name:<24}{100 * row['test_accuracy']:>9.2f}%{100 * row.get('accuracy_vs_teacher', 1):>11.1f}%"
@@ -168,8 +188,9 @@ def main(argv=None) -> dict:
 
 
 def summarise(results: dict, methods: list[str], targets: list[float], seeds: list[int], baseline: str = "taylor") -> dict:
-    """Per target and method: the test accuracy's mean and standard error over the seeds, and the paired difference
-    from ``baseline``'s run of the same seed (mean ± standard error of the differences), in points."""
+    """Per target and method: the test accuracy's mean and standard error over the seeds it has runs for, and the paired
+    difference from ``baseline``'s run of the same seed (mean ± standard error of the differences, over the seeds both
+    have), in points."""
     import statistics
 
     def mean_se(values: list[float]) -> dict:
@@ -180,42 +201,68 @@ def summarise(results: dict, methods: list[str], targets: list[float], seeds: li
     for target in targets:
         rows = {}
         for method in methods:
-            names = [f"{method}-{round(100 * target)}" + (f"-s{seed}" if seed else "") for seed in seeds]
+            names = [run_name(method, target, seed) for seed in seeds if run_name(method, target, seed) in results]
+            if not names:
+                continue
             row = {"test_accuracy": mean_se([100 * results[name]["test_accuracy"] for name in names]),
-                   "encoder_flops_kept": mean_se([100 * results[name]["encoder_flops_kept"] for name in names])}
-            if baseline in methods and method != baseline:
-                base = [f"{baseline}-{round(100 * target)}" + (f"-s{seed}" if seed else "") for seed in seeds]
-                row["minus_" + baseline] = mean_se([100 * (results[a]["test_accuracy"] - results[b]["test_accuracy"])
-                                                    for a, b in zip(names, base)])
+                   "encoder_flops_kept": mean_se([100 * results[name]["encoder_flops_kept"] for name in names]),
+                   "seeds": [seed for seed in seeds if run_name(method, target, seed) in results]}
+            paired = [(run_name(method, target, seed), run_name(baseline, target, seed)) for seed in row["seeds"]
+                      if run_name(baseline, target, seed) in results]
+            if method != baseline and paired:
+                row["minus_" + baseline] = mean_se([100 * (results[a]["test_accuracy"] - results[b]["test_accuracy"]) for a, b in paired])
             rows[method] = row
         summary[f"{round(100 * target)}%"] = rows
     return summary
 
 
-def plot(payload: dict, path: Path) -> None:
-    """Test accuracy (mean ± s.e. over the seeds) against the encoder FLOPs kept, one line per method, the teacher as a line."""
+def summary_of(payload: dict) -> dict:
+    """A results file's summary; for a file written before summaries were (hf_minilm.json), made from its run names."""
+    if "summary" in payload:
+        return payload["summary"]
+    names = [name for name in payload["results"] if name != "teacher" and "-round" not in name]
+    parsed = [name.split("-s")[0].rsplit("-", 1) for name in names]
+    methods = sorted({method for method, _ in parsed})
+    targets = sorted({int(percent) / 100 for _, percent in parsed})
+    return summarise(payload["results"], methods, targets, payload.get("seeds", [0]))
+
+
+def plot(payloads: list[dict], path: Path) -> None:
+    """Test accuracy (mean ± s.e. over the seeds) against the encoder FLOPs kept, one line per method over every file's
+    targets, the teacher as a line (every file's runs distil from the same teacher)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    figure, axes = plt.subplots(figsize=(6.4, 4.2))
-    methods = sorted({method for rows in payload["summary"].values() for method in rows})
-    for method in methods:
-        points = sorted((row[method]["encoder_flops_kept"]["mean"], row[method]["test_accuracy"]["mean"], row[method]["test_accuracy"]["se"] or 0)
-                        for row in payload["summary"].values() if method in row)
-        axes.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3, label=method)
-    axes.axhline(100 * payload["results"]["teacher"]["test_accuracy"], color="black", linestyle="--", label="teacher (dense)")
+    points: dict[str, list] = {}
+    for payload in payloads:
+        for rows in summary_of(payload).values():
+            for method, row in rows.items():
+                n = row["test_accuracy"]["n"]
+                points.setdefault(method, []).append((row["encoder_flops_kept"]["mean"], row["test_accuracy"]["mean"],
+                                                      row["test_accuracy"]["se"] or 0.0, n))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for method, found in sorted(points.items()):
+        found.sort()
+        seeds = "/".join(str(n) for n in sorted({p[3] for p in found}))
+        axes.errorbar([p[0] for p in found], [p[1] for p in found], yerr=[p[2] for p in found], marker="o", capsize=3,
+                      label=f"{LABELS.get(method, method)} ({seeds} seed{'s' if seeds != '1' else ''})")
+    axes.axhline(100 * payloads[0]["results"]["teacher"]["test_accuracy"], color="black", linestyle="--", label="teacher (dense)")
     axes.set_xscale("log")
-    axes.set_xlabel("encoder FLOPs kept (% of the teacher's)")
+    ticks = sorted({round(p[0]) for found in points.values() for p in found})
+    axes.xaxis.set_major_locator(FixedLocator(ticks))
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xticklabels([f"{tick}%" for tick in ticks])
+    axes.set_xlabel("encoder FLOPs kept (of the teacher's, log scale)")
     axes.set_ylabel("test accuracy (%)")
-    axes.set_title(f"MiniLM on WordNet glosses, seeds {payload['seeds']}")
+    axes.set_title("all-MiniLM-L6-v2 on WordNet glosses: mean ± s.e. over seeds")
     axes.legend(fontsize="small")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
 
 if __name__ == "__main__":
     main()
