@@ -324,7 +324,8 @@ def _attention_writer(model: nn.Module, name: str) -> str:
     try:
         projection = rule.block_projection(module) if isinstance(rule, FusedHeads) else decoder_attention(module)[1]
     except ValueError as error:  # GPT-2's cross-attention, Falcon with ALiBi: no layout of their rows
-        raise ValueError(f"gate_decoder_hidden: {name!r}: {error}; its residual stream is not laid out either") from None
+        raise ValueError(f"gate_decoder_hidden: {name!r}: {error}; the hidden gate finds the stream's writers through that layout, so it "
+                         "is refused too") from None
     return next(inner for inner, m in model.named_modules() if m is projection)
 
 
@@ -353,21 +354,25 @@ def _decoder_writers(model: nn.Module, width: int) -> list[str]:
 
 def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
     """Attach one hidden-size gate (one gate per residual-stream dimension) to a pre-norm decoder (after
-    :func:`decoder_rules`' ``sparsify``); return the gate. Its norms may be RMSNorms (Llama, Mistral, Qwen2/3), Gemma's
-    RMSNorms scaling by ``1 + weight``, or LayerNorms (OPT with ``do_layer_norm_before``, GPT-Neo).
+    :func:`decoder_rules`' ``sparsify``); return the gate. Its norms may be RMSNorms (Llama, Mistral, Qwen2/3, Phi-3),
+    Gemma's RMSNorms scaling by ``1 + weight``, or LayerNorms (OPT with ``do_layer_norm_before``, GPT-Neo, GPT-NeoX,
+    GPT-2, Falcon); its projections separate or fused (:mod:`l0sparse.hf.fused`), nn.Linear or GPT-2's ``Conv1D``.
 
     The stream is found by structure: the token embedding (``get_input_embeddings()``) and any other ``nn.Embedding`` as
-    wide (a learned position embedding: OPT's, GPT-Neo's), the writers (each attention module's output projection and
-    each feed-forward block's down projection, as :func:`decoder_rules` finds them) and its norms: every
+    wide (a learned position embedding: OPT's, GPT-Neo's, GPT-2's), the writers (each attention module's output
+    projection, as its fused layout names it or found by structure, and each feed-forward block's down projection, as
+    :func:`decoder_rules` finds them) and its norms: every
     ``nn.LayerNorm`` of its width, else every module with a one-dimensional ``weight`` as wide and an epsilon
     (``variance_epsilon`` or ``eps``). Each norm becomes an :class:`~l0sparse.core.stream.OpenLayerNorm`,
     :class:`~l0sparse.core.stream.OpenRMSNorm` or :class:`~l0sparse.core.stream.OpenOffsetRMSNorm`, whose statistics
     run over the open dimensions and whose output is zero on the closed ones (docs/decoders.md, "The hidden size");
     :func:`l0sparse.prune` then removes the closed dimensions from the embeddings, every norm, every writer's rows and
-    every reader's columns (q, k, v, the first feed-forward layers, the language-model head), a tied head staying tied.
+    every reader's columns (q, k, v or a fused q/k/v projection, the first feed-forward layers or a fused gate/up
+    projection, the language-model head), a tied head staying tied.
 
     Raises:
-        ValueError: no such stream (fused q/k/v projections: GPT-NeoX, BLOOM, Phi-3; OPT's project_in/project_out), a
+        ValueError: no such stream (fused attention no rule lays out: BLOOM; a layout refused: Falcon with ALiBi, GPT-2's
+            cross-attention; OPT's project_in/project_out), a
             Linear that reads the stream before any norm (post-norm OPT), a norm computing neither an RMSNorm's
             ``x̂ · w`` nor Gemma's ``x̂ · (1 + w)``, or ``example_inputs`` the model refuses; each names the module. The
             model is unchanged then.
