@@ -161,7 +161,7 @@ def charges(model: nn.Module, output_dim: Callable[[nn.Module], int] = lambda mo
     columns of the layers that read its channels but pays for the rows (weight and bias) of the layers
     that produce them, once per producing layer, as :class:`~l0sparse.L0Conv2d`'s gate pays for its filters.
     ``output_dim`` says which dimension of a producer's weight holds its rows (0, or 1 for a weight stored
-    ``[in, out]``, as its rule says: the cost model passes it).
+    ``[in, out]``, as its rule says: :class:`~l0sparse.Penalty` passes it).
     """
     names = {id(module): name for name, module in model.named_modules()}
     found: dict[int, Charge] = {}

@@ -372,10 +372,9 @@ def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
 
     Raises:
         ValueError: no such stream (fused attention no rule lays out: BLOOM; a layout refused: Falcon with ALiBi, GPT-2's
-            cross-attention; OPT's project_in/project_out), a
-            Linear that reads the stream before any norm (post-norm OPT), a norm computing neither an RMSNorm's
-            ``x̂ · w`` nor Gemma's ``x̂ · (1 + w)``, or ``example_inputs`` the model refuses; each names the module. The
-            model is unchanged then.
+            cross-attention; OPT's project_in/project_out), a Linear that reads the stream before any norm (post-norm
+            OPT), a norm computing neither an RMSNorm's ``x̂ · w`` nor Gemma's ``x̂ · (1 + w)``, or ``example_inputs`` the
+            model refuses; each names the module. The model is unchanged then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gate_decoder_hidden: model must be an nn.Module (a decoder language model), got {type(model).__name__}")
