@@ -463,6 +463,13 @@ def test_prune_warns_by_name_where_closed_columns_stay_as_zeros():
     with pytest.warns(UserWarning, match=r"closed input columns stay as zeros in 'model.layers.0.self_attn.o_proj' \(16 of 32\)"):
         pruned = l0sparse.prune(model, batch())
     assert_same_logits(model, pruned, batch())
+    conv1d = gpt2().eval()  # a Conv1D's input columns are its weight's rows: read through its rule, the same warning
+    l0sparse.sparsify(conv1d, {"transformer.h.0.attn.c_proj": "in", nn.Linear: "skip"})
+    with torch.no_grad():
+        find_gates(conv1d)[0].log_alpha.copy_(torch.tensor([10.0, -10.0] * 16))
+    with pytest.warns(UserWarning, match=r"closed input columns stay as zeros in 'transformer.h.0.attn.c_proj' \(16 of 32\)"):
+        pruned = l0sparse.prune(conv1d, batch())
+    assert_same_logits(conv1d, pruned, batch())
     shaped = llama().eval()
     l0sparse.sparsify(shaped, l0hf.decoder_rules(shaped), example_inputs=batch())
     open_exactly(shaped, heads=[0, 1, 4, 5], units=24)
@@ -471,9 +478,14 @@ def test_prune_warns_by_name_where_closed_columns_stay_as_zeros():
         l0sparse.prune(shaped, batch())
 
 
+#: fused projections read the stream (q/k/v, gate/up) through their columns: GPT-NeoX (LayerNorms with biases, parallel
+#: residual, untied head), Phi-3 (RMSNorms), GPT-2 (Conv1D: the stream read through weight rows, written through weight
+#: columns; learned positions; tied head), Falcon (FalconLinear, parallel attention; per group in the new architecture)
+FUSED_HIDDEN_FAMILIES = ["gpt-neox", "phi3", "gpt2", "falcon", "falcon-grouped"]
 HIDDEN_FAMILIES = ["llama-gqa", "llama-gqa-tied", "mistral", "qwen2", "qwen3",
                    "gemma-mqa",  # RMSNorms scaling by 1 + weight
-                   "opt", "gpt-neo"]  # LayerNorms, learned position embeddings, heads tied to the token embedding
+                   "opt", "gpt-neo",  # LayerNorms, learned position embeddings, heads tied to the token embedding
+                   *FUSED_HIDDEN_FAMILIES]
 
 
 def gated_with_hidden(family: str, seed: int = 0) -> nn.Module:
@@ -512,9 +524,9 @@ def test_the_hidden_size_of_a_pre_norm_stream_prunes_exactly(family):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("torch_export_loaded")
-@pytest.mark.parametrize("family", ["gemma-mqa", "opt", "gpt-neo"])
+@pytest.mark.parametrize("family", ["gemma-mqa", "opt", "gpt-neo", *FUSED_HIDDEN_FAMILIES])
 def test_a_hidden_pruned_decoder_exports_and_reloads_with_weights_only(family):
-    assert_exports_and_reloads(family, gated_with_hidden(family))  # their heads are tied: still tied after the reload
+    assert_exports_and_reloads(family, gated_with_hidden(family))  # a tied head (Gemma, OPT, GPT-Neo, GPT-2) still tied after the reload
 
 
 @pytest.mark.usefixtures("torch_export_loaded")
@@ -535,7 +547,7 @@ def test_a_hidden_pruned_decoder_reloads_through_rebuild_and_the_gate_trains():
     assert gate.log_alpha.grad is not None and bool(gate.log_alpha.grad.ne(0).any())
 
 
-@pytest.mark.parametrize("family", ["gemma-mqa", "opt", "gpt-neo"])
+@pytest.mark.parametrize("family", ["gemma-mqa", "opt", "gpt-neo", "gpt-neox", "gpt2"])
 def test_a_hidden_gate_acting_in_its_norms_alone_is_charged_and_trains(family):
     """Gemma's and the LayerNorm decoders' norms read the gate themselves (no parametrization carries it): the penalty
     still charges it for the embedding columns and writer rows it removes, and the task loss reaches it."""
@@ -552,20 +564,44 @@ def test_a_hidden_gate_acting_in_its_norms_alone_is_charged_and_trains(family):
     assert id(gate) in CostModel(model.eval(), batch()).gate_costs()
 
 
-def test_the_hidden_size_in_a_shape_and_a_stock_config():
+def test_the_hidden_gate_of_gpt2_pays_for_the_columns_of_its_conv1d_writers():
+    """A Conv1D stores its weight [in, out]: the stream dimension d is written by column d of each c_proj (and its bias
+    entry d), and the penalty's weight-decay term charges the hidden gate for those, with the embedding columns."""
     torch.manual_seed(0)
-    model = llama(tie_word_embeddings=True).eval()
-    l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
+    model = gpt2().eval()
+    gate = l0hf.gate_decoder_hidden(model, batch())  # the only gate: the penalty is the hidden gate's alone
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.linspace(-3.0, 3.0, WIDTH))
+    squares = model.transformer.wte.weight.pow(2).sum(0) + model.transformer.wpe.weight.pow(2).sum(0)
+    for block in model.transformer.h:
+        for writer in (block.attn.c_proj, block.mlp.c_proj):  # both square or not, read by the same rule
+            squares = squares + writer.weight.pow(2).sum(0) + writer.bias.pow(2)
+    expected = 0.5 * (gate.prob_nonzero() * squares).sum()
+    got = l0sparse.Penalty(model, lam=0.0, weight_decay=1.0)()
+    assert torch.allclose(got, expected.to(got.dtype), rtol=1e-5)
+
+
+@pytest.mark.parametrize(("build", "heads", "head_dim"), [(lambda: llama(tie_word_embeddings=True), 4, 4), (lambda: phi3(), 2, 8)],
+                         ids=["llama-tied", "phi3"])
+def test_the_hidden_size_in_a_shape_and_a_stock_config(build, heads, head_dim):
+    """Llama (tied) and Phi-3 (fused qkv_proj and gate_up_proj read the stream; its config gets head_dim written out, which
+    its attention and rotary embedding read where given): the stream 32 → 24 with heads, key/value heads and units."""
+    torch.manual_seed(0)
+    model = build().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch())
     l0hf.gate_decoder_hidden(model, batch())
-    shape = l0hf.DecoderShape(heads=4, kv_heads=1, intermediate_size=24, hidden_size=24)
+    shape = l0hf.DecoderShape(heads=heads, kv_heads=1, intermediate_size=24, hidden_size=24)
     pruned = l0hf.prune_to_shape(model, batch(), shape)
-    assert (pruned.config.hidden_size, pruned.config.head_dim) == (24, 4)
+    assert (pruned.config.hidden_size, pruned.config.head_dim, pruned.config.num_attention_heads) == (24, head_dim, heads)
+    assert pruned.get_input_embeddings().embedding_dim == pruned.lm_head.in_features == 24
     with tempfile.TemporaryDirectory() as folder:
         pruned.save_pretrained(folder)
         loaded = hf().AutoModelForCausalLM.from_pretrained(folder).eval()
     with torch.no_grad():
         assert torch.equal(loaded(**batch()).logits, pruned(**batch()).logits)
-    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
+    assert (loaded.lm_head.weight is loaded.get_input_embeddings().weight) == (model.lm_head.weight is model.get_input_embeddings().weight)
 
 
 class DoubledNorm(nn.Module):
@@ -597,8 +633,20 @@ def test_streams_the_hidden_gate_cannot_make_exact_are_refused_by_name():
     with pytest.raises(ValueError, match=r"token embedding of OPTForCausalLM is 16 wide but 'model.decoder.layers.0.self_attn.out_proj' "
                                          r"writes a stream of 32, joined by 'model.decoder.project_\w+' .*not supported"):
         l0hf.gate_decoder_hidden(opt(word_embed_proj_dim=16).eval(), batch())
-    with pytest.raises(ValueError, match=r"'gpt_neox.layers.0.attention' fuses its q/k/v projections"):
-        l0hf.gate_decoder_hidden(gpt_neox().eval(), batch())
+    with pytest.raises(ValueError, match=r"no attention module .* \('transformer.h.0.self_attention', BloomAttention, fuses its q/k/v "
+                                         r"projections\); its stream cannot be gated"):
+        l0hf.gate_decoder_hidden(bloom().eval(), batch())
+    with pytest.raises(ValueError, match=r"gate_decoder_hidden: 'transformer.h.0.self_attention': FalconAttention with ALiBi .*"
+                                         r"the hidden gate finds the stream's writers through that layout"):
+        l0hf.gate_decoder_hidden(falcon(alibi=True).eval(), batch())
+    cross = hf().GPT2LMHeadModel(hf().GPT2Config(vocab_size=VOCAB, n_embd=WIDTH, n_layer=2, n_head=4, add_cross_attention=True)).eval()
+    with pytest.raises(ValueError, match=r"gate_decoder_hidden: 'transformer.h.0.crossattention': GPT2Attention as cross-attention"):
+        l0hf.gate_decoder_hidden(cross, batch())
+    for build in (gpt_neox, gpt2, falcon):  # configs whose head width is hidden_size / heads: a narrower stream is no stock config
+        fused = build().eval()
+        l0hf.gate_decoder_hidden(fused, batch())
+        with pytest.raises(ValueError, match=r"(GPTNeoXConfig|GPT2Config) has no head_dim|FalconConfig computes head_dim from hidden_size"):
+            l0hf.prune_to_shape(fused, batch(), l0hf.DecoderShape(hidden_size=24))
     model = llama().eval()
     l0hf.gate_decoder_hidden(model, batch())
     with pytest.raises(ValueError, match="already has a hidden gate"):

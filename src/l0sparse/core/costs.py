@@ -135,7 +135,7 @@ class Penalty:
             raise ValueError(f"N (the training-set size) must be a positive int, got {N!r}")
         N = size
         self.model, self.weight_decay, self.N = model, weight_decay, N
-        self._charges = charges(model)
+        self._charges = charges(model, lambda module: 1 - input_dim(module))  # a producer's rows: a Conv1D's weight columns
         self._ungated = ungated_l2_tensors(model)
         if not self._charges:
             raise ValueError("model has no l0sparse gates: build it from L0 layers or call l0sparse.sparsify first")

@@ -31,8 +31,8 @@ from .stream import apply_hidden_plan, compare_on_kept, prune_hidden
 from .layers import L0Layer
 from .ops import (LinearRule, fused_head_layout, input_dim, fused_rows, fused_unit_layouts, grouped_heads_kept, head_layouts, inline_encoder,
                   module_rule, quantities, record_pruned_heads, remove_heads, set_attributes, set_head_count, set_kv_groups, set_submodule,
-                  unit_rows)
-from .sites import find_gates, gate_masks, gate_sites, run_plainly, tied_tensors
+                  unit_rows, weight_product, weight_widths)
+from .sites import find_gates, gate_masks, gate_sites, raw_tensor, run_plainly, tied_tensors
 
 __all__ = ["prune", "rebuild", "plain_copy", "PrunePlan", "Selection"]
 
@@ -489,17 +489,23 @@ def _warn_kept_closed(gated: nn.Module, pruned: nn.Module) -> None:
     closed: dict[str, tuple[int, int]] = {}
     for name, module, tensor_name, mask in gate_masks(gated):
         after = pruned_modules.get(name)
-        if tensor_name != "weight" or mask.dim != 1 or not isinstance(module, nn.Linear) or not isinstance(after, nn.Linear):
-            continue
+        if tensor_name != "weight" or not _is_matrix_product(module) or not _is_matrix_product(after) or mask.dim != input_dim(module):
+            continue  # a Linear's columns, or a transposed weight's rows (transformers' Conv1D): as its rule reads them
         shut = int((mask.gate.deterministic() == 0).sum()) * mask.block
-        if shut and after.in_features == module.in_features:
-            count, width = closed.get(name, (0, module.in_features))
+        width = weight_widths(module)[1]
+        if shut and weight_widths(after)[1] == width:
+            count, _ = closed.get(name, (0, width))
             closed[name] = (count + shut, width)
     if closed:
         listed = ", ".join(f"{name!r} ({count} of {width})" for name, (count, width) in list(closed.items())[:5])
         more = f" and {len(closed) - 5} more" if len(closed) > 5 else ""
         warnings.warn(f"prune: closed input columns stay as zeros in {listed}{more}: the outputs are exact, but nothing of "
                       "these layers was removed (their channels are locked, or kept for key/value groups of equal size)", stacklevel=3)
+
+
+def _is_matrix_product(module: nn.Module | None) -> bool:
+    """A weight product whose weight is a matrix (a Linear, or a transposed one): its input columns are whole inputs."""
+    return module is not None and weight_product(module) is not None and raw_tensor(module, "weight").dim() == 2
 
 
 def _check_same(expected, got, hidden: dict | None = None) -> None:

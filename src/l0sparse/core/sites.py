@@ -8,6 +8,7 @@ the cost model and prune read :class:`GateSite` records from :func:`gate_sites` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -152,13 +153,15 @@ def find_gates(model: nn.Module) -> list[Gate]:
     return [module for module in model.modules() if isinstance(module, Gate)]
 
 
-def charges(model: nn.Module) -> list[Charge]:
+def charges(model: nn.Module, output_dim: Callable[[nn.Module], int] = lambda module: 0) -> list[Charge]:
     """Per gate of ``model``, once: the weights it pays for in the layer that owns them.
 
     A gate pays for the entries it multiplies (a paper layer's columns or filters, sparsify's input
     columns, head blocks, single weights), except a sparsify output-unit gate, which multiplies the
     columns of the layers that read its channels but pays for the rows (weight and bias) of the layers
     that produce them, once per producing layer, as :class:`~l0sparse.L0Conv2d`'s gate pays for its filters.
+    ``output_dim`` says which dimension of a producer's weight holds its rows (0, or 1 for a weight stored
+    ``[in, out]``, as its rule says: :class:`~l0sparse.Penalty` passes it).
     """
     names = {id(module): name for name, module in model.named_modules()}
     found: dict[int, Charge] = {}
@@ -166,19 +169,22 @@ def charges(model: nn.Module) -> list[Charge]:
         gate, entry = site.gate, found.get(id(site.gate))
         producers = getattr(gate, "producers", ())
         if producers and entry is None:
-            found[id(gate)] = Charge(gate, site.owner, _paid_by_producers(gate, site.owner, names))
+            found[id(gate)] = Charge(gate, site.owner, _paid_by_producers(gate, site.owner, names, output_dim))
         elif not producers:
             found[id(gate)] = Charge(gate, site.owner, (*(entry.paid if entry else ()), site))
     for gate in find_gates(model):  # a gate that multiplies no tensor itself but pays for producers: a hidden gate that acts
         if id(gate) not in found and getattr(gate, "producers", ()):  # in its norms alone (OpenLayerNorm in a decoder)
-            found[id(gate)] = Charge(gate, gate.owner or "", _paid_by_producers(gate, gate.owner or "", names))
+            found[id(gate)] = Charge(gate, gate.owner or "", _paid_by_producers(gate, gate.owner or "", names, output_dim))
     return list(found.values())
 
 
-def _paid_by_producers(gate: Gate, owner: str, names: dict[int, str]) -> tuple[GateSite, ...]:
-    """The sites a gate with ``producers`` pays for: a producer's unit is a row (dim 0) of a Linear or conv, a column of
-    an embedding table (a hidden gate's)."""
-    return tuple(GateSite(names[id(producer)], producer, tensor, gate, 1 if isinstance(producer, nn.Embedding) else 0, 1, owner)
+def _paid_by_producers(gate: Gate, owner: str, names: dict[int, str], output_dim: Callable[[nn.Module], int]) -> tuple[GateSite, ...]:
+    """The sites a gate with ``producers`` pays for: a producer's unit is a row of a Linear or conv (its weight's
+    ``output_dim``, its bias's entry), a column of an embedding table (a hidden gate's)."""
+    def dim(producer: nn.Module, tensor: str) -> int:
+        return 1 if isinstance(producer, nn.Embedding) else 0 if tensor == "bias" else output_dim(producer)
+
+    return tuple(GateSite(names[id(producer)], producer, tensor, gate, dim(producer, tensor), 1, owner)
                  for producer in gate.producers for tensor in ("weight", "bias") if getattr(producer, tensor, None) is not None)
 
 

@@ -27,8 +27,8 @@ class HiddenStream:
     """The modules of one residual stream (references: a deep copy of the model maps them to its own copies)."""
 
     tables: tuple[nn.Module, ...]  # nn.Embedding whose columns write the stream
-    writers: tuple[nn.Module, ...]  # nn.Linear whose rows write it
-    readers: tuple[nn.Module, ...]  # nn.Linear whose columns read it
+    writers: tuple[nn.Module, ...]  # weight products whose rows write it (nn.Linear; a Conv1D's weight columns), sliced by their rule
+    readers: tuple[nn.Module, ...]  # weight products whose columns read it (a Conv1D's weight rows)
     norms: tuple[nn.Module, ...]  # its LayerNorms (OpenLayerNorm while gated)
     width: int
 

@@ -31,10 +31,11 @@ from torch.nn.utils import parametrize
 from ..core.gates import Gate
 from ..core.graph import check_example_batch, evaluating, example_tuple, placement_mismatch, run_batch
 from ..core.layers import L0Layer
-from ..core.ops import set_submodule
-from ..core.sites import GateMask
+from ..core.ops import FusedHeads, module_rule, set_submodule, weight_product, weight_widths
+from ..core.sites import GateMask, raw_tensor
 from ..core.stream import OPEN_NORMS, HiddenStream, OpenLayerNorm, OpenOffsetRMSNorm, OpenRMSNorm, hidden_gate
-from .rules import fused_attention_modules, decoder_attention, decoder_attention_modules, feed_forward_outputs
+from .fused import FUSED_HEADS
+from .rules import decoder_attention, decoder_attention_all, decoder_feed_forward, fused_attention_modules
 
 
 __all__ = ["gate_hidden", "gate_decoder_hidden", "attach_prenorm_hidden_gate"]
@@ -127,12 +128,17 @@ def _probe_inputs(model: nn.Module, example_inputs: Tensor | tuple | list) -> tu
     return example_inputs
 
 
+def _reads_width(module: nn.Module, width: int) -> bool:
+    """A Linear-like layer (a weight product with a matrix: nn.Linear, transformers' Conv1D) of ``width`` input columns."""
+    return weight_product(module) is not None and raw_tensor(module, "weight").dim() == 2 and weight_widths(module)[1] == width
+
+
 @torch.no_grad()
 def _probe_readers(model: nn.Module, names: dict[str, list[str]], width: int, example_inputs: tuple,
                    only: list[str] | None = None) -> list[str]:
     """The Linear layers that read the stream: one eval forward with every stream module's output (or of those named in
-    ``only``) zeroed on the odd dimensions; a Linear of ``width`` inputs, not a writer, whose every input is zero
-    there (and not everywhere) reads it."""
+    ``only``) zeroed on the odd dimensions; a Linear (or a Conv1D: :func:`_reads_width`) of ``width`` inputs, not a
+    writer, whose every input is zero there (and not everywhere) reads it."""
     modules = dict(model.named_modules())
     closed = torch.arange(width) % 2 == 1
     reads_stream: dict[str, bool] = {}  # per Linear: every call's input had the probe's pattern
@@ -150,7 +156,7 @@ def _probe_readers(model: nn.Module, names: dict[str, list[str]], width: int, ex
     stream = {*names["tables"], *names["writers"], *names["norms"]} if only is None else set(only)
     handles = [modules[name].register_forward_hook(close) for name in stream]
     handles += [m.register_forward_pre_hook(record(name)) for name, m in modules.items()
-                if isinstance(m, nn.Linear) and m.in_features == width and name not in names["writers"]]
+                if _reads_width(m, width) and name not in names["writers"]]
     try:
         with evaluating(model):
             run_batch(model, example_inputs)
@@ -310,49 +316,65 @@ def _decoder_norms(model: nn.Module, width: int, probe: Tensor) -> dict[str, tup
     return {name: (_rms_offset(name, modules[name], probe), _rms_eps(modules[name])) for name in rms}
 
 
+def _attention_writer(model: nn.Module, name: str) -> str:
+    """The output projection of the attention module ``name``: as its fused layout names it (:mod:`l0sparse.hf.fused`),
+    else found by structure; refused, naming the module, where its fused layout is refused."""
+    module = model.get_submodule(name)
+    rule = module_rule(module)
+    try:
+        projection = rule.block_projection(module) if isinstance(rule, FusedHeads) else decoder_attention(module)[1]
+    except ValueError as error:  # GPT-2's cross-attention, Falcon with ALiBi: no layout of their rows
+        raise ValueError(f"gate_decoder_hidden: {name!r}: {error}; the hidden gate finds the stream's writers through that layout, so it "
+                         "is refused too") from None
+    return next(inner for inner, m in model.named_modules() if m is projection)
+
+
 def _decoder_writers(model: nn.Module, width: int) -> list[str]:
     """Each attention module's output projection and each feed-forward block's down projection (as decoder_rules finds
-    them); refuses fused q/k/v projections and a token embedding narrower or wider than the stream, by name."""
-    attention = decoder_attention_modules(model)
+    them, fused projections included); refuses attention no rule lays out (BLOOM's) and a token embedding narrower or
+    wider than the stream, by name."""
+    attention = decoder_attention_all(model)
     if not attention:
         fused = fused_attention_modules(model)
-        where = f" ({fused[0]!r} fuses its q/k/v projections into one Linear)" if fused else ""
-        raise ValueError(f"gate_decoder_hidden found no attention module with separate q, k, v and output projections in "
-                         f"{type(model).__name__}{where}; the stream's readers in a fused projection cannot be sliced yet")
-    names = {id(m): name for name, m in model.named_modules()}
-    writers = [names[id(decoder_attention(model.get_submodule(name))[1])] for name in attention]  # the output projections
-    writers += feed_forward_outputs(model, attention)
+        where = f" ({fused[0]!r}, {type(model.get_submodule(fused[0])).__name__}, fuses its q/k/v projections)" if fused else ""
+        raise ValueError(f"gate_decoder_hidden found no attention module with separate q, k, v and output projections, nor fused ones "
+                         f"laid out ({', '.join(FUSED_HEADS)}), in {type(model).__name__}{where}; its stream cannot be gated")
+    writers = [_attention_writer(model, name) for name in attention]
+    writers += decoder_feed_forward(model, attention)
     modules = dict(model.named_modules())
-    other = next((name for name in writers if modules[name].out_features != width), None)
+    other = next((name for name in writers if weight_widths(modules[name])[0] != width), None)
     if other is not None:  # OPT's word_embed_proj_dim ≠ hidden_size: project_in / project_out between table and stream
-        joins = [name for name, m in modules.items() if isinstance(m, nn.Linear) and {m.in_features, m.out_features}
-                 == {width, modules[other].out_features}]
+        wrote = weight_widths(modules[other])[0]
+        joins = [name for name, m in modules.items() if isinstance(m, nn.Linear) and {m.in_features, m.out_features} == {width, wrote}]
         raise ValueError(f"gate_decoder_hidden: the token embedding of {type(model).__name__} is {width} wide but {other!r} writes "
-                         f"a stream of {modules[other].out_features}" + (f", joined by {joins[0]!r}" if joins else "")
+                         f"a stream of {wrote}" + (f", joined by {joins[0]!r}" if joins else "")
                          + " (OPT's project_in/project_out when word_embed_proj_dim ≠ hidden_size): not supported")
     return writers
 
 
 def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
     """Attach one hidden-size gate (one gate per residual-stream dimension) to a pre-norm decoder (after
-    :func:`decoder_rules`' ``sparsify``); return the gate. Its norms may be RMSNorms (Llama, Mistral, Qwen2/3), Gemma's
-    RMSNorms scaling by ``1 + weight``, or LayerNorms (OPT with ``do_layer_norm_before``, GPT-Neo).
+    :func:`decoder_rules`' ``sparsify``); return the gate. Its norms may be RMSNorms (Llama, Mistral, Qwen2/3, Phi-3),
+    Gemma's RMSNorms scaling by ``1 + weight``, or LayerNorms (OPT with ``do_layer_norm_before``, GPT-Neo, GPT-NeoX,
+    GPT-2, Falcon); its projections separate or fused (:mod:`l0sparse.hf.fused`), nn.Linear or GPT-2's ``Conv1D``.
 
     The stream is found by structure: the token embedding (``get_input_embeddings()``) and any other ``nn.Embedding`` as
-    wide (a learned position embedding: OPT's, GPT-Neo's), the writers (each attention module's output projection and
-    each feed-forward block's down projection, as :func:`decoder_rules` finds them) and its norms: every
+    wide (a learned position embedding: OPT's, GPT-Neo's, GPT-2's), the writers (each attention module's output
+    projection, as its fused layout names it or found by structure, and each feed-forward block's down projection, as
+    :func:`decoder_rules` finds them) and its norms: every
     ``nn.LayerNorm`` of its width, else every module with a one-dimensional ``weight`` as wide and an epsilon
     (``variance_epsilon`` or ``eps``). Each norm becomes an :class:`~l0sparse.core.stream.OpenLayerNorm`,
     :class:`~l0sparse.core.stream.OpenRMSNorm` or :class:`~l0sparse.core.stream.OpenOffsetRMSNorm`, whose statistics
     run over the open dimensions and whose output is zero on the closed ones (docs/decoders.md, "The hidden size");
     :func:`l0sparse.prune` then removes the closed dimensions from the embeddings, every norm, every writer's rows and
-    every reader's columns (q, k, v, the first feed-forward layers, the language-model head), a tied head staying tied.
+    every reader's columns (q, k, v or a fused q/k/v projection, the first feed-forward layers or a fused gate/up
+    projection, the language-model head), a tied head staying tied.
 
     Raises:
-        ValueError: no such stream (fused q/k/v projections: GPT-NeoX, BLOOM, Phi-3; OPT's project_in/project_out), a
-            Linear that reads the stream before any norm (post-norm OPT), a norm computing neither an RMSNorm's
-            ``x̂ · w`` nor Gemma's ``x̂ · (1 + w)``, or ``example_inputs`` the model refuses; each names the module. The
-            model is unchanged then.
+        ValueError: no such stream (fused attention no rule lays out: BLOOM; a layout refused: Falcon with ALiBi, GPT-2's
+            cross-attention; OPT's project_in/project_out), a Linear that reads the stream before any norm (post-norm
+            OPT), a norm computing neither an RMSNorm's ``x̂ · w`` nor Gemma's ``x̂ · (1 + w)``, or ``example_inputs`` the
+            model refuses; each names the module. The model is unchanged then.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"gate_decoder_hidden: model must be an nn.Module (a decoder language model), got {type(model).__name__}")

@@ -428,8 +428,10 @@ def _config_keys(config, targets: dict[str, int], reads_head_dim: bool = False) 
     forward reads ``config.head_dim`` where the config has one, so it may be written out)."""
     keys: dict[str, str] = {}
     if "heads" in targets or "hidden" in targets:
-        if not isinstance(getattr(config, "head_dim", None), int) and not reads_head_dim:  # the head width would be read as width / heads
-            raise ValueError(f"{type(config).__name__} has no head_dim: a stock config cannot describe fewer heads or a narrower "
+        derived = isinstance(getattr(type(config), "head_dim", None), property)  # FalconConfig: hidden_size // num_attention_heads
+        if derived or not isinstance(getattr(config, "head_dim", None), int) and not reads_head_dim:  # read as width / heads
+            why = "computes head_dim from hidden_size and num_attention_heads" if derived else "has no head_dim"
+            raise ValueError(f"{type(config).__name__} {why}: a stock config cannot describe fewer heads or a narrower "
                              "stream with heads of the same width; prune the feed-forward units only "
                              "(DecoderShape(intermediate_size=...)) or use l0sparse.prune")
         keys["head_dim"] = "head_dim"

@@ -35,7 +35,7 @@ from .weights import ConvRule, LinearRule, WeightProduct, is_depthwise
 __all__ = [
     "Trace", "ModuleRule", "FunctionRule", "WeightProduct", "LinearRule", "ConvRule", "BatchNormRule", "GroupNormRule",
     "ChannelLayerNormRule", "ChannelwiseRule", "FlattenRule", "AttentionRule", "EncoderLayerRule", "ScalarFunctions",
-    "register_rule", "RuleHandle", "module_rule", "weight_product", "input_dim", "function_rule", "aten_owner_kinds", "aten_owners", "aten_as_torch",
+    "register_rule", "RuleHandle", "module_rule", "weight_product", "input_dim", "function_rule", "aten_owners", "aten_as_torch",
     "user_rule_applies", "node_inputs", "is_depthwise", "flatten", "set_submodule",
     "attention_cost", "attention_layout", "attention_module_is_plain", "scaled_dot_product_macs", "inline_encoder", "remove_heads",
     "head_layouts", "declared_head_count", "set_head_count", "record_pruned_heads", "query_key_value", "grouped_projections",
@@ -141,15 +141,6 @@ def input_dim(module: nn.Module) -> int:
     1 for Linear and convolutions (and anything without a weight-product rule), 0 for a transposed weight."""
     rule = weight_product(module)
     return rule.in_dim if rule is not None else 1
-
-
-def aten_owner_kinds() -> dict:
-    """ATen op -> the module classes whose calls make it (for reading torch.export's graph at module level)."""
-    owners: dict = {}
-    for rule in _module_rules():
-        for op in rule.aten:
-            owners[op] = owners.get(op, ()) + rule.kinds
-    return owners
 
 
 def aten_owners() -> dict:
