@@ -13,6 +13,7 @@ from torch import nn
 
 import l0sparse
 import l0sparse.core.ops
+import l0sparse.core.sites
 import l0sparse.core.stream
 import l0sparse.hf.shapes
 from l0sparse import hf as l0hf
@@ -135,11 +136,12 @@ def test_the_pruned_decoder_exports_and_reloads_with_weights_only(family):
     assert_exports_and_reloads(family, gated(family))
 
 
-def assert_exports_and_reloads(family: str, model: nn.Module) -> None:
+def assert_exports_and_reloads(family: str, model: nn.Module, inputs: dict | None = None) -> None:
     """``prune`` of ``model``: torch.export gives its logits, and its state dict, reloaded with ``weights_only`` into
-    ``rebuild`` of a fresh model of ``family``, the same logits exactly (a head tied in the fresh model still tied)."""
-    pruned, plan = l0sparse.prune(model, batch(), return_plan=True)
-    inputs = batch()
+    ``rebuild`` of a fresh model of ``family`` (a decoder, or an encoder-decoder with ``inputs``), the same logits
+    exactly (a head tied in the fresh model still tied)."""
+    inputs = inputs or batch()
+    pruned, plan = l0sparse.prune(model, inputs, return_plan=True)
     with torch.no_grad():
         got = pruned(**inputs).logits
     exported = torch.export.export(pruned, (), kwargs={**inputs, "use_cache": False})
@@ -148,9 +150,9 @@ def assert_exports_and_reloads(family: str, model: nn.Module) -> None:
     torch.save(pruned.state_dict(), saved)
     saved.seek(0)
     torch.manual_seed(1)  # another init: every value must come from the file
-    fresh = FAMILIES[family]()
+    fresh = {**FAMILIES, **ENCODER_DECODERS}[family]()
     tied = fresh.lm_head.weight is fresh.get_input_embeddings().weight
-    empty = l0sparse.rebuild(fresh, plan, batch())
+    empty = l0sparse.rebuild(fresh, plan, inputs)
     empty.load_state_dict(torch.load(saved, weights_only=True))
     assert (empty.lm_head.weight is empty.get_input_embeddings().weight) == tied
     with torch.no_grad():
@@ -453,6 +455,114 @@ def test_encoder_decoders_prune_exactly_and_generate_the_same_tokens(build, opti
             l0hf.decoder_rules(build())
 
 
+def mbart() -> nn.Module:  # pre-norm layers, a norm after the embeddings and at the end of each stack
+    return hf().MBartForConditionalGeneration(hf().MBartConfig(vocab_size=VOCAB, d_model=WIDTH, encoder_layers=1, decoder_layers=1,
+                                                               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=FFN,
+                                                               decoder_ffn_dim=FFN, max_position_embeddings=64))
+
+
+def t5_unscaled() -> nn.Module:  # T5 v1.1: gated-GELU units, no d_model ** -0.5 before the head
+    return hf().T5ForConditionalGeneration(hf().T5Config(vocab_size=VOCAB, d_model=WIDTH, d_kv=8, d_ff=FFN, num_layers=1, num_decoder_layers=1,
+                                                         num_heads=4, decoder_start_token_id=0, feed_forward_proj="gated-gelu",
+                                                         tie_word_embeddings=False))
+
+
+#: BART is post-norm (a LayerNorm after each residual add) with a norm after the embeddings; mBART pre-norm; T5 pre-norm
+#: with RMSNorms (no mean, no bias), its head's input scaled by d_model ** -0.5; T5 v1.1 with gated-GELU units
+ENCODER_DECODERS = {"bart": bart, "mbart": mbart, "t5": t5, "t5-v1.1": t5_unscaled}
+
+
+def seq2seq_batch(length: int = LENGTH, padded: bool = True, seed: int = 0) -> dict:
+    """:func:`batch` for the encoder, and decoder inputs of a shorter length."""
+    decoder = batch(length=length - 3, padded=False, seed=seed + 7)["input_ids"]
+    return {**batch(length, padded, seed), "decoder_input_ids": decoder}
+
+
+def gated_encoder_decoder_with_hidden(family: str, seed: int = 0) -> nn.Module:
+    """A random encoder-decoder gated by decoder_rules (T5: units only) and ONE hidden gate over both streams, about half
+    of every gate closed."""
+    torch.manual_seed(seed)
+    model = ENCODER_DECODERS[family]().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        l0sparse.sparsify(model, l0hf.decoder_rules(model, heads=not family.startswith("t5")), example_inputs=seq2seq_batch())
+    l0hf.gate_decoder_hidden(model, seq2seq_batch())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in find_gates(model):
+            gate.log_alpha.copy_(torch.where(torch.rand(gate.log_alpha.shape, generator=generator) < 0.5, -10.0, 10.0))
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
+def test_the_hidden_size_of_an_encoder_decoder_prunes_exactly(family):
+    """One gate over the encoder's and the decoder's streams (they share the token embedding): both lose the same
+    dimensions, cross-attention's keys and values the columns that read the encoder, the head those of the decoder."""
+    model = gated_encoder_decoder_with_hidden(family)
+    inputs = seq2seq_batch()
+    kept = int(l0sparse.core.stream.hidden_gate(model).is_open().sum())
+    costs = CostModel(model, inputs).costs(deterministic=True)
+    pruned, plan = l0sparse.prune(model, inputs, return_plan=True)
+    shared = pruned.get_input_embeddings()
+    assert shared.embedding_dim == kept < WIDTH and pruned.lm_head.in_features == kept and pruned.lm_head.weight is shared.weight
+    assert all(stack.embed_tokens.weight is shared.weight for stack in (pruned.get_encoder(), pruned.get_decoder()))  # one table
+    assert all(pruned.get_submodule(name).embedding_dim == kept for name in plan["hidden"]["tables"])
+    assert all(pruned.get_submodule(name).weight.shape == (kept,) for name in plan["hidden"]["norms"])
+    cross = [m for name, m in pruned.named_modules() if name.endswith(("encoder_attn.k_proj", "EncDecAttention.k"))]
+    assert cross and all(m.in_features == kept for m in cross)
+    assert_same_logits(model, pruned, inputs)
+    assert_same_logits(model, pruned, seq2seq_batch(length=6, padded=False, seed=1))
+    assert l0sparse.count_flops(pruned, inputs) == float(costs["flops"])
+    assert l0sparse.count_params(pruned) == float(costs["params"])
+    prompt = batch(padded=False)["input_ids"][:1]
+    with torch.no_grad():  # with the cache; no early end: six tokens and their logits
+        greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        expected, got = model.generate(prompt, **greedy), pruned.generate(prompt, **greedy)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(float((a - b).abs().max()) <= 1e-4 * float(a.abs().max()) for a, b in zip(expected.logits, got.logits))
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("torch_export_loaded")
+@pytest.mark.parametrize("family", ENCODER_DECODERS)
+def test_a_hidden_pruned_encoder_decoder_exports_and_reloads_with_weights_only(family):
+    assert_exports_and_reloads(family, gated_encoder_decoder_with_hidden(family), seq2seq_batch())  # shared, embed_tokens and head still one
+
+
+@pytest.mark.parametrize("family", ["bart", "t5"])
+def test_the_hidden_gate_of_an_encoder_decoder_pays_for_its_shared_table_once_and_trains(family):
+    model = gated_encoder_decoder_with_hidden(family)
+    gate = l0sparse.core.stream.hidden_gate(model)
+    paid = [site.name for charge in l0sparse.core.sites.charges(model) if charge.gate is gate for site in charge.paid]
+    shared = next(name for name, m in model.named_modules() if m is model.get_input_embeddings())
+    assert paid.count(shared) == 1 and not any(name.endswith("embed_tokens") for name in paid)  # tied to shared: the same weight
+    with torch.no_grad():
+        gate.log_alpha.zero_()
+    model.train()
+    inputs = seq2seq_batch()
+    loss = model(**inputs, labels=inputs["decoder_input_ids"]).loss + l0sparse.penalty(model, lam=0.1, N=100)
+    loss.backward()
+    assert gate.log_alpha.grad is not None and bool(gate.log_alpha.grad.ne(0).any())
+
+
+def test_the_hidden_size_of_t5_in_a_shape_and_a_stock_config():
+    """T5 v1.1 (no scale before the head): stream 32 → 24 and units 48 → 24 load with plain from_pretrained (d_model,
+    d_ff); T5 scaling the head's input by d_model ** -0.5 is refused by name (a stock config would load another scale)."""
+    model = gated_encoder_decoder_with_hidden("t5-v1.1")
+    inputs = seq2seq_batch()
+    pruned = l0hf.prune_to_shape(model, inputs, l0hf.DecoderShape(hidden_size=24, intermediate_size=24))
+    assert (pruned.config.d_model, pruned.config.d_ff, pruned.get_input_embeddings().embedding_dim) == (24, 24, 24)
+    with tempfile.TemporaryDirectory() as folder:
+        pruned.save_pretrained(folder)
+        loaded = hf().AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, pruned(**inputs).logits)
+    scaled = gated_encoder_decoder_with_hidden("t5")
+    with pytest.raises(ValueError, match=r"T5ForConditionalGeneration scales the language-model head's input by d_model \*\* -0.5"):
+        l0hf.prune_to_shape(scaled, inputs, l0hf.DecoderShape(hidden_size=24))
+
+
 def test_prune_warns_by_name_where_closed_columns_stay_as_zeros():
     """An 'in' rule on an output projection closes columns whose q rows nothing removes (their space is locked by the
     reshape into heads): prune stays exact and says so, naming the layer; decoder_rules' own gates leave no such zeros."""
@@ -627,9 +737,15 @@ def test_streams_the_hidden_gate_cannot_make_exact_are_refused_by_name():
         l0hf.gate_decoder_hidden(odd, batch())
     post_norm = opt(do_layer_norm_before=False).eval()
     with pytest.raises(ValueError, match=r"'model.decoder.layers.0.self_attn.[kvq]_proj' reads the residual stream of OPTForCausalLM "
-                                         r"where no norm stands before it \(a post-norm decoder"):
+                                         r"where no norm stands before it \(a post-norm stream with no norm after its embeddings"):
         l0hf.gate_decoder_hidden(post_norm, batch())
     assert not any(isinstance(m, l0sparse.core.stream.OPEN_NORMS) for m in post_norm.modules())  # refused before any change
+    marian = hf().MarianMTModel(hf().MarianConfig(vocab_size=VOCAB, d_model=WIDTH, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                                  decoder_attention_heads=4, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, pad_token_id=1,
+                                                  decoder_start_token_id=0, max_position_embeddings=64)).eval()
+    with pytest.raises(ValueError, match=r"'model.encoder.layers.0.self_attn.[kvq]_proj' reads the residual stream of MarianMTModel where "
+                                         r"no norm stands before it"):  # post-norm as BART, with no norm after its embeddings
+        l0hf.gate_decoder_hidden(marian, seq2seq_batch())
     with pytest.raises(ValueError, match=r"token embedding of OPTForCausalLM is 16 wide but 'model.decoder.layers.0.self_attn.out_proj' "
                                          r"writes a stream of 32, joined by 'model.decoder.project_\w+' .*not supported"):
         l0hf.gate_decoder_hidden(opt(word_embed_proj_dim=16).eval(), batch())

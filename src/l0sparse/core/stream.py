@@ -184,9 +184,12 @@ def apply_hidden_plan(work: nn.Module, plan: dict) -> nn.Module:
     modules = dict(work.named_modules())
     kept = plan["kept"]
     index = torch.as_tensor(kept, dtype=torch.long)
+    sliced: set[int] = set()  # tables that share one weight (an encoder-decoder's embed_tokens tied to shared): sliced once
     for name in plan["tables"]:
         table = modules[name]
-        table.weight.data = table.weight.data.index_select(1, index.to(table.weight.device))
+        if id(table.weight) not in sliced:
+            table.weight.data = table.weight.data.index_select(1, index.to(table.weight.device))
+            sliced.add(id(table.weight))
         table.embedding_dim = len(kept)
     for name in plan["writers"]:
         module_rule(modules[name]).slice(modules[name], rows=kept)

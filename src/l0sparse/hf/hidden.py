@@ -246,12 +246,15 @@ def attach_prenorm_hidden_gate(model: nn.Module, names: dict[str, list[str]], no
     with ``"tables"`` and ``"writers"``; ``norms``: name → (offset, eps), offset None for a LayerNorm, 0 for an RMSNorm
     ``x̂ · w``, 1 for Gemma's ``x̂ · (1 + w)``); return it.
 
-    Unlike a post-norm encoder's (:func:`gate_hidden`), nothing that writes the stream is gated: every reader reads a
+    Unlike a BERT-like encoder's (:func:`gate_hidden`), nothing that writes the stream is gated: every reader reads a
     norm's output, so the gate acts in the norms alone (statistics over the open dimensions, output zero on the closed
     ones) and the closed dimensions of the stream, which no reader sees, go with their embedding columns and writer
     rows when pruned. The embedding table stays whole until then, so a language-model head tied to it stays tied.
-    Two probe forwards find the readers (every Linear whose input is a norm's output) and refuse a stream that a
-    Linear reads before any norm (a post-norm decoder), naming it.
+    That every reader reads a norm's output is all it needs: a post-norm stream whose embeddings pass through a norm
+    before any layer reads them (BART's ``layernorm_embedding``) is one too, since a post-norm residual (the previous
+    norm's output plus the writers') reaches a reader only through the next norm, whose statistics skip the closed
+    dimensions. Two probe forwards find the readers (every Linear whose input is a norm's output) and refuse a stream
+    that a Linear reads before any norm (post-norm OPT, Marian: no norm after the embeddings), naming it.
     """
     names = {**names, "norms": list(norms), "readers": []}
     example_inputs = _probe_inputs(model, example_inputs)
@@ -260,15 +263,19 @@ def attach_prenorm_hidden_gate(model: nn.Module, names: dict[str, list[str]], no
     raw = [name for name in names["readers"] if name not in through_norms]
     if raw:
         raise ValueError(f"gate_decoder_hidden: {raw[0]!r} reads the residual stream of {type(model).__name__} where no norm stands "
-                         "before it (a post-norm decoder, such as OPT with do_layer_norm_before=False): closing a dimension in "
-                         "the norms would not hide it from that layer, so pruning it could not be exact")
+                         "before it (a post-norm stream with no norm after its embeddings, such as OPT with do_layer_norm_before=False "
+                         "or Marian): closing a dimension in the norms would not hide it from that layer, so pruning it could not "
+                         "be exact")
     modules = dict(model.named_modules())
     reference = next(model.parameters())
     gate = Gate(width, **gate_kwargs).to(device=reference.device)
     gate.owner, gate.granularity = owner, "hidden"
     tables = tuple(modules[n] for n in names["tables"])
     writers = tuple(modules[n] for n in names["writers"])
-    gate.producers = tables + writers  # the penalty's charge: the weights that make the stream
+    unique: dict[int, nn.Module] = {}  # tables sharing one weight (an encoder-decoder's shared and embed_tokens): paid once
+    for table in tables:
+        unique.setdefault(id(table.weight), table)
+    gate.producers = tuple(unique.values()) + writers  # the penalty's charge: the weights that make the stream
     opened = tuple(_attach_decoder_norm(model, name, *norms[name], gate) for name in names["norms"])
     gate.stream = HiddenStream(tables, writers, tuple(modules[n] for n in names["readers"]), opened, width)
     return gate
@@ -357,6 +364,12 @@ def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
     :func:`decoder_rules`' ``sparsify``); return the gate. Its norms may be RMSNorms (Llama, Mistral, Qwen2/3, Phi-3),
     Gemma's RMSNorms scaling by ``1 + weight``, or LayerNorms (OPT with ``do_layer_norm_before``, GPT-Neo, GPT-NeoX,
     GPT-2, Falcon); its projections separate or fused (:mod:`l0sparse.hf.fused`), nn.Linear or GPT-2's ``Conv1D``.
+    An encoder-decoder (T5, BART, mBART, Pegasus) gets ONE gate over both of its streams, which share one token
+    embedding (``shared``): the encoder's and the decoder's norms, self- and cross-attention (its keys and values read
+    the encoder's last norm, its queries the decoder's), feed-forward blocks and the head; BART is post-norm, and
+    gated exactly because a norm follows its embeddings (``layernorm_embedding``): see
+    :func:`attach_prenorm_hidden_gate`. Tables that share one weight (``shared`` and each stack's ``embed_tokens``)
+    are sliced once and stay tied.
 
     The stream is found by structure: the token embedding (``get_input_embeddings()``) and any other ``nn.Embedding`` as
     wide (a learned position embedding: OPT's, GPT-Neo's, GPT-2's), the writers (each attention module's output
@@ -373,7 +386,7 @@ def gate_decoder_hidden(model: nn.Module, example_inputs, **gate_kwargs):
     Raises:
         ValueError: no such stream (fused attention no rule lays out: BLOOM; a layout refused: Falcon with ALiBi, GPT-2's
             cross-attention; OPT's project_in/project_out), a Linear that reads the stream before any norm (post-norm
-            OPT), a norm computing neither an RMSNorm's ``x̂ · w`` nor Gemma's ``x̂ · (1 + w)``, or ``example_inputs`` the
+            OPT, Marian), a norm computing neither an RMSNorm's ``x̂ · w`` nor Gemma's ``x̂ · (1 + w)``, or ``example_inputs`` the
             model refuses; each names the module. The model is unchanged then.
     """
     if not isinstance(model, nn.Module):

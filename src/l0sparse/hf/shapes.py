@@ -412,9 +412,15 @@ def prune_to_shape(model: nn.Module, example_inputs, shape: DecoderShape, scores
 
 
 def _check_embedding_scale(model: nn.Module, targets: dict[str, int]) -> None:
-    """Refuse a narrower stream where the token embedding scales by √hidden_size (Gemma's ``embed_scale``): a stock
-    config sets that scale from ``hidden_size`` when it loads, so the loaded model would compute something else."""
+    """Refuse a narrower stream where the token embedding scales by √hidden_size (Gemma's ``embed_scale``) or the
+    language-model head's input by ``d_model ** -0.5`` (T5's ``scale_decoder_outputs``): a stock config sets that scale
+    from ``hidden_size`` when it loads, so the loaded model would compute something else."""
     table = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    if "hidden" in targets and getattr(getattr(model, "config", None), "scale_decoder_outputs", False) is True:
+        raise ValueError(f"{type(model).__name__} scales the language-model head's input by d_model ** -0.5 (its config's "
+                         "scale_decoder_outputs), and a stock config sets d_model from hidden_size when it loads: a narrower stream "
+                         "would load with another scale. Leave hidden_size out of the shape, or prune with l0sparse.prune (the "
+                         "scale is kept) and reload through l0sparse.rebuild")
     if "hidden" not in targets or getattr(table, "embed_scale", None) is None:
         return
     name = next(name for name, m in model.named_modules() if m is table)
@@ -446,9 +452,9 @@ def _config_keys(config, targets: dict[str, int], reads_head_dim: bool = False) 
             raise ValueError(f"{type(config).__name__} has no num_hidden_layers to write the layers to")
         keys["layers"] = "num_hidden_layers"
     if "units" in targets:
-        key = next((key for key in ("intermediate_size", "ffn_dim", "n_inner") if isinstance(getattr(config, key, None), int)), None)
+        key = next((key for key in ("intermediate_size", "ffn_dim", "n_inner", "d_ff") if isinstance(getattr(config, key, None), int)), None)
         if key is None:
-            raise ValueError(f"{type(config).__name__} has no intermediate_size (nor ffn_dim, n_inner) to write the units to")
+            raise ValueError(f"{type(config).__name__} has no intermediate_size (nor ffn_dim, n_inner, d_ff) to write the units to")
         keys["units"] = key
     return keys
 
