@@ -326,6 +326,27 @@ def test_an_l0_run_can_start_from_the_taylor_choice(teacher_dir, tmp_path, capsy
         assert set(gate.log_alpha.detach().unique().tolist()) <= {start, -start} and gate.log_alpha.requires_grad
 
 
+@pytest.mark.slow
+def test_structure_from_keeps_another_run_s_open_gates_and_trains_them_as_the_baseline(teacher_dir, tmp_path, capsys):  # noqa: F811
+    """structure_from: the importance baseline keeps exactly the gates an L0 run left open, fixed for good, and trains
+    like the baseline; a run of another model is refused, naming a gate."""
+    from l0sparse.training.baselines import keep_open_as_
+    from l0sparse.training.runs import load_run
+    from l0sparse.training.train import run_training
+
+    run_training(config(regularizer="l0", teacher=teacher_dir, target=0.3, warmup=0.5), tmp_path / "l0", progress=False)
+    run_training(config(regularizer="importance", teacher=teacher_dir, target=0.3, structure_from=str(tmp_path / "l0")),
+                 tmp_path / "kept", progress=True)
+    assert f"the structure of {tmp_path / 'l0'} (its open gates) keeps" in capsys.readouterr().err
+    l0_gates, kept_gates = (find_gates(load_run(tmp_path / name)[1]) for name in ("l0", "kept"))
+    assert [g.is_open().tolist() for g in kept_gates] == [g.is_open().tolist() for g in l0_gates]
+    assert all(set(g.log_alpha.detach().unique().tolist()) <= {FIXED_OPEN, -FIXED_OPEN} for g in kept_gates)  # fixed for good
+    with pytest.raises(ValueError, match=r"keep_open_as_: the other model has 1 gates, this one \d+"):
+        keep_open_as_(load_run(tmp_path / "l0")[1], l0sparse.sparsify(torch.nn.Sequential(torch.nn.Linear(4, 4)), {"0": "in"}))
+    with pytest.raises(ValueError, match=r"config key 'structure_from' = 'runs/x': .* needs regularizer = 'importance'"):
+        config(regularizer="l0", structure_from="runs/x")
+
+
 def test_gate_start_is_refused_where_it_has_no_meaning():
     with pytest.raises(ValueError, match=r"config key 'gate_start' = 'taylor': .* needs regularizer = 'l0' with a FLOPs target"):
         config(regularizer="importance", teacher="runs/x", target=0.3, gate_start="taylor")

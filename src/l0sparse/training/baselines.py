@@ -39,7 +39,7 @@ from ..core.models import LeNet5
 from ..core.sites import find_gates, gate_masks
 
 __all__ = ["hidden_layers", "pruned_flops", "magnitude_prune", "gate_importance", "importance_prune_", "taylor_importance",
-           "cost_ranked_prune_", "taylor_start_"]
+           "cost_ranked_prune_", "taylor_start_", "keep_open_as_"]
 
 #: log α of a gate fixed open / shut: the hard concrete sample is then exactly 1 / 0 (its logistic noise is clamped to ±13.8)
 FIXED_OPEN, FIXED_SHUT = 30.0, -30.0
@@ -358,6 +358,25 @@ def taylor_start_(model: nn.Module, target: float, example_inputs, scores: dict[
             gate.log_alpha.copy_(torch.where(gate.log_alpha > 0, start, -start))
             gate.log_alpha.requires_grad_(True)
     return kept
+
+
+def keep_open_as_(model: nn.Module, other: nn.Module) -> None:
+    """Fix every gate of ``model`` open where ``other``'s gate of the same place is open at test time (Eq. 13: what
+    prune keeps) and shut elsewhere, for good (``structure_from``: another run's structure trained as the baseline
+    trains). ``other`` is the same model gated the same way; a mismatch is refused, naming the first gate."""
+    model_gates, other_gates = find_gates(model), find_gates(other)
+    if len(model_gates) != len(other_gates):
+        raise ValueError(f"keep_open_as_: the other model has {len(other_gates)} gates, this one {len(model_gates)}: "
+                         "structure_from needs a run of the same model gated the same way")
+    for gate, theirs in zip(model_gates, other_gates):
+        if gate.owner != theirs.owner or gate.log_alpha.shape != theirs.log_alpha.shape:
+            raise ValueError(f"keep_open_as_: the gate of {gate.owner!r} {tuple(gate.log_alpha.shape)} has no match in the other "
+                             f"model (found {theirs.owner!r} {tuple(theirs.log_alpha.shape)}): structure_from needs a run of "
+                             "the same model gated the same way")
+    with torch.no_grad():
+        for gate, theirs in zip(model_gates, other_gates):
+            _set_fixed(gate, theirs.is_open().flatten().to(gate.log_alpha.device))
+    _freeze(model_gates, 0.0)
 
 
 def _checked_gates(model: nn.Module, target: float, scores: dict, scorer: str) -> list[Gate]:

@@ -104,6 +104,9 @@ class TrainConfig:
     regularizer: str = "l0"
     importance: str = "taylor"
     gate_start: str = "open"
+    # regularizer = "importance": keep the gates another run left open instead of ranking (issue #26: L0's structure
+    # trained as the baseline trains, to tell a structure's share of a result from its training's)
+    structure_from: str | None = None
     settle: float = 0.0  # L0 with a target: the last fraction of the steps trains the weights under gates fixed as prune keeps them
     epochs: int = 200
     batch_size: int = 100
@@ -188,6 +191,9 @@ class TrainConfig:
                                           or self.metric != "flops" or self.teacher is None):
             raise ValueError(f"config key 'gate_start' = {self.gate_start!r}: starts the gates of model 'minilm' from the importance "
                              "baseline's choice, so it needs regularizer = 'l0' with a FLOPs target and a teacher")
+        if self.structure_from is not None and self.regularizer != "importance":
+            raise ValueError(f"config key 'structure_from' = {self.structure_from!r}: keeps another run's open gates in place of the "
+                             f"importance baseline's ranking, so it needs regularizer = 'importance' (got {self.regularizer!r})")
         if self.regularizer == "importance" and (self.teacher is None or self.clamp_log_alpha):
             raise ValueError("config key 'teacher': the importance baseline ranks the heads of a trained model and distils from it: "
                              "name its dense run (teacher = 'runs/...'); its gates are fixed, so clamp_log_alpha must stay false")
@@ -277,6 +283,8 @@ _KEY_RULES: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("regularizer", lambda value: value in REGULARIZER_CHOICES, f"one of {REGULARIZER_CHOICES}"),
     ("importance", lambda value: value in IMPORTANCE_CHOICES, f"one of {IMPORTANCE_CHOICES}"),
     ("gate_start", lambda value: value in GATE_STARTS, f"one of {GATE_STARTS}"),
+    ("structure_from", lambda value: value is None or (isinstance(value, str) and bool(value)),
+     "a run directory whose open gates the importance baseline keeps, or none"),
     ("settle", lambda value: _number(value) and 0 <= value < 1, "a fraction of the training steps in [0, 1)"),
     ("threshold", lambda value: value is None or (_number(value) and value >= 0), "a number >= 0"),
     ("epochs", lambda value: _int(value) and value >= 1, "an int >= 1"),

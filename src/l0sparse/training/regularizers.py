@@ -265,17 +265,23 @@ class ImportancePruning(Regularizer):
 
     def __init__(self, model: nn.Module, target: float, example_inputs: Tensor, size: PrunedSize,
                  scoring_batches: Callable[[], list], loss_fn: Callable[[Tensor, Tensor], Tensor],
-                 method: str = "taylor") -> None:
+                 method: str = "taylor", structure_from: str | None = None) -> None:
         from .config import IMPORTANCE_CHOICES
 
         if method not in IMPORTANCE_CHOICES:
             raise ValueError(f"method must be one of {IMPORTANCE_CHOICES}, got {method!r}")
         self.model, self.target, self.example_inputs, self.size = model, target, example_inputs, size
-        self.scoring_batches, self.loss_fn, self.method = scoring_batches, loss_fn, method
+        self.scoring_batches, self.loss_fn, self.method, self.structure_from = scoring_batches, loss_fn, method, structure_from
 
     def start(self) -> str:
         from . import baselines
 
+        if self.structure_from is not None:  # another run's open gates in place of a ranking
+            from .runs import load_run
+
+            baselines.keep_open_as_(self.model, load_run(self.structure_from)[1])
+            kept = self.size.kept()["flops_kept"]
+            return f"the structure of {self.structure_from} (its open gates) keeps {100 * kept:.1f}% of the FLOPs"
         score, prune = {"taylor": (baselines.taylor_importance, baselines.cost_ranked_prune_),
                         "heads-magnitude-units": (baselines.gate_importance, baselines.importance_prune_)}[self.method]
         kept = prune(self.model, self.target, self.example_inputs, score(self.model, self.scoring_batches(), self.loss_fn))
@@ -326,5 +332,5 @@ def regularizer_for(config, model: nn.Module, evaluated: nn.Module, example_inpu
         return MagnitudePruning(model, config.target, example_inputs, config.epochs)
     if kind == "importance":
         return ImportancePruning(model, config.target, example_inputs, PrunedSize(evaluated, example_inputs), scoring_batches, loss_fn,
-                                 config.importance)
+                                 config.importance, config.structure_from)
     return Regularizer()
