@@ -53,11 +53,15 @@ METHODS = {
     "taylor-hidden": ("minilm-wordnet-taylor-flops50.toml", ["hidden_gate=true"]),
     # L0 started from the Taylor ranking's choice, its gates fixed for the last 80% of the steps
     "l0-from-taylor": ("minilm-wordnet-l0-taylor-flops10.toml", ["settle=0.8"]),
+    # the structure the "l0" run of the same target and seed ended with, trained as the baseline trains (from the teacher's
+    # weights, gates fixed from the first step): L0's structure without L0's training
+    "l0-structure": ("minilm-wordnet-taylor-flops50.toml", ["structure_from='{runs}/{l0_run}'"]),
 }
 
 #: the plot's names of the methods whose key does not say what they are
 LABELS = {"importance": "importance (heads by gradient, units by magnitude)", "taylor": "taylor (strong importance baseline)",
-          "l0": "L0 (open start)", "l0-from-taylor": "L0 from taylor's choice, settle 0.8"}
+          "l0": "L0 (open start)", "l0-from-taylor": "L0 from taylor's choice, settle 0.8",
+          "l0-structure": "L0's structure, trained as taylor"}
 
 
 def run_name(method: str, target: float, seed: int) -> str:
@@ -124,6 +128,7 @@ def main(argv=None) -> dict:
             for method in args.methods:
                 name = run_name(method, target, seed)
                 recipe, method_keys = METHODS[method]
+                method_keys = [key.format(runs=args.runs, l0_run=run_name("l0", target, seed)) for key in method_keys]
                 if args.collect_only:
                     if finished(args.runs / name, load_config(RECIPES / recipe, [*keys, *method_keys])):
                         wall[name], runs[name] = 0.0, args.runs / name
