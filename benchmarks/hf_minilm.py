@@ -115,6 +115,7 @@ def main(argv=None) -> dict:
                              "leaving out the others (runs trained by --train-only processes side by side)")
     parser.add_argument("--plot", type=Path, default=None, help="also plot test accuracy against encoder FLOPs to this image")
     parser.add_argument("--plot-with", nargs="*", default=[], help="results files (of this script) whose runs the plot adds")
+    parser.add_argument("--plot-methods", nargs="*", default=None, help="the methods the plot shows (default: every one)")
     args = parser.parse_args(argv)
     reuse_freed_memory()
     configure_torch(args.threads)
@@ -184,7 +185,7 @@ def main(argv=None) -> dict:
     payload["summary"] = summarise(results, args.methods, args.targets, args.seeds)
     save_json(payload, args.out)
     if args.plot:
-        plot([payload, *(json.loads(Path(extra).read_text()) for extra in args.plot_with)], args.plot)
+        plot([payload, *(json.loads(Path(extra).read_text()) for extra in args.plot_with)], args.plot, args.plot_methods)
     print(f"{'model':<24}{'test acc':>10}{'vs teacher':>12}{'enc FLOPs':>11}{'latency ms':>12}{'speed-up':>10}")
     for name, row in results.items():
         print(f"{name:<24}{100 * row['test_accuracy']:>9.2f}%{100 * row.get('accuracy_vs_teacher', 1):>11.1f}%"
@@ -232,7 +233,7 @@ def summary_of(payload: dict) -> dict:
     return summarise(payload["results"], methods, targets, payload.get("seeds", [0]))
 
 
-def plot(payloads: list[dict], path: Path) -> None:
+def plot(payloads: list[dict], path: Path, methods: list[str] | None = None) -> None:
     """Test accuracy (mean ± s.e. over the seeds) against the encoder FLOPs kept, one line per method over every file's
     targets, the teacher as a line (every file's runs distil from the same teacher)."""
     import matplotlib
@@ -245,6 +246,8 @@ def plot(payloads: list[dict], path: Path) -> None:
     for payload in payloads:
         for rows in summary_of(payload).values():
             for method, row in rows.items():
+                if methods is not None and method not in methods:
+                    continue
                 n = row["test_accuracy"]["n"]
                 points.setdefault(method, []).append((row["encoder_flops_kept"]["mean"], row["test_accuracy"]["mean"],
                                                       row["test_accuracy"]["se"] or 0.0, n))
