@@ -271,3 +271,57 @@ def test_the_hf_md_kept_unit_comparison_is_the_runs_pruned_json():
     assert differing(taylor, "minilm-l0-taylor-settle0.8-flops10-s0", "rows") == 0
     assert differing(taylor, "minilm-l0-taylor-settle0.8-flops10-s0", "heads") == 0
     assert differing(taylor, "minilm-l0-taylor-flops10-s0", "rows") == 12
+
+
+# --- issue #26: three seeds at 10%, 5%, two epochs, the gates' noise ------------------------------------------------
+
+def mean_se(value: dict, digits: int = 2) -> str:
+    return f"{value['mean']:.{digits}f}" + (f" ± {value['se']:.{digits}f}" if value["se"] is not None else "")
+
+
+def test_the_hf_md_seed_table_is_minilm_issue26_json():
+    payload = json.loads((RESULTS / "minilm_issue26.json").read_text())
+    teacher = payload["results"]["teacher"]["test_accuracy"]
+    rows = markdown_table(ROOT / "docs" / "hf.md", "| target | method | seeds | test accuracy | of the teacher's | minus taylor")
+    expected = []
+    for target, methods in payload["summary"].items():
+        for method, row in methods.items():
+            accuracy = row["test_accuracy"]
+            expected.append([target, method, ",".join(map(str, row["seeds"])), f"{mean_se(accuracy)}%",
+                             f"{accuracy['mean'] / teacher:.1f}%", mean_se(row["minus_taylor"]) if "minus_taylor" in row else "—",
+                             f"{row['encoder_flops_kept']['mean']:.1f}%"])
+    assert rows == expected
+
+
+def test_the_hf_md_latency_table_is_minilm_issue26_json():
+    results = json.loads((RESULTS / "minilm_issue26.json").read_text())["results"]
+    rows = markdown_table(ROOT / "docs" / "hf.md", "| model | test accuracy | encoder FLOPs | latency | speed-up | speed-up, a second copy |")
+    assert rows[0] == ["teacher", percent(results["teacher"]["test_accuracy"], 2), "100%",
+                       f"{1000 * results['teacher']['latency_s']:.0f} ms", "1.00×", "—"]
+    assert len(rows) >= 3
+    for name, accuracy, flops, latency, speedup, rounded in rows[1:]:
+        row, round8 = results[name], results[f"{name}-round8"]
+        assert [accuracy, flops, latency, speedup, rounded] == [
+            percent(row["test_accuracy"], 2), percent(row["encoder_flops_kept"], 1), f"{1000 * row['latency_s']:.0f} ms",
+            f"{row['speedup']:.2f}×", f"{round8['speedup']:.2f}×"]
+
+
+def test_the_hf_md_two_epoch_table_is_its_results_files():
+    one = json.loads((RESULTS / "minilm_issue26.json").read_text())["results"]
+    two = json.loads((RESULTS / "minilm_issue26_2ep.json").read_text())["results"]
+    rows = markdown_table(ROOT / "docs" / "hf.md", "| epochs (seed 0, 10%) | taylor | l0 | l0 − taylor |")
+    for row, results in zip(rows, (one, two), strict=True):
+        taylor, l0 = results["taylor-10"]["test_accuracy"], results["l0-10"]["test_accuracy"]
+        assert row[1:] == [percent(taylor, 2), percent(l0, 2), f"{100 * (l0 - taylor):+.2f}"]
+
+
+def test_the_hf_md_gate_noise_table_is_minilm_gate_noise_json():
+    results = json.loads((RESULTS / "minilm_gate_noise.json").read_text())["results"]
+    rows = markdown_table(ROOT / "docs" / "hf.md", "| run | test-time gates | sampled gates (mean of 3) |")
+    assert len(rows) == len(results)
+    for name, test_time, sampled, expected, kept in rows:
+        row = results[name]
+        assert [test_time, sampled, expected, kept] == [percent(row["test_accuracy_test_time_gates"], 2),
+                                                        percent(row["test_accuracy_sampled_mean"], 2),
+                                                        "—" if row["expected_flops_kept"] is None else percent(row["expected_flops_kept"], 1),
+                                                        percent(row["flops_kept"], 1)]
