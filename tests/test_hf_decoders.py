@@ -263,6 +263,16 @@ def open_exactly(model: nn.Module, heads: list[int], units: int) -> None:
             layer.gate.log_alpha.copy_(torch.where(keep, 10.0, -10.0))
 
 
+def train_on_penalty(model: nn.Module, controller, steps: int) -> None:
+    """Train the gates of ``model`` on ``controller``'s penalty alone (Adam, lr 0.05), stepping the controller after each step."""
+    optimizer = torch.optim.Adam([gate.log_alpha for gate in find_gates(model)], lr=0.05)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        controller.penalty().backward()
+        optimizer.step()
+        controller.step()
+
+
 @pytest.mark.slow
 def test_shape_controller_lands_every_layer_on_the_shape():
     """Trained on its penalty alone, the expected counts of every layer settle on the shape: each rounds to the
@@ -272,12 +282,7 @@ def test_shape_controller_lands_every_layer_on_the_shape():
     l0sparse.sparsify(model, l0hf.decoder_rules(model), example_inputs=batch(), droprate_init=0.02)
     shape = l0hf.DecoderShape(heads=4, kv_heads=1, intermediate_size=24)
     controller = l0hf.ShapeController(model, shape, warmup_steps=100, lr=0.05)
-    optimizer = torch.optim.Adam([gate.log_alpha for gate in find_gates(model)], lr=0.05)
-    for _ in range(800):
-        optimizer.zero_grad()
-        controller.penalty().backward()
-        optimizer.step()
-        controller.step()
+    train_on_penalty(model, controller, steps=800)
     targets = {"heads": 4, "kv_heads": 1, "units": 24}
     counts = controller.expected_counts()
     assert len(counts) == 4  # two attention modules, two feed-forward blocks

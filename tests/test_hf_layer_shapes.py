@@ -12,7 +12,7 @@ import l0sparse.hf.shapes
 from l0sparse import hf as l0hf
 from l0sparse.core.sites import find_gates
 
-from test_hf_decoders import COMMON, FFN, VOCAB, WIDTH, assert_same_logits, batch, gated
+from test_hf_decoders import COMMON, FFN, VOCAB, WIDTH, assert_same_logits, batch, gated, train_on_penalty
 from test_hf_encoders import hf
 
 pytestmark = pytest.mark.usefixtures("torch_export_loaded")  # conftest.py: torch.export's set-up, paid outside the tests
@@ -72,12 +72,7 @@ def test_shape_controller_lands_layers_heads_and_units_together():
     model = gated_qwen2()
     shape = l0hf.DecoderShape(heads=2, kv_heads=1, intermediate_size=24, layers=2)
     controller = l0hf.ShapeController(model, shape, warmup_steps=50, lr=0.05)
-    optimizer = torch.optim.Adam([gate.log_alpha for gate in find_gates(model)], lr=0.05)
-    for _ in range(300):
-        optimizer.zero_grad()
-        controller.penalty().backward()
-        optimizer.step()
-        controller.step()
+    train_on_penalty(model, controller, steps=300)
     layers = controller.deterministic_counts()[-1]
     assert float(layers["layers"]) == 2 and abs(float(controller.expected_counts()[-1]["layers"].detach()) - 2) < 0.5
     blocks = next(layer for layer in l0sparse.hf.shapes._shaped_layers(model) if layer.kind == "layers")
