@@ -226,10 +226,12 @@ def summary_of(payload: dict) -> dict:
     """A results file's summary; for a file written before summaries were (hf_minilm.json), made from its run names."""
     if "summary" in payload:
         return payload["summary"]
-    names = [name for name in payload["results"] if name != "teacher" and "-round" not in name]
-    parsed = [name.split("-s")[0].rsplit("-", 1) for name in names]
-    methods = sorted({method for method, _ in parsed})
-    targets = sorted({int(percent) / 100 for _, percent in parsed})
+    import re
+
+    # run_name's form, METHOD-PERCENT[-sSEED]; a method's own name may hold "-s" (l0-settle)
+    parsed = [re.fullmatch(r"(.+)-(\d+)(?:-s\d+)?", name) for name in payload["results"] if name != "teacher" and "-round" not in name]
+    methods = sorted({match.group(1) for match in parsed})
+    targets = sorted({int(match.group(2)) / 100 for match in parsed})
     return summarise(payload["results"], methods, targets, payload.get("seeds", [0]))
 
 
