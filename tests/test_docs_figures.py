@@ -325,3 +325,16 @@ def test_the_hf_md_gate_noise_table_is_minilm_gate_noise_json():
                                                         percent(row["test_accuracy_sampled_mean"], 2),
                                                         "—" if row["expected_flops_kept"] is None else percent(row["expected_flops_kept"], 1),
                                                         percent(row["flops_kept"], 1)]
+
+
+def test_the_hf_md_hidden_dimensions_kept_are_the_runs_pruned_results():
+    """'L0 with it keeps 357 of 384 dimensions ... the Taylor ranking of hidden dimensions removes 243 of them'."""
+    def kept_dimensions(run: str) -> tuple[int, int]:
+        result = json.loads((RESULTS / "minilm_issue26" / run / "pruned_result.json").read_text())
+        before, after = result["architecture_open_gates"].split(" -> ")
+        return int(after.split("-")[0]), int(before.split("-")[0])
+
+    text = (ROOT / "docs" / "hf.md").read_text()
+    l0, taylor = kept_dimensions("l0-hidden-10"), kept_dimensions("taylor-hidden-10")
+    assert f"keeps {l0[0]} of {l0[1]} dimensions" in text
+    assert f"removes {taylor[1] - taylor[0]} of them" in text
