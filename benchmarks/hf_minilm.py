@@ -49,6 +49,8 @@ METHODS = {
     # issue #26's variants: the last 30% of the steps with the gates fixed as prune keeps them (the warm-up ends at
     # 50%, so L0 steps at the target come between); the hidden-size gate, for L0 and for the Taylor ranking alike
     "l0-settle": ("minilm-wordnet-l0-flops50.toml", ["settle=0.3"]),
+    # the gates closed over the first quarter of the steps instead of the first half: the kept structure trains longer
+    "l0-warmup25": ("minilm-wordnet-l0-flops50.toml", ["warmup=0.25"]),
     "l0-hidden": ("minilm-wordnet-l0-flops50.toml", ["hidden_gate=true", "settle=0.3"]),
     "taylor-hidden": ("minilm-wordnet-taylor-flops50.toml", ["hidden_gate=true"]),
     # L0 started from the Taylor ranking's choice, its gates fixed for the last 80% of the steps
@@ -223,36 +225,41 @@ def summarise(results: dict, methods: list[str], targets: list[float], seeds: li
 
 
 def summary_of(payload: dict) -> dict:
-    """A results file's summary; for a file written before summaries were (hf_minilm.json), made from its run names."""
+    """A results file's summary; for a file written before summaries were (hf_minilm.json) or runs merged from several
+    files, made from its run names."""
     if "summary" in payload:
         return payload["summary"]
     import re
 
     # run_name's form, METHOD-PERCENT[-sSEED]; a method's own name may hold "-s" (l0-settle)
-    parsed = [re.fullmatch(r"(.+)-(\d+)(?:-s\d+)?", name) for name in payload["results"] if name != "teacher" and "-round" not in name]
+    parsed = [re.fullmatch(r"(.+)-(\d+)(?:-s(\d+))?", name) for name in payload["results"] if name != "teacher" and "-round" not in name]
     methods = sorted({match.group(1) for match in parsed})
     targets = sorted({int(match.group(2)) / 100 for match in parsed})
-    return summarise(payload["results"], methods, targets, payload.get("seeds", [0]))
+    seeds = sorted({int(match.group(3) or 0) for match in parsed})
+    return summarise(payload["results"], methods, targets, seeds)
 
 
 def plot(payloads: list[dict], path: Path, methods: list[str] | None = None) -> None:
     """Test accuracy (mean ± s.e. over the seeds) against the encoder FLOPs kept, one line per method over every file's
-    targets, the teacher as a line (every file's runs distil from the same teacher)."""
+    targets and seeds (a run named in several files is taken from the first), the teacher as a line (every file's runs
+    distil from the same teacher)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, NullLocator
 
+    results: dict = {}
+    for payload in reversed(payloads):  # runs merged by name, a run in several files taken from the first
+        results.update(payload["results"])
     points: dict[str, list] = {}
-    for payload in payloads:
-        for rows in summary_of(payload).values():
-            for method, row in rows.items():
-                if methods is not None and method not in methods:
-                    continue
-                n = row["test_accuracy"]["n"]
-                points.setdefault(method, []).append((row["encoder_flops_kept"]["mean"], row["test_accuracy"]["mean"],
-                                                      row["test_accuracy"]["se"] or 0.0, n))
+    for rows in summary_of({"results": results}).values():
+        for method, row in rows.items():
+            if methods is not None and method not in methods:
+                continue
+            n = row["test_accuracy"]["n"]
+            points.setdefault(method, []).append((row["encoder_flops_kept"]["mean"], row["test_accuracy"]["mean"],
+                                                  row["test_accuracy"]["se"] or 0.0, n))
     figure, axes = plt.subplots(figsize=(7, 4.5))
     for method, found in sorted(points.items()):
         found.sort()

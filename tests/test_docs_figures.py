@@ -279,18 +279,23 @@ def mean_se(value: dict, digits: int = 2) -> str:
     return f"{value['mean']:.{digits}f}" + (f" ± {value['se']:.{digits}f}" if value["se"] is not None else "")
 
 
-def test_the_hf_md_seed_table_is_minilm_issue26_json():
-    payload = json.loads((RESULTS / "minilm_issue26.json").read_text())
+def summary_rows(payload: dict) -> list[list[str]]:
+    """hf_minilm.py's summary as docs/hf.md prints it: target, method, seeds, accuracy, of the teacher's, minus taylor, FLOPs."""
     teacher = payload["results"]["teacher"]["test_accuracy"]
-    rows = markdown_table(ROOT / "docs" / "hf.md", "| target | method | seeds | test accuracy | of the teacher's | minus taylor")
-    expected = []
+    rows = []
     for target, methods in payload["summary"].items():
         for method, row in methods.items():
             accuracy = row["test_accuracy"]
-            expected.append([target, method, ",".join(map(str, row["seeds"])), f"{mean_se(accuracy)}%",
-                             f"{accuracy['mean'] / teacher:.1f}%", mean_se(row["minus_taylor"]) if "minus_taylor" in row else "—",
-                             f"{row['encoder_flops_kept']['mean']:.1f}%"])
-    assert rows == expected
+            rows.append([target, method, ",".join(map(str, row["seeds"])), f"{mean_se(accuracy)}%",
+                         f"{accuracy['mean'] / teacher:.1f}%", mean_se(row["minus_taylor"]) if "minus_taylor" in row else "—",
+                         f"{row['encoder_flops_kept']['mean']:.1f}%"])
+    return rows
+
+
+def test_the_hf_md_seed_table_is_minilm_issue26_json():
+    payload = json.loads((RESULTS / "minilm_issue26.json").read_text())
+    rows = markdown_table(ROOT / "docs" / "hf.md", "| target | method | seeds | test accuracy | of the teacher's | minus taylor")
+    assert rows == summary_rows(payload)
 
 
 def test_the_hf_md_latency_table_is_minilm_issue26_json():
@@ -309,8 +314,9 @@ def test_the_hf_md_latency_table_is_minilm_issue26_json():
 def test_the_hf_md_two_epoch_table_is_its_results_files():
     one = json.loads((RESULTS / "minilm_issue26.json").read_text())["results"]
     two = json.loads((RESULTS / "minilm_issue26_2ep.json").read_text())["results"]
+    three = json.loads((RESULTS / "minilm_issue26_3ep.json").read_text())["results"]
     rows = markdown_table(ROOT / "docs" / "hf.md", "| epochs (seed 0, 10%) | taylor | l0 | l0 − taylor |")
-    for row, results in zip(rows, (one, two), strict=True):
+    for row, results in zip(rows, (one, two, three), strict=True):
         taylor, l0 = results["taylor-10"]["test_accuracy"], results["l0-10"]["test_accuracy"]
         assert row[1:] == [percent(taylor, 2), percent(l0, 2), f"{100 * (l0 - taylor):+.2f}"]
 
@@ -338,3 +344,18 @@ def test_the_hf_md_hidden_dimensions_kept_are_the_runs_pruned_results():
     l0, taylor = kept_dimensions("l0-hidden-10"), kept_dimensions("taylor-hidden-10")
     assert f"keeps {l0[0]} of {l0[1]} dimensions" in text
     assert f"removes {taylor[1] - taylor[0]} of them" in text
+
+
+def test_the_hf_md_three_epoch_structures_are_the_runs_pruned_results():
+    """'keeps 11 heads and 657 units (2-167-...) where taylor keeps 6 heads and 1,004 units (... 425-243-171-110-49-6)'
+    and the runs' training minutes."""
+    folder = RESULTS / "minilm_issue26_3ep"
+    text = " ".join((ROOT / "docs" / "hf.md").read_text().split())  # the docs wrap lines
+    for run in ("l0-10", "taylor-10"):
+        kept = json.loads((folder / run / "pruned_result.json").read_text())["architecture_open_gates"].split(" -> ")[1]
+        widths = [int(width) for width in kept.split("-")]
+        heads, units = sum(widths[0::2]), sum(widths[1::2])
+        assert f"{heads} heads and {units:,} units" in text, run
+        assert ("-".join(map(str, widths)) if run == "l0-10" else "-".join(map(str, widths[1::2]))) in text, run
+    seconds = json.loads((RESULTS / "minilm_issue26_3ep.json").read_text())["epoch_seconds"]
+    assert f"{seconds['taylor-10'] / 60:.1f} and {seconds['l0-10'] / 60:.1f} minutes" in text
