@@ -51,6 +51,9 @@ METHODS = {
     "l0-settle": ("minilm-wordnet-l0-flops50.toml", ["settle=0.3"]),
     # the gates closed over the first quarter of the steps instead of the first half: the kept structure trains longer
     "l0-warmup25": ("minilm-wordnet-l0-flops50.toml", ["warmup=0.25"]),
+    # the gates' learning rate on either side of the recipe's 2e-2
+    "l0-gate-lr5e-2": ("minilm-wordnet-l0-flops50.toml", ["gate_lr=5e-2"]),
+    "l0-gate-lr1e-2": ("minilm-wordnet-l0-flops50.toml", ["gate_lr=1e-2"]),
     "l0-hidden": ("minilm-wordnet-l0-flops50.toml", ["hidden_gate=true", "settle=0.3"]),
     "taylor-hidden": ("minilm-wordnet-taylor-flops50.toml", ["hidden_gate=true"]),
     # L0 started from the Taylor ranking's choice, its gates fixed for the last 80% of the steps

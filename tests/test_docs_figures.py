@@ -359,3 +359,32 @@ def test_the_hf_md_three_epoch_structures_are_the_runs_pruned_results():
         assert ("-".join(map(str, widths)) if run == "l0-10" else "-".join(map(str, widths[1::2]))) in text, run
     seconds = json.loads((RESULTS / "minilm_issue26_3ep.json").read_text())["epoch_seconds"]
     assert f"{seconds['taylor-10'] / 60:.1f} and {seconds['l0-10'] / 60:.1f} minutes" in text
+
+
+def test_the_hf_md_every_target_tables_are_minilm_issue26_targets_json():
+    payload = json.loads((RESULTS / "minilm_issue26_targets.json").read_text())
+    hf_md = ROOT / "docs" / "hf.md"
+    assert markdown_table(hf_md, "| FLOPs target | method | seeds | test accuracy |") == summary_rows(payload)
+    results = payload["results"]
+    rows = markdown_table(hf_md, "| model | test accuracy | encoder FLOPs | speed-up |")
+    assert [row[0] for row in rows] == [name for name in results if not re.search(r"-s\d+$", name)]  # the seed-0 models
+    for name, accuracy, flops, speedup in rows:
+        row = results[name]
+        assert [accuracy, flops, speedup] == [percent(row["test_accuracy"], 2), percent(row.get("encoder_flops_kept", 1), 1),
+                                              f"{row.get('speedup', 1):.2f}×"]
+
+
+def test_the_hf_md_structures_at_fifty_percent_are_the_runs_pruned_results():
+    """'taylor keeps one head in each layer at 50%, 25%, 10% and 5% ... (at 50%: 1-1512-...; L0 keeps 7-1201-...)' and
+    'L0 keeps 26 heads'."""
+    folder = RESULTS / "minilm_issue26_targets"
+    text = " ".join((ROOT / "docs" / "hf.md").read_text().split())
+
+    def kept(run: str) -> list[int]:
+        architecture = json.loads((folder / run / "pruned_result.json").read_text())["architecture_open_gates"]
+        return [int(width) for width in architecture.split(" -> ")[1].split("-")]
+
+    for target in (50, 25, 10, 5):
+        assert kept(f"taylor-{target}")[0::2] == [1] * 6, target
+    assert "-".join(map(str, kept("taylor-50"))) in text and "-".join(map(str, kept("l0-50"))) in text
+    assert f"L0 keeps {sum(kept('l0-50')[0::2])} heads" in text
